@@ -1,0 +1,1 @@
+"""DMP federation: shared library (contract stubs, PKI, identities, TLS, storage helpers, CLI)."""

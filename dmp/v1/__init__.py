@@ -1,0 +1,1 @@
+"""Generated stubs of the dmp.v1 contract (make proto)."""
