@@ -1,0 +1,62 @@
+"""Options and helpers shared by the client commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import grpc
+
+from dmp.errors import InvalidArgument
+from dmp.identity import parse_identity
+from dmp.pki import Credentials, load_credentials
+from dmp.tls import secure_channel
+
+
+class CommandError(Exception):
+    """A command-line failure: printed as one line, exit status 1."""
+
+
+def add_pki(parser: argparse.ArgumentParser) -> None:
+    default = os.environ.get("DMP_PKI")
+    parser.add_argument(
+        "--pki",
+        type=Path,
+        default=Path(default) if default else None,
+        required=default is None,
+        metavar="DIR",
+        help="the federation PKI directory (default: $DMP_PKI)",
+    )
+
+
+def add_identity(parser: argparse.ArgumentParser) -> None:
+    add_pki(parser)
+    parser.add_argument(
+        "--as",
+        dest="identity",
+        required=True,
+        metavar="IDENTITY",
+        help="whose certificate to use: practitioner-<RPPS>, patient-<INS>, node-<region>...",
+    )
+
+
+def credentials(args: argparse.Namespace) -> Credentials:
+    parse_identity(args.identity)
+    return load_credentials(args.pki, args.identity)
+
+
+def channel(target: str, creds: Credentials) -> grpc.Channel:
+    return secure_channel(target, creds)
+
+
+def parse_date(value: str) -> datetime:
+    """A date (YYYY-MM-DD) or an ISO 8601 instant, as an aware UTC datetime."""
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value), datetime.min.time(), UTC)
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidArgument(f"{value!r} is not a date (YYYY-MM-DD) or ISO 8601 instant") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -1,0 +1,62 @@
+"""The `dmp` command line: one entry point, a subcommand per user's job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from dmp.cli.common import CommandError
+from dmp.errors import DmpError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from dmp.cli import node, pki, record
+
+    pki.register(sub)
+    node.register(sub)
+    record.register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmp",
+        description="DMP federation: the shared medical record, run as a federation of regions.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _register_all(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (DmpError, CommandError) as exc:
+        print(f"dmp: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        name = code.name if code is not None else "UNKNOWN"
+        print(f"dmp: {name}: {details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
