@@ -1,0 +1,1 @@
+"""Benchmarks of the federation: `make bench` (figures, not tests)."""

@@ -1,0 +1,1 @@
+"""The national directory: patient index, fragment locator, consolidated view."""

@@ -1,0 +1,61 @@
+"""`dmp node`: run a regional record node."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dmp.cli.common import add_pki
+from dmp.server import host_port, run_until_signalled
+from dmp.tls import MiB
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    parser = sub.add_parser("node", help="run a regional record node", description=__doc__)
+    node_sub = parser.add_subparsers(dest="node_command", metavar="SUBCOMMAND", required=True)
+    serve = node_sub.add_parser(
+        "serve",
+        help="serve a region's records over mutual TLS",
+        description="Serve a region's records over mutual TLS. Needs DIR/node-<region>.pem and"
+        " .key issued by `dmp pki issue node`. Stops cleanly on SIGTERM.",
+    )
+    add_pki(serve)
+    serve.add_argument("--region", required=True, help="INSEE region code, e.g. 11")
+    serve.add_argument(
+        "--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="default 127.0.0.1:0"
+    )
+    serve.add_argument(
+        "--db",
+        metavar="URL",
+        help="database URL (sqlite:///path or postgresql://...);"
+        " default: a SQLite file in --data-dir",
+    )
+    serve.add_argument(
+        "--data-dir", type=Path, default=Path("data"), help="where the default SQLite file lives"
+    )
+    serve.add_argument(
+        "--max-content-mib",
+        type=int,
+        default=20,
+        help="largest record content accepted, in MiB (default 20)",
+    )
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from node.app import NodeConfig, start_node
+
+    config = NodeConfig(
+        pki_dir=args.pki,
+        region=args.region,
+        listen=args.listen,
+        db_url=args.db,
+        data_dir=args.data_dir,
+        max_content=args.max_content_mib * MiB,
+    )
+    node = start_node(config)
+    print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)
+    sys.stdout.flush()
+    return run_until_signalled(node.server)

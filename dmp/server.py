@@ -1,0 +1,255 @@
+"""What every federation server shares: mutual TLS, the caller's identity from its
+certificate and the CRL (one interceptor), domain errors mapped to status codes in one
+place, one structured log line per call, health and reflection, graceful SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dmp.errors import DmpError
+from dmp.identity import Principal
+from dmp.pki import Credentials, RevocationList, certificate_from_pem, principal_from_pem
+from dmp.tls import DEFAULT_MAX_CONTENT, server_credentials, server_options
+
+log = logging.getLogger("dmp.rpc")
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+ERROR_DOMAIN = "dmp.federation"
+
+
+class CallContext:
+    """The servicer context of one call, with the caller's verified principal.
+
+    Everything else is delegated to grpc's own context.
+    """
+
+    __slots__ = ("_context", "principal")
+
+    def __init__(self, context: grpc.ServicerContext, principal: Principal) -> None:
+        self._context = context
+        self.principal = principal
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]]:
+        return self._context.invocation_metadata()  # type: ignore[no-any-return]
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()  # type: ignore[no-any-return]
+
+
+def abort_with(context: grpc.ServicerContext, error: DmpError) -> None:
+    """Abort the call with the error's status, its message and an ErrorInfo reason."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    status.details.add().Pack(info)
+    context.set_trailing_metadata(((STATUS_DETAILS_KEY, status.SerializeToString()),))
+    context.abort(error.code, error.message)
+
+
+def error_reason(error: grpc.RpcError) -> str | None:
+    """The ErrorInfo reason a federation server attached to an error, if any."""
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return str(info.reason)
+    return None
+
+
+class Authenticator:
+    """Who is calling: the principal in the peer certificate, refused when revoked."""
+
+    def __init__(self, revocation: RevocationList) -> None:
+        self._revocation = revocation
+
+    def __call__(self, context: grpc.ServicerContext) -> Principal:
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "a federation client certificate is required"
+            )
+        pem: bytes = pems[0]
+        try:
+            revoked = self._revocation.is_revoked(certificate_from_pem(pem))
+            principal = principal_from_pem(pem)
+        except DmpError as exc:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+            raise  # unreachable: abort raises
+        if revoked:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this certificate has been revoked by the federation CA: ask for a new one",
+            )
+        return principal
+
+
+class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every call, maps domain errors to status codes, logs one line a call."""
+
+    def __init__(self, authenticate: Authenticator) -> None:
+        self._authenticate = authenticate
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._wrap(handler.unary_unary, method, False))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._wrap(handler.unary_stream, method, True))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=self._wrap(handler.stream_unary, method, False))
+        return handler._replace(stream_stream=self._wrap(handler.stream_stream, method, True))
+
+    def _wrap(
+        self, behavior: Callable[[Any, Any], Any], method: str, streams: bool
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            caller = "-"
+            try:
+                principal = self._authenticate(context)
+                caller = principal.uri
+                return behavior(request, CallContext(context, principal))
+            except DmpError as exc:
+                abort_with(context, exc)
+            finally:
+                _log_call(method, caller, context, start)
+
+        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            start = time.perf_counter()
+            caller = "-"
+            try:
+                principal = self._authenticate(context)
+                caller = principal.uri
+                yield from behavior(request, CallContext(context, principal))
+            except DmpError as exc:
+                abort_with(context, exc)
+            finally:
+                _log_call(method, caller, context, start)
+
+        return streaming if streams else unary
+
+
+def _log_call(method: str, caller: str, context: grpc.ServicerContext, start: float) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    code = context.code() if hasattr(context, "code") else None
+    status = code.name if isinstance(code, grpc.StatusCode) else "OK"
+    log.info(
+        json.dumps(
+            {
+                "method": method,
+                "caller": caller,
+                "code": status,
+                "ms": round((time.perf_counter() - start) * 1000, 2),
+            }
+        )
+    )
+
+
+@dataclass
+class ServiceSpec:
+    """One gRPC service to expose: its full name and how to add it to a server."""
+
+    name: str
+    add: Callable[[grpc.Server], None]
+
+
+@dataclass
+class FederationServer:
+    """A started server; `port` is the bound port (useful with port 0)."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        for service in ("",):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace).wait()
+        for hook in self.on_stop:
+            hook()
+
+
+def start_server(
+    *,
+    credentials: Credentials,
+    crl_path: Any,
+    listen: str,
+    services: Iterable[ServiceSpec],
+    max_content: int = DEFAULT_MAX_CONTENT,
+    max_workers: int = 32,
+) -> FederationServer:
+    """Build, bind and start a mutual-TLS server with health and reflection."""
+    ca = certificate_from_pem(credentials.ca_pem)
+    revocation = RevocationList(crl_path, ca)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=[CallInterceptor(Authenticator(revocation))],
+        options=server_options(max_content),
+        maximum_concurrent_rpcs=max_workers * 8,
+    )
+    names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for spec in services:
+        spec.add(server)
+        names.append(spec.name)
+        health_servicer.set(spec.name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(names, server)
+    try:
+        port = server.add_secure_port(listen, server_credentials(credentials))
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {listen}: {exc}") from exc
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}: address in use or not available")
+    server.start()
+    return FederationServer(server=server, port=port, health=health_servicer)
+
+
+def run_until_signalled(running: FederationServer, grace: float = 10.0) -> int:
+    """Block until SIGTERM or SIGINT, then drain in-flight calls and return 0."""
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    while not stop.wait(3600):
+        pass
+    logging.getLogger("dmp.server").info("stopping: draining in-flight calls")
+    running.stop(grace)
+    return 0
+
+
+def host_port(listen: str, port: int) -> str:
+    host = listen.rsplit(":", 1)[0]
+    return f"{host}:{port}"

@@ -1,0 +1,1 @@
+"""The regional record node: storage, access check, gRPC servicer."""

@@ -1,0 +1,83 @@
+"""Wiring of a regional node: configuration in, a running server out (one place)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from dmp.db import make_engine, sqlite_url, upgrade
+from dmp.errors import FailedPrecondition
+from dmp.identity import Role
+from dmp.pki import CRL_FILE, load_credentials
+from dmp.regions import check_region
+from dmp.server import FederationServer, ServiceSpec, start_server
+from dmp.tls import DEFAULT_MAX_CONTENT
+from dmp.v1 import node_service_pb2, node_service_pb2_grpc
+from node.servicer import NodeServicer
+from node.store import RecordStore
+
+log = logging.getLogger("dmp.node")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+NODE_SERVICE = node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
+
+
+@dataclass
+class NodeConfig:
+    pki_dir: Path
+    region: str
+    listen: str = "127.0.0.1:0"
+    db_url: str | None = None
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    max_content: int = DEFAULT_MAX_CONTENT
+
+    def database_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return sqlite_url(self.data_dir / f"node-{self.region}.db")
+
+
+@dataclass
+class RunningNode:
+    server: FederationServer
+    store: RecordStore
+    region: str
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        self.server.stop(grace)
+
+
+def start_node(config: NodeConfig) -> RunningNode:
+    region = check_region(config.region)
+    credentials = load_credentials(config.pki_dir, f"node-{region}")
+    me = credentials.principal
+    if me.role is not Role.NODE or me.key != region:
+        raise FailedPrecondition(
+            f"the certificate node-{region}.pem names {me.uri}, not urn:dmp:node:{region}:"
+            " a node serves only the region of its own certificate"
+        )
+    engine = make_engine(config.database_url())
+    upgrade(engine, MIGRATIONS, "alembic_version_node")
+    store = RecordStore(engine, region, max_content=config.max_content)
+    servicer = NodeServicer(store)
+
+    def add(server: grpc.Server) -> None:
+        node_service_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
+
+    running = start_server(
+        credentials=credentials,
+        crl_path=config.pki_dir / CRL_FILE,
+        listen=config.listen,
+        services=[ServiceSpec(NODE_SERVICE, add)],
+        max_content=config.max_content,
+    )
+    running.on_stop.append(engine.dispose)
+    return RunningNode(server=running, store=store, region=region)

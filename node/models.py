@@ -1,0 +1,68 @@
+"""The node's tables: records (metadata), their contents, and the locator outbox."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from dmp.db import new_metadata
+
+# SQLite gives an INTEGER PRIMARY KEY its rowid; BIGINT would not autoincrement there.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class NodeBase(DeclarativeBase):
+    metadata = new_metadata()
+
+
+class RecordRow(NodeBase):
+    """One record's metadata. Never updated but for `status` when a new version supersedes it."""
+
+    __tablename__ = "records"
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_ins: Mapped[str] = mapped_column(String(15))
+    kind: Mapped[str] = mapped_column(String(20))
+    type_system: Mapped[str] = mapped_column(String(200))
+    type_code: Mapped[str] = mapped_column(String(64))
+    type_display: Mapped[str] = mapped_column(String(200))
+    title: Mapped[str] = mapped_column(String(500))
+    author_identity: Mapped[str] = mapped_column(String(100))
+    author_name: Mapped[str] = mapped_column(String(200))
+    author_profession: Mapped[str] = mapped_column(String(40))
+    organization: Mapped[str] = mapped_column(String(200))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    effective_us: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer)
+    supersedes: Mapped[str | None] = mapped_column(String(64))
+    confidentiality: Mapped[str] = mapped_column(String(20))
+    masked: Mapped[bool] = mapped_column(Boolean)
+    hidden_from_patient: Mapped[bool] = mapped_column(Boolean)
+    content_type: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # SHA-256 of what the writer sent (metadata and content): the idempotency check.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (Index(None, "patient_ins", "effective_us", "id"),)
+
+
+class RecordContentRow(NodeBase):
+    """A record's content, apart so that lists never load it."""
+
+    __tablename__ = "record_contents"
+
+    record_id: Mapped[str] = mapped_column(String(64), ForeignKey("records.id"), primary_key=True)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class OutboxRow(NodeBase):
+    """A locator notification for the directory, written with the record it announces."""
+
+    __tablename__ = "locator_outbox"
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    patient_ins: Mapped[str] = mapped_column(String(15))
+    created_us: Mapped[int] = mapped_column(BigInteger)

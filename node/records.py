@@ -1,0 +1,159 @@
+"""Records between the contract and the database: enum names, validation, conversion."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from dmp.errors import InvalidArgument
+from dmp.ins import normalize_ins
+from dmp.v1 import record_pb2
+from node.models import RecordRow
+
+LOINC = "http://loinc.org"
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+KIND_NAMES: dict[record_pb2.RecordKind.ValueType, str] = {
+    record_pb2.RECORD_KIND_DOCUMENT: "document",
+    record_pb2.RECORD_KIND_PRESCRIPTION: "prescription",
+    record_pb2.RECORD_KIND_DISPENSATION: "dispensation",
+    record_pb2.RECORD_KIND_ALLERGY: "allergy",
+    record_pb2.RECORD_KIND_CONDITION: "condition",
+    record_pb2.RECORD_KIND_IMMUNIZATION: "immunization",
+    record_pb2.RECORD_KIND_OBSERVATION: "observation",
+    record_pb2.RECORD_KIND_PATIENT_NOTE: "patient-note",
+}
+KIND_VALUES = {name: value for value, name in KIND_NAMES.items()}
+
+STATUS_NAMES: dict[record_pb2.RecordStatus.ValueType, str] = {
+    record_pb2.RECORD_STATUS_CURRENT: "current",
+    record_pb2.RECORD_STATUS_SUPERSEDED: "superseded",
+}
+STATUS_VALUES = {name: value for value, name in STATUS_NAMES.items()}
+
+CONFIDENTIALITY_NAMES: dict[record_pb2.Confidentiality.ValueType, str] = {
+    record_pb2.CONFIDENTIALITY_NORMAL: "normal",
+    record_pb2.CONFIDENTIALITY_RESTRICTED: "restricted",
+    record_pb2.CONFIDENTIALITY_VERY_RESTRICTED: "very-restricted",
+}
+CONFIDENTIALITY_VALUES = {name: value for value, name in CONFIDENTIALITY_NAMES.items()}
+
+
+def kind_name(value: int, field: str = "kind") -> str:
+    try:
+        return KIND_NAMES[record_pb2.RecordKind.ValueType(value)]
+    except KeyError:
+        known = ", ".join(KIND_NAMES.values())
+        raise InvalidArgument(f"{field} {value} is not a known record kind ({known})") from None
+
+
+def kind_value(name: str) -> record_pb2.RecordKind.ValueType:
+    try:
+        return KIND_VALUES[name]
+    except KeyError:
+        known = ", ".join(KIND_VALUES)
+        raise InvalidArgument(f"unknown record kind {name!r}: expected one of {known}") from None
+
+
+def status_name(value: int, field: str = "statuses") -> str:
+    try:
+        return STATUS_NAMES[record_pb2.RecordStatus.ValueType(value)]
+    except KeyError:
+        raise InvalidArgument(f"{field}: {value} is not a known record status") from None
+
+
+def to_us(ts: Timestamp) -> int:
+    return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+def from_us(us: int) -> Timestamp:
+    ts = Timestamp()
+    ts.seconds, micros = divmod(us, 1_000_000)
+    ts.nanos = micros * 1000
+    return ts
+
+
+def now_us() -> int:
+    return int(datetime.now(UTC).timestamp() * 1_000_000)
+
+
+def check_record_id(record_id: str, field: str = "record_id") -> str:
+    if not _ID.match(record_id):
+        raise InvalidArgument(
+            f"{field} {record_id!r} must be 1 to 64 letters, digits, '.', '_' or '-'"
+        )
+    return record_id
+
+
+def validate_draft(record: record_pb2.Record) -> None:
+    """Refuse, naming the field, a record a writer may not store as it is."""
+    normalize_ins(record.patient_ins, "record.patient_ins")
+    if record.kind == record_pb2.RECORD_KIND_UNSPECIFIED:
+        raise InvalidArgument(f"record.kind is required: one of {', '.join(KIND_NAMES.values())}")
+    kind_name(record.kind, "record.kind")
+    if record.id:
+        check_record_id(record.id, "record.id")
+    if not record.type_code.code.strip():
+        raise InvalidArgument("record.type_code.code is required (a LOINC code, e.g. 11488-4)")
+    if not record.title.strip():
+        raise InvalidArgument("record.title is required")
+    if not record.content_type.strip():
+        raise InvalidArgument("record.content_type is required (e.g. application/pdf)")
+    if record.confidentiality not in (0, *CONFIDENTIALITY_NAMES):
+        raise InvalidArgument(f"record.confidentiality {record.confidentiality} is not known")
+    if record.supersedes:
+        check_record_id(record.supersedes, "record.supersedes")
+    if len(record.title) > 500 or len(record.organization) > 200:
+        raise InvalidArgument("record.title (500) or record.organization (200) is too long")
+
+
+def fingerprint(record: record_pb2.Record, content_sha256: str, author: str) -> str:
+    """What the writer sent, hashed: a retry with the same fingerprint is the same put."""
+    parts = [
+        record.patient_ins,
+        str(record.kind),
+        record.type_code.system or LOINC,
+        record.type_code.code,
+        record.type_code.display,
+        record.title,
+        record.organization,
+        str(to_us(record.effective_time)) if record.HasField("effective_time") else "",
+        record.supersedes,
+        str(record.confidentiality or record_pb2.CONFIDENTIALITY_NORMAL),
+        str(record.hidden_from_patient),
+        record.content_type,
+        content_sha256,
+        author,
+    ]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def to_proto(row: RecordRow, region: str) -> record_pb2.Record:
+    return record_pb2.Record(
+        id=row.id,
+        patient_ins=row.patient_ins,
+        kind=KIND_VALUES[row.kind],
+        type_code=record_pb2.Coding(
+            system=row.type_system, code=row.type_code, display=row.type_display
+        ),
+        title=row.title,
+        author=record_pb2.Author(
+            identity=row.author_identity, name=row.author_name, profession=row.author_profession
+        ),
+        organization=row.organization,
+        created_time=from_us(row.created_us),
+        effective_time=from_us(row.effective_us),
+        status=STATUS_VALUES[row.status],
+        version=row.version,
+        supersedes=row.supersedes or "",
+        confidentiality=CONFIDENTIALITY_VALUES[row.confidentiality],
+        masked=row.masked,
+        hidden_from_patient=row.hidden_from_patient,
+        content_type=row.content_type,
+        size=row.size,
+        sha256=row.sha256,
+        region=region,
+    )

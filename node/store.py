@@ -1,0 +1,305 @@
+"""The node's use cases on records: put, get, read content, list. One transaction each."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+from sqlalchemy import Engine, func, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from dmp.db import writer
+from dmp.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from dmp.identity import Principal
+from dmp.ins import normalize_ins
+from dmp.tls import DEFAULT_MAX_CONTENT
+from dmp.v1 import node_service_pb2, page_token_pb2, record_pb2
+from node import access
+from node.access import Caller
+from node.models import OutboxRow, RecordContentRow, RecordRow
+from node.records import (
+    CONFIDENTIALITY_NAMES,
+    LOINC,
+    check_record_id,
+    fingerprint,
+    kind_name,
+    now_us,
+    status_name,
+    to_proto,
+    to_us,
+    validate_draft,
+)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+CHUNK_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FragmentSummary:
+    """What the directory's locator learns about a patient on this node."""
+
+    patient_ins: str
+    count: int
+    last_update_us: int
+
+
+class RecordStore:
+    """Records of one region, over one database."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        region: str,
+        *,
+        max_content: int = DEFAULT_MAX_CONTENT,
+        clock: Callable[[], int] = now_us,
+    ) -> None:
+        self._engine = engine
+        self._writer = writer(engine)
+        self.region = region
+        self.max_content = max_content
+        self._clock = clock
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def put(self, caller: Caller, record: record_pb2.Record, content: bytes) -> record_pb2.Record:
+        """Store a record durably; idempotent on its id."""
+        access.check_write(caller)
+        validate_draft(record)
+        if len(content) > self.max_content:
+            raise ResourceExhausted(
+                f"content is {len(content)} bytes: this node accepts at most"
+                f" {self.max_content} bytes per record"
+            )
+        digest = hashlib.sha256(content).hexdigest()
+        author = caller.subject
+        print_ = fingerprint(record, digest, author.uri)
+        record_id = record.id or str(uuid.uuid4())
+        try:
+            with Session(self._writer) as session, session.begin():
+                existing = session.scalar(select(RecordRow).where(RecordRow.id == record_id))
+                if existing is not None:
+                    return self._same_or_conflict(existing, print_)
+                row = self._new_row(
+                    session, record, record_id, digest, len(content), author, print_
+                )
+                session.add(row)
+                session.flush()
+                session.add(RecordContentRow(record_id=record_id, content=content))
+                session.add(OutboxRow(patient_ins=row.patient_ins, created_us=row.created_us))
+                stored = to_proto(row, self.region)
+        except IntegrityError:
+            # A concurrent put of the same id won the race (PostgreSQL): answer as a retry.
+            with Session(self._engine) as session:
+                existing = session.scalar(select(RecordRow).where(RecordRow.id == record_id))
+                if existing is None:
+                    raise
+                return self._same_or_conflict(existing, print_)
+        return stored
+
+    def _same_or_conflict(self, existing: RecordRow, print_: str) -> record_pb2.Record:
+        if existing.fingerprint != print_:
+            raise AlreadyExists(
+                f"record {existing.id} already exists with other content or metadata:"
+                " records are never overwritten; write a new version with `supersedes`"
+            )
+        return to_proto(existing, self.region)
+
+    def _new_row(
+        self,
+        session: Session,
+        record: record_pb2.Record,
+        record_id: str,
+        digest: str,
+        size: int,
+        author: Principal,
+        print_: str,
+    ) -> RecordRow:
+        created = self._clock()
+        version = 1
+        if record.supersedes:
+            previous = session.scalar(select(RecordRow).where(RecordRow.id == record.supersedes))
+            if previous is None or previous.patient_ins != record.patient_ins:
+                raise FailedPrecondition(
+                    f"record.supersedes {record.supersedes!r}: no such record of this patient"
+                    " on this node; a new version is written where the previous one is held"
+                )
+            if previous.status != "current":
+                raise FailedPrecondition(
+                    f"record {previous.id} is already superseded: supersede its latest version"
+                )
+            version = previous.version + 1
+            session.execute(
+                update(RecordRow).where(RecordRow.id == previous.id).values(status="superseded")
+            )
+        return RecordRow(
+            id=record_id,
+            patient_ins=record.patient_ins,
+            kind=kind_name(record.kind),
+            type_system=record.type_code.system or LOINC,
+            type_code=record.type_code.code.strip(),
+            type_display=record.type_code.display,
+            title=record.title.strip(),
+            author_identity=author.uri,
+            author_name=author.name,
+            author_profession=author.profession,
+            organization=record.organization,
+            created_us=created,
+            effective_us=to_us(record.effective_time)
+            if record.HasField("effective_time")
+            else created,
+            status="current",
+            version=version,
+            supersedes=record.supersedes or None,
+            confidentiality=CONFIDENTIALITY_NAMES.get(record.confidentiality, "normal"),
+            masked=False,
+            hidden_from_patient=record.hidden_from_patient,
+            content_type=record.content_type.strip(),
+            size=size,
+            sha256=digest,
+            fingerprint=print_,
+        )
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _readable_row(self, session: Session, caller: Caller, record_id: str) -> RecordRow:
+        access.check_may_read(caller)
+        check_record_id(record_id)
+        row = session.scalar(
+            access.readable(select(RecordRow), caller).where(RecordRow.id == record_id)
+        )
+        if row is None:
+            raise NotFound(f"record {record_id} not found on node {self.region}")
+        return row
+
+    def get(self, caller: Caller, record_id: str) -> record_pb2.Record:
+        with Session(self._engine) as session:
+            return to_proto(self._readable_row(session, caller, record_id), self.region)
+
+    def content(
+        self, caller: Caller, record_id: str
+    ) -> Iterator[tuple[record_pb2.Record | None, bytes]]:
+        """The record's metadata then its content in chunks, checked against its SHA-256."""
+        with Session(self._engine) as session:
+            row = self._readable_row(session, caller, record_id)
+            blob = session.scalar(
+                select(RecordContentRow.content).where(RecordContentRow.record_id == row.id)
+            )
+            record = to_proto(row, self.region)
+        if blob is None or hashlib.sha256(blob).hexdigest() != record.sha256:
+            raise DataLoss(
+                f"content of record {record_id} does not match its SHA-256: restore the node"
+                " from its last verified backup"
+            )
+        if not blob:
+            yield record, b""
+            return
+        for offset in range(0, len(blob), CHUNK_SIZE):
+            yield (record if offset == 0 else None), blob[offset : offset + CHUNK_SIZE]
+
+    def list_records(
+        self, caller: Caller, request: node_service_pb2.ListRecordsRequest
+    ) -> node_service_pb2.ListRecordsResponse:
+        patient = normalize_ins(request.patient_ins, "patient_ins")
+        access.check_read(caller, patient)
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        query_print = _query_fingerprint(request)
+        stmt = access.readable(select(RecordRow), caller).where(RecordRow.patient_ins == patient)
+        if request.kinds:
+            stmt = stmt.where(RecordRow.kind.in_([kind_name(k, "kinds") for k in request.kinds]))
+        if request.type_codes:
+            stmt = stmt.where(RecordRow.type_code.in_(list(request.type_codes)))
+        if request.HasField("since"):
+            stmt = stmt.where(RecordRow.effective_us >= to_us(request.since))
+        if request.HasField("until"):
+            stmt = stmt.where(RecordRow.effective_us < to_us(request.until))
+        if request.statuses:
+            stmt = stmt.where(RecordRow.status.in_([status_name(s) for s in request.statuses]))
+        if request.page_token:
+            cursor = decode_cursor(request.page_token, query_print)
+            stmt = stmt.where(
+                tuple_(RecordRow.effective_us, RecordRow.id)
+                < tuple_(cursor.effective_time_us, cursor.record_id)
+            )
+        stmt = stmt.order_by(RecordRow.effective_us.desc(), RecordRow.id.desc()).limit(size + 1)
+        with Session(self._engine) as session:
+            rows = list(session.scalars(stmt))
+        response = node_service_pb2.ListRecordsResponse(
+            records=[to_proto(row, self.region) for row in rows[:size]]
+        )
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = encode_cursor(last.effective_us, last.id, query_print)
+        return response
+
+    # -- locator --------------------------------------------------------------------------
+
+    def pending_notifications(self, limit: int = 500) -> tuple[int, list[FragmentSummary]]:
+        """Outbox entries to deliver: the highest seq taken, and a summary per patient."""
+        with Session(self._engine) as session:
+            rows = session.execute(
+                select(OutboxRow.seq, OutboxRow.patient_ins).order_by(OutboxRow.seq).limit(limit)
+            ).all()
+            if not rows:
+                return 0, []
+            patients = sorted({ins for _, ins in rows})
+            counts = session.execute(
+                select(RecordRow.patient_ins, func.count(), func.max(RecordRow.created_us))
+                .where(RecordRow.patient_ins.in_(patients))
+                .group_by(RecordRow.patient_ins)
+            ).all()
+        summaries = [FragmentSummary(ins, count, last) for ins, count, last in counts]
+        return rows[-1][0], summaries
+
+    def acknowledge(self, up_to_seq: int) -> None:
+        """Forget the outbox entries the directory has acknowledged."""
+        from sqlalchemy import delete
+
+        with Session(self._writer) as session, session.begin():
+            session.execute(delete(OutboxRow).where(OutboxRow.seq <= up_to_seq))
+
+
+def _query_fingerprint(request: node_service_pb2.ListRecordsRequest) -> bytes:
+    query = node_service_pb2.ListRecordsRequest()
+    query.CopyFrom(request)
+    query.page_token = ""
+    query.page_size = 0
+    return hashlib.sha256(query.SerializeToString(deterministic=True)).digest()[:8]
+
+
+def encode_cursor(effective_us: int, record_id: str, query_print: bytes) -> str:
+    token = page_token_pb2.RecordCursor(
+        effective_time_us=effective_us, record_id=record_id, query_fingerprint=query_print
+    )
+    return base64.urlsafe_b64encode(token.SerializeToString()).decode().rstrip("=")
+
+
+def decode_cursor(token: str, query_print: bytes) -> page_token_pb2.RecordCursor:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        cursor = page_token_pb2.RecordCursor.FromString(raw)
+    except (binascii.Error, DecodeError, ValueError):
+        raise InvalidArgument(
+            "page_token is malformed: pass the next_page_token unchanged"
+        ) from None
+    if cursor.query_fingerprint != query_print or not cursor.record_id:
+        raise InvalidArgument(
+            "page_token does not belong to this query: keep the same filters while paging"
+        )
+    return cursor

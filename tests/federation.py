@@ -1,0 +1,111 @@
+"""Helpers for integration tests: a PKI made by our own code, nodes on port 0, clients."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from dmp.ins import make_ins
+from dmp.pki import Pki, load_credentials
+from dmp.tls import secure_channel
+from dmp.v1 import node_service_pb2_grpc, record_pb2
+from node.app import NodeConfig, RunningNode, start_node
+
+DOCTOR = "10000000001"
+OTHER_DOCTOR = "10000000002"
+PHARMACIST = "10000000003"
+NURSE = "10000000004"
+PATIENT = make_ins("1850275123456")
+OTHER_PATIENT = make_ins("2920133012345")
+REGIONS = ("11", "53", "84")
+
+
+def make_pki(directory: Path) -> Pki:
+    """A PKI with the directory, three nodes, professionals and two patients."""
+    pki = Pki.init(directory)
+    for region in REGIONS:
+        pki.issue_node(region)
+    pki.issue_directory()
+    pki.issue_practitioner(DOCTOR, "doctor", "Dr Claire MARTIN")
+    pki.issue_practitioner(OTHER_DOCTOR, "doctor", "Dr Paul DURAND")
+    pki.issue_practitioner(PHARMACIST, "pharmacist", "Julie PETIT")
+    pki.issue_practitioner(NURSE, "nurse", "Marc ROBERT")
+    pki.issue_patient(PATIENT, "Jean DUPONT")
+    pki.issue_patient(OTHER_PATIENT, "Marie LEROY")
+    return pki
+
+
+@contextmanager
+def running_node(
+    pki_dir: Path, region: str, db_url: str, **kwargs: object
+) -> Iterator[RunningNode]:
+    node = start_node(NodeConfig(pki_dir=pki_dir, region=region, db_url=db_url, **kwargs))  # type: ignore[arg-type]
+    try:
+        yield node
+    finally:
+        node.stop(grace=None)
+
+
+@dataclass
+class Client:
+    channel: grpc.Channel
+    node: node_service_pb2_grpc.NodeServiceStub
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def client(pki_dir: Path, identity: str, port: int) -> Client:
+    channel = secure_channel(f"127.0.0.1:{port}", load_credentials(pki_dir, identity))
+    return Client(channel, node_service_pb2_grpc.NodeServiceStub(channel))
+
+
+def draft(
+    patient: str = PATIENT,
+    *,
+    kind: int = record_pb2.RECORD_KIND_DOCUMENT,
+    code: str = "11488-4",
+    title: str = "Compte rendu de consultation",
+    effective_s: int | None = None,
+    record_id: str = "",
+) -> record_pb2.Record:
+    record = record_pb2.Record(
+        id=record_id,
+        patient_ins=patient,
+        kind=kind,  # type: ignore[arg-type]
+        type_code=record_pb2.Coding(code=code, display="Consultation note"),
+        title=title,
+        organization="CHU de Rennes",
+        content_type="text/plain",
+    )
+    if effective_s is not None:
+        record.effective_time.seconds = effective_s
+    return record
+
+
+def dmp_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start `dmp ARGS` as its own process (servers never fork from a gRPC process)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dmp.cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_listening(process: subprocess.Popen[str]) -> str:
+    """Read the process's 'listening on HOST:PORT' line; return HOST:PORT."""
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if "listening on" not in line:
+        _, err = process.communicate(timeout=10)
+        raise AssertionError(f"server did not start: {line!r} {err}")
+    return line.rsplit(" ", 1)[1].strip()
