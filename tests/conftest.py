@@ -26,7 +26,11 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
     binaries = find_binaries()
     if binaries is None:
         if _in_ci():
-            pytest.fail(f"{MISSING_BINARIES} (CI=true: install PostgreSQL 15)", pytrace=False)
+            pytest.fail(
+                "PostgreSQL binaries (initdb/pg_ctl) not found and CI=true: install PostgreSQL 15,"
+                " CI must not skip the PostgreSQL-backed tests",
+                pytrace=False,
+            )
         pytest.skip(MISSING_BINARIES)
     cluster = PostgresCluster(binaries)
     cluster.start()
