@@ -187,11 +187,14 @@ class FederationServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    #: Run before draining (withdraw from discovery), then after the server stopped.
+    before_stop: list[Callable[[], None]] = field(default_factory=list)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self, grace: float | None = 10.0) -> None:
-        for service in ("",):
-            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for hook in self.before_stop:
+            hook()
+        self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         for hook in self.on_stop:
             hook()

@@ -17,14 +17,10 @@ from sqlalchemy import Select, false
 
 from dmp.errors import InvalidArgument, PermissionDenied
 from dmp.identity import Principal, Role, parse_uri
+from dmp.relay import ON_BEHALF_NAME, ON_BEHALF_OF, ON_BEHALF_PROFESSION
 from node.models import RecordRow
 
 S = TypeVar("S", bound=Select[Any])
-
-#: Metadata the directory sets to say on whose behalf it calls a node.
-ON_BEHALF_OF = "x-dmp-on-behalf-of"
-ON_BEHALF_NAME = "x-dmp-on-behalf-name"
-ON_BEHALF_PROFESSION = "x-dmp-on-behalf-profession"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +37,9 @@ class Caller:
 
 def caller_of(transport: Principal, metadata: Sequence[tuple[str, str | bytes]]) -> Caller:
     """The caller of a call, from its transport principal and its metadata."""
-    values = {key: value for key, value in metadata if isinstance(value, str)}
+    values = dict(metadata)
     on_behalf = values.get(ON_BEHALF_OF)
-    if on_behalf is None:
+    if not isinstance(on_behalf, str):
         return Caller(subject=transport, transport=transport)
     if transport.role is not Role.DIRECTORY:
         raise PermissionDenied("only the directory may relay a call on behalf of someone else")
@@ -56,10 +52,14 @@ def caller_of(transport: Principal, metadata: Sequence[tuple[str, str | bytes]])
     subject = Principal(
         role=role,
         key=key,
-        name=values.get(ON_BEHALF_NAME, ""),
-        profession=values.get(ON_BEHALF_PROFESSION, "") if role is Role.PRACTITIONER else "",
+        name=_text(values.get(ON_BEHALF_NAME, b"")),
+        profession=_text(values.get(ON_BEHALF_PROFESSION, "")) if role is Role.PRACTITIONER else "",
     )
     return Caller(subject=subject, transport=transport)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def check_write(caller: Caller) -> None:

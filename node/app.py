@@ -9,13 +9,15 @@ from pathlib import Path
 import grpc
 
 from dmp.db import make_engine, sqlite_url, upgrade
+from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
 from dmp.pki import CRL_FILE, load_credentials
 from dmp.regions import check_region
-from dmp.server import FederationServer, ServiceSpec, start_server
-from dmp.tls import DEFAULT_MAX_CONTENT
+from dmp.server import FederationServer, ServiceSpec, host_port, start_server
+from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc
+from node.locator import OutboxDelivery
 from node.servicer import NodeServicer
 from node.store import RecordStore
 
@@ -33,6 +35,12 @@ class NodeConfig:
     db_url: str | None = None
     data_dir: Path = field(default_factory=lambda: Path("data"))
     max_content: int = DEFAULT_MAX_CONTENT
+    #: host:port of the directory (embedded discovery and the locator outbox).
+    directory: str | None = None
+    #: Consul agent URL: register there instead of announcing to the directory.
+    consul_url: str | None = None
+    #: host:port to announce; default: the listen host with the bound port.
+    advertise: str | None = None
 
     def database_url(self) -> str:
         if self.db_url:
@@ -46,6 +54,7 @@ class RunningNode:
     server: FederationServer
     store: RecordStore
     region: str
+    delivery: OutboxDelivery | None = None
 
     @property
     def port(self) -> int:
@@ -79,5 +88,27 @@ def start_node(config: NodeConfig) -> RunningNode:
         services=[ServiceSpec(NODE_SERVICE, add)],
         max_content=config.max_content,
     )
+    address = config.advertise or host_port(config.listen, running.port)
     running.on_stop.append(engine.dispose)
-    return RunningNode(server=running, store=store, region=region)
+    delivery = None
+    try:
+        if config.consul_url:
+            from dmp.discovery.consul import ConsulAnnouncer
+
+            consul = ConsulAnnouncer(config.consul_url, region, address)
+            consul.start()
+            running.before_stop.append(consul.close)  # withdraw before draining
+        if config.directory:
+            channel = secure_channel(config.directory, credentials)
+            running.on_stop.insert(0, channel.close)
+            delivery = OutboxDelivery(store, channel)
+            delivery.start()
+            running.on_stop.insert(0, delivery.close)
+            if not config.consul_url:
+                announcer = EmbeddedAnnouncer(channel, address)
+                announcer.start()
+                running.on_stop.insert(0, announcer.close)
+    except BaseException:
+        running.stop(None)
+        raise
+    return RunningNode(server=running, store=store, region=region, delivery=delivery)

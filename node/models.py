@@ -66,3 +66,16 @@ class OutboxRow(NodeBase):
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
     patient_ins: Mapped[str] = mapped_column(String(15))
     created_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class PatientRow(NodeBase):
+    """Identity traits the writers gave for a patient, reported to the directory."""
+
+    __tablename__ = "patients"
+
+    ins: Mapped[str] = mapped_column(String(15), primary_key=True)
+    birth_family_name: Mapped[str] = mapped_column(String(100))
+    given_names: Mapped[str] = mapped_column(String(200))
+    birth_date: Mapped[str] = mapped_column(String(10))
+    sex: Mapped[str] = mapped_column(String(1))
+    birthplace_code: Mapped[str] = mapped_column(String(5))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import UTC, datetime
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
+from dmp.clock import from_us, to_us
 from dmp.errors import InvalidArgument
 from dmp.ins import normalize_ins
 from dmp.v1 import record_pb2
@@ -63,21 +61,6 @@ def status_name(value: int, field: str = "statuses") -> str:
         return STATUS_NAMES[record_pb2.RecordStatus.ValueType(value)]
     except KeyError:
         raise InvalidArgument(f"{field}: {value} is not a known record status") from None
-
-
-def to_us(ts: Timestamp) -> int:
-    return ts.seconds * 1_000_000 + ts.nanos // 1000
-
-
-def from_us(us: int) -> Timestamp:
-    ts = Timestamp()
-    ts.seconds, micros = divmod(us, 1_000_000)
-    ts.nanos = micros * 1000
-    return ts
-
-
-def now_us() -> int:
-    return int(datetime.now(UTC).timestamp() * 1_000_000)
 
 
 def check_record_id(record_id: str, field: str = "record_id") -> str:

@@ -20,7 +20,8 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         self._store = store
 
     def PutRecord(self, request: pb.PutRecordRequest, context: CallContext) -> pb.PutRecordResponse:
-        record = self._store.put(_caller(context), request.record, request.content)
+        patient = request.patient if request.HasField("patient") else None
+        record = self._store.put(_caller(context), request.record, request.content, patient)
         return pb.PutRecordResponse(record=record)
 
     def GetRecord(self, request: pb.GetRecordRequest, context: CallContext) -> pb.GetRecordResponse:

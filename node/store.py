@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
-from sqlalchemy import Engine, func, select, tuple_, update
+from sqlalchemy import Engine, delete, func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from dmp.clock import now_us, to_us
 from dmp.db import writer
 from dmp.errors import (
     AlreadyExists,
@@ -25,21 +26,20 @@ from dmp.errors import (
 )
 from dmp.identity import Principal
 from dmp.ins import normalize_ins
+from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
 from dmp.tls import DEFAULT_MAX_CONTENT
-from dmp.v1 import node_service_pb2, page_token_pb2, record_pb2
+from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
 from node import access
 from node.access import Caller
-from node.models import OutboxRow, RecordContentRow, RecordRow
+from node.models import OutboxRow, PatientRow, RecordContentRow, RecordRow
 from node.records import (
     CONFIDENTIALITY_NAMES,
     LOINC,
     check_record_id,
     fingerprint,
     kind_name,
-    now_us,
     status_name,
     to_proto,
-    to_us,
     validate_draft,
 )
 
@@ -52,7 +52,7 @@ CHUNK_SIZE = 1024 * 1024
 class FragmentSummary:
     """What the directory's locator learns about a patient on this node."""
 
-    patient_ins: str
+    traits: Traits
     count: int
     last_update_us: int
 
@@ -73,13 +73,29 @@ class RecordStore:
         self.region = region
         self.max_content = max_content
         self._clock = clock
+        self._on_commit: Callable[[], None] | None = None
+
+    def on_commit(self, hook: Callable[[], None]) -> None:
+        """Call `hook` after each committed record (wakes the locator outbox)."""
+        self._on_commit = hook
 
     # -- writes ---------------------------------------------------------------------------
 
-    def put(self, caller: Caller, record: record_pb2.Record, content: bytes) -> record_pb2.Record:
+    def put(
+        self,
+        caller: Caller,
+        record: record_pb2.Record,
+        content: bytes,
+        patient: patient_pb2.PatientIdentity | None = None,
+    ) -> record_pb2.Record:
         """Store a record durably; idempotent on its id."""
         access.check_write(caller)
         validate_draft(record)
+        traits = None
+        if patient is not None and patient.ins:
+            traits = traits_of(patient, "patient")
+            if traits.ins != record.patient_ins:
+                raise InvalidArgument("patient.ins differs from record.patient_ins")
         if len(content) > self.max_content:
             raise ResourceExhausted(
                 f"content is {len(content)} bytes: this node accepts at most"
@@ -94,6 +110,8 @@ class RecordStore:
                 existing = session.scalar(select(RecordRow).where(RecordRow.id == record_id))
                 if existing is not None:
                     return self._same_or_conflict(existing, print_)
+                if traits is not None and not traits.empty:
+                    _merge_traits(session, traits)
                 row = self._new_row(
                     session, record, record_id, digest, len(content), author, print_
                 )
@@ -102,6 +120,8 @@ class RecordStore:
                 session.add(RecordContentRow(record_id=record_id, content=content))
                 session.add(OutboxRow(patient_ins=row.patient_ins, created_us=row.created_us))
                 stored = to_proto(row, self.region)
+            if self._on_commit is not None:
+                self._on_commit()
         except IntegrityError:
             # A concurrent put of the same id won the race (PostgreSQL): answer as a retry.
             with Session(self._engine) as session:
@@ -231,12 +251,14 @@ class RecordStore:
             stmt = stmt.where(RecordRow.effective_us < to_us(request.until))
         if request.statuses:
             stmt = stmt.where(RecordRow.status.in_([status_name(s) for s in request.statuses]))
+        after: tuple[int, str] | None = None
         if request.page_token:
             cursor = decode_cursor(request.page_token, query_print)
-            stmt = stmt.where(
-                tuple_(RecordRow.effective_us, RecordRow.id)
-                < tuple_(cursor.effective_time_us, cursor.record_id)
-            )
+            after = (cursor.effective_time_us, cursor.record_id)
+        elif request.HasField("start_after"):
+            after = (to_us(request.start_after.effective_time), request.start_after.record_id)
+        if after is not None:
+            stmt = stmt.where(tuple_(RecordRow.effective_us, RecordRow.id) < tuple_(*after))
         stmt = stmt.order_by(RecordRow.effective_us.desc(), RecordRow.id.desc()).limit(size + 1)
         with Session(self._engine) as session:
             rows = list(session.scalars(stmt))
@@ -264,15 +286,57 @@ class RecordStore:
                 .where(RecordRow.patient_ins.in_(patients))
                 .group_by(RecordRow.patient_ins)
             ).all()
-        summaries = [FragmentSummary(ins, count, last) for ins, count, last in counts]
+            known = {
+                row.ins: row
+                for row in session.scalars(select(PatientRow).where(PatientRow.ins.in_(patients)))
+            }
+        summaries = [
+            FragmentSummary(_traits_of_row(known.get(ins), ins), count, last)
+            for ins, count, last in counts
+        ]
         return rows[-1][0], summaries
 
     def acknowledge(self, up_to_seq: int) -> None:
         """Forget the outbox entries the directory has acknowledged."""
-        from sqlalchemy import delete
-
         with Session(self._writer) as session, session.begin():
             session.execute(delete(OutboxRow).where(OutboxRow.seq <= up_to_seq))
+
+
+def _merge_traits(session: Session, traits: Traits) -> None:
+    """Keep the traits writers give; refuse those that contradict the ones kept."""
+    row = session.get(PatientRow, traits.ins)
+    if row is None:
+        session.add(
+            PatientRow(
+                ins=traits.ins,
+                birth_family_name=traits.birth_family_name,
+                given_names=traits.given_names,
+                birth_date=traits.birth_date,
+                sex=traits.sex,
+                birthplace_code=traits.birthplace_code,
+            )
+        )
+        return
+    stored = _traits_of_row(row, traits.ins)
+    conflicts = stored.contradicts(traits)
+    if conflicts:
+        raise FailedPrecondition(conflict_message(traits.ins, conflicts), reason=IDENTITY_CONFLICT)
+    for name in ("birth_family_name", "given_names", "birth_date", "sex", "birthplace_code"):
+        if not getattr(row, name) and getattr(traits, name):
+            setattr(row, name, getattr(traits, name))
+
+
+def _traits_of_row(row: PatientRow | None, ins: str) -> Traits:
+    if row is None:
+        return Traits(ins=ins)
+    return Traits(
+        ins=row.ins,
+        birth_family_name=row.birth_family_name,
+        given_names=row.given_names,
+        birth_date=row.birth_date,
+        sex=row.sex,
+        birthplace_code=row.birthplace_code,
+    )
 
 
 def _query_fingerprint(request: node_service_pb2.ListRecordsRequest) -> bytes:

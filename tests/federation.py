@@ -5,17 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from directory.app import DirectoryConfig, RunningDirectory, start_directory
 from dmp.ins import make_ins
 from dmp.pki import Pki, load_credentials
 from dmp.tls import secure_channel
-from dmp.v1 import node_service_pb2_grpc, record_pb2
+from dmp.v1 import directory_service_pb2_grpc, node_service_pb2_grpc, patient_pb2, record_pb2
 from node.app import NodeConfig, RunningNode, start_node
 
 DOCTOR = "10000000001"
@@ -109,3 +111,42 @@ def wait_listening(process: subprocess.Popen[str]) -> str:
         _, err = process.communicate(timeout=10)
         raise AssertionError(f"server did not start: {line!r} {err}")
     return line.rsplit(" ", 1)[1].strip()
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    """Poll until condition() is truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def running_directory(pki_dir: Path, db_url: str, **kwargs: object) -> Iterator[RunningDirectory]:
+    directory = start_directory(DirectoryConfig(pki_dir=pki_dir, db_url=db_url, **kwargs))  # type: ignore[arg-type]
+    try:
+        yield directory
+    finally:
+        directory.stop(grace=None)
+
+
+def directory_stub(
+    pki_dir: Path, identity: str, port: int
+) -> tuple[grpc.Channel, directory_service_pb2_grpc.DirectoryServiceStub]:
+    channel = secure_channel(f"127.0.0.1:{port}", load_credentials(pki_dir, identity))
+    return channel, directory_service_pb2_grpc.DirectoryServiceStub(channel)
+
+
+def identity_of(
+    ins: str, family: str = "DUPONT", given: tuple[str, ...] = ("JEAN",)
+) -> patient_pb2.PatientIdentity:
+    return patient_pb2.PatientIdentity(
+        ins=ins,
+        birth_family_name=family,
+        given_names=list(given),
+        birth_date="1985-02-14",
+        sex=patient_pb2.SEX_MALE,
+        birthplace_code="75112",
+    )

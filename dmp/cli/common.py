@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -19,16 +20,29 @@ class CommandError(Exception):
     """A command-line failure: printed as one line, exit status 1."""
 
 
+PKI_ENV = "DMP_PKI"
+
+
 def add_pki(parser: argparse.ArgumentParser) -> None:
-    default = os.environ.get("DMP_PKI")
+    default = os.environ.get(PKI_ENV) or None
     parser.add_argument(
         "--pki",
+        metavar="DIR",
         type=Path,
         default=Path(default) if default else None,
         required=default is None,
-        metavar="DIR",
-        help="the federation PKI directory (default: $DMP_PKI)",
+        help=f"the federation PKI directory (default: ${PKI_ENV}"
+        + (f", now {default})" if default else ", which is not set)"),
     )
+
+
+def print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Print rows (the first is the header) as aligned columns."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 def add_identity(parser: argparse.ArgumentParser) -> None:

@@ -16,11 +16,14 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from dmp.cli import node, pki, record
+    from dmp.cli import directory, node, patient, pki, query, record
 
     pki.register(sub)
     node.register(sub)
+    directory.register(sub)
     record.register(sub)
+    query.register(sub)
+    patient.register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

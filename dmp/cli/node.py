@@ -41,6 +41,21 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default=20,
         help="largest record content accepted, in MiB (default 20)",
     )
+    serve.add_argument(
+        "--directory",
+        metavar="HOST:PORT",
+        help="the national directory: announce this node there (embedded discovery) and"
+        " report fragments to its locator",
+    )
+    serve.add_argument(
+        "--consul",
+        metavar="URL",
+        help="register in Consul (service dmp-node, TTL check) instead of announcing to the"
+        " directory, e.g. http://127.0.0.1:8500",
+    )
+    serve.add_argument(
+        "--advertise", metavar="HOST:PORT", help="address to announce (default: the listen address)"
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -54,6 +69,9 @@ def _serve(args: argparse.Namespace) -> int:
         db_url=args.db,
         data_dir=args.data_dir,
         max_content=args.max_content_mib * MiB,
+        directory=args.directory,
+        consul_url=args.consul,
+        advertise=args.advertise,
     )
     node = start_node(config)
     print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from datetime import UTC, datetime
-from pathlib import Path
 
+from dmp.cli.common import add_pki, print_table
 from dmp.identity import PROFESSIONS, Principal
 from dmp.pki import DEFAULT_HOSTS, Pki
 from dmp.regions import REGIONS
-
-PKI_ENV = "DMP_PKI"
 
 _DESCRIPTION = """\
 The federation PKI: one root CA (ECDSA P-256) that issues a certificate to every node, to
@@ -42,19 +39,6 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of days")
     return value
-
-
-def _add_pki_option(parser: argparse.ArgumentParser) -> None:
-    default = os.environ.get(PKI_ENV) or None
-    parser.add_argument(
-        "--pki",
-        metavar="DIR",
-        type=Path,
-        default=Path(default) if default else None,
-        required=default is None,
-        help=f"the PKI directory (default: ${PKI_ENV}"
-        + (f", now {default})" if default else ", which is not set)"),
-    )
 
 
 def _add_days_option(parser: argparse.ArgumentParser, default_days: int) -> None:
@@ -99,7 +83,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         " needed. Refuses if the directory already holds a CA: a new CA would invalidate"
         " every certificate issued so far.",
     )
-    _add_pki_option(init)
+    add_pki(init)
     init.add_argument(
         "--days",
         metavar="N",
@@ -133,7 +117,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _add_host_option(node)
     _add_days_option(node, 825)
-    _add_pki_option(node)
+    add_pki(node)
     node.set_defaults(handler=_issue_node)
 
     directory = kinds.add_parser(
@@ -144,7 +128,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _add_host_option(directory)
     _add_days_option(directory, 825)
-    _add_pki_option(directory)
+    add_pki(directory)
     directory.set_defaults(handler=_issue_directory)
 
     practitioner = kinds.add_parser(
@@ -166,7 +150,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--name", required=True, help="the name shown in the certificate (at most 64 characters)"
     )
     _add_days_option(practitioner, 365)
-    _add_pki_option(practitioner)
+    add_pki(practitioner)
     practitioner.set_defaults(handler=_issue_practitioner)
 
     patient = kinds.add_parser(
@@ -183,7 +167,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--name", required=True, help="the name shown in the certificate (at most 64 characters)"
     )
     _add_days_option(patient, 365)
-    _add_pki_option(patient)
+    add_pki(patient)
     patient.set_defaults(handler=_issue_patient)
 
     revoke = commands.add_parser(
@@ -198,7 +182,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="IDENTITY",
         help="node-<region>, directory, practitioner-<RPPS> or patient-<INS>",
     )
-    _add_pki_option(revoke)
+    add_pki(revoke)
     revoke.set_defaults(handler=_revoke)
 
     listing = commands.add_parser(
@@ -207,7 +191,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="List every certificate in the PKI directory: identity, URI, profession,"
         " expiry date and state (valid, expired or revoked).",
     )
-    _add_pki_option(listing)
+    add_pki(listing)
     listing.set_defaults(handler=_list)
 
 
@@ -277,9 +261,5 @@ def _list(args: argparse.Namespace) -> int:
     if len(rows) == 1:
         print(f"no certificates issued in {pki.directory} yet")
         return 0
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+    print_table(rows)
     return 0

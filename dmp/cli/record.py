@@ -41,9 +41,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     put.set_defaults(handler=_put)
 
-    get = rsub.add_parser("get", help="fetch a record's content (checked against its SHA-256)")
+    get = rsub.add_parser(
+        "get",
+        help="fetch a record's content (checked against its SHA-256)",
+        description="Fetch a record's content directly from a node (--node), or through the"
+        " directory (--directory with --region, the region the view names).",
+    )
     add_identity(get)
-    get.add_argument("--node", required=True, metavar="HOST:PORT")
+    where = get.add_mutually_exclusive_group(required=True)
+    where.add_argument("--node", metavar="HOST:PORT")
+    where.add_argument("--directory", metavar="HOST:PORT")
+    get.add_argument("--region", help="with --directory: the region holding the record")
     get.add_argument("--record", required=True, metavar="ID")
     get.add_argument("--out", type=Path, help="write the content here (default: standard output)")
     get.set_defaults(handler=_get)

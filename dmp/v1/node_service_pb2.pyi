@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from dmp.v1 import patient_pb2 as _patient_pb2
 from dmp.v1 import record_pb2 as _record_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -28,6 +29,7 @@ class PutRecordRequest(_message.Message):
 
     RECORD_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    PATIENT_FIELD_NUMBER: _builtins.int
     content: _builtins.bytes
     """The content, at most the node's maximum content size (20 MiB by default)."""
     @_builtins.property
@@ -36,15 +38,23 @@ class PutRecordRequest(_message.Message):
         type_code.code, title, content_type.
         """
 
+    @_builtins.property
+    def patient(self) -> _patient_pb2.PatientIdentity:
+        """The patient's identity traits as the writer knows them (optional). The node keeps
+        them and reports them to the directory; traits that contradict those the node already
+        holds for the INS are refused with FAILED_PRECONDITION, reason IDENTITY_CONFLICT.
+        """
+
     def __init__(
         self,
         *,
         record: _record_pb2.Record | None = ...,
         content: _builtins.bytes = ...,
+        patient: _patient_pb2.PatientIdentity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["patient", b"patient", "record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "record", b"record"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "patient", b"patient", "record", b"record"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -186,6 +196,7 @@ class ListRecordsRequest(_message.Message):
     STATUSES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    START_AFTER_FIELD_NUMBER: _builtins.int
     patient_ins: _builtins.str
     """INS of the patient. Required."""
     page_size: _builtins.int
@@ -214,6 +225,12 @@ class ListRecordsRequest(_message.Message):
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_record_pb2.RecordStatus.ValueType]:
         """Only these statuses; all statuses when empty."""
 
+    @_builtins.property
+    def start_after(self) -> Global___ListPosition:
+        """Start after this position of the list order instead of at the top (ignored when
+        page_token is set). The directory uses it to page across regions.
+        """
+
     def __init__(
         self,
         *,
@@ -225,14 +242,43 @@ class ListRecordsRequest(_message.Message):
         statuses: _abc.Iterable[_record_pb2.RecordStatus.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        start_after: Global___ListPosition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "start_after", b"start_after", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "patient_ins", b"patient_ins", "since", b"since", "statuses", b"statuses", "type_codes", b"type_codes", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "patient_ins", b"patient_ins", "since", b"since", "start_after", b"start_after", "statuses", b"statuses", "type_codes", b"type_codes", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRecordsRequest: _TypeAlias = ListRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ListPosition(_message.Message):
+    """A position in a list of records ordered newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    record_id: _builtins.str
+    """id of the record at that position."""
+    @_builtins.property
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
+        """effective_time of the record at that position."""
+
+    def __init__(
+        self,
+        *,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
+        record_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time", "record_id", b"record_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPosition: _TypeAlias = ListPosition  # noqa: Y015
 
 @_typing.final
 class ListRecordsResponse(_message.Message):

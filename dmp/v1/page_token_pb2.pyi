@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -45,3 +47,65 @@ class RecordCursor(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordCursor: _TypeAlias = RecordCursor  # noqa: Y015
+
+@_typing.final
+class ViewCursor(_message.Message):
+    """The inside of a consolidated view's page token: where each region stands."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGIONS_FIELD_NUMBER: _builtins.int
+    QUERY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    query_fingerprint: _builtins.bytes
+    """Fingerprint of the request's filters: a token is valid only for the same query."""
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionCursor]:
+        """One entry per region already paged into."""
+
+    def __init__(
+        self,
+        *,
+        regions: _abc.Iterable[Global___RegionCursor] | None = ...,
+        query_fingerprint: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query_fingerprint", b"query_fingerprint", "regions", b"regions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ViewCursor: _TypeAlias = ViewCursor  # noqa: Y015
+
+@_typing.final
+class RegionCursor(_message.Message):
+    """Where one region stands in a consolidated view."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_US_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    EXHAUSTED_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """Region code."""
+    effective_time_us: _builtins.int
+    """effective_time of the last record of this region shown, in microseconds."""
+    record_id: _builtins.str
+    """id of the last record of this region shown."""
+    exhausted: _builtins.bool
+    """True when the region has nothing more to show."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        effective_time_us: _builtins.int = ...,
+        record_id: _builtins.str = ...,
+        exhausted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_time_us", b"effective_time_us", "exhausted", b"exhausted", "record_id", b"record_id", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionCursor: _TypeAlias = RegionCursor  # noqa: Y015

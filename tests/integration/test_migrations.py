@@ -6,6 +6,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import MetaData
 
+from directory.app import MIGRATIONS as DIRECTORY_MIGRATIONS
+from directory.models import DirectoryBase
 from dmp.db import make_engine, upgrade
 from node.app import MIGRATIONS as NODE_MIGRATIONS
 from node.models import NodeBase
@@ -29,3 +31,10 @@ def test_node_migrations_match_models(db_url: str) -> None:
     assert (
         schema_differences(db_url, NODE_MIGRATIONS, "alembic_version_node", NodeBase.metadata) == []
     )
+
+
+def test_directory_migrations_match_models(db_url: str) -> None:
+    differences = schema_differences(
+        db_url, DIRECTORY_MIGRATIONS, "alembic_version_directory", DirectoryBase.metadata
+    )
+    assert differences == []

@@ -1,0 +1,95 @@
+"""Wiring of the national directory: configuration in, a running server out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from directory.channels import NodeChannels
+from directory.index import PatientIndex
+from directory.registry import EmbeddedRegistry
+from directory.servicer import DirectoryServicer
+from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
+from dmp.db import make_engine, sqlite_url, upgrade
+from dmp.discovery import Discovery
+from dmp.errors import FailedPrecondition
+from dmp.identity import Role
+from dmp.pki import CRL_FILE, load_credentials
+from dmp.server import FederationServer, ServiceSpec, start_server
+from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+DIRECTORY_SERVICE = directory_service_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
+
+
+@dataclass
+class DirectoryConfig:
+    pki_dir: Path
+    listen: str = "127.0.0.1:0"
+    db_url: str | None = None
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    region_deadline: float = DEFAULT_REGION_DEADLINE
+    consul_url: str | None = None
+    health_interval: float = 1.0
+
+    def database_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return sqlite_url(self.data_dir / "directory.db")
+
+
+@dataclass
+class RunningDirectory:
+    server: FederationServer
+    index: PatientIndex
+    discovery: Discovery
+    registry: EmbeddedRegistry | None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        self.server.stop(grace)
+
+
+def start_directory(config: DirectoryConfig) -> RunningDirectory:
+    credentials = load_credentials(config.pki_dir, "directory")
+    if credentials.principal.role is not Role.DIRECTORY:
+        raise FailedPrecondition("directory.pem does not name urn:dmp:directory")
+    engine = make_engine(config.database_url())
+    upgrade(engine, MIGRATIONS, "alembic_version_directory")
+    index = PatientIndex(engine)
+    channels = NodeChannels(credentials)
+    registry: EmbeddedRegistry | None = None
+    discovery: Discovery
+    if config.consul_url:
+        from dmp.discovery.consul import ConsulDiscovery
+
+        discovery = ConsulDiscovery(config.consul_url)
+    else:
+        registry = EmbeddedRegistry(engine, channels, check_interval=config.health_interval)
+        discovery = registry
+    discovery.start()
+    assembler = ViewAssembler(index, discovery, channels, region_deadline=config.region_deadline)
+    servicer = DirectoryServicer(index, discovery, registry, channels, assembler)
+
+    def add(server: grpc.Server) -> None:
+        directory_service_pb2_grpc.add_DirectoryServiceServicer_to_server(servicer, server)
+
+    try:
+        running = start_server(
+            credentials=credentials,
+            crl_path=config.pki_dir / CRL_FILE,
+            listen=config.listen,
+            services=[ServiceSpec(DIRECTORY_SERVICE, add)],
+        )
+    except BaseException:
+        discovery.close()
+        channels.close()
+        raise
+    running.on_stop.extend([discovery.close, channels.close, engine.dispose])
+    return RunningDirectory(server=running, index=index, discovery=discovery, registry=registry)

@@ -1,0 +1,188 @@
+"""The national patient index and fragment locator: identities, where fragments live."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from directory.models import FragmentRow, IdentityConflictRow, PatientRow
+from dmp.clock import now_us
+from dmp.db import writer
+from dmp.errors import FailedPrecondition, NotFound
+from dmp.ins import normalize_ins
+from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
+from dmp.v1 import patient_pb2
+
+TRAIT_NAMES = ("birth_family_name", "given_names", "birth_date", "sex", "birthplace_code")
+
+
+@dataclass(frozen=True, slots=True)
+class Fragment:
+    region: str
+    record_count: int
+    last_update_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentUpdate:
+    traits: Traits
+    record_count: int
+    last_update_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    seq: int
+    ins: str
+    stored: Traits
+    proposed: Traits
+    reported_by: str
+    created_us: int
+
+
+def _traits(row: PatientRow) -> Traits:
+    return Traits(row.ins, *(getattr(row, name) for name in TRAIT_NAMES))
+
+
+class PatientIndex:
+    def __init__(self, engine: Engine, clock: Callable[[], int] = now_us) -> None:
+        self._engine = engine
+        self._writer = writer(engine)
+        self._clock = clock
+
+    def register(
+        self, identity: patient_pb2.PatientIdentity, reported_by: str
+    ) -> tuple[Traits, bool]:
+        """Store or confirm an identity. Contradicting traits: refused and kept for review."""
+        traits = traits_of(identity, "patient", require_all=True)
+        for _attempt in range(2):
+            try:
+                with Session(self._writer) as session, session.begin():
+                    outcome = self._merge(session, traits, reported_by)
+            except IntegrityError:
+                continue  # a concurrent registration of the same INS: look again
+            if isinstance(outcome, list):
+                raise FailedPrecondition(
+                    conflict_message(traits.ins, outcome), reason=IDENTITY_CONFLICT
+                )
+            return outcome
+        raise FailedPrecondition(f"INS {traits.ins} is being registered concurrently: retry")
+
+    def _merge(
+        self, session: Session, traits: Traits, reported_by: str
+    ) -> tuple[Traits, bool] | list[str]:
+        row = session.get(PatientRow, traits.ins)
+        if row is None:
+            session.add(
+                PatientRow(ins=traits.ins, created_us=self._clock(), **_trait_values(traits))
+            )
+            return traits, True
+        stored = _traits(row)
+        conflicts = stored.contradicts(traits)
+        if conflicts:
+            session.add(
+                IdentityConflictRow(
+                    ins=traits.ins,
+                    proposed=json.dumps(asdict(traits)),
+                    reported_by=reported_by,
+                    created_us=self._clock(),
+                )
+            )
+            return conflicts
+        for name in TRAIT_NAMES:
+            if not getattr(row, name) and getattr(traits, name):
+                setattr(row, name, getattr(traits, name))
+        return _traits(row), False
+
+    def get(self, ins: str) -> tuple[Traits, list[Fragment]]:
+        ins = normalize_ins(ins)
+        with Session(self._engine) as session:
+            row = session.get(PatientRow, ins)
+            fragments = self._fragments(session, ins)
+        if row is None and not fragments:
+            raise NotFound(f"no patient with INS {ins} in the directory")
+        return (_traits(row) if row is not None else Traits(ins)), fragments
+
+    def fragments(self, ins: str) -> list[Fragment]:
+        with Session(self._engine) as session:
+            return self._fragments(session, ins)
+
+    @staticmethod
+    def _fragments(session: Session, ins: str) -> list[Fragment]:
+        rows = session.execute(
+            select(FragmentRow.region, FragmentRow.record_count, FragmentRow.last_update_us)
+            .where(FragmentRow.ins == ins, FragmentRow.record_count > 0)
+            .order_by(FragmentRow.region)
+        ).all()
+        return [Fragment(region, count, last) for region, count, last in rows]
+
+    def report(self, region: str, updates: Sequence[FragmentUpdate], reported_by: str) -> list[str]:
+        """Record a node's fragment counts; return the INS whose traits conflict."""
+        conflicting: list[str] = []
+        with Session(self._writer) as session, session.begin():
+            for update in updates:
+                if not update.traits.empty:
+                    outcome = self._merge_reported(session, update.traits, reported_by)
+                    if outcome:
+                        conflicting.append(update.traits.ins)
+                        continue
+                row = session.get(FragmentRow, (update.traits.ins, region))
+                if row is None:
+                    session.add(
+                        FragmentRow(
+                            ins=update.traits.ins,
+                            region=region,
+                            record_count=update.record_count,
+                            last_update_us=update.last_update_us,
+                        )
+                    )
+                else:
+                    row.record_count = update.record_count
+                    row.last_update_us = max(row.last_update_us, update.last_update_us)
+        return conflicting
+
+    def _merge_reported(self, session: Session, traits: Traits, reported_by: str) -> list[str]:
+        row = session.get(PatientRow, traits.ins)
+        if row is None:
+            if traits.complete:
+                session.add(
+                    PatientRow(ins=traits.ins, created_us=self._clock(), **_trait_values(traits))
+                )
+            return []
+        outcome = self._merge(session, traits, reported_by)
+        return outcome if isinstance(outcome, list) else []
+
+    def conflicts(self, after_seq: int, limit: int) -> list[Conflict]:
+        with Session(self._engine) as session:
+            rows = session.scalars(
+                select(IdentityConflictRow)
+                .where(IdentityConflictRow.seq > after_seq)
+                .order_by(IdentityConflictRow.seq)
+                .limit(limit)
+            ).all()
+            stored = {
+                row.ins: _traits(row)
+                for row in session.scalars(
+                    select(PatientRow).where(PatientRow.ins.in_({r.ins for r in rows}))
+                )
+            }
+        return [
+            Conflict(
+                seq=row.seq,
+                ins=row.ins,
+                stored=stored.get(row.ins, Traits(row.ins)),
+                proposed=Traits(**json.loads(row.proposed)),
+                reported_by=row.reported_by,
+                created_us=row.created_us,
+            )
+            for row in rows
+        ]
+
+
+def _trait_values(traits: Traits) -> dict[str, str]:
+    return {name: getattr(traits, name) for name in TRAIT_NAMES}

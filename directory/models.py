@@ -1,0 +1,64 @@
+"""The directory's tables: identities, fragment locations, conflicts kept for review, nodes.
+
+No clinical content: the directory knows who a patient is and where their records are.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from dmp.db import new_metadata
+
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class DirectoryBase(DeclarativeBase):
+    metadata = new_metadata()
+
+
+class PatientRow(DirectoryBase):
+    """A patient's identity traits, keyed by INS (stored in comparable form)."""
+
+    __tablename__ = "patients"
+
+    ins: Mapped[str] = mapped_column(String(15), primary_key=True)
+    birth_family_name: Mapped[str] = mapped_column(String(100))
+    given_names: Mapped[str] = mapped_column(String(200))
+    birth_date: Mapped[str] = mapped_column(String(10))
+    sex: Mapped[str] = mapped_column(String(1))
+    birthplace_code: Mapped[str] = mapped_column(String(5))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class FragmentRow(DirectoryBase):
+    """Which region holds records of a patient, how many, and since when last updated."""
+
+    __tablename__ = "fragments"
+
+    ins: Mapped[str] = mapped_column(String(15), primary_key=True)
+    region: Mapped[str] = mapped_column(String(2), primary_key=True)
+    record_count: Mapped[int] = mapped_column(BigInteger)
+    last_update_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class IdentityConflictRow(DirectoryBase):
+    """A registration or node report refused because its traits contradict the index."""
+
+    __tablename__ = "identity_conflicts"
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    ins: Mapped[str] = mapped_column(String(15), index=True)
+    proposed: Mapped[str] = mapped_column(Text)  # JSON of the proposed traits
+    reported_by: Mapped[str] = mapped_column(String(100))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class NodeRow(DirectoryBase):
+    """A node's announced address (embedded discovery)."""
+
+    __tablename__ = "nodes"
+
+    region: Mapped[str] = mapped_column(String(2), primary_key=True)
+    address: Mapped[str] = mapped_column(String(255))
+    last_seen_us: Mapped[int] = mapped_column(BigInteger)

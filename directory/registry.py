@@ -1,0 +1,132 @@
+"""Embedded discovery: nodes announce themselves to the directory, which checks them.
+
+A node calls RegisterNode at start-up and then as a heartbeat. The directory asks every
+known node for its gRPC health over mutual TLS at a fixed interval, in parallel, and
+routes only to nodes whose last check answered SERVING.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from directory.channels import NodeChannels
+from directory.models import NodeRow
+from dmp.clock import now_us
+from dmp.db import writer
+from dmp.discovery import NodeRoute
+
+log = logging.getLogger("dmp.directory.registry")
+
+NODE_HEALTH_SERVICE = "dmp.v1.NodeService"
+HEARTBEAT_SECONDS = 5
+
+
+class EmbeddedRegistry:
+    """The Discovery of the embedded default: announced nodes, health-checked."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        channels: NodeChannels,
+        *,
+        check_interval: float = 1.0,
+        check_timeout: float = 1.0,
+        clock: Callable[[], int] = now_us,
+    ) -> None:
+        self._writer = writer(engine)
+        self._engine = engine
+        self._channels = channels
+        self._interval = check_interval
+        self._timeout = check_timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._routes: dict[str, NodeRoute] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with Session(self._engine) as session:
+            rows = session.execute(select(NodeRow.region, NodeRow.address)).all()
+        with self._lock:
+            self._routes = {
+                region: NodeRoute(region, address, False, "not checked since the directory started")
+                for region, address in rows
+            }
+        self.check_all()
+        self._thread = threading.Thread(target=self._run, name="node-health", daemon=True)
+        self._thread.start()
+
+    def routes(self) -> dict[str, NodeRoute]:
+        return self._routes
+
+    def announce(self, region: str, address: str) -> None:
+        """A node (authenticated as that region) says where it serves."""
+        with Session(self._writer) as session, session.begin():
+            row = session.get(NodeRow, region)
+            if row is None:
+                session.add(NodeRow(region=region, address=address, last_seen_us=self._clock()))
+            else:
+                row.address = address
+                row.last_seen_us = self._clock()
+        with self._lock:
+            old = self._routes.get(region)
+            if old is not None and old.address != address:
+                self._channels.forget(old.address)
+            if old is None or old.address != address or not old.healthy:
+                routes = dict(self._routes)
+                routes[region] = NodeRoute(region, address, True)
+                self._routes = routes
+                log.info("node %s announced at %s", region, address)
+
+    def check_all(self) -> None:
+        """Ask every known node for its health, in parallel; update the routes."""
+        current = self._routes
+        request = health_pb2.HealthCheckRequest(service=NODE_HEALTH_SERVICE)
+        calls = {
+            region: self._channels.health(route.address).Check.future(
+                request, timeout=self._timeout
+            )
+            for region, route in current.items()
+        }
+        results: dict[str, tuple[bool, str]] = {}
+        for region, call in calls.items():
+            try:
+                answer = call.result()
+                serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+                results[region] = (serving, "" if serving else "its node reports it is not serving")
+            except grpc.RpcError as exc:
+                results[region] = (
+                    False,
+                    f"its node did not answer its health check ({exc.code().name})",
+                )
+        with self._lock:
+            routes = dict(self._routes)
+            for region, (healthy, reason) in results.items():
+                route = routes.get(region)
+                if route is None or route.address != current[region].address:
+                    continue  # re-announced meanwhile: the announcement wins
+                if route.healthy != healthy:
+                    log.warning(
+                        "region %s %s", region, "back in service" if healthy else f"down: {reason}"
+                    )
+                routes[region] = NodeRoute(region, route.address, healthy, reason)
+            self._routes = routes
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.check_all()
+            except Exception:  # the checker must outlive any single failure
+                log.exception("health check round failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,246 @@
+"""The consolidated view: ask every region holding fragments, in parallel, merge, page.
+
+Each region is asked through its reused channel with its own deadline (never beyond the
+caller's). A region that fails is reported in the answer with what happened; it never
+blocks the others. Pages follow one opaque token holding a cursor per region.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from directory.channels import NodeChannels
+from directory.index import PatientIndex
+from dmp.clock import from_us, to_us
+from dmp.discovery import Discovery
+from dmp.errors import InvalidArgument
+from dmp.ins import normalize_ins
+from dmp.v1 import directory_service_pb2 as dpb
+from dmp.v1 import node_service_pb2 as npb
+from dmp.v1 import page_token_pb2, record_pb2
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+DEFAULT_REGION_DEADLINE = 2.0
+#: Kept from the caller's deadline to merge and answer after the regions.
+ANSWER_MARGIN = 0.05
+
+S = dpb.RegionState
+MISSING = "its records are missing from this view"
+
+_REFUSED = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+
+
+@dataclass
+class _Region:
+    region: str
+    cursor: page_token_pb2.RegionCursor
+    future: grpc.Future | None = None
+    status: dpb.RegionStatus | None = None
+    records: Sequence[record_pb2.Record] = ()
+    more: bool = False
+
+
+def _query_fingerprint(request: dpb.GetConsolidatedViewRequest) -> bytes:
+    query = dpb.GetConsolidatedViewRequest()
+    query.CopyFrom(request)
+    query.page_token = ""
+    query.page_size = 0
+    return hashlib.sha256(query.SerializeToString(deterministic=True)).digest()[:8]
+
+
+def encode_token(cursor: page_token_pb2.ViewCursor) -> str:
+    return base64.urlsafe_b64encode(cursor.SerializeToString()).decode().rstrip("=")
+
+
+def decode_token(token: str, query_print: bytes) -> page_token_pb2.ViewCursor:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        cursor = page_token_pb2.ViewCursor.FromString(raw)
+    except (binascii.Error, DecodeError, ValueError):
+        raise InvalidArgument(
+            "page_token is malformed: pass the next_page_token unchanged"
+        ) from None
+    if cursor.query_fingerprint != query_print:
+        raise InvalidArgument(
+            "page_token does not belong to this query: keep the same filters while paging"
+        )
+    return cursor
+
+
+def _sort_key(record: record_pb2.Record) -> tuple[int, str]:
+    return to_us(record.effective_time), record.id
+
+
+class ViewAssembler:
+    def __init__(
+        self,
+        index: PatientIndex,
+        discovery: Discovery,
+        channels: NodeChannels,
+        *,
+        region_deadline: float = DEFAULT_REGION_DEADLINE,
+    ) -> None:
+        self._index = index
+        self._discovery = discovery
+        self._channels = channels
+        self.region_deadline = region_deadline
+
+    def view(
+        self,
+        request: dpb.GetConsolidatedViewRequest,
+        *,
+        metadata: Sequence[tuple[str, str | bytes]],
+        time_remaining: float | None,
+    ) -> dpb.GetConsolidatedViewResponse:
+        """Assemble one page. The caller's right to see the patient is checked before."""
+        patient = normalize_ins(request.patient_ins, "patient_ins")
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        query_print = _query_fingerprint(request)
+        previous = (
+            {c.region: c for c in decode_token(request.page_token, query_print).regions}
+            if request.page_token
+            else {}
+        )
+
+        deadline = self.region_deadline
+        if time_remaining is not None:
+            deadline = max(0.0, min(deadline, time_remaining - ANSWER_MARGIN))
+        routes = self._discovery.routes()
+        regions: list[_Region] = []
+        for fragment in self._index.fragments(patient):
+            cursor = previous.get(fragment.region) or page_token_pb2.RegionCursor(
+                region=fragment.region
+            )
+            part = _Region(fragment.region, cursor)
+            regions.append(part)
+            if cursor.exhausted:
+                part.status = dpb.RegionStatus(
+                    region=fragment.region, state=S.REGION_STATE_ANSWERED
+                )
+                continue
+            route = routes.get(fragment.region)
+            if route is None or not route.healthy:
+                reason = (
+                    route.reason if route is not None else "no node of this region is registered"
+                )
+                part.status = dpb.RegionStatus(
+                    region=fragment.region,
+                    state=S.REGION_STATE_UNAVAILABLE,
+                    message=f"region {fragment.region} not reachable: {reason}; {MISSING}",
+                )
+                continue
+            node_request = self._node_request(request, patient, size, cursor)
+            part.future = self._channels.node(route.address).ListRecords.future(
+                node_request, timeout=deadline, metadata=metadata
+            )
+        for part in regions:
+            if part.future is not None:
+                self._collect(part, deadline)
+        return self._merge(regions, size, query_print)
+
+    @staticmethod
+    def _node_request(
+        request: dpb.GetConsolidatedViewRequest,
+        patient: str,
+        size: int,
+        cursor: page_token_pb2.RegionCursor,
+    ) -> npb.ListRecordsRequest:
+        node_request = npb.ListRecordsRequest(
+            patient_ins=patient,
+            kinds=request.kinds,
+            type_codes=request.type_codes,
+            page_size=size,
+        )
+        if request.HasField("since"):
+            node_request.since.CopyFrom(request.since)
+        if request.HasField("until"):
+            node_request.until.CopyFrom(request.until)
+        if not request.include_superseded:
+            node_request.statuses.append(record_pb2.RECORD_STATUS_CURRENT)
+        if cursor.record_id:
+            node_request.start_after.effective_time.CopyFrom(from_us(cursor.effective_time_us))
+            node_request.start_after.record_id = cursor.record_id
+        return node_request
+
+    @staticmethod
+    def _collect(part: _Region, deadline: float) -> None:
+        assert part.future is not None
+        try:
+            answer: npb.ListRecordsResponse = part.future.result()
+        except grpc.RpcError as exc:
+            code = exc.code()
+            details = exc.details() or ""
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                state, message = (
+                    S.REGION_STATE_DEADLINE_EXCEEDED,
+                    f"region {part.region} did not answer within {deadline:.1f} s; {MISSING}",
+                )
+            elif code == grpc.StatusCode.UNAVAILABLE:
+                state, message = (
+                    S.REGION_STATE_UNAVAILABLE,
+                    f"region {part.region} is unavailable ({details}); {MISSING}",
+                )
+            elif code in _REFUSED:
+                state, message = S.REGION_STATE_REFUSED, f"region {part.region} refused: {details}"
+            else:
+                state, message = (
+                    S.REGION_STATE_FAILED,
+                    f"region {part.region} failed: {code.name}: {details}",
+                )
+            part.status = dpb.RegionStatus(region=part.region, state=state, message=message)
+            return
+        part.records = answer.records
+        part.more = bool(answer.next_page_token)
+        part.status = dpb.RegionStatus(region=part.region, state=S.REGION_STATE_ANSWERED)
+
+    @staticmethod
+    def _merge(
+        regions: list[_Region], size: int, query_print: bytes
+    ) -> dpb.GetConsolidatedViewResponse:
+        candidates = [(record, part) for part in regions for record in part.records]
+        candidates.sort(key=lambda item: _sort_key(item[0]), reverse=True)
+        response = dpb.GetConsolidatedViewResponse()
+        seen: set[str] = set()
+        consumed: dict[str, int] = {}
+        last: dict[str, record_pb2.Record] = {}
+        taken = 0
+        for record, part in candidates:
+            if taken == size:
+                break
+            consumed[part.region] = consumed.get(part.region, 0) + 1
+            last[part.region] = record
+            if record.id in seen:
+                continue
+            seen.add(record.id)
+            response.records.append(record)
+            taken += 1
+            assert part.status is not None
+            part.status.record_count += 1
+        token = page_token_pb2.ViewCursor(query_fingerprint=query_print)
+        has_more = False
+        for part in regions:
+            cursor = page_token_pb2.RegionCursor()
+            cursor.CopyFrom(part.cursor)
+            answered = part.status is not None and part.status.state == S.REGION_STATE_ANSWERED
+            if answered and not cursor.exhausted:
+                if part.region in last:
+                    cursor.effective_time_us, cursor.record_id = _sort_key(last[part.region])
+                exhausted = not part.more and consumed.get(part.region, 0) == len(part.records)
+                cursor.exhausted = exhausted
+                has_more = has_more or not exhausted
+            token.regions.append(cursor)
+            assert part.status is not None
+            response.regions.append(part.status)
+        if has_more:
+            response.next_page_token = encode_token(token)
+        return response

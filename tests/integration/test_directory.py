@@ -1,0 +1,411 @@
+"""The directory and three nodes over real mutual TLS: index, locator, consolidated view."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from directory.app import RunningDirectory
+from dmp.ins import make_ins
+from dmp.server import error_reason
+from dmp.v1 import directory_service_pb2 as dpb
+from dmp.v1 import directory_service_pb2_grpc, patient_pb2, record_pb2
+from dmp.v1 import node_service_pb2 as npb
+from node.app import RunningNode
+from tests.federation import (
+    DOCTOR,
+    OTHER_PATIENT,
+    PATIENT,
+    REGIONS,
+    client,
+    directory_stub,
+    dmp_process,
+    draft,
+    identity_of,
+    running_directory,
+    running_node,
+    wait_for,
+    wait_listening,
+)
+
+S = dpb.RegionState
+
+
+@dataclass
+class Federation:
+    pki_dir: Path
+    directory: RunningDirectory
+    nodes: dict[str, RunningNode]
+    doctor: directory_service_pb2_grpc.DirectoryServiceStub
+
+    def put(
+        self,
+        region: str,
+        record: record_pb2.Record,
+        content: bytes = b"x",
+        patient: patient_pb2.PatientIdentity | None = None,
+    ) -> record_pb2.Record:
+        c = client(self.pki_dir, f"practitioner-{DOCTOR}", self.nodes[region].port)
+        request = npb.PutRecordRequest(record=record, content=content, patient=patient)
+        try:
+            return c.node.PutRecord(request, timeout=10).record
+        finally:
+            c.close()
+
+    def wait_fragments(self, ins: str, counts: dict[str, int]) -> None:
+        def known() -> bool:
+            try:
+                answer = self.doctor.GetPatient(dpb.GetPatientRequest(ins=ins), timeout=5)
+            except grpc.RpcError:
+                return False
+            return {f.region: f.record_count for f in answer.fragments} == counts
+
+        wait_for(known, f"the directory to locate {counts} for {ins}")
+
+
+@pytest.fixture
+def federation(pki_dir: Path, tmp_path: Path) -> Iterator[Federation]:
+    with running_directory(
+        pki_dir, f"sqlite:///{tmp_path / 'directory.db'}", health_interval=0.2
+    ) as directory:
+        nodes: dict[str, RunningNode] = {}
+        stack = []
+        try:
+            for region in REGIONS:
+                cm = running_node(
+                    pki_dir,
+                    region,
+                    f"sqlite:///{tmp_path / f'node-{region}.db'}",
+                    directory=f"127.0.0.1:{directory.port}",
+                )
+                nodes[region] = cm.__enter__()
+                stack.append(cm)
+            channel, doctor = directory_stub(pki_dir, f"practitioner-{DOCTOR}", directory.port)
+            wait_for(
+                lambda: len([r for r in directory.discovery.routes().values() if r.healthy]) == 3,
+                "3 nodes",
+            )
+            yield Federation(pki_dir, directory, nodes, doctor)
+            channel.close()
+        finally:
+            for cm in reversed(stack):
+                cm.__exit__(None, None, None)
+
+
+def view_all(
+    stub: directory_service_pb2_grpc.DirectoryServiceStub, request: dpb.GetConsolidatedViewRequest
+) -> tuple[list[record_pb2.Record], list[dpb.GetConsolidatedViewResponse]]:
+    records: list[record_pb2.Record] = []
+    pages = []
+    while True:
+        page = stub.GetConsolidatedView(request, timeout=10)
+        pages.append(page)
+        records.extend(page.records)
+        if not page.next_page_token:
+            return records, pages
+        request.page_token = page.next_page_token
+
+
+def test_view_merges_regions_newest_first_and_pages_without_gap_or_repeat(
+    federation: Federation,
+) -> None:
+    expected = []
+    for i in range(21):
+        region = REGIONS[i % 3]
+        federation.put(
+            region, draft(record_id=f"r{i:02d}", effective_s=1_000_000 + (i * 7919) % 5000)
+        )
+        expected.append((1_000_000 + (i * 7919) % 5000, f"r{i:02d}", region))
+    federation.wait_fragments(PATIENT, {"11": 7, "53": 7, "84": 7})
+    records, pages = view_all(
+        federation.doctor, dpb.GetConsolidatedViewRequest(patient_ins=PATIENT, page_size=4)
+    )
+    expected.sort(reverse=True)
+    assert [(r.effective_time.seconds, r.id, r.region) for r in records] == expected
+    assert len(pages) == 6
+    first = {s.region: s for s in pages[0].regions}
+    assert set(first) == set(REGIONS)
+    assert all(s.state == S.REGION_STATE_ANSWERED for s in first.values())
+    assert sum(s.record_count for s in first.values()) == 4
+
+
+def test_view_removes_duplicates_and_filters(federation: Federation) -> None:
+    federation.put("11", draft(OTHER_PATIENT, record_id="dup", effective_s=500))
+    federation.put("53", draft(OTHER_PATIENT, record_id="dup", effective_s=500))
+    federation.put(
+        "53",
+        draft(
+            OTHER_PATIENT,
+            record_id="rx",
+            effective_s=700,
+            kind=record_pb2.RECORD_KIND_PRESCRIPTION,
+            code="57833-6",
+        ),
+    )
+    federation.put("84", draft(OTHER_PATIENT, record_id="lab", effective_s=900, code="11502-2"))
+    federation.wait_fragments(OTHER_PATIENT, {"11": 1, "53": 2, "84": 1})
+    everything, _ = view_all(
+        federation.doctor, dpb.GetConsolidatedViewRequest(patient_ins=OTHER_PATIENT)
+    )
+    assert [r.id for r in everything] == ["lab", "rx", "dup"]
+    kinds, _ = view_all(
+        federation.doctor,
+        dpb.GetConsolidatedViewRequest(
+            patient_ins=OTHER_PATIENT, kinds=[record_pb2.RECORD_KIND_PRESCRIPTION]
+        ),
+    )
+    assert [r.id for r in kinds] == ["rx"]
+    types, _ = view_all(
+        federation.doctor,
+        dpb.GetConsolidatedViewRequest(patient_ins=OTHER_PATIENT, type_codes=["11502-2"]),
+    )
+    assert [r.id for r in types] == ["lab"]
+    window = dpb.GetConsolidatedViewRequest(patient_ins=OTHER_PATIENT)
+    window.since.seconds = 600
+    window.until.seconds = 800
+    dated, _ = view_all(federation.doctor, window)
+    assert [r.id for r in dated] == ["rx"]
+
+
+def test_view_refusals_and_bad_input(federation: Federation) -> None:
+    federation.put("11", draft(record_id="p1"))
+    federation.wait_fragments(PATIENT, {"11": 1})
+    channel, other_patient = directory_stub(
+        federation.pki_dir, f"patient-{OTHER_PATIENT}", federation.directory.port
+    )
+    for ins in (PATIENT, make_ins("1991299000123")):  # an existing patient and an unknown one
+        with pytest.raises(grpc.RpcError) as err:
+            other_patient.GetConsolidatedView(
+                dpb.GetConsolidatedViewRequest(patient_ins=ins), timeout=5
+            )
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    channel.close()
+    channel, patient = directory_stub(
+        federation.pki_dir, f"patient-{PATIENT}", federation.directory.port
+    )
+    own, _ = view_all(patient, dpb.GetConsolidatedViewRequest(patient_ins=PATIENT))
+    assert [r.id for r in own] == ["p1"]
+    channel.close()
+    for request in (
+        dpb.GetConsolidatedViewRequest(patient_ins=PATIENT[:-1] + "0"),
+        dpb.GetConsolidatedViewRequest(patient_ins=PATIENT, page_size=-1),
+        dpb.GetConsolidatedViewRequest(patient_ins=PATIENT, page_token="garbage!"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            federation.doctor.GetConsolidatedView(request, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_content_through_the_directory(federation: Federation) -> None:
+    stored = federation.put("84", draft(record_id="doc-84"), b"%PDF-1.4 body")
+    chunks = list(
+        federation.doctor.FetchRecordContent(
+            dpb.FetchRecordContentRequest(record_id=stored.id, region="84"), timeout=10
+        )
+    )
+    assert b"".join(c.chunk for c in chunks) == b"%PDF-1.4 body"
+    assert chunks[0].record.sha256 == stored.sha256
+    with pytest.raises(grpc.RpcError) as err:
+        list(
+            federation.doctor.FetchRecordContent(
+                dpb.FetchRecordContentRequest(record_id=stored.id, region="11"), timeout=10
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_identity_conflict_is_refused_and_kept_for_review(federation: Federation) -> None:
+    ins = make_ins("1850599000111")
+    created = federation.doctor.RegisterPatient(
+        dpb.RegisterPatientRequest(patient=identity_of(ins)), timeout=5
+    )
+    assert created.created
+    again = federation.doctor.RegisterPatient(
+        dpb.RegisterPatientRequest(patient=identity_of(ins)), timeout=5
+    )
+    assert not again.created
+    with pytest.raises(grpc.RpcError) as err:
+        federation.doctor.RegisterPatient(
+            dpb.RegisterPatientRequest(patient=identity_of(ins, family="MARTIN")), timeout=5
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(err.value) == "IDENTITY_CONFLICT"
+    # A node reporting contradicting traits is refused the same way: not routed, kept.
+    federation.put(
+        "53", draft(ins, record_id="conflicting"), patient=identity_of(ins, given=("PIERRE",))
+    )
+    channel, operator = directory_stub(federation.pki_dir, "directory", federation.directory.port)
+
+    def two_conflicts() -> bool:
+        return (
+            len(
+                operator.ListIdentityConflicts(
+                    dpb.ListIdentityConflictsRequest(), timeout=5
+                ).conflicts
+            )
+            == 2
+        )
+
+    wait_for(two_conflicts, "the node's conflicting report")
+    conflicts = operator.ListIdentityConflicts(
+        dpb.ListIdentityConflictsRequest(), timeout=5
+    ).conflicts
+    assert [c.proposed.birth_family_name for c in conflicts] == ["MARTIN", "DUPONT"]
+    assert conflicts[1].reported_by == "urn:dmp:node:53"
+    assert conflicts[0].stored.birth_family_name == "DUPONT"
+    patient = federation.doctor.GetPatient(dpb.GetPatientRequest(ins=ins), timeout=5)
+    assert list(patient.fragments) == []
+    with pytest.raises(grpc.RpcError) as denied:
+        federation.doctor.ListIdentityConflicts(dpb.ListIdentityConflictsRequest(), timeout=5)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    channel.close()
+
+
+def test_only_a_node_reports_and_only_for_its_region(federation: Federation) -> None:
+    report = dpb.ReportFragmentsRequest(
+        fragments=[dpb.FragmentReport(patient=identity_of(PATIENT), record_count=3)]
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        federation.doctor.ReportFragments(report, timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    channel, node53 = directory_stub(federation.pki_dir, "node-53", federation.directory.port)
+    node53.ReportFragments(report, timeout=5)
+    located = federation.doctor.GetPatient(dpb.GetPatientRequest(ins=PATIENT), timeout=5)
+    assert [(f.region, f.record_count) for f in located.fragments] == [("53", 3)]
+    channel.close()
+
+
+def test_a_node_believes_a_relayed_identity_only_from_the_directory(federation: Federation) -> None:
+    c = client(federation.pki_dir, f"practitioner-{DOCTOR}", federation.nodes["11"].port)
+    with pytest.raises(grpc.RpcError) as err:
+        c.node.ListRecords(
+            npb.ListRecordsRequest(patient_ins=PATIENT),
+            metadata=(("x-dmp-on-behalf-of", f"urn:dmp:patient:{OTHER_PATIENT}"),),
+            timeout=5,
+        )
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    c.close()
+
+
+def test_locator_outbox_survives_a_directory_restart(pki_dir: Path, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'directory.db'}"
+    with running_directory(pki_dir, db) as directory:
+        port = directory.port
+    with running_node(
+        pki_dir, "11", f"sqlite:///{tmp_path / 'n.db'}", directory=f"127.0.0.1:{port}"
+    ) as node:
+        c = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
+        for i in range(5):
+            c.node.PutRecord(
+                npb.PutRecordRequest(record=draft(record_id=f"o{i}"), content=b"x"), timeout=10
+            )
+        c.close()
+        assert node.store.pending_notifications()[1]  # nothing delivered: directory down
+        with running_directory(pki_dir, db, listen=f"127.0.0.1:{port}") as directory:
+            channel, doctor = directory_stub(pki_dir, f"practitioner-{DOCTOR}", directory.port)
+
+            def located() -> bool:
+                try:
+                    answer = doctor.GetPatient(dpb.GetPatientRequest(ins=PATIENT), timeout=5)
+                except grpc.RpcError:
+                    return False
+                return [(f.region, f.record_count) for f in answer.fragments] == [("11", 5)]
+
+            wait_for(located, "the restarted directory to learn the outbox")
+            channel.close()
+
+
+def _node_process(
+    pki_dir: Path, region: str, tmp_path: Path, directory_port: int
+) -> tuple[object, str]:
+    process = dmp_process(
+        "node", "serve", "--pki", str(pki_dir), "--region", region,
+        "--db", f"sqlite:///{tmp_path / f'node-{region}.db'}",
+        "--directory", f"127.0.0.1:{directory_port}",
+    )  # fmt: skip
+    return process, wait_listening(process)
+
+
+def test_dead_and_hung_regions_are_flagged_while_others_answer(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    # Health checks are slow here so that the hung node is met by the view's own deadline.
+    with running_directory(
+        pki_dir, f"sqlite:///{tmp_path / 'd.db'}", region_deadline=1.0, health_interval=3600
+    ) as directory:
+        processes = {r: _node_process(pki_dir, r, tmp_path, directory.port) for r in REGIONS}
+        try:
+            wait_for(lambda: len(directory.discovery.routes()) == 3, "3 announced nodes")
+            for i, (_, address) in enumerate(processes.values()):
+                port = int(address.rsplit(":", 1)[1])
+                c = client(pki_dir, f"practitioner-{DOCTOR}", port)
+                c.node.PutRecord(
+                    npb.PutRecordRequest(
+                        record=draft(record_id=f"k{i}", effective_s=i), content=b"x"
+                    ),
+                    timeout=10,
+                )
+                c.close()
+            channel, doctor = directory_stub(pki_dir, f"practitioner-{DOCTOR}", directory.port)
+            fed = Federation(pki_dir, directory, {}, doctor)
+            fed.wait_fragments(PATIENT, {"11": 1, "53": 1, "84": 1})
+            dead, hung = processes["53"][0], processes["84"][0]
+            dead.send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
+            dead.wait()  # type: ignore[attr-defined]
+            hung.send_signal(signal.SIGSTOP)  # type: ignore[attr-defined]
+            page = doctor.GetConsolidatedView(
+                dpb.GetConsolidatedViewRequest(patient_ins=PATIENT), timeout=10
+            )
+            states = {s.region: s.state for s in page.regions}
+            assert states == {
+                "11": S.REGION_STATE_ANSWERED,
+                "53": S.REGION_STATE_UNAVAILABLE,
+                "84": S.REGION_STATE_DEADLINE_EXCEEDED,
+            }
+            assert [r.id for r in page.records] == ["k0"]
+            message = {s.region: s.message for s in page.regions}["84"]
+            assert "did not answer" in message
+            channel.close()
+        finally:
+            for process, _ in processes.values():
+                process.send_signal(signal.SIGCONT)  # type: ignore[attr-defined]
+                process.kill()  # type: ignore[attr-defined]
+                process.communicate(timeout=10)  # type: ignore[attr-defined]
+
+
+def test_embedded_discovery_notices_a_dead_node_and_its_return(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    with running_directory(
+        pki_dir, f"sqlite:///{tmp_path / 'd.db'}", health_interval=0.2
+    ) as directory:
+        process, _ = _node_process(pki_dir, "11", tmp_path, directory.port)
+        try:
+            wait_for(
+                lambda: (
+                    directory.discovery.routes().get("11")
+                    and directory.discovery.routes()["11"].healthy
+                ),
+                "node 11 up",
+            )
+            process.kill()  # type: ignore[attr-defined]
+            process.communicate(timeout=10)  # type: ignore[attr-defined]
+            wait_for(lambda: not directory.discovery.routes()["11"].healthy, "node 11 marked down")
+            channel, doctor = directory_stub(pki_dir, f"practitioner-{DOCTOR}", directory.port)
+            nodes = doctor.ListNodes(dpb.ListNodesRequest(), timeout=5).nodes
+            assert [(n.region, n.healthy) for n in nodes] == [("11", False)]
+            process, _ = _node_process(pki_dir, "11", tmp_path, directory.port)
+            wait_for(lambda: directory.discovery.routes()["11"].healthy, "node 11 back")
+            assert [
+                (n.region, n.healthy)
+                for n in doctor.ListNodes(dpb.ListNodesRequest(), timeout=5).nodes
+            ] == [("11", True)]
+            channel.close()
+        finally:
+            process.kill()  # type: ignore[attr-defined]
+            process.communicate(timeout=10)  # type: ignore[attr-defined]
