@@ -188,7 +188,7 @@ class ViewAssembler:
             elif code == grpc.StatusCode.UNAVAILABLE:
                 state, message = (
                     S.REGION_STATE_UNAVAILABLE,
-                    f"region {part.region} is unavailable ({details}); {MISSING}",
+                    f"region {part.region} is unavailable: its node cannot be reached; {MISSING}",
                 )
             elif code in _REFUSED:
                 state, message = S.REGION_STATE_REFUSED, f"region {part.region} refused: {details}"

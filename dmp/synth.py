@@ -480,6 +480,23 @@ class SyntheticRecord:
     content: bytes
     confidentiality: int  # record_pb2.Confidentiality value
 
+    def to_proto(self, record_id: str = "") -> record_pb2.Record:
+        """The record's metadata as a writer sends it in PutRecord."""
+        record = record_pb2.Record(
+            id=record_id,
+            patient_ins=self.patient_ins,
+            kind=self.kind,  # type: ignore[arg-type]
+            type_code=record_pb2.Coding(
+                system=self.type_system, code=self.type_code, display=self.type_display
+            ),
+            title=self.title,
+            organization=self.organization,
+            content_type=self.content_type,
+            confidentiality=self.confidentiality,  # type: ignore[arg-type]
+        )
+        record.effective_time.FromDatetime(self.effective_time)
+        return record
+
 
 _HOSPITALS = {
     "11": "AP-HP, Hôpital Bichat",

@@ -24,6 +24,15 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         record = self._store.put(_caller(context), request.record, request.content, patient)
         return pb.PutRecordResponse(record=record)
 
+    def IngestRecords(
+        self, request_iterator: Iterator[pb.IngestRecordsRequest], context: CallContext
+    ) -> pb.IngestRecordsResponse:
+        items = (
+            (r.put.record, r.put.content, r.put.patient if r.put.HasField("patient") else None)
+            for r in request_iterator
+        )
+        return pb.IngestRecordsResponse(stored_count=self._store.put_many(_caller(context), items))
+
     def GetRecord(self, request: pb.GetRecordRequest, context: CallContext) -> pb.GetRecordResponse:
         return pb.GetRecordResponse(record=self._store.get(_caller(context), request.record_id))
 

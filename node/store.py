@@ -6,7 +6,7 @@ import base64
 import binascii
 import hashlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -19,6 +19,7 @@ from dmp.db import writer
 from dmp.errors import (
     AlreadyExists,
     DataLoss,
+    DmpError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -46,6 +47,19 @@ from node.records import (
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 CHUNK_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Draft:
+    """A validated record ready to insert."""
+
+    record: record_pb2.Record
+    content: bytes
+    traits: Traits | None
+    digest: str
+    fingerprint: str
+    record_id: str
+    author: Principal
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,69 @@ class RecordStore:
     ) -> record_pb2.Record:
         """Store a record durably; idempotent on its id."""
         access.check_write(caller)
+        draft = self._prepare(caller, record, content, patient)
+        try:
+            with Session(self._writer) as session, session.begin():
+                stored = self._write(session, [draft])[0]
+        except IntegrityError:
+            # A concurrent put of the same id won the race (PostgreSQL): answer as a retry.
+            with Session(self._engine) as session:
+                existing = session.scalar(select(RecordRow).where(RecordRow.id == draft.record_id))
+                if existing is None:
+                    raise
+                return self._same_or_conflict(existing, draft.fingerprint)
+        self._notify()
+        return stored
+
+    def put_many(
+        self,
+        caller: Caller,
+        items: Iterable[tuple[record_pb2.Record, bytes, patient_pb2.PatientIdentity | None]],
+        *,
+        batch_records: int = 1000,
+        batch_bytes: int = 64 * 1024 * 1024,
+    ) -> int:
+        """Store a stream of records, one transaction per batch; return how many. Each batch
+        is durable when the next starts; a failure names the item and how many were stored
+        before it (puts are idempotent: sending the whole stream again is safe)."""
+        access.check_write(caller)
+        stored = 0
+        batch: list[_Draft] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal stored, batch, size
+            if batch:
+                with Session(self._writer) as session, session.begin():
+                    self._write(session, batch)
+                stored += len(batch)
+                batch, size = [], 0
+                self._notify()
+
+        for index, (record, content, patient) in enumerate(items):
+            try:
+                batch.append(self._prepare(caller, record, content, patient))
+            except DmpError as exc:
+                flush()
+                exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
+                raise
+            size += len(content)
+            if len(batch) >= batch_records or size >= batch_bytes:
+                flush()
+        flush()
+        return stored
+
+    def _notify(self) -> None:
+        if self._on_commit is not None:
+            self._on_commit()
+
+    def _prepare(
+        self,
+        caller: Caller,
+        record: record_pb2.Record,
+        content: bytes,
+        patient: patient_pb2.PatientIdentity | None,
+    ) -> _Draft:
         validate_draft(record)
         traits = None
         if patient is not None and patient.ins:
@@ -102,34 +179,45 @@ class RecordStore:
                 f" {self.max_content} bytes per record"
             )
         digest = hashlib.sha256(content).hexdigest()
-        author = caller.subject
-        print_ = fingerprint(record, digest, author.uri)
-        record_id = record.id or str(uuid.uuid4())
-        try:
-            with Session(self._writer) as session, session.begin():
-                existing = session.scalar(select(RecordRow).where(RecordRow.id == record_id))
-                if existing is not None:
-                    return self._same_or_conflict(existing, print_)
-                if traits is not None and not traits.empty:
-                    _merge_traits(session, traits)
-                row = self._new_row(
-                    session, record, record_id, digest, len(content), author, print_
-                )
-                session.add(row)
-                session.flush()
-                session.add(RecordContentRow(record_id=record_id, content=content))
-                session.add(OutboxRow(patient_ins=row.patient_ins, created_us=row.created_us))
-                stored = to_proto(row, self.region)
-            if self._on_commit is not None:
-                self._on_commit()
-        except IntegrityError:
-            # A concurrent put of the same id won the race (PostgreSQL): answer as a retry.
-            with Session(self._engine) as session:
-                existing = session.scalar(select(RecordRow).where(RecordRow.id == record_id))
-                if existing is None:
-                    raise
-                return self._same_or_conflict(existing, print_)
-        return stored
+        return _Draft(
+            record=record,
+            content=content,
+            traits=traits if traits is not None and not traits.empty else None,
+            digest=digest,
+            fingerprint=fingerprint(record, digest, caller.subject.uri),
+            record_id=record.id or str(uuid.uuid4()),
+            author=caller.subject,
+        )
+
+    def _write(self, session: Session, drafts: Sequence[_Draft]) -> list[record_pb2.Record]:
+        """Insert the drafts in the session's transaction; same id and same content is a
+        retry, same id and other content is refused."""
+        ids = [d.record_id for d in drafts]
+        existing = {
+            row.id: row for row in session.scalars(select(RecordRow).where(RecordRow.id.in_(ids)))
+        }
+        results: list[record_pb2.Record] = []
+        patients: set[str] = set()
+        contents: list[RecordContentRow] = []
+        now = self._clock()
+        for draft in drafts:
+            found = existing.get(draft.record_id)
+            if found is not None:
+                results.append(self._same_or_conflict(found, draft.fingerprint))
+                continue
+            if draft.traits is not None:
+                _merge_traits(session, draft.traits)
+            row = self._new_row(session, draft, now)
+            session.add(row)
+            existing[draft.record_id] = row
+            contents.append(RecordContentRow(record_id=draft.record_id, content=draft.content))
+            patients.add(row.patient_ins)
+            results.append(to_proto(row, self.region))
+        session.flush()  # records before their contents (foreign key)
+        session.add_all(contents)
+        for ins in sorted(patients):
+            session.add(OutboxRow(patient_ins=ins, created_us=now))
+        return results
 
     def _same_or_conflict(self, existing: RecordRow, print_: str) -> record_pb2.Record:
         if existing.fingerprint != print_:
@@ -139,17 +227,8 @@ class RecordStore:
             )
         return to_proto(existing, self.region)
 
-    def _new_row(
-        self,
-        session: Session,
-        record: record_pb2.Record,
-        record_id: str,
-        digest: str,
-        size: int,
-        author: Principal,
-        print_: str,
-    ) -> RecordRow:
-        created = self._clock()
+    def _new_row(self, session: Session, draft: _Draft, created: int) -> RecordRow:
+        record = draft.record
         version = 1
         if record.supersedes:
             previous = session.scalar(select(RecordRow).where(RecordRow.id == record.supersedes))
@@ -166,8 +245,9 @@ class RecordStore:
             session.execute(
                 update(RecordRow).where(RecordRow.id == previous.id).values(status="superseded")
             )
+        author = draft.author
         return RecordRow(
-            id=record_id,
+            id=draft.record_id,
             patient_ins=record.patient_ins,
             kind=kind_name(record.kind),
             type_system=record.type_code.system or LOINC,
@@ -189,9 +269,9 @@ class RecordStore:
             masked=False,
             hidden_from_patient=record.hidden_from_patient,
             content_type=record.content_type.strip(),
-            size=size,
-            sha256=digest,
-            fingerprint=print_,
+            size=len(draft.content),
+            sha256=draft.digest,
+            fingerprint=draft.fingerprint,
         )
 
     # -- reads ----------------------------------------------------------------------------

@@ -85,6 +85,52 @@ class PutRecordResponse(_message.Message):
 Global___PutRecordResponse: _TypeAlias = PutRecordResponse  # noqa: Y015
 
 @_typing.final
+class IngestRecordsRequest(_message.Message):
+    """One record of an ingest stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def put(self) -> Global___PutRecordRequest:
+        """The record, as for PutRecord."""
+
+    def __init__(
+        self,
+        *,
+        put: Global___PutRecordRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["put", b"put"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["put", b"put"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestRecordsRequest: _TypeAlias = IngestRecordsRequest  # noqa: Y015
+
+@_typing.final
+class IngestRecordsResponse(_message.Message):
+    """The outcome of an ingest stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORED_COUNT_FIELD_NUMBER: _builtins.int
+    stored_count: _builtins.int
+    """How many records of the stream are stored (new ones and retries of stored ones)."""
+    def __init__(
+        self,
+        *,
+        stored_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored_count", b"stored_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestRecordsResponse: _TypeAlias = IngestRecordsResponse  # noqa: Y015
+
+@_typing.final
 class GetRecordRequest(_message.Message):
     """Which record to return."""
 

@@ -42,6 +42,11 @@ class NodeServiceStub:
                 request_serializer=dmp_dot_v1_dot_node__service__pb2.PutRecordRequest.SerializeToString,
                 response_deserializer=dmp_dot_v1_dot_node__service__pb2.PutRecordResponse.FromString,
                 _registered_method=True)
+        self.IngestRecords = channel.stream_unary(
+                '/dmp.v1.NodeService/IngestRecords',
+                request_serializer=dmp_dot_v1_dot_node__service__pb2.IngestRecordsRequest.SerializeToString,
+                response_deserializer=dmp_dot_v1_dot_node__service__pb2.IngestRecordsResponse.FromString,
+                _registered_method=True)
         self.GetRecord = channel.unary_unary(
                 '/dmp.v1.NodeService/GetRecord',
                 request_serializer=dmp_dot_v1_dot_node__service__pb2.GetRecordRequest.SerializeToString,
@@ -69,6 +74,16 @@ class NodeServiceServicer:
         """Stores a record and its content. Idempotent on the record id: the same id with the
         same metadata and content returns the stored record; the same id with anything
         different is refused with ALREADY_EXISTS. Returns once the record is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IngestRecords(self, request_iterator, context):
+        """Stores a stream of records, the way hospital software uploads a day of documents.
+        Records are committed in batches; the answer comes once all are durable. On an error
+        the status message names the failing record and how many were stored before it; every
+        record is idempotent on its id, so sending the whole stream again is safe.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +117,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.PutRecord,
                     request_deserializer=dmp_dot_v1_dot_node__service__pb2.PutRecordRequest.FromString,
                     response_serializer=dmp_dot_v1_dot_node__service__pb2.PutRecordResponse.SerializeToString,
+            ),
+            'IngestRecords': grpc.stream_unary_rpc_method_handler(
+                    servicer.IngestRecords,
+                    request_deserializer=dmp_dot_v1_dot_node__service__pb2.IngestRecordsRequest.FromString,
+                    response_serializer=dmp_dot_v1_dot_node__service__pb2.IngestRecordsResponse.SerializeToString,
             ),
             'GetRecord': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRecord,
@@ -149,6 +169,33 @@ class NodeService:
             '/dmp.v1.NodeService/PutRecord',
             dmp_dot_v1_dot_node__service__pb2.PutRecordRequest.SerializeToString,
             dmp_dot_v1_dot_node__service__pb2.PutRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestRecords(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/dmp.v1.NodeService/IngestRecords',
+            dmp_dot_v1_dot_node__service__pb2.IngestRecordsRequest.SerializeToString,
+            dmp_dot_v1_dot_node__service__pb2.IngestRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,12 @@ class NodeServiceStub:
     same metadata and content returns the stored record; the same id with anything
     different is refused with ALREADY_EXISTS. Returns once the record is durable.
     """
+    IngestRecords: _grpc.StreamUnaryMultiCallable[_node_service_pb2.IngestRecordsRequest, _node_service_pb2.IngestRecordsResponse]
+    """Stores a stream of records, the way hospital software uploads a day of documents.
+    Records are committed in batches; the answer comes once all are durable. On an error
+    the status message names the failing record and how many were stored before it; every
+    record is idempotent on its id, so sending the whole stream again is safe.
+    """
     GetRecord: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.GetRecordRequest, _node_service_pb2.GetRecordResponse]
     """Returns a record's metadata."""
     GetRecordContent: _grpc.UnaryStreamMultiCallable[_node_service_pb2.GetRecordContentRequest, _node_service_pb2.GetRecordContentResponse]
@@ -60,6 +66,12 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """Stores a record and its content. Idempotent on the record id: the same id with the
     same metadata and content returns the stored record; the same id with anything
     different is refused with ALREADY_EXISTS. Returns once the record is durable.
+    """
+    IngestRecords: _aio.StreamUnaryMultiCallable[_node_service_pb2.IngestRecordsRequest, _node_service_pb2.IngestRecordsResponse]  # type: ignore[assignment]
+    """Stores a stream of records, the way hospital software uploads a day of documents.
+    Records are committed in batches; the answer comes once all are durable. On an error
+    the status message names the failing record and how many were stored before it; every
+    record is idempotent on its id, so sending the whole stream again is safe.
     """
     GetRecord: _aio.UnaryUnaryMultiCallable[_node_service_pb2.GetRecordRequest, _node_service_pb2.GetRecordResponse]  # type: ignore[assignment]
     """Returns a record's metadata."""
@@ -83,6 +95,18 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Stores a record and its content. Idempotent on the record id: the same id with the
         same metadata and content returns the stored record; the same id with anything
         different is refused with ALREADY_EXISTS. Returns once the record is durable.
+        """
+
+    @_abc_1.abstractmethod
+    def IngestRecords(
+        self,
+        request_iterator: _MaybeAsyncIterator[_node_service_pb2.IngestRecordsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_service_pb2.IngestRecordsResponse, _abc.Awaitable[_node_service_pb2.IngestRecordsResponse]]:
+        """Stores a stream of records, the way hospital software uploads a day of documents.
+        Records are committed in batches; the answer comes once all are durable. On an error
+        the status message names the failing record and how many were stored before it; every
+        record is idempotent on its id, so sending the whole stream again is safe.
         """
 
     @_abc_1.abstractmethod

@@ -265,3 +265,45 @@ class TestWhoMay:
             other.node.ListRecords(pb.ListRecordsRequest(patient_ins=PATIENT), timeout=10)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         other.close()
+
+
+class TestIngest:
+    def stream(self, records: list[record_pb2.Record]) -> list[pb.IngestRecordsRequest]:
+        return [
+            pb.IngestRecordsRequest(put=pb.PutRecordRequest(record=r, content=r.id.encode()))
+            for r in records
+        ]
+
+    def test_ingest_stores_a_stream_in_batches(
+        self, pki_dir: Path, node: RunningNode, doctor: Client
+    ) -> None:
+        records = [draft(record_id=f"i{i:03d}", effective_s=i + 1) for i in range(2500)]
+        answer = doctor.node.IngestRecords(iter(self.stream(records)), timeout=60)
+        assert answer.stored_count == 2500
+        listed = list_all(doctor, pb.ListRecordsRequest(patient_ins=PATIENT, page_size=1000))
+        assert [r.id for r in listed] == [f"i{i:03d}" for i in reversed(range(2500))]
+        assert content_of(doctor, "i042") == b"i042"
+        again = doctor.node.IngestRecords(iter(self.stream(records[:10])), timeout=60)
+        assert again.stored_count == 10  # retries of stored records
+        assert (
+            len(list_all(doctor, pb.ListRecordsRequest(patient_ins=PATIENT, page_size=1000)))
+            == 2500
+        )
+
+    def test_a_bad_record_names_itself_and_what_was_stored(self, doctor: Client) -> None:
+        records = [draft(record_id=f"b{i}", effective_s=i + 1) for i in range(5)]
+        records[3].title = ""
+        with pytest.raises(grpc.RpcError) as err:
+            doctor.node.IngestRecords(iter(self.stream(records)), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "record #3 (3 stored before it)" in err.value.details()
+        assert "title" in err.value.details()
+        stored = list_all(doctor, pb.ListRecordsRequest(patient_ins=PATIENT))
+        assert sorted(r.id for r in stored) == ["b0", "b1", "b2"]
+
+    def test_patient_may_not_ingest(self, pki_dir: Path, node: RunningNode) -> None:
+        patient = client(pki_dir, f"patient-{PATIENT}", node.port)
+        with pytest.raises(grpc.RpcError) as err:
+            patient.node.IngestRecords(iter(self.stream([draft(record_id="x")])), timeout=30)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        patient.close()
