@@ -131,7 +131,7 @@ class ViewAssembler:
             route = routes.get(fragment.region)
             if route is None or not route.healthy:
                 reason = (
-                    route.reason if route is not None else "no node of this region is registered"
+                    route.reason if route is not None else "discovery knows no serving node for it"
                 )
                 part.status = dpb.RegionStatus(
                     region=fragment.region,

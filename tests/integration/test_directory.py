@@ -409,3 +409,55 @@ def test_embedded_discovery_notices_a_dead_node_and_its_return(
         finally:
             process.kill()  # type: ignore[attr-defined]
             process.communicate(timeout=10)  # type: ignore[attr-defined]
+
+
+def test_view_through_consul_discovery(pki_dir: Path, tmp_path: Path) -> None:
+    from tests.fake_consul import FakeConsul
+
+    with (
+        FakeConsul() as consul,
+        running_directory(
+            pki_dir, f"sqlite:///{tmp_path / 'd.db'}", consul_url=consul.url
+        ) as directory,
+    ):
+        nodes = []
+        try:
+            for region in ("11", "53"):
+                cm = running_node(
+                    pki_dir,
+                    region,
+                    f"sqlite:///{tmp_path / f'n{region}.db'}",
+                    directory=f"127.0.0.1:{directory.port}",
+                    consul_url=consul.url,
+                )
+                nodes.append((cm, cm.__enter__()))
+            wait_for(lambda: set(directory.discovery.routes()) == {"11", "53"}, "Consul routes")
+            for i, (_, node) in enumerate(nodes):
+                c = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
+                c.node.PutRecord(
+                    npb.PutRecordRequest(
+                        record=draft(record_id=f"c{i}", effective_s=i), content=b"x"
+                    ),
+                    timeout=10,
+                )
+                c.close()
+            channel, doctor = directory_stub(pki_dir, f"practitioner-{DOCTOR}", directory.port)
+            Federation(pki_dir, directory, {}, doctor).wait_fragments(PATIENT, {"11": 1, "53": 1})
+            page = doctor.GetConsolidatedView(
+                dpb.GetConsolidatedViewRequest(patient_ins=PATIENT), timeout=10
+            )
+            assert [r.id for r in page.records] == ["c1", "c0"]
+            nodes[1][0].__exit__(None, None, None)  # deregisters from Consul on shutdown
+            nodes.pop()
+            wait_for(lambda: set(directory.discovery.routes()) == {"11"}, "node 53 withdrawn")
+            page = doctor.GetConsolidatedView(
+                dpb.GetConsolidatedViewRequest(patient_ins=PATIENT), timeout=10
+            )
+            assert {s.region: s.state for s in page.regions} == {
+                "11": S.REGION_STATE_ANSWERED,
+                "53": S.REGION_STATE_UNAVAILABLE,
+            }
+            channel.close()
+        finally:
+            for cm, _ in reversed(nodes):
+                cm.__exit__(None, None, None)
