@@ -7,17 +7,21 @@ from pathlib import Path
 
 import grpc
 
+from directory.access import DirectoryAccess
 from directory.channels import NodeChannels
+from directory.directives import DirectiveStore
 from directory.index import PatientIndex
 from directory.registry import EmbeddedRegistry
 from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
+from dmp.assertion import AssertionVerifier
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery import Discovery
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
-from dmp.pki import CRL_FILE, load_credentials
+from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
 from dmp.server import FederationServer, ServiceSpec, start_server
+from dmp.signing import SignatureVerifier
 from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -75,7 +79,14 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         discovery = registry
     discovery.start()
     assembler = ViewAssembler(index, discovery, channels, region_deadline=config.region_deadline)
-    servicer = DirectoryServicer(index, discovery, registry, channels, assembler)
+    ca = certificate_from_pem(credentials.ca_pem)
+    revocation = RevocationList(config.pki_dir / CRL_FILE, ca)
+    signatures = SignatureVerifier(ca, revocation)
+    directives = DirectiveStore(engine, signatures)
+    access = DirectoryAccess(AssertionVerifier(signatures), directives)
+    servicer = DirectoryServicer(
+        index, discovery, registry, channels, assembler, access, directives
+    )
 
     def add(server: grpc.Server) -> None:
         directory_service_pb2_grpc.add_DirectoryServiceServicer_to_server(servicer, server)
@@ -83,7 +94,7 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
     try:
         running = start_server(
             credentials=credentials,
-            crl_path=config.pki_dir / CRL_FILE,
+            revocation=revocation,
             listen=config.listen,
             services=[ServiceSpec(DIRECTORY_SERVICE, add)],
         )

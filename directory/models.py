@@ -5,7 +5,7 @@ No clinical content: the directory knows who a patient is and where their record
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Integer, String, Text
+from sqlalchemy import BigInteger, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dmp.db import new_metadata
@@ -62,3 +62,14 @@ class NodeRow(DirectoryBase):
     region: Mapped[str] = mapped_column(String(2), primary_key=True)
     address: Mapped[str] = mapped_column(String(255))
     last_seen_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class DirectivesRow(DirectoryBase):
+    """A patient's current directives, exactly as the patient signed them."""
+
+    __tablename__ = "directives"
+
+    ins: Mapped[str] = mapped_column(String(15), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+    signed: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_us: Mapped[int] = mapped_column(BigInteger)

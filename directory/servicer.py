@@ -8,22 +8,36 @@ from collections.abc import Iterator
 import grpc
 
 from directory import access
+from directory.access import DirectoryAccess
 from directory.channels import NodeChannels
+from directory.directives import DirectiveStore
 from directory.index import FragmentUpdate, PatientIndex
 from directory.registry import HEARTBEAT_SECONDS, EmbeddedRegistry
 from directory.view import ViewAssembler
+from dmp.assertion import ASSERTION_KEY, VerifiedAssertion
 from dmp.clock import from_us, to_us
+from dmp.directives import DIRECTIVES_KEY
 from dmp.discovery import Discovery
-from dmp.errors import FailedPrecondition, InvalidArgument, NotFound
+from dmp.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.patients import traits_of
-from dmp.relay import relay_metadata
 from dmp.server import CallContext
+from dmp.v1 import access_pb2, directory_service_pb2_grpc
 from dmp.v1 import directory_service_pb2 as pb
-from dmp.v1 import directory_service_pb2_grpc
 from dmp.v1 import node_service_pb2 as npb
 
 MAX_CONFLICT_PAGE = 1000
+
+
+def forward_metadata(
+    assertion: VerifiedAssertion, signed_directives: bytes | None
+) -> tuple[tuple[str, bytes], ...]:
+    """What the directory passes to nodes: the caller's assertion unchanged, and the
+    patient's directives as the patient signed them."""
+    if signed_directives is None:
+        return ((ASSERTION_KEY, assertion.raw),)
+    return ((ASSERTION_KEY, assertion.raw), (DIRECTIVES_KEY, signed_directives))
 
 
 class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
@@ -34,7 +48,11 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         registry: EmbeddedRegistry | None,
         channels: NodeChannels,
         assembler: ViewAssembler,
+        access: DirectoryAccess,
+        directives: DirectiveStore,
     ) -> None:
+        self._access = access
+        self._directives = directives
         self._index = index
         self._discovery = discovery
         self._registry = registry
@@ -52,7 +70,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         self, request: pb.GetPatientRequest, context: CallContext
     ) -> pb.GetPatientResponse:
         ins = normalize_ins(request.ins)
-        access.check_view(context.principal, ins)
+        self._access.reader(context, ins)
         traits, fragments = self._index.get(ins)
         return pb.GetPatientResponse(
             patient=traits.to_proto(),
@@ -108,17 +126,17 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         self, request: pb.GetConsolidatedViewRequest, context: CallContext
     ) -> pb.GetConsolidatedViewResponse:
         ins = normalize_ins(request.patient_ins, "patient_ins")
-        access.check_view(context.principal, ins)
+        assertion, _, signed = self._access.reader(context, ins)
         return self._assembler.view(
             request,
-            metadata=relay_metadata(context.principal),
+            metadata=forward_metadata(assertion, signed),
             time_remaining=context.time_remaining(),
         )
 
     def FetchRecordContent(
         self, request: pb.FetchRecordContentRequest, context: CallContext
     ) -> Iterator[pb.FetchRecordContentResponse]:
-        access.check_content(context.principal)
+        assertion, _, signed = self._access.reader(context)
         route = self._discovery.routes().get(request.region)
         if route is None:
             raise NotFound(f"no node is registered for region {request.region!r}")
@@ -129,7 +147,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         stub = self._channels.node(route.address)
         chunks = stub.GetRecordContent(
             npb.GetRecordContentRequest(record_id=request.record_id),
-            metadata=relay_metadata(context.principal),
+            metadata=forward_metadata(assertion, signed),
             timeout=context.time_remaining(),
         )
         try:
@@ -140,6 +158,25 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         except grpc.RpcError as exc:
             # The node's own answer, passed on as it is.
             context.abort(exc.code(), f"region {request.region}: {exc.details()}")
+
+    def GetDirectives(
+        self, request: pb.GetDirectivesRequest, context: CallContext
+    ) -> pb.GetDirectivesResponse:
+        ins = normalize_ins(request.patient_ins, "patient_ins")
+        access.check_own_directives(context.principal, ins)
+        _, signed = self._directives.current(ins)
+        if signed is None:
+            return pb.GetDirectivesResponse()
+        return pb.GetDirectivesResponse(directives=access_pb2.SignedDirectives.FromString(signed))
+
+    def SetDirectives(
+        self, request: pb.SetDirectivesRequest, context: CallContext
+    ) -> pb.SetDirectivesResponse:
+        caller = context.principal
+        if caller.role is not Role.PATIENT:
+            raise PermissionDenied("only the patient sets their directives")
+        stored = self._directives.replace(request.directives, caller.key)
+        return pb.SetDirectivesResponse(version=stored.version)
 
     def ListIdentityConflicts(
         self, request: pb.ListIdentityConflictsRequest, context: CallContext

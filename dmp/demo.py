@@ -25,6 +25,7 @@ from typing import IO
 import grpc
 
 from dmp import synth
+from dmp.cli.common import assertion
 from dmp.pki import Pki, load_credentials
 from dmp.regions import region_name
 from dmp.tls import secure_channel
@@ -264,14 +265,16 @@ def load_patients(
     return expected
 
 
-def _print_view(pki_dir: Path, directory: str, identity: str, ins: str) -> None:
+def _print_view(
+    pki_dir: Path, directory: str, identity: str, ins: str, emergency: str | None = None
+) -> None:
     from dmp.cli.query import fetch, print_view
 
-    with secure_channel(directory, load_credentials(pki_dir, identity)) as channel:
+    creds = load_credentials(pki_dir, identity)
+    with secure_channel(directory, creds) as channel:
         stub = directory_service_pb2_grpc.DirectoryServiceStub(channel)
-        records, regions = fetch(
-            stub, dpb.GetConsolidatedViewRequest(patient_ins=ins, page_size=100), 500, 10.0
-        )
+        request = dpb.GetConsolidatedViewRequest(patient_ins=ins, page_size=100)
+        records, regions = fetch(stub, request, 500, 10.0, lambda: assertion(creds, ins, emergency))
     print_view(records, regions)
 
 
@@ -375,15 +378,16 @@ def _wait_routed(federation: Federation, identity: str, regions: set[str]) -> No
 def _wait_located(
     federation: Federation, identity: str, expected: dict[str, dict[str, int]]
 ) -> None:
-    with secure_channel(
-        federation.directory.address, load_credentials(federation.pki_dir, identity)
-    ) as channel:
+    creds = load_credentials(federation.pki_dir, identity)
+    with secure_channel(federation.directory.address, creds) as channel:
         stub = directory_service_pb2_grpc.DirectoryServiceStub(channel)
         pending = dict(expected)
 
         def located() -> bool:
             for ins, counts in list(pending.items()):
-                answer = stub.GetPatient(dpb.GetPatientRequest(ins=ins), timeout=5)
+                answer = stub.GetPatient(
+                    dpb.GetPatientRequest(ins=ins), timeout=5, metadata=assertion(creds, ins)
+                )
                 if {f.region: f.record_count for f in answer.fragments} != counts:
                     return False
                 del pending[ins]

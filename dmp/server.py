@@ -203,15 +203,13 @@ class FederationServer:
 def start_server(
     *,
     credentials: Credentials,
-    crl_path: Any,
+    revocation: RevocationList,
     listen: str,
     services: Iterable[ServiceSpec],
     max_content: int = DEFAULT_MAX_CONTENT,
     max_workers: int = 32,
 ) -> FederationServer:
     """Build, bind and start a mutual-TLS server with health and reflection."""
-    ca = certificate_from_pem(credentials.ca_pem)
-    revocation = RevocationList(crl_path, ca)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         interceptors=[CallInterceptor(Authenticator(revocation))],

@@ -1,100 +1,112 @@
 """The node's access check: the one place that decides who may do what with a record.
 
-A call has a transport principal (the certificate that opened the connection) and a
-subject, the end user the call is for. They are the same, except when the directory
-relays a professional's or a patient's request: then the subject is the person the
-directory vouches for. The access-policy work replaces that relay with the person's own
-signed assertion; every decision still goes through this module.
+A read must carry a valid access assertion signed by the person it is for (the
+professional or the patient), checked here whatever the transport certificate: the
+directory's certificate alone reads nothing. The transport is either that person or the
+directory relaying for them. The patient's directives and the profession matrix then give
+the ReadScope, which `readable` turns into the WHERE clause of every record query.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, false
+from sqlalchemy import Select, and_, false, not_, or_
 
-from dmp.errors import InvalidArgument, PermissionDenied
-from dmp.identity import Principal, Role, parse_uri
-from dmp.relay import ON_BEHALF_NAME, ON_BEHALF_OF, ON_BEHALF_PROFESSION
+from dmp.assertion import AssertionVerifier, VerifiedAssertion
+from dmp.clock import now_us
+from dmp.errors import PermissionDenied
+from dmp.identity import Principal, Role
+from dmp.server import CallContext
+from node.directives import DirectiveCache
 from node.models import RecordRow
+from node.policy import HIDDEN_FROM_PATIENT_US, AccessMatrix, ReadScope, check_write, decide_read
 
 S = TypeVar("S", bound=Select[Any])
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who a call is for (`subject`) and who carried it (`transport`)."""
+    """Who a call is for (`subject`), who carried it (`transport`), and why."""
 
     subject: Principal
     transport: Principal
+    assertion: VerifiedAssertion | None = None
 
     @property
     def relayed(self) -> bool:
         return self.subject != self.transport
 
 
-def caller_of(transport: Principal, metadata: Sequence[tuple[str, str | bytes]]) -> Caller:
-    """The caller of a call, from its transport principal and its metadata."""
-    values = dict(metadata)
-    on_behalf = values.get(ON_BEHALF_OF)
-    if not isinstance(on_behalf, str):
-        return Caller(subject=transport, transport=transport)
-    if transport.role is not Role.DIRECTORY:
-        raise PermissionDenied("only the directory may relay a call on behalf of someone else")
-    try:
-        role, key = parse_uri(on_behalf)
-    except InvalidArgument as exc:
-        raise PermissionDenied(f"relayed identity refused: {exc.message}") from None
-    if role not in (Role.PRACTITIONER, Role.PATIENT):
-        raise PermissionDenied("the directory may relay only professionals and patients")
-    subject = Principal(
-        role=role,
-        key=key,
-        name=_text(values.get(ON_BEHALF_NAME, b"")),
-        profession=_text(values.get(ON_BEHALF_PROFESSION, "")) if role is Role.PRACTITIONER else "",
-    )
-    return Caller(subject=subject, transport=transport)
+class NodeAccess:
+    def __init__(
+        self,
+        verifier: AssertionVerifier,
+        directives: DirectiveCache,
+        matrix: AccessMatrix,
+        clock: Callable[[], int] = now_us,
+    ) -> None:
+        self._verifier = verifier
+        self._directives = directives
+        self._matrix = matrix
+        self._clock = clock
+
+    def reader(
+        self, context: CallContext, patient_ins: str | None = None
+    ) -> tuple[Caller, ReadScope]:
+        """Check a read: the assertion, who carries it, the patient, the directives."""
+        transport = context.principal
+        metadata = context.invocation_metadata()
+        assertion = self._verifier.verify(metadata)
+        if assertion.subject.uri != transport.uri and transport.role is not Role.DIRECTORY:
+            raise PermissionDenied(
+                "an access assertion is used by its signer, or relayed by the directory only"
+            )
+        if patient_ins is not None and patient_ins != assertion.patient_ins:
+            raise PermissionDenied("the access assertion is for another patient")
+        directives = self._directives.get(assertion.patient_ins, metadata)
+        scope = decide_read(assertion, directives, self._matrix)
+        return Caller(assertion.subject, transport, assertion), scope
+
+    def writer(self, context: CallContext, kind: str, patient_ins: str) -> Caller:
+        """Check a write: with the writer's own certificate, as their role and the patient's
+        directives allow."""
+        writer = context.principal
+        check_write(writer, kind, self._directives.get(patient_ins, fail_closed=False))
+        return Caller(writer, writer)
+
+    def now(self) -> int:
+        return self._clock()
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-def check_write(caller: Caller) -> None:
-    """Only professionals write clinical records, and only with their own certificate."""
-    if caller.subject.role is not Role.PRACTITIONER:
-        raise PermissionDenied(
-            f"{caller.subject.uri} may not write records: only professionals write"
-        )
-    if caller.relayed:
-        raise PermissionDenied("records are written directly to a node, not through a relay")
-
-
-def check_may_read(caller: Caller) -> None:
-    """Only people read records: professionals, and patients their own."""
-    if caller.subject.role not in (Role.PRACTITIONER, Role.PATIENT):
-        raise PermissionDenied(f"{caller.subject.uri} may not read records")
-
-
-def check_read(caller: Caller, patient_ins: str) -> None:
-    """May the caller read this patient's records at all? Decided before any lookup."""
-    subject = caller.subject
-    if subject.role is Role.PRACTITIONER:
-        return
-    if subject.role is Role.PATIENT and subject.key == patient_ins:
-        return
-    raise PermissionDenied(f"{subject.uri} may not read the records of this patient")
-
-
-def readable(stmt: S, caller: Caller) -> S:
-    """Scope a query on records to what the caller may see: no code path can forget it."""
-    subject = caller.subject
-    if subject.role is Role.PRACTITIONER:
-        return stmt
-    if subject.role is Role.PATIENT:
+def readable(stmt: S, scope: ReadScope, now: int) -> S:
+    """Scope a query on records to what the scope allows: no code path can forget it."""
+    stmt = stmt.where(RecordRow.patient_ins == scope.patient_ins)
+    if scope.patient_view:
         return stmt.where(
-            RecordRow.patient_ins == subject.key, RecordRow.hidden_from_patient.is_(False)
+            or_(
+                RecordRow.hidden_from_patient.is_(False),
+                RecordRow.revealed_us.is_not(None),
+                RecordRow.created_us <= now - HIDDEN_FROM_PATIENT_US,
+            )
         )
-    return stmt.where(false())
+    if scope.grant is None:
+        return stmt.where(false())
+    allowed = []
+    if scope.grant.kinds:
+        allowed.append(RecordRow.kind.in_(sorted(scope.grant.kinds)))
+    if scope.grant.type_codes:
+        allowed.append(RecordRow.type_code.in_(sorted(scope.grant.type_codes)))
+    stmt = stmt.where(or_(*allowed))
+    if scope.hidden_masked:
+        stmt = stmt.where(
+            not_(
+                and_(
+                    RecordRow.id.in_(sorted(scope.hidden_masked)),
+                    RecordRow.author_identity != scope.subject.uri,
+                )
+            )
+        )
+    return stmt

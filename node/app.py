@@ -8,16 +8,21 @@ from pathlib import Path
 
 import grpc
 
+from dmp.assertion import AssertionVerifier
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
-from dmp.pki import CRL_FILE, load_credentials
+from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
 from dmp.regions import check_region
 from dmp.server import FederationServer, ServiceSpec, host_port, start_server
+from dmp.signing import SignatureVerifier
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc
+from node.access import NodeAccess
+from node.directives import DirectiveCache
 from node.locator import OutboxDelivery
+from node.policy import AccessMatrix
 from node.servicer import NodeServicer
 from node.store import RecordStore
 
@@ -41,6 +46,8 @@ class NodeConfig:
     consul_url: str | None = None
     #: host:port to announce; default: the listen host with the bound port.
     advertise: str | None = None
+    #: JSON profession matrix (default: node/access_matrix.json).
+    access_matrix: Path | None = None
 
     def database_url(self) -> str:
         if self.db_url:
@@ -76,14 +83,25 @@ def start_node(config: NodeConfig) -> RunningNode:
     engine = make_engine(config.database_url())
     upgrade(engine, MIGRATIONS, "alembic_version_node")
     store = RecordStore(engine, region, max_content=config.max_content)
-    servicer = NodeServicer(store)
+    ca = certificate_from_pem(credentials.ca_pem)
+    revocation = RevocationList(config.pki_dir / CRL_FILE, ca)
+    signatures = SignatureVerifier(ca, revocation)
+    directory_channel = secure_channel(config.directory, credentials) if config.directory else None
+    if directory_channel is None:
+        log.warning("no --directory: patient directives are not known to this node")
+    access = NodeAccess(
+        AssertionVerifier(signatures),
+        DirectiveCache(signatures, directory_channel),
+        AccessMatrix.load(config.access_matrix) if config.access_matrix else AccessMatrix.load(),
+    )
+    servicer = NodeServicer(store, access)
 
     def add(server: grpc.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
 
     running = start_server(
         credentials=credentials,
-        crl_path=config.pki_dir / CRL_FILE,
+        revocation=revocation,
         listen=config.listen,
         services=[ServiceSpec(NODE_SERVICE, add)],
         max_content=config.max_content,
@@ -98,8 +116,8 @@ def start_node(config: NodeConfig) -> RunningNode:
             consul = ConsulAnnouncer(config.consul_url, region, address)
             consul.start()
             running.before_stop.append(consul.close)  # withdraw before draining
-        if config.directory:
-            channel = secure_channel(config.directory, credentials)
+        if directory_channel is not None:
+            channel = directory_channel
             running.on_stop.insert(0, channel.close)
             delivery = OutboxDelivery(store, channel)
             delivery.start()

@@ -38,8 +38,9 @@ class RecordRow(NodeBase):
     version: Mapped[int] = mapped_column(Integer)
     supersedes: Mapped[str | None] = mapped_column(String(64))
     confidentiality: Mapped[str] = mapped_column(String(20))
-    masked: Mapped[bool] = mapped_column(Boolean)
     hidden_from_patient: Mapped[bool] = mapped_column(Boolean)
+    #: When the author revealed a record hidden from the patient.
+    revealed_us: Mapped[int | None] = mapped_column(BigInteger)
     content_type: Mapped[str] = mapped_column(String(100))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

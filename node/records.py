@@ -114,8 +114,10 @@ def fingerprint(record: record_pb2.Record, content_sha256: str, author: str) -> 
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
-def to_proto(row: RecordRow, region: str) -> record_pb2.Record:
-    return record_pb2.Record(
+def to_proto(
+    row: RecordRow, region: str, masked: frozenset[str] = frozenset()
+) -> record_pb2.Record:
+    record = record_pb2.Record(
         id=row.id,
         patient_ins=row.patient_ins,
         kind=KIND_VALUES[row.kind],
@@ -133,10 +135,13 @@ def to_proto(row: RecordRow, region: str) -> record_pb2.Record:
         version=row.version,
         supersedes=row.supersedes or "",
         confidentiality=CONFIDENTIALITY_VALUES[row.confidentiality],
-        masked=row.masked,
+        masked=row.id in masked,
         hidden_from_patient=row.hidden_from_patient,
         content_type=row.content_type,
         size=row.size,
         sha256=row.sha256,
         region=region,
     )
+    if row.revealed_us is not None:
+        record.revealed_time.CopyFrom(from_us(row.revealed_us))
+    return record

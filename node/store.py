@@ -26,13 +26,12 @@ from dmp.errors import (
     ResourceExhausted,
 )
 from dmp.identity import Principal
-from dmp.ins import normalize_ins
 from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
-from node import access
-from node.access import Caller
+from node.access import readable
 from node.models import OutboxRow, PatientRow, RecordContentRow, RecordRow
+from node.policy import ReadScope
 from node.records import (
     CONFIDENTIALITY_NAMES,
     LOINC,
@@ -97,14 +96,13 @@ class RecordStore:
 
     def put(
         self,
-        caller: Caller,
+        writer: Principal,
         record: record_pb2.Record,
         content: bytes,
         patient: patient_pb2.PatientIdentity | None = None,
     ) -> record_pb2.Record:
-        """Store a record durably; idempotent on its id."""
-        access.check_write(caller)
-        draft = self._prepare(caller, record, content, patient)
+        """Store a record durably; idempotent on its id. The writer is checked before."""
+        draft = self._prepare(writer, record, content, patient)
         try:
             with Session(self._writer) as session, session.begin():
                 stored = self._write(session, [draft])[0]
@@ -120,7 +118,7 @@ class RecordStore:
 
     def put_many(
         self,
-        caller: Caller,
+        writer: Principal,
         items: Iterable[tuple[record_pb2.Record, bytes, patient_pb2.PatientIdentity | None]],
         *,
         batch_records: int = 1000,
@@ -129,7 +127,6 @@ class RecordStore:
         """Store a stream of records, one transaction per batch; return how many. Each batch
         is durable when the next starts; a failure names the item and how many were stored
         before it (puts are idempotent: sending the whole stream again is safe)."""
-        access.check_write(caller)
         stored = 0
         batch: list[_Draft] = []
         size = 0
@@ -143,13 +140,20 @@ class RecordStore:
                 batch, size = [], 0
                 self._notify()
 
-        for index, (record, content, patient) in enumerate(items):
+        stream = iter(items)
+        index = 0
+        while True:
             try:
-                batch.append(self._prepare(caller, record, content, patient))
+                item = next(stream, None)  # the stream may check each record as it comes
+                if item is None:
+                    break
+                record, content, patient = item
+                batch.append(self._prepare(writer, record, content, patient))
             except DmpError as exc:
                 flush()
                 exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
                 raise
+            index += 1
             size += len(content)
             if len(batch) >= batch_records or size >= batch_bytes:
                 flush()
@@ -162,7 +166,7 @@ class RecordStore:
 
     def _prepare(
         self,
-        caller: Caller,
+        writer: Principal,
         record: record_pb2.Record,
         content: bytes,
         patient: patient_pb2.PatientIdentity | None,
@@ -184,9 +188,9 @@ class RecordStore:
             content=content,
             traits=traits if traits is not None and not traits.empty else None,
             digest=digest,
-            fingerprint=fingerprint(record, digest, caller.subject.uri),
+            fingerprint=fingerprint(record, digest, writer.uri),
             record_id=record.id or str(uuid.uuid4()),
-            author=caller.subject,
+            author=writer,
         )
 
     def _write(self, session: Session, drafts: Sequence[_Draft]) -> list[record_pb2.Record]:
@@ -266,7 +270,6 @@ class RecordStore:
             version=version,
             supersedes=record.supersedes or None,
             confidentiality=CONFIDENTIALITY_NAMES.get(record.confidentiality, "normal"),
-            masked=False,
             hidden_from_patient=record.hidden_from_patient,
             content_type=record.content_type.strip(),
             size=len(draft.content),
@@ -276,30 +279,32 @@ class RecordStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def _readable_row(self, session: Session, caller: Caller, record_id: str) -> RecordRow:
-        access.check_may_read(caller)
+    def _readable_row(self, session: Session, scope: ReadScope, record_id: str) -> RecordRow:
         check_record_id(record_id)
-        row = session.scalar(
-            access.readable(select(RecordRow), caller).where(RecordRow.id == record_id)
-        )
+        stmt = readable(select(RecordRow), scope, self._clock()).where(RecordRow.id == record_id)
+        row = session.scalar(stmt)
         if row is None:
-            raise NotFound(f"record {record_id} not found on node {self.region}")
+            raise NotFound(
+                f"record {record_id} not found on node {self.region} among the records this"
+                " access may see"
+            )
         return row
 
-    def get(self, caller: Caller, record_id: str) -> record_pb2.Record:
+    def get(self, scope: ReadScope, record_id: str) -> record_pb2.Record:
         with Session(self._engine) as session:
-            return to_proto(self._readable_row(session, caller, record_id), self.region)
+            row = self._readable_row(session, scope, record_id)
+            return to_proto(row, self.region, scope.masked)
 
     def content(
-        self, caller: Caller, record_id: str
+        self, scope: ReadScope, record_id: str
     ) -> Iterator[tuple[record_pb2.Record | None, bytes]]:
         """The record's metadata then its content in chunks, checked against its SHA-256."""
         with Session(self._engine) as session:
-            row = self._readable_row(session, caller, record_id)
+            row = self._readable_row(session, scope, record_id)
             blob = session.scalar(
                 select(RecordContentRow.content).where(RecordContentRow.record_id == row.id)
             )
-            record = to_proto(row, self.region)
+            record = to_proto(row, self.region, scope.masked)
         if blob is None or hashlib.sha256(blob).hexdigest() != record.sha256:
             raise DataLoss(
                 f"content of record {record_id} does not match its SHA-256: restore the node"
@@ -311,16 +316,25 @@ class RecordStore:
         for offset in range(0, len(blob), CHUNK_SIZE):
             yield (record if offset == 0 else None), blob[offset : offset + CHUNK_SIZE]
 
+    def reveal(self, writer: Principal, record_id: str) -> record_pb2.Record:
+        """The author makes a record hidden from the patient visible to them."""
+        check_record_id(record_id)
+        with Session(self._writer) as session, session.begin():
+            row = session.scalar(select(RecordRow).where(RecordRow.id == record_id))
+            if row is None or row.author_identity != writer.uri:
+                raise NotFound(f"record {record_id}: no record of yours with this id on this node")
+            if row.revealed_us is None:
+                row.revealed_us = self._clock()
+            return to_proto(row, self.region)
+
     def list_records(
-        self, caller: Caller, request: node_service_pb2.ListRecordsRequest
+        self, scope: ReadScope, request: node_service_pb2.ListRecordsRequest
     ) -> node_service_pb2.ListRecordsResponse:
-        patient = normalize_ins(request.patient_ins, "patient_ins")
-        access.check_read(caller, patient)
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative")
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         query_print = _query_fingerprint(request)
-        stmt = access.readable(select(RecordRow), caller).where(RecordRow.patient_ins == patient)
+        stmt = readable(select(RecordRow), scope, self._clock())
         if request.kinds:
             stmt = stmt.where(RecordRow.kind.in_([kind_name(k, "kinds") for k in request.kinds]))
         if request.type_codes:
@@ -343,7 +357,7 @@ class RecordStore:
         with Session(self._engine) as session:
             rows = list(session.scalars(stmt))
         response = node_service_pb2.ListRecordsResponse(
-            records=[to_proto(row, self.region) for row in rows[:size]]
+            records=[to_proto(row, self.region, scope.masked) for row in rows[:size]]
         )
         if len(rows) > size:
             last = rows[size - 1]

@@ -10,12 +10,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from directory.app import DirectoryConfig, RunningDirectory, start_directory
+from dmp.assertion import Metadata, sign_assertion
 from dmp.ins import make_ins
 from dmp.pki import Pki, load_credentials
+from dmp.signing import Signer
 from dmp.tls import secure_channel
 from dmp.v1 import directory_service_pb2_grpc, node_service_pb2_grpc, patient_pb2, record_pb2
 from node.app import NodeConfig, RunningNode, start_node
@@ -59,14 +62,26 @@ def running_node(
 class Client:
     channel: grpc.Channel
     node: node_service_pb2_grpc.NodeServiceStub
+    directory: directory_service_pb2_grpc.DirectoryServiceStub
+    signer: Signer
+
+    def md(self, ins: str = PATIENT, reason: str = "", purpose: int | None = None) -> Metadata:
+        """A fresh access assertion for one call about patient `ins`."""
+        return sign_assertion(self.signer, ins, purpose, reason)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.channel.close()
 
 
 def client(pki_dir: Path, identity: str, port: int) -> Client:
-    channel = secure_channel(f"127.0.0.1:{port}", load_credentials(pki_dir, identity))
-    return Client(channel, node_service_pb2_grpc.NodeServiceStub(channel))
+    creds = load_credentials(pki_dir, identity)
+    channel = secure_channel(f"127.0.0.1:{port}", creds)
+    return Client(
+        channel,
+        node_service_pb2_grpc.NodeServiceStub(channel),
+        directory_service_pb2_grpc.DirectoryServiceStub(channel),
+        Signer(creds),
+    )
 
 
 def draft(
@@ -132,11 +147,33 @@ def running_directory(pki_dir: Path, db_url: str, **kwargs: object) -> Iterator[
         directory.stop(grace=None)
 
 
-def directory_stub(
-    pki_dir: Path, identity: str, port: int
-) -> tuple[grpc.Channel, directory_service_pb2_grpc.DirectoryServiceStub]:
-    channel = secure_channel(f"127.0.0.1:{port}", load_credentials(pki_dir, identity))
-    return channel, directory_service_pb2_grpc.DirectoryServiceStub(channel)
+class AutoSign:
+    """A stub whose calls carry a fresh access assertion for the request's patient (its
+    patient_ins or ins field), unless the call passes its own metadata."""
+
+    def __init__(self, stub: object, signer: Signer) -> None:
+        self._stub = stub
+        self.signer = signer
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._stub, name)
+
+        def call(request: Any, **kwargs: Any) -> Any:
+            if "metadata" not in kwargs:
+                ins = getattr(request, "patient_ins", "") or getattr(request, "ins", "")
+                if ins:
+                    kwargs["metadata"] = sign_assertion(self.signer, ins)
+            return method(request, **kwargs)
+
+        return call
+
+
+def directory_stub(pki_dir: Path, identity: str, port: int) -> tuple[grpc.Channel, Any]:
+    """A channel to the directory and a stub that signs assertions as `identity`."""
+    creds = load_credentials(pki_dir, identity)
+    channel = secure_channel(f"127.0.0.1:{port}", creds)
+    stub = directory_service_pb2_grpc.DirectoryServiceStub(channel)
+    return channel, AutoSign(stub, Signer(creds))
 
 
 def identity_of(

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import grpc
 
+from dmp.assertion import sign_assertion
 from dmp.errors import InvalidArgument
-from dmp.identity import parse_identity
+from dmp.identity import Role, parse_identity
 from dmp.pki import Credentials, load_credentials
+from dmp.signing import Signer
 from dmp.tls import secure_channel
+from dmp.v1 import access_pb2
 
 
 class CommandError(Exception):
@@ -59,6 +62,26 @@ def add_identity(parser: argparse.ArgumentParser) -> None:
 def credentials(args: argparse.Namespace) -> Credentials:
     parse_identity(args.identity)
     return load_credentials(args.pki, args.identity)
+
+
+def add_emergency(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--emergency",
+        metavar="REASON",
+        help="break-the-glass: access in an emergency, for this reason (audited as such)",
+    )
+
+
+def assertion(
+    creds: Credentials, patient_ins: str, emergency: str | None = None
+) -> tuple[tuple[str, bytes], ...]:
+    """Metadata with a fresh access assertion signed with our own key, for one call."""
+    signer = Signer(creds)
+    if emergency is not None:
+        if signer.principal.role is not Role.PRACTITIONER:
+            raise CommandError("--emergency is for professionals")
+        return sign_assertion(signer, patient_ins, access_pb2.PURPOSE_EMERGENCY, emergency)
+    return sign_assertion(signer, patient_ins)
 
 
 def channel(target: str, creds: Credentials) -> grpc.Channel:

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from dmp.cli.common import add_identity, channel, credentials, parse_date, print_table
+from dmp.assertion import Metadata
+from dmp.cli.common import (
+    add_emergency,
+    add_identity,
+    assertion,
+    channel,
+    credentials,
+    parse_date,
+    print_table,
+)
 from dmp.v1 import directory_service_pb2 as pb
 from dmp.v1 import directory_service_pb2_grpc, record_pb2
 from node.records import KIND_NAMES, kind_value
@@ -46,6 +56,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--timeout", type=float, default=10.0, help="overall deadline in seconds (default 10)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON for programs")
+    add_emergency(parser)
     parser.set_defaults(handler=run)
 
 
@@ -70,13 +81,14 @@ def fetch(
     request: pb.GetConsolidatedViewRequest,
     limit: int,
     timeout: float,
+    sign: Callable[[], Metadata],
 ) -> tuple[list[record_pb2.Record], dict[str, pb.RegionStatus]]:
-    """Every page up to `limit` records; the regions' statuses of the first page, updated
-    by later pages."""
+    """Every page up to `limit` records (a fresh assertion from `sign` for each); the
+    regions' statuses of the first page, updated by later pages."""
     records: list[record_pb2.Record] = []
     regions: dict[str, pb.RegionStatus] = {}
     while True:
-        page = stub.GetConsolidatedView(request, timeout=timeout)
+        page = stub.GetConsolidatedView(request, timeout=timeout, metadata=sign())
         records.extend(page.records)
         for status in page.regions:
             known = regions.get(status.region)
@@ -93,7 +105,13 @@ def run(args: argparse.Namespace) -> int:
     creds = credentials(args)
     with channel(args.directory, creds) as ch:
         stub = directory_service_pb2_grpc.DirectoryServiceStub(ch)
-        records, regions = fetch(stub, build_request(args), args.limit, args.timeout)
+        records, regions = fetch(
+            stub,
+            build_request(args),
+            args.limit,
+            args.timeout,
+            lambda: assertion(creds, args.patient, args.emergency),
+        )
     if args.json:
         print(
             json.dumps(

@@ -7,14 +7,24 @@ import hashlib
 import json
 import mimetypes
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from dmp.cli.common import CommandError, add_identity, channel, credentials, parse_date
+from dmp.cli.common import (
+    CommandError,
+    add_emergency,
+    add_identity,
+    assertion,
+    channel,
+    credentials,
+    parse_date,
+)
+from dmp.v1 import directory_service_pb2 as dpb
+from dmp.v1 import directory_service_pb2_grpc, node_service_pb2_grpc, record_pb2
 from dmp.v1 import node_service_pb2 as pb
-from dmp.v1 import node_service_pb2_grpc, record_pb2
 from node.records import KIND_NAMES, kind_value
 
 
@@ -53,6 +63,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     where.add_argument("--directory", metavar="HOST:PORT")
     get.add_argument("--region", help="with --directory: the region holding the record")
     get.add_argument("--record", required=True, metavar="ID")
+    get.add_argument("--patient", required=True, metavar="INS", help="the record's patient")
+    add_emergency(get)
     get.add_argument("--out", type=Path, help="write the content here (default: standard output)")
     get.set_defaults(handler=_get)
 
@@ -63,6 +75,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     lst.add_argument("--kind", action="append", choices=list(KIND_NAMES.values()))
     lst.add_argument("--since", metavar="DATE")
     lst.add_argument("--json", action="store_true", help="one JSON object per record")
+    add_emergency(lst)
     lst.set_defaults(handler=_list)
 
 
@@ -94,15 +107,25 @@ def _put(args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
+    if args.directory and not args.region:
+        raise CommandError("--directory needs --region: the region holding the record")
     creds = credentials(args)
     digest = hashlib.sha256()
     expected = ""
     size = 0
-    with channel(args.node, creds) as ch:
-        stub = node_service_pb2_grpc.NodeServiceStub(ch)
-        chunks = stub.GetRecordContent(
-            pb.GetRecordContentRequest(record_id=args.record), timeout=120
-        )
+    metadata = assertion(creds, args.patient, args.emergency)
+    with channel(args.node or args.directory, creds) as ch:
+        chunks: Iterable[pb.GetRecordContentResponse | dpb.FetchRecordContentResponse]
+        if args.node:
+            chunks = node_service_pb2_grpc.NodeServiceStub(ch).GetRecordContent(
+                pb.GetRecordContentRequest(record_id=args.record), timeout=120, metadata=metadata
+            )
+        else:
+            chunks = directory_service_pb2_grpc.DirectoryServiceStub(ch).FetchRecordContent(
+                dpb.FetchRecordContentRequest(record_id=args.record, region=args.region),
+                timeout=120,
+                metadata=metadata,
+            )
         out = args.out.open("wb") if args.out else sys.stdout.buffer
         try:
             for response in chunks:
@@ -131,7 +154,9 @@ def _list(args: argparse.Namespace) -> int:
     with channel(args.node, creds) as ch:
         stub = node_service_pb2_grpc.NodeServiceStub(ch)
         while True:
-            page = stub.ListRecords(request, timeout=30)
+            page = stub.ListRecords(
+                request, timeout=30, metadata=assertion(creds, args.patient, args.emergency)
+            )
             for r in page.records:
                 if args.json:
                     print(json.dumps(MessageToDict(r), ensure_ascii=False))

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from dmp.v1 import access_pb2 as _access_pb2
 from dmp.v1 import patient_pb2 as _patient_pb2
 from dmp.v1 import record_pb2 as _record_pb2
 from google.protobuf import descriptor as _descriptor
@@ -672,3 +673,95 @@ class ListIdentityConflictsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListIdentityConflictsResponse: _TypeAlias = ListIdentityConflictsResponse  # noqa: Y015
+
+@_typing.final
+class GetDirectivesRequest(_message.Message):
+    """Whose directives to return."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATIENT_INS_FIELD_NUMBER: _builtins.int
+    patient_ins: _builtins.str
+    """The patient's INS."""
+    def __init__(
+        self,
+        *,
+        patient_ins: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["patient_ins", b"patient_ins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDirectivesRequest: _TypeAlias = GetDirectivesRequest  # noqa: Y015
+
+@_typing.final
+class GetDirectivesResponse(_message.Message):
+    """A patient's directives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTIVES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def directives(self) -> _access_pb2.SignedDirectives:
+        """The current signed set; unset when the patient never set directives."""
+
+    def __init__(
+        self,
+        *,
+        directives: _access_pb2.SignedDirectives | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["directives", b"directives"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directives", b"directives"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDirectivesResponse: _TypeAlias = GetDirectivesResponse  # noqa: Y015
+
+@_typing.final
+class SetDirectivesRequest(_message.Message):
+    """A new version of a patient's directives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTIVES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def directives(self) -> _access_pb2.SignedDirectives:
+        """The new set, signed by the patient."""
+
+    def __init__(
+        self,
+        *,
+        directives: _access_pb2.SignedDirectives | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["directives", b"directives"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directives", b"directives"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDirectivesRequest: _TypeAlias = SetDirectivesRequest  # noqa: Y015
+
+@_typing.final
+class SetDirectivesResponse(_message.Message):
+    """The directives now in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version stored."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDirectivesResponse: _TypeAlias = SetDirectivesResponse  # noqa: Y015

@@ -72,6 +72,16 @@ class DirectoryServiceStub:
                 request_serializer=dmp_dot_v1_dot_directory__service__pb2.FetchRecordContentRequest.SerializeToString,
                 response_deserializer=dmp_dot_v1_dot_directory__service__pb2.FetchRecordContentResponse.FromString,
                 _registered_method=True)
+        self.GetDirectives = channel.unary_unary(
+                '/dmp.v1.DirectoryService/GetDirectives',
+                request_serializer=dmp_dot_v1_dot_directory__service__pb2.GetDirectivesRequest.SerializeToString,
+                response_deserializer=dmp_dot_v1_dot_directory__service__pb2.GetDirectivesResponse.FromString,
+                _registered_method=True)
+        self.SetDirectives = channel.unary_unary(
+                '/dmp.v1.DirectoryService/SetDirectives',
+                request_serializer=dmp_dot_v1_dot_directory__service__pb2.SetDirectivesRequest.SerializeToString,
+                response_deserializer=dmp_dot_v1_dot_directory__service__pb2.SetDirectivesResponse.FromString,
+                _registered_method=True)
         self.ListIdentityConflicts = channel.unary_unary(
                 '/dmp.v1.DirectoryService/ListIdentityConflicts',
                 request_serializer=dmp_dot_v1_dot_directory__service__pb2.ListIdentityConflictsRequest.SerializeToString,
@@ -139,6 +149,22 @@ class DirectoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDirectives(self, request, context):
+        """A patient's current signed directives (empty when the patient never set any). For the
+        patient themself (SELF assertion) and for nodes, which verify the patient's signature.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDirectives(self, request, context):
+        """Replaces a patient's directives with a new version signed by the patient. Only the
+        patient, with their own certificate; the version must follow the current one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListIdentityConflicts(self, request, context):
         """Identity conflicts kept for review by the national operator.
         """
@@ -183,6 +209,16 @@ def add_DirectoryServiceServicer_to_server(servicer, server):
                     servicer.FetchRecordContent,
                     request_deserializer=dmp_dot_v1_dot_directory__service__pb2.FetchRecordContentRequest.FromString,
                     response_serializer=dmp_dot_v1_dot_directory__service__pb2.FetchRecordContentResponse.SerializeToString,
+            ),
+            'GetDirectives': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDirectives,
+                    request_deserializer=dmp_dot_v1_dot_directory__service__pb2.GetDirectivesRequest.FromString,
+                    response_serializer=dmp_dot_v1_dot_directory__service__pb2.GetDirectivesResponse.SerializeToString,
+            ),
+            'SetDirectives': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDirectives,
+                    request_deserializer=dmp_dot_v1_dot_directory__service__pb2.SetDirectivesRequest.FromString,
+                    response_serializer=dmp_dot_v1_dot_directory__service__pb2.SetDirectivesResponse.SerializeToString,
             ),
             'ListIdentityConflicts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListIdentityConflicts,
@@ -382,6 +418,60 @@ class DirectoryService:
             '/dmp.v1.DirectoryService/FetchRecordContent',
             dmp_dot_v1_dot_directory__service__pb2.FetchRecordContentRequest.SerializeToString,
             dmp_dot_v1_dot_directory__service__pb2.FetchRecordContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDirectives(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmp.v1.DirectoryService/GetDirectives',
+            dmp_dot_v1_dot_directory__service__pb2.GetDirectivesRequest.SerializeToString,
+            dmp_dot_v1_dot_directory__service__pb2.GetDirectivesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDirectives(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmp.v1.DirectoryService/SetDirectives',
+            dmp_dot_v1_dot_directory__service__pb2.SetDirectivesRequest.SerializeToString,
+            dmp_dot_v1_dot_directory__service__pb2.SetDirectivesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,14 @@ class DirectoryServiceStub:
     """
     FetchRecordContent: _grpc.UnaryStreamMultiCallable[_directory_service_pb2.FetchRecordContentRequest, _directory_service_pb2.FetchRecordContentResponse]
     """Streams a record's content from the node of the region that holds it."""
+    GetDirectives: _grpc.UnaryUnaryMultiCallable[_directory_service_pb2.GetDirectivesRequest, _directory_service_pb2.GetDirectivesResponse]
+    """A patient's current signed directives (empty when the patient never set any). For the
+    patient themself (SELF assertion) and for nodes, which verify the patient's signature.
+    """
+    SetDirectives: _grpc.UnaryUnaryMultiCallable[_directory_service_pb2.SetDirectivesRequest, _directory_service_pb2.SetDirectivesResponse]
+    """Replaces a patient's directives with a new version signed by the patient. Only the
+    patient, with their own certificate; the version must follow the current one.
+    """
     ListIdentityConflicts: _grpc.UnaryUnaryMultiCallable[_directory_service_pb2.ListIdentityConflictsRequest, _directory_service_pb2.ListIdentityConflictsResponse]
     """Identity conflicts kept for review by the national operator."""
 
@@ -93,6 +101,14 @@ class DirectoryServiceAsyncStub(DirectoryServiceStub):
     """
     FetchRecordContent: _aio.UnaryStreamMultiCallable[_directory_service_pb2.FetchRecordContentRequest, _directory_service_pb2.FetchRecordContentResponse]  # type: ignore[assignment]
     """Streams a record's content from the node of the region that holds it."""
+    GetDirectives: _aio.UnaryUnaryMultiCallable[_directory_service_pb2.GetDirectivesRequest, _directory_service_pb2.GetDirectivesResponse]  # type: ignore[assignment]
+    """A patient's current signed directives (empty when the patient never set any). For the
+    patient themself (SELF assertion) and for nodes, which verify the patient's signature.
+    """
+    SetDirectives: _aio.UnaryUnaryMultiCallable[_directory_service_pb2.SetDirectivesRequest, _directory_service_pb2.SetDirectivesResponse]  # type: ignore[assignment]
+    """Replaces a patient's directives with a new version signed by the patient. Only the
+    patient, with their own certificate; the version must follow the current one.
+    """
     ListIdentityConflicts: _aio.UnaryUnaryMultiCallable[_directory_service_pb2.ListIdentityConflictsRequest, _directory_service_pb2.ListIdentityConflictsResponse]  # type: ignore[assignment]
     """Identity conflicts kept for review by the national operator."""
 
@@ -166,6 +182,26 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_directory_service_pb2.FetchRecordContentResponse], _abc.AsyncIterator[_directory_service_pb2.FetchRecordContentResponse]]:
         """Streams a record's content from the node of the region that holds it."""
+
+    @_abc_1.abstractmethod
+    def GetDirectives(
+        self,
+        request: _directory_service_pb2.GetDirectivesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_service_pb2.GetDirectivesResponse, _abc.Awaitable[_directory_service_pb2.GetDirectivesResponse]]:
+        """A patient's current signed directives (empty when the patient never set any). For the
+        patient themself (SELF assertion) and for nodes, which verify the patient's signature.
+        """
+
+    @_abc_1.abstractmethod
+    def SetDirectives(
+        self,
+        request: _directory_service_pb2.SetDirectivesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_service_pb2.SetDirectivesResponse, _abc.Awaitable[_directory_service_pb2.SetDirectivesResponse]]:
+        """Replaces a patient's directives with a new version signed by the patient. Only the
+        patient, with their own certificate; the version must follow the current one.
+        """
 
     @_abc_1.abstractmethod
     def ListIdentityConflicts(

@@ -199,6 +199,52 @@ class GetRecordContentRequest(_message.Message):
 Global___GetRecordContentRequest: _TypeAlias = GetRecordContentRequest  # noqa: Y015
 
 @_typing.final
+class RevealRecordRequest(_message.Message):
+    """Which record to reveal to its patient."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    record_id: _builtins.str
+    """The record id."""
+    def __init__(
+        self,
+        *,
+        record_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_id", b"record_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealRecordRequest: _TypeAlias = RevealRecordRequest  # noqa: Y015
+
+@_typing.final
+class RevealRecordResponse(_message.Message):
+    """The revealed record."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def record(self) -> _record_pb2.Record:
+        """The record, now visible to the patient."""
+
+    def __init__(
+        self,
+        *,
+        record: _record_pb2.Record | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealRecordResponse: _TypeAlias = RevealRecordResponse  # noqa: Y015
+
+@_typing.final
 class GetRecordContentResponse(_message.Message):
     """One chunk of a record's content."""
 

@@ -57,6 +57,11 @@ class NodeServiceStub:
                 request_serializer=dmp_dot_v1_dot_node__service__pb2.GetRecordContentRequest.SerializeToString,
                 response_deserializer=dmp_dot_v1_dot_node__service__pb2.GetRecordContentResponse.FromString,
                 _registered_method=True)
+        self.RevealRecord = channel.unary_unary(
+                '/dmp.v1.NodeService/RevealRecord',
+                request_serializer=dmp_dot_v1_dot_node__service__pb2.RevealRecordRequest.SerializeToString,
+                response_deserializer=dmp_dot_v1_dot_node__service__pb2.RevealRecordResponse.FromString,
+                _registered_method=True)
         self.ListRecords = channel.unary_unary(
                 '/dmp.v1.NodeService/ListRecords',
                 request_serializer=dmp_dot_v1_dot_node__service__pb2.ListRecordsRequest.SerializeToString,
@@ -103,6 +108,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevealRecord(self, request, context):
+        """Makes a record hidden from the patient visible to them (the author announced it).
+        Only the record's author.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRecords(self, request, context):
         """Lists a patient's records held by this node, newest first (effective_time, then id).
         """
@@ -132,6 +145,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.GetRecordContent,
                     request_deserializer=dmp_dot_v1_dot_node__service__pb2.GetRecordContentRequest.FromString,
                     response_serializer=dmp_dot_v1_dot_node__service__pb2.GetRecordContentResponse.SerializeToString,
+            ),
+            'RevealRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealRecord,
+                    request_deserializer=dmp_dot_v1_dot_node__service__pb2.RevealRecordRequest.FromString,
+                    response_serializer=dmp_dot_v1_dot_node__service__pb2.RevealRecordResponse.SerializeToString,
             ),
             'ListRecords': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRecords,
@@ -250,6 +268,33 @@ class NodeService:
             '/dmp.v1.NodeService/GetRecordContent',
             dmp_dot_v1_dot_node__service__pb2.GetRecordContentRequest.SerializeToString,
             dmp_dot_v1_dot_node__service__pb2.GetRecordContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmp.v1.NodeService/RevealRecord',
+            dmp_dot_v1_dot_node__service__pb2.RevealRecordRequest.SerializeToString,
+            dmp_dot_v1_dot_node__service__pb2.RevealRecordResponse.FromString,
             options,
             channel_credentials,
             insecure,

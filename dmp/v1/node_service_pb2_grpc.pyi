@@ -51,6 +51,10 @@ class NodeServiceStub:
     """Returns a record's metadata."""
     GetRecordContent: _grpc.UnaryStreamMultiCallable[_node_service_pb2.GetRecordContentRequest, _node_service_pb2.GetRecordContentResponse]
     """Streams a record's content in chunks (at most 1 MiB each), checked against its SHA-256."""
+    RevealRecord: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.RevealRecordRequest, _node_service_pb2.RevealRecordResponse]
+    """Makes a record hidden from the patient visible to them (the author announced it).
+    Only the record's author.
+    """
     ListRecords: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.ListRecordsRequest, _node_service_pb2.ListRecordsResponse]
     """Lists a patient's records held by this node, newest first (effective_time, then id)."""
 
@@ -77,6 +81,10 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """Returns a record's metadata."""
     GetRecordContent: _aio.UnaryStreamMultiCallable[_node_service_pb2.GetRecordContentRequest, _node_service_pb2.GetRecordContentResponse]  # type: ignore[assignment]
     """Streams a record's content in chunks (at most 1 MiB each), checked against its SHA-256."""
+    RevealRecord: _aio.UnaryUnaryMultiCallable[_node_service_pb2.RevealRecordRequest, _node_service_pb2.RevealRecordResponse]  # type: ignore[assignment]
+    """Makes a record hidden from the patient visible to them (the author announced it).
+    Only the record's author.
+    """
     ListRecords: _aio.UnaryUnaryMultiCallable[_node_service_pb2.ListRecordsRequest, _node_service_pb2.ListRecordsResponse]  # type: ignore[assignment]
     """Lists a patient's records held by this node, newest first (effective_time, then id)."""
 
@@ -124,6 +132,16 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_node_service_pb2.GetRecordContentResponse], _abc.AsyncIterator[_node_service_pb2.GetRecordContentResponse]]:
         """Streams a record's content in chunks (at most 1 MiB each), checked against its SHA-256."""
+
+    @_abc_1.abstractmethod
+    def RevealRecord(
+        self,
+        request: _node_service_pb2.RevealRecordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_service_pb2.RevealRecordResponse, _abc.Awaitable[_node_service_pb2.RevealRecordResponse]]:
+        """Makes a record hidden from the patient visible to them (the author announced it).
+        Only the record's author.
+        """
 
     @_abc_1.abstractmethod
     def ListRecords(

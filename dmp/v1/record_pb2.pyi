@@ -207,6 +207,7 @@ class Record(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    REVEALED_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, unique in the federation. Chosen by the writer (any string of 1 to 64
     letters, digits, '-', '_' or '.') or assigned by the node (a UUID) when empty.
@@ -230,9 +231,13 @@ class Record(_message.Message):
     confidentiality: Global___Confidentiality.ValueType
     """Confidentiality level."""
     masked: _builtins.bool
-    """True when the patient masked the record from professionals (output only)."""
+    """True when the patient masked the record from professionals (output only; from the
+    patient's directives).
+    """
     hidden_from_patient: _builtins.bool
-    """True when the author hides the record from the patient until it is announced."""
+    """True when the author hides the record from the patient until it is announced
+    (RevealRecord) or for 30 days after created_time, whichever comes first.
+    """
     content_type: _builtins.str
     """Media type of the content, e.g. "application/pdf", "application/fhir+json"."""
     size: _builtins.int
@@ -259,6 +264,10 @@ class Record(_message.Message):
         created_time. Lists are ordered on it, newest first.
         """
 
+    @_builtins.property
+    def revealed_time(self) -> _timestamp_pb2.Timestamp:
+        """When the author revealed a record hidden from the patient (output only)."""
+
     def __init__(
         self,
         *,
@@ -281,10 +290,11 @@ class Record(_message.Message):
         size: _builtins.int = ...,
         sha256: _builtins.str = ...,
         region: _builtins.str = ...,
+        revealed_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "created_time", b"created_time", "effective_time", b"effective_time", "type_code", b"type_code"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "created_time", b"created_time", "effective_time", b"effective_time", "revealed_time", b"revealed_time", "type_code", b"type_code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "confidentiality", b"confidentiality", "content_type", b"content_type", "created_time", b"created_time", "effective_time", b"effective_time", "hidden_from_patient", b"hidden_from_patient", "id", b"id", "kind", b"kind", "masked", b"masked", "organization", b"organization", "patient_ins", b"patient_ins", "region", b"region", "sha256", b"sha256", "size", b"size", "status", b"status", "supersedes", b"supersedes", "title", b"title", "type_code", b"type_code", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "confidentiality", b"confidentiality", "content_type", b"content_type", "created_time", b"created_time", "effective_time", b"effective_time", "hidden_from_patient", b"hidden_from_patient", "id", b"id", "kind", b"kind", "masked", b"masked", "organization", b"organization", "patient_ins", b"patient_ins", "region", b"region", "revealed_time", b"revealed_time", "sha256", b"sha256", "size", b"size", "status", b"status", "supersedes", b"supersedes", "title", b"title", "type_code", b"type_code", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,11 +6,13 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from directory.app import RunningDirectory
+from dmp.assertion import sign_assertion
 from dmp.ins import make_ins
 from dmp.server import error_reason
 from dmp.v1 import directory_service_pb2 as dpb
@@ -41,7 +43,7 @@ class Federation:
     pki_dir: Path
     directory: RunningDirectory
     nodes: dict[str, RunningNode]
-    doctor: directory_service_pb2_grpc.DirectoryServiceStub
+    doctor: Any
 
     def put(
         self,
@@ -205,7 +207,9 @@ def test_content_through_the_directory(federation: Federation) -> None:
     stored = federation.put("84", draft(record_id="doc-84"), b"%PDF-1.4 body")
     chunks = list(
         federation.doctor.FetchRecordContent(
-            dpb.FetchRecordContentRequest(record_id=stored.id, region="84"), timeout=10
+            dpb.FetchRecordContentRequest(record_id=stored.id, region="84"),
+            timeout=10,
+            metadata=sign_assertion(federation.doctor.signer, PATIENT),
         )
     )
     assert b"".join(c.chunk for c in chunks) == b"%PDF-1.4 body"
@@ -213,7 +217,9 @@ def test_content_through_the_directory(federation: Federation) -> None:
     with pytest.raises(grpc.RpcError) as err:
         list(
             federation.doctor.FetchRecordContent(
-                dpb.FetchRecordContentRequest(record_id=stored.id, region="11"), timeout=10
+                dpb.FetchRecordContentRequest(record_id=stored.id, region="11"),
+                timeout=10,
+                metadata=sign_assertion(federation.doctor.signer, PATIENT),
             )
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -280,16 +286,24 @@ def test_only_a_node_reports_and_only_for_its_region(federation: Federation) -> 
     channel.close()
 
 
-def test_a_node_believes_a_relayed_identity_only_from_the_directory(federation: Federation) -> None:
-    c = client(federation.pki_dir, f"practitioner-{DOCTOR}", federation.nodes["11"].port)
+def test_a_node_accepts_someone_elses_assertion_only_from_the_directory(
+    federation: Federation,
+) -> None:
+    federation.put("11", draft(record_id="relay"))
+    patient = client(federation.pki_dir, f"patient-{PATIENT}", federation.nodes["11"].port)
+    doctor = client(federation.pki_dir, f"practitioner-{DOCTOR}", federation.nodes["11"].port)
+    directory = client(federation.pki_dir, "directory", federation.nodes["11"].port)
+    request = npb.ListRecordsRequest(patient_ins=PATIENT)
     with pytest.raises(grpc.RpcError) as err:
-        c.node.ListRecords(
-            npb.ListRecordsRequest(patient_ins=PATIENT),
-            metadata=(("x-dmp-on-behalf-of", f"urn:dmp:patient:{OTHER_PATIENT}"),),
-            timeout=5,
-        )
+        doctor.node.ListRecords(request, metadata=patient.md(), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    c.close()
+    with pytest.raises(grpc.RpcError) as err:
+        directory.node.ListRecords(request, timeout=5)  # the directory alone reads nothing
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    relayed = directory.node.ListRecords(request, metadata=patient.md(), timeout=5)
+    assert [r.id for r in relayed.records] == ["relay"]
+    for c in (patient, doctor, directory):
+        c.close()
 
 
 def test_locator_outbox_survives_a_directory_restart(pki_dir: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def _get(pki_dir: Path, node: str, record_id: str, out: Path) -> int:
     return main(
         [
             "record", "get", "--pki", str(pki_dir), "--as", f"practitioner-{DOCTOR}",
-            "--node", node, "--record", record_id, "--out", str(out),
+            "--node", node, "--record", record_id, "--out", str(out), "--patient", PATIENT,
         ]
     )  # fmt: skip
 

@@ -44,14 +44,16 @@ def put(c: Client, record: record_pb2.Record, content: bytes = b"content") -> re
 
 
 def content_of(c: Client, record_id: str) -> bytes:
-    chunks = c.node.GetRecordContent(pb.GetRecordContentRequest(record_id=record_id), timeout=10)
+    chunks = c.node.GetRecordContent(
+        pb.GetRecordContentRequest(record_id=record_id), timeout=10, metadata=c.md()
+    )
     return b"".join(chunk.chunk for chunk in chunks)
 
 
 def list_all(c: Client, request: pb.ListRecordsRequest) -> list[record_pb2.Record]:
     records: list[record_pb2.Record] = []
     while True:
-        page = c.node.ListRecords(request, timeout=10)
+        page = c.node.ListRecords(request, timeout=10, metadata=c.md(request.patient_ins))
         records.extend(page.records)
         if not page.next_page_token:
             return records
@@ -71,7 +73,9 @@ class TestRecords:
         assert stored.region == "11"
         assert stored.author.identity == f"urn:dmp:practitioner:{DOCTOR}"
         assert stored.author.profession == "doctor"
-        got = doctor.node.GetRecord(pb.GetRecordRequest(record_id=stored.id), timeout=10).record
+        got = doctor.node.GetRecord(
+            pb.GetRecordRequest(record_id=stored.id), timeout=10, metadata=doctor.md()
+        ).record
         assert got == stored
         assert content_of(doctor, stored.id) == content
 
@@ -94,7 +98,9 @@ class TestRecords:
         v2 = put(doctor, second, b"second")
         assert v2.version == 2
         assert v2.supersedes == "v1"
-        old = doctor.node.GetRecord(pb.GetRecordRequest(record_id="v1"), timeout=10).record
+        old = doctor.node.GetRecord(
+            pb.GetRecordRequest(record_id="v1"), timeout=10, metadata=doctor.md()
+        ).record
         assert old.status == record_pb2.RECORD_STATUS_SUPERSEDED
         assert content_of(doctor, "v1") == b"first"
         third = draft(record_id="v3")
@@ -154,7 +160,7 @@ class TestRecords:
         writer.start()
         try:
             while True:
-                page = doctor.node.ListRecords(request, timeout=10)
+                page = doctor.node.ListRecords(request, timeout=10, metadata=doctor.md())
                 seen.extend(r.id for r in page.records)
                 if not page.next_page_token:
                     break
@@ -196,7 +202,7 @@ class TestRecords:
             (pb.ListRecordsRequest(patient_ins="123"), "patient_ins"),
         ]:
             with pytest.raises(grpc.RpcError) as err:
-                doctor.node.ListRecords(request, timeout=10)
+                doctor.node.ListRecords(request, timeout=10, metadata=doctor.md())
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert field in err.value.details()
 
@@ -204,13 +210,15 @@ class TestRecords:
         for i in range(3):
             put(doctor, draft(record_id=f"t{i}", effective_s=i + 1))
         page = doctor.node.ListRecords(
-            pb.ListRecordsRequest(patient_ins=PATIENT, page_size=1), timeout=10
+            pb.ListRecordsRequest(patient_ins=PATIENT, page_size=1),
+            timeout=10,
+            metadata=doctor.md(),
         )
         other = pb.ListRecordsRequest(
             patient_ins=PATIENT, page_size=1, page_token=page.next_page_token, type_codes=["x"]
         )
         with pytest.raises(grpc.RpcError) as err:
-            doctor.node.ListRecords(other, timeout=10)
+            doctor.node.ListRecords(other, timeout=10, metadata=doctor.md())
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     def test_content_over_the_maximum_is_resource_exhausted_and_not_stored(
@@ -220,12 +228,16 @@ class TestRecords:
             put(doctor, draft(record_id="big"), b"x" * (2 * MiB + 1))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         with pytest.raises(grpc.RpcError) as missing:
-            doctor.node.GetRecord(pb.GetRecordRequest(record_id="big"), timeout=10)
+            doctor.node.GetRecord(
+                pb.GetRecordRequest(record_id="big"), timeout=10, metadata=doctor.md()
+            )
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
     def test_unknown_record_is_not_found(self, doctor: Client) -> None:
         with pytest.raises(grpc.RpcError) as err:
-            doctor.node.GetRecord(pb.GetRecordRequest(record_id="nope"), timeout=10)
+            doctor.node.GetRecord(
+                pb.GetRecordRequest(record_id="nope"), timeout=10, metadata=doctor.md()
+            )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -249,10 +261,16 @@ class TestWhoMay:
         listed = list_all(patient, pb.ListRecordsRequest(patient_ins=PATIENT))
         assert [r.id for r in listed] == [mine.id]
         with pytest.raises(grpc.RpcError) as err:
-            patient.node.ListRecords(pb.ListRecordsRequest(patient_ins=OTHER_PATIENT), timeout=10)
+            patient.node.ListRecords(
+                pb.ListRecordsRequest(patient_ins=OTHER_PATIENT),
+                timeout=10,
+                metadata=patient.md(OTHER_PATIENT),
+            )
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(grpc.RpcError) as err:
-            patient.node.GetRecord(pb.GetRecordRequest(record_id="theirs"), timeout=10)
+            patient.node.GetRecord(
+                pb.GetRecordRequest(record_id="theirs"), timeout=10, metadata=patient.md()
+            )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         patient.close()
 
@@ -262,7 +280,9 @@ class TestWhoMay:
         put(doctor, draft(record_id="r"))
         other = client(pki_dir, "node-53", node.port)
         with pytest.raises(grpc.RpcError) as err:
-            other.node.ListRecords(pb.ListRecordsRequest(patient_ins=PATIENT), timeout=10)
+            other.node.ListRecords(
+                pb.ListRecordsRequest(patient_ins=PATIENT), timeout=10, metadata=doctor.md()
+            )
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         other.close()
 

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dmp.identity import Principal, Role
 from dmp.pki import Credentials, Pki, load_credentials
 from dmp.tls import channel_options, secure_channel
-from dmp.v1 import node_service_pb2 as pb
-from dmp.v1 import node_service_pb2_grpc
 from node.app import RunningNode
-from tests.federation import DOCTOR, PATIENT, running_node
+from tests.federation import DOCTOR, running_node
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +33,10 @@ def node(own_pki: Pki, tmp_path: Path) -> Iterator[RunningNode]:
         yield running
 
 
-def list_call(channel: grpc.Channel) -> pb.ListRecordsResponse:
-    stub = node_service_pb2_grpc.NodeServiceStub(channel)
-    return stub.ListRecords(pb.ListRecordsRequest(patient_ins=PATIENT), timeout=5)
+def list_call(channel: grpc.Channel) -> health_pb2.HealthCheckResponse:
+    """A call any federation certificate may make: the TLS layer and the CRL decide."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
 
 
 def call_code(channel: grpc.Channel) -> grpc.StatusCode:

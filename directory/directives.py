@@ -1,0 +1,57 @@
+"""Patient directives at the directory: stored as the patient signed them, served to the
+patient and to nodes, enforced before fanning out."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from directory.models import DirectivesRow
+from dmp.clock import now_us
+from dmp.db import writer
+from dmp.directives import PatientDirectives, verify_directives
+from dmp.errors import FailedPrecondition
+from dmp.signing import SignatureVerifier
+from dmp.v1 import access_pb2
+
+
+class DirectiveStore:
+    def __init__(self, engine: Engine, signatures: SignatureVerifier) -> None:
+        self._engine = engine
+        self._writer = writer(engine)
+        self._signatures = signatures
+
+    def current(self, ins: str) -> tuple[PatientDirectives, bytes | None]:
+        """The patient's directives and their signed form (None when never set)."""
+        with Session(self._engine) as session:
+            row = session.get(DirectivesRow, ins)
+            signed = row.signed if row is not None else None
+        if signed is None:
+            return PatientDirectives(ins), None
+        message = access_pb2.SignedDirectives.FromString(signed)
+        return verify_directives(self._signatures, message, ins), signed
+
+    def replace(self, signed: access_pb2.SignedDirectives, patient_ins: str) -> PatientDirectives:
+        """Store a new version signed by the patient; it must follow the current one."""
+        directives = verify_directives(self._signatures, signed, patient_ins)
+        with Session(self._writer) as session, session.begin():
+            row = session.get(DirectivesRow, patient_ins)
+            current = row.version if row is not None else 0
+            if directives.version != current + 1:
+                raise FailedPrecondition(
+                    f"directives version {directives.version} does not follow the current"
+                    f" version {current}: fetch the current directives and change them again"
+                )
+            blob = signed.SerializeToString()
+            if row is None:
+                session.add(
+                    DirectivesRow(
+                        ins=patient_ins,
+                        version=directives.version,
+                        signed=blob,
+                        updated_us=now_us(),
+                    )
+                )
+            else:
+                row.version, row.signed, row.updated_us = directives.version, blob, now_us()
+        return directives

@@ -1,0 +1,88 @@
+"""Signed statements of people: a payload signed with the key of the signer's own
+certificate, verified against the federation CA, its validity and the CRL.
+
+Access assertions and patient directives are both carried this way.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from dmp.errors import Unauthenticated
+from dmp.identity import Principal
+from dmp.pki import Credentials, RevocationList, load_private_key, principal_from_certificate
+
+_ECDSA = ec.ECDSA(hashes.SHA256())
+
+
+class Signer:
+    """Signs payloads with a person's (or service's) own key."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self.credentials = credentials
+        self.principal = credentials.principal
+        self._key = load_private_key(credentials.key_pem)
+        cert = x509.load_pem_x509_certificate(credentials.cert_pem)
+        self.certificate_der = cert.public_bytes(serialization.Encoding.DER)
+
+    def sign(self, payload: bytes) -> bytes:
+        return self._key.sign(payload, _ECDSA)
+
+
+@functools.lru_cache(maxsize=8192)
+def _certificate(der: bytes) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise Unauthenticated("the signer's certificate is not a DER X.509 certificate") from None
+
+
+class SignatureVerifier:
+    """Checks that a payload was signed by the holder of a valid federation certificate."""
+
+    def __init__(
+        self,
+        ca_certificate: x509.Certificate,
+        revocation: RevocationList,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._ca = ca_certificate
+        self._revocation = revocation
+        self._clock = clock
+        self._issued_by_ca = functools.lru_cache(maxsize=8192)(self._check_issuer)
+
+    def _check_issuer(self, der: bytes) -> Principal:
+        cert = _certificate(der)
+        try:
+            cert.verify_directly_issued_by(self._ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise Unauthenticated(
+                "the signer's certificate is not issued by the federation CA"
+            ) from None
+        return principal_from_certificate(cert)
+
+    def verify(self, payload: bytes, signature: bytes, certificate_der: bytes) -> Principal:
+        """The signer, once the certificate chains to the CA, is valid now, is not revoked and
+        its key made `signature` over `payload`; Unauthenticated otherwise."""
+        principal = self._issued_by_ca(certificate_der)
+        cert = _certificate(certificate_der)
+        now = self._clock()
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise Unauthenticated(f"the certificate of {principal.uri} is not valid now")
+        if self._revocation.is_revoked(cert):
+            raise Unauthenticated(f"the certificate of {principal.uri} has been revoked")
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise Unauthenticated("the signer's key is not an ECDSA key")
+        try:
+            key.verify(signature, payload, _ECDSA)
+        except InvalidSignature:
+            raise Unauthenticated(f"the signature is not by the key of {principal.uri}") from None
+        return principal

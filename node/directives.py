@@ -1,0 +1,106 @@
+"""Where a node gets a patient's directives: signed by the patient, from the directory.
+
+Relayed calls carry the directory's current signed set (DIRECTIVES_KEY); other calls use
+a cache refreshed from the directory after at most STALENESS_SECONDS. Every set is
+verified against the patient's signature and never replaced by an older version, so the
+directory can neither forge a directive nor roll back one this node has seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from dmp.directives import DIRECTIVES_KEY, PatientDirectives, verify_directives
+from dmp.errors import Unavailable
+from dmp.signing import SignatureVerifier
+from dmp.v1 import access_pb2, directory_service_pb2, directory_service_pb2_grpc
+
+log = logging.getLogger("dmp.node.directives")
+
+STALENESS_SECONDS = 5.0
+
+
+class DirectiveCache:
+    def __init__(
+        self,
+        signatures: SignatureVerifier,
+        channel: grpc.Channel | None,
+        *,
+        staleness: float = STALENESS_SECONDS,
+    ) -> None:
+        self._signatures = signatures
+        self._stub = directory_service_pb2_grpc.DirectoryServiceStub(channel) if channel else None
+        self._staleness = staleness
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[PatientDirectives, float]] = {}
+
+    def get(
+        self,
+        patient_ins: str,
+        metadata: Sequence[tuple[str, str | bytes]] = (),
+        *,
+        fail_closed: bool = True,
+    ) -> PatientDirectives:
+        """The patient's directives, no older than the staleness bound. When the directory
+        does not answer, reads fail (fail_closed); writes go on with what is known, so that
+        care is not stopped and nothing is disclosed."""
+        carried = _carried(metadata)
+        if carried is not None:
+            try:
+                return self._keep(
+                    patient_ins, verify_directives(self._signatures, carried, patient_ins)
+                )
+            except Exception as exc:  # a bad relayed set is ignored: fetch instead
+                log.warning("ignoring directives relayed for %s: %s", patient_ins, exc)
+        cached = self._cache.get(patient_ins)
+        if cached is not None and time.monotonic() - cached[1] < self._staleness:
+            return cached[0]
+        if self._stub is None:
+            return cached[0] if cached else PatientDirectives(patient_ins)
+        try:
+            answer: directory_service_pb2.GetDirectivesResponse = self._stub.GetDirectives(
+                directory_service_pb2.GetDirectivesRequest(patient_ins=patient_ins), timeout=2
+            )
+        except grpc.RpcError as exc:
+            if not fail_closed:
+                log.warning(
+                    "directives of %s unknown (directory unreachable): write accepted", patient_ins
+                )
+                return cached[0] if cached else PatientDirectives(patient_ins)
+            raise Unavailable(
+                "cannot check the patient's directives: the directory does not answer"
+                f" ({exc.code().name}); retry shortly"
+            ) from None
+        if not answer.HasField("directives"):
+            return self._keep(patient_ins, PatientDirectives(patient_ins))
+        return self._keep(
+            patient_ins, verify_directives(self._signatures, answer.directives, patient_ins)
+        )
+
+    def _keep(self, patient_ins: str, directives: PatientDirectives) -> PatientDirectives:
+        with self._lock:
+            cached = self._cache.get(patient_ins)
+            if cached is not None and cached[0].version > directives.version:
+                log.warning(
+                    "directives of %s: refusing version %d older than version %d already seen",
+                    patient_ins, directives.version, cached[0].version,
+                )  # fmt: skip
+                directives = cached[0]
+            self._cache[patient_ins] = (directives, time.monotonic())
+        return directives
+
+
+def _carried(metadata: Sequence[tuple[str, str | bytes]]) -> access_pb2.SignedDirectives | None:
+    for key, value in metadata:
+        if key == DIRECTIVES_KEY and isinstance(value, bytes):
+            try:
+                return access_pb2.SignedDirectives.FromString(value)
+            except DecodeError:
+                return None
+    return None
