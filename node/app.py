@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from dmp.assertion import AssertionVerifier
+from dmp.clock import now_us
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
@@ -48,6 +50,8 @@ class NodeConfig:
     advertise: str | None = None
     #: JSON profession matrix (default: node/access_matrix.json).
     access_matrix: Path | None = None
+    #: Microseconds since the epoch (tests inject a clock to move time).
+    clock: Callable[[], int] = now_us
 
     def database_url(self) -> str:
         if self.db_url:
@@ -82,7 +86,7 @@ def start_node(config: NodeConfig) -> RunningNode:
         )
     engine = make_engine(config.database_url())
     upgrade(engine, MIGRATIONS, "alembic_version_node")
-    store = RecordStore(engine, region, max_content=config.max_content)
+    store = RecordStore(engine, region, max_content=config.max_content, clock=config.clock)
     ca = certificate_from_pem(credentials.ca_pem)
     revocation = RevocationList(config.pki_dir / CRL_FILE, ca)
     signatures = SignatureVerifier(ca, revocation)

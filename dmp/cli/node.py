@@ -56,6 +56,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     serve.add_argument(
         "--advertise", metavar="HOST:PORT", help="address to announce (default: the listen address)"
     )
+    serve.add_argument(
+        "--access-matrix",
+        type=Path,
+        metavar="FILE",
+        help="JSON profession matrix: which kinds and type codes each profession reads"
+        " (default: the documented node/access_matrix.json)",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -72,6 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         directory=args.directory,
         consul_url=args.consul,
         advertise=args.advertise,
+        access_matrix=args.access_matrix,
     )
     node = start_node(config)
     print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
-from dmp.cli.common import add_identity, channel, credentials
+from dmp.cli.common import (
+    CommandError,
+    add_identity,
+    add_pki,
+    assertion,
+    channel,
+    credentials,
+)
+from dmp.directives import PatientDirectives, from_proto, sign_directives
 from dmp.errors import InvalidArgument
+from dmp.identity import Role, check_rpps, parse_identity
 from dmp.patients import SEX_VALUES
+from dmp.signing import Signer
+from dmp.v1 import access_pb2, directory_service_pb2_grpc, patient_pb2
 from dmp.v1 import directory_service_pb2 as pb
-from dmp.v1 import directory_service_pb2_grpc, patient_pb2
+from node.records import check_record_id
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -30,6 +42,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     reg.add_argument("--sex", required=True, choices=sorted(SEX_VALUES))
     reg.add_argument("--birthplace", required=True, metavar="INSEE", help="birth place code")
     reg.set_defaults(handler=_register)
+    register_patient_commands(psub)
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -48,4 +61,163 @@ def _register(args: argparse.Namespace) -> int:
         answer = stub.RegisterPatient(pb.RegisterPatientRequest(patient=identity), timeout=10)
     verb = "registered" if answer.created else "already registered, identity confirmed"
     print(f"{answer.patient.ins}: {verb}")
+    return 0
+
+
+def _patient_parser(
+    psub: argparse._SubParsersAction[Any], name: str, help_text: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = psub.add_parser(name, help=help_text, description=help_text)
+    add_pki(parser)
+    parser.add_argument(
+        "--as", dest="identity", required=True, metavar="patient-INS", help="your own identity"
+    )
+    parser.add_argument("--directory", required=True, metavar="HOST:PORT")
+    return parser
+
+
+def register_patient_commands(psub: argparse._SubParsersAction[Any]) -> None:
+    """The patient's own commands: directives, and their own consolidated record."""
+    for name, help_text, argument in (
+        (
+            "mask",
+            "mask a record from professionals (but its author and your treating physician)",
+            "RECORD",
+        ),
+        ("unmask", "unmask a record", "RECORD"),
+        ("block", "refuse a professional every access to your record", "RPPS"),
+        ("unblock", "lift a block", "RPPS"),
+        ("set-treating", "designate your treating physician ('none' to clear)", "RPPS"),
+    ):
+        parser = _patient_parser(psub, name, help_text)
+        parser.add_argument("target", metavar=argument)
+        parser.set_defaults(handler=_directive, change=name)
+    emergency = _patient_parser(
+        psub, "emergency", "allow or refuse emergency (break-the-glass) access"
+    )
+    emergency.add_argument("target", choices=["allow", "refuse"])
+    emergency.set_defaults(handler=_directive, change="emergency")
+    for name, help_text in (
+        ("oppose", "oppose your record: no professional access at all"),
+        ("close", "close your record: nothing new is written; it stays readable"),
+        ("reopen", "make your record active again"),
+    ):
+        parser = _patient_parser(psub, name, help_text)
+        parser.set_defaults(handler=_directive, change=name, target="")
+    show = _patient_parser(psub, "directives", "show your directives in force")
+    show.set_defaults(handler=_show_directives)
+    view = _patient_parser(psub, "view", "your own consolidated record, from every region")
+    view.add_argument("--limit", type=int, default=500)
+    view.set_defaults(handler=_view)
+
+
+def _own_ins(args: argparse.Namespace) -> str:
+    role, key = parse_identity(args.identity)
+    if role is not Role.PATIENT:
+        raise CommandError("these commands are the patient's own: use --as patient-<INS>")
+    return key
+
+
+def _current(stub: directory_service_pb2_grpc.DirectoryServiceStub, ins: str) -> PatientDirectives:
+    answer = stub.GetDirectives(pb.GetDirectivesRequest(patient_ins=ins), timeout=10)
+    if not answer.HasField("directives"):
+        return PatientDirectives(ins)
+    return from_proto(access_pb2.Directives.FromString(answer.directives.directives))
+
+
+def changed(directives: PatientDirectives, change: str, target: str) -> PatientDirectives:
+    """The directives after one of the patient's commands."""
+    if change in ("block", "unblock", "set-treating") and not (
+        change == "set-treating" and target == "none"
+    ):
+        check_rpps(target)
+    if change in ("mask", "unmask"):
+        check_record_id(target, "RECORD")
+    masked, blocked = set(directives.masked_record_ids), set(directives.blocked_rpps)
+    state, treating, refused = (
+        directives.state,
+        directives.treating_rpps,
+        directives.emergency_refused,
+    )
+    if change == "mask":
+        masked.add(target)
+    elif change == "unmask":
+        masked.discard(target)
+    elif change == "block":
+        blocked.add(target)
+    elif change == "unblock":
+        blocked.discard(target)
+    elif change == "set-treating":
+        treating = "" if target == "none" else target
+    elif change == "emergency":
+        refused = target == "refuse"
+    elif change == "oppose":
+        state = access_pb2.RECORD_STATE_OPPOSED
+    elif change == "close":
+        state = access_pb2.RECORD_STATE_CLOSED
+    elif change == "reopen":
+        state = access_pb2.RECORD_STATE_ACTIVE
+    return replace(
+        directives,
+        version=directives.version + 1,
+        state=state,
+        blocked_rpps=frozenset(blocked),
+        treating_rpps=treating,
+        masked_record_ids=frozenset(masked),
+        emergency_refused=refused,
+    )
+
+
+def _state_name(state: int) -> str:
+    return STATE_NAMES.get(access_pb2.RecordState.ValueType(state), "active")
+
+
+STATE_NAMES = {
+    access_pb2.RECORD_STATE_ACTIVE: "active",
+    access_pb2.RECORD_STATE_OPPOSED: "opposed",
+    access_pb2.RECORD_STATE_CLOSED: "closed",
+}
+
+
+def describe(d: PatientDirectives) -> str:
+    return "\n".join(
+        [
+            f"record state:        {_state_name(d.state)} (directives version {d.version})",
+            f"emergency access:    {'refused' if d.emergency_refused else 'allowed'}",
+            f"treating physician:  {d.treating_rpps or '-'}",
+            f"blocked:             {', '.join(sorted(d.blocked_rpps)) or '-'}",
+            f"masked records:      {', '.join(sorted(d.masked_record_ids)) or '-'}",
+        ]
+    )
+
+
+def _directive(args: argparse.Namespace) -> int:
+    ins = _own_ins(args)
+    creds = credentials(args)
+    with channel(args.directory, creds) as ch:
+        stub = directory_service_pb2_grpc.DirectoryServiceStub(ch)
+        new = changed(_current(stub, ins), args.change, args.target)
+        signed = sign_directives(Signer(creds), new)
+        stub.SetDirectives(pb.SetDirectivesRequest(directives=signed), timeout=10)
+    print(describe(new))
+    return 0
+
+
+def _show_directives(args: argparse.Namespace) -> int:
+    ins = _own_ins(args)
+    with channel(args.directory, credentials(args)) as ch:
+        print(describe(_current(directory_service_pb2_grpc.DirectoryServiceStub(ch), ins)))
+    return 0
+
+
+def _view(args: argparse.Namespace) -> int:
+    from dmp.cli.query import fetch, print_view
+
+    ins = _own_ins(args)
+    creds = credentials(args)
+    with channel(args.directory, creds) as ch:
+        stub = directory_service_pb2_grpc.DirectoryServiceStub(ch)
+        request = pb.GetConsolidatedViewRequest(patient_ins=ins, page_size=200)
+        records, regions = fetch(stub, request, args.limit, 10.0, lambda: assertion(creds, ins))
+    print_view(records, regions)
     return 0

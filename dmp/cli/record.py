@@ -68,6 +68,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     get.add_argument("--out", type=Path, help="write the content here (default: standard output)")
     get.set_defaults(handler=_get)
 
+    reveal = rsub.add_parser(
+        "reveal",
+        help="make a record you hid from the patient visible to them (you announced it)",
+    )
+    add_identity(reveal)
+    reveal.add_argument("--node", required=True, metavar="HOST:PORT")
+    reveal.add_argument("--record", required=True, metavar="ID")
+    reveal.set_defaults(handler=_reveal)
+
     lst = rsub.add_parser("list", help="list a patient's records held by a node")
     add_identity(lst)
     lst.add_argument("--node", required=True, metavar="HOST:PORT")
@@ -141,6 +150,14 @@ def _get(args: argparse.Namespace) -> int:
         raise CommandError(f"content of {args.record} does not match its SHA-256 {expected}")
     if args.out:
         print(f"wrote {size} bytes to {args.out} (sha256 {expected})", file=sys.stderr)
+    return 0
+
+
+def _reveal(args: argparse.Namespace) -> int:
+    with channel(args.node, credentials(args)) as ch:
+        stub = node_service_pb2_grpc.NodeServiceStub(ch)
+        stub.RevealRecord(pb.RevealRecordRequest(record_id=args.record), timeout=30)
+    print(f"{args.record}: now visible to the patient")
     return 0
 
 
