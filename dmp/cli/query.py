@@ -145,7 +145,7 @@ def print_view(records: list[record_pb2.Record], regions: dict[str, pb.RegionSta
             r.region,
             KIND_NAMES.get(r.kind, "?"),
             r.type_code.code,
-            r.title,
+            r.title + (" [masked]" if r.masked else ""),
             r.author.name or r.author.identity,
         )
         for r in records
