@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,22 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'node.db'}"
     else:
         yield request.getfixturevalue("postgres_db_url")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """Make databases by name, as SQLite files or as PostgreSQL databases (dropped after)."""
+    if request.param == "sqlite":
+        yield lambda name: f"sqlite:///{tmp_path / f'{name}.db'}"
+        return
+    cluster = request.getfixturevalue("postgres_cluster")
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        database = f"t_{uuid.uuid4().hex[:12]}_{name}".replace("-", "_")
+        made.append(database)
+        return str(cluster.create_database(database))
+
+    yield make
+    for database in made:
+        cluster.drop_database(database)

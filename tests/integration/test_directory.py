@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,10 +71,9 @@ class Federation:
 
 
 @pytest.fixture
-def federation(pki_dir: Path, tmp_path: Path) -> Iterator[Federation]:
-    with running_directory(
-        pki_dir, f"sqlite:///{tmp_path / 'directory.db'}", health_interval=0.2
-    ) as directory:
+def federation(pki_dir: Path, db_factory: Callable[[str], str]) -> Iterator[Federation]:
+    """A directory and three nodes, on SQLite files or on PostgreSQL databases."""
+    with running_directory(pki_dir, db_factory("directory"), health_interval=0.2) as directory:
         nodes: dict[str, RunningNode] = {}
         stack = []
         try:
@@ -82,7 +81,7 @@ def federation(pki_dir: Path, tmp_path: Path) -> Iterator[Federation]:
                 cm = running_node(
                     pki_dir,
                     region,
-                    f"sqlite:///{tmp_path / f'node-{region}.db'}",
+                    db_factory(f"node-{region}"),
                     directory=f"127.0.0.1:{directory.port}",
                 )
                 nodes[region] = cm.__enter__()
