@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -10,11 +11,15 @@ import grpc
 from directory.access import DirectoryAccess
 from directory.channels import NodeChannels
 from directory.directives import DirectiveStore
+from directory.fanout import FanOut
 from directory.index import PatientIndex
+from directory.models import audit_checkpoints, audit_events
 from directory.registry import EmbeddedRegistry
 from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
 from dmp.assertion import AssertionVerifier
+from dmp.audit import AuditLog
+from dmp.auditing import Auditor, close_log
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery import Discovery
 from dmp.errors import FailedPrecondition
@@ -37,6 +42,8 @@ class DirectoryConfig:
     region_deadline: float = DEFAULT_REGION_DEADLINE
     consul_url: str | None = None
     health_interval: float = 1.0
+    #: Seconds between signed checkpoints of the audit trail (and one at shutdown).
+    audit_checkpoint_interval: float = 60.0
 
     def database_url(self) -> str:
         if self.db_url:
@@ -51,6 +58,7 @@ class RunningDirectory:
     index: PatientIndex
     discovery: Discovery
     registry: EmbeddedRegistry | None
+    audit: AuditLog
 
     @property
     def port(self) -> int:
@@ -78,14 +86,31 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         registry = EmbeddedRegistry(engine, channels, check_interval=config.health_interval)
         discovery = registry
     discovery.start()
-    assembler = ViewAssembler(index, discovery, channels, region_deadline=config.region_deadline)
+    fanout = FanOut(discovery, channels, config.region_deadline)
+    assembler = ViewAssembler(index, fanout)
     ca = certificate_from_pem(credentials.ca_pem)
     revocation = RevocationList(config.pki_dir / CRL_FILE, ca)
     signatures = SignatureVerifier(ca, revocation)
     directives = DirectiveStore(engine, signatures)
     access = DirectoryAccess(AssertionVerifier(signatures), directives)
+    audit_log = AuditLog(
+        engine,
+        audit_events,
+        audit_checkpoints,
+        source_id=credentials.principal.uri,
+        signer=credentials,
+        checkpoint_interval=config.audit_checkpoint_interval,
+    )
     servicer = DirectoryServicer(
-        index, discovery, registry, channels, assembler, access, directives
+        index,
+        discovery,
+        registry,
+        channels,
+        assembler,
+        access,
+        directives,
+        fanout,
+        Auditor(audit_log),
     )
 
     def add(server: grpc.Server) -> None:
@@ -102,5 +127,10 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         discovery.close()
         channels.close()
         raise
-    running.on_stop.extend([discovery.close, channels.close, engine.dispose])
-    return RunningDirectory(server=running, index=index, discovery=discovery, registry=registry)
+    audit_log.start()
+    running.on_stop.extend(
+        [discovery.close, channels.close, partial(close_log, audit_log), engine.dispose]
+    )
+    return RunningDirectory(
+        server=running, index=index, discovery=discovery, registry=registry, audit=audit_log
+    )

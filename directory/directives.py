@@ -3,6 +3,8 @@ patient and to nodes, enforced before fanning out."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -31,7 +33,12 @@ class DirectiveStore:
         message = access_pb2.SignedDirectives.FromString(signed)
         return verify_directives(self._signatures, message, ins), signed
 
-    def replace(self, signed: access_pb2.SignedDirectives, patient_ins: str) -> PatientDirectives:
+    def replace(
+        self,
+        signed: access_pb2.SignedDirectives,
+        patient_ins: str,
+        audit: Callable[[Session], None] | None = None,
+    ) -> PatientDirectives:
         """Store a new version signed by the patient; it must follow the current one."""
         directives = verify_directives(self._signatures, signed, patient_ins)
         with Session(self._writer) as session, session.begin():
@@ -54,4 +61,6 @@ class DirectiveStore:
                 )
             else:
                 row.version, row.signed, row.updated_us = directives.version, blob, now_us()
+            if audit is not None:
+                audit(session)
         return directives

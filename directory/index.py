@@ -56,7 +56,10 @@ class PatientIndex:
         self._clock = clock
 
     def register(
-        self, identity: patient_pb2.PatientIdentity, reported_by: str
+        self,
+        identity: patient_pb2.PatientIdentity,
+        reported_by: str,
+        audit: Callable[[Session], None] | None = None,
     ) -> tuple[Traits, bool]:
         """Store or confirm an identity. Contradicting traits: refused and kept for review."""
         traits = traits_of(identity, "patient", require_all=True)
@@ -64,6 +67,8 @@ class PatientIndex:
             try:
                 with Session(self._writer) as session, session.begin():
                     outcome = self._merge(session, traits, reported_by)
+                    if audit is not None and not isinstance(outcome, list):
+                        audit(session)
             except IntegrityError:
                 continue  # a concurrent registration of the same INS: look again
             if isinstance(outcome, list):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from dmp.audit import audit_tables
 from dmp.db import new_metadata
 
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
@@ -73,3 +74,7 @@ class DirectivesRow(DirectoryBase):
     version: Mapped[int] = mapped_column(BigInteger)
     signed: Mapped[bytes] = mapped_column(LargeBinary)
     updated_us: Mapped[int] = mapped_column(BigInteger)
+
+
+#: The directory's tamper-evident audit trail (dmp/audit.py).
+audit_events, audit_checkpoints = audit_tables(DirectoryBase.metadata)

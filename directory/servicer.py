@@ -11,14 +11,17 @@ from directory import access
 from directory.access import DirectoryAccess
 from directory.channels import NodeChannels
 from directory.directives import DirectiveStore
+from directory.fanout import FanOut
 from directory.index import FragmentUpdate, PatientIndex
 from directory.registry import HEARTBEAT_SECONDS, EmbeddedRegistry
 from directory.view import ViewAssembler
 from dmp.assertion import ASSERTION_KEY, VerifiedAssertion
+from dmp.audit import EventType
+from dmp.auditing import REQUEST_ID_KEY, Auditor, history_events, to_proto
 from dmp.clock import from_us, to_us
 from dmp.directives import DIRECTIVES_KEY
 from dmp.discovery import Discovery
-from dmp.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from dmp.errors import DmpError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.patients import traits_of
@@ -26,18 +29,39 @@ from dmp.server import CallContext
 from dmp.v1 import access_pb2, directory_service_pb2_grpc
 from dmp.v1 import directory_service_pb2 as pb
 from dmp.v1 import node_service_pb2 as npb
+from dmp.v1.node_service_pb2_grpc import NodeServiceStub
 
 MAX_CONFLICT_PAGE = 1000
+MAX_HISTORY = 1000
+STATE_WORDS = {
+    pb.REGION_STATE_ANSWERED: "answered",
+    pb.REGION_STATE_UNAVAILABLE: "unavailable",
+    pb.REGION_STATE_DEADLINE_EXCEEDED: "deadline-exceeded",
+    pb.REGION_STATE_REFUSED: "refused",
+    pb.REGION_STATE_FAILED: "failed",
+}
+
+
+def relayed_error(region: str, exc: grpc.RpcError) -> DmpError:
+    """A node's error on a relayed call, passed on with its status code."""
+    error = DmpError(f"region {region}: {exc.details()}")
+    error.code = exc.code()
+    error.reason = exc.code().name
+    return error
 
 
 def forward_metadata(
-    assertion: VerifiedAssertion, signed_directives: bytes | None
-) -> tuple[tuple[str, bytes], ...]:
-    """What the directory passes to nodes: the caller's assertion unchanged, and the
-    patient's directives as the patient signed them."""
-    if signed_directives is None:
-        return ((ASSERTION_KEY, assertion.raw),)
-    return ((ASSERTION_KEY, assertion.raw), (DIRECTIVES_KEY, signed_directives))
+    assertion: VerifiedAssertion, signed_directives: bytes | None, request_id: str
+) -> tuple[tuple[str, str | bytes], ...]:
+    """What the directory passes to nodes: the caller's assertion unchanged, the patient's
+    directives as the patient signed them, and the request id its audit event carries."""
+    metadata: tuple[tuple[str, str | bytes], ...] = (
+        (ASSERTION_KEY, assertion.raw),
+        (REQUEST_ID_KEY, request_id),
+    )
+    if signed_directives is not None:
+        metadata += ((DIRECTIVES_KEY, signed_directives),)
+    return metadata
 
 
 class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
@@ -50,7 +74,11 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         assembler: ViewAssembler,
         access: DirectoryAccess,
         directives: DirectiveStore,
+        fanout: FanOut,
+        auditor: Auditor,
     ) -> None:
+        self._fanout = fanout
+        self._auditor = auditor
         self._access = access
         self._directives = directives
         self._index = index
@@ -62,16 +90,24 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     def RegisterPatient(
         self, request: pb.RegisterPatientRequest, context: CallContext
     ) -> pb.RegisterPatientResponse:
-        access.check_register(context.principal)
-        traits, created = self._index.register(request.patient, context.principal.uri)
+        with self._auditor.call(context, EventType.WRITE, request.patient.ins) as audited:
+            audited.detail = "patient identity registered"
+            access.check_register(context.principal)
+            traits, created = self._index.register(
+                request.patient, context.principal.uri, audit=audited.append
+            )
         return pb.RegisterPatientResponse(patient=traits.to_proto(), created=created)
 
     def GetPatient(
         self, request: pb.GetPatientRequest, context: CallContext
     ) -> pb.GetPatientResponse:
-        ins = normalize_ins(request.ins)
-        self._access.reader(context, ins)
-        traits, fragments = self._index.get(ins)
+        with self._auditor.call(context, EventType.READ_RECORD, request.ins) as audited:
+            audited.detail = "patient identity and record locations"
+            ins = normalize_ins(request.ins)
+            assertion, _, _ = self._access.reader(context, ins)
+            audited.caller(assertion)
+            traits, fragments = self._index.get(ins)
+            audited.commit()
         return pb.GetPatientResponse(
             patient=traits.to_proto(),
             fragments=[
@@ -125,46 +161,65 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     def GetConsolidatedView(
         self, request: pb.GetConsolidatedViewRequest, context: CallContext
     ) -> pb.GetConsolidatedViewResponse:
-        ins = normalize_ins(request.patient_ins, "patient_ins")
-        assertion, _, signed = self._access.reader(context, ins)
-        return self._assembler.view(
-            request,
-            metadata=forward_metadata(assertion, signed),
-            time_remaining=context.time_remaining(),
-        )
+        with self._auditor.call(context, EventType.VIEW, request.patient_ins) as audited:
+            ins = normalize_ins(request.patient_ins, "patient_ins")
+            assertion, _, signed = self._access.reader(context, ins)
+            audited.caller(assertion)
+            view = self._assembler.view(
+                request,
+                metadata=forward_metadata(assertion, signed, audited.request_id),
+                time_remaining=context.time_remaining(),
+            )
+            audited.detail = "regions " + ", ".join(
+                f"{s.region}:{STATE_WORDS.get(s.state, '?')}" for s in view.regions
+            )
+            audited.commit([r.id for r in view.records])
+        return view
 
     def FetchRecordContent(
         self, request: pb.FetchRecordContentRequest, context: CallContext
     ) -> Iterator[pb.FetchRecordContentResponse]:
-        assertion, _, signed = self._access.reader(context)
-        route = self._discovery.routes().get(request.region)
-        if route is None:
-            raise NotFound(f"no node is registered for region {request.region!r}")
-        if not route.healthy:
-            raise FailedPrecondition(
-                f"region {request.region} is not reachable now ({route.reason}): retry later"
+        with self._auditor.call(context, EventType.READ_CONTENT) as audited:
+            audited.record_ids = (request.record_id,)
+            assertion, _, signed = self._access.reader(context)
+            audited.caller(assertion)
+            route = self._discovery.routes().get(request.region)
+            if route is None:
+                raise NotFound(f"no node is registered for region {request.region!r}")
+            if not route.healthy:
+                raise FailedPrecondition(
+                    f"region {request.region} is not reachable now ({route.reason}): retry later"
+                )
+            stub = self._channels.node(route.address)
+            chunks = stub.GetRecordContent(
+                npb.GetRecordContentRequest(record_id=request.record_id),
+                metadata=forward_metadata(assertion, signed, audited.request_id),
+                timeout=context.time_remaining(),
             )
-        stub = self._channels.node(route.address)
-        chunks = stub.GetRecordContent(
-            npb.GetRecordContentRequest(record_id=request.record_id),
-            metadata=forward_metadata(assertion, signed),
-            timeout=context.time_remaining(),
-        )
+            try:
+                first = next(chunks)
+            except grpc.RpcError as exc:
+                raise relayed_error(request.region, exc) from None
+            audited.commit()
+        yield pb.FetchRecordContentResponse(record=first.record, chunk=first.chunk)
         try:
             for chunk in chunks:
-                yield pb.FetchRecordContentResponse(
-                    record=chunk.record if chunk.HasField("record") else None, chunk=chunk.chunk
-                )
+                yield pb.FetchRecordContentResponse(chunk=chunk.chunk)
         except grpc.RpcError as exc:
-            # The node's own answer, passed on as it is.
-            context.abort(exc.code(), f"region {request.region}: {exc.details()}")
+            raise relayed_error(request.region, exc) from None
 
     def GetDirectives(
         self, request: pb.GetDirectivesRequest, context: CallContext
     ) -> pb.GetDirectivesResponse:
         ins = normalize_ins(request.patient_ins, "patient_ins")
-        access.check_own_directives(context.principal, ins)
-        _, signed = self._directives.current(ins)
+        if context.principal.role is Role.NODE:  # the nodes' own plumbing, not a person's read
+            _, signed = self._directives.current(ins)
+        else:
+            with self._auditor.call(context, EventType.READ_RECORD, ins) as audited:
+                audited.detail = "patient directives"
+                access.check_own_directives(context.principal, ins)
+                _, signed = self._directives.current(ins)
+                audited.commit()
         if signed is None:
             return pb.GetDirectivesResponse()
         return pb.GetDirectivesResponse(directives=access_pb2.SignedDirectives.FromString(signed))
@@ -173,10 +228,50 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         self, request: pb.SetDirectivesRequest, context: CallContext
     ) -> pb.SetDirectivesResponse:
         caller = context.principal
-        if caller.role is not Role.PATIENT:
-            raise PermissionDenied("only the patient sets their directives")
-        stored = self._directives.replace(request.directives, caller.key)
+        with self._auditor.call(context, EventType.DIRECTIVE_CHANGE, caller.key) as audited:
+            if caller.role is not Role.PATIENT:
+                raise PermissionDenied("only the patient sets their directives")
+            stored = self._directives.replace(request.directives, caller.key, audit=audited.append)
         return pb.SetDirectivesResponse(version=stored.version)
+
+    def GetAccessHistory(
+        self, request: pb.GetAccessHistoryRequest, context: CallContext
+    ) -> pb.GetAccessHistoryResponse:
+        with self._auditor.call(context, EventType.ACCESS_HISTORY, request.patient_ins) as audited:
+            ins = normalize_ins(request.patient_ins, "patient_ins")
+            assertion, _, signed = self._access.reader(context, ins)
+            audited.caller(assertion)
+            if assertion.subject.role is not Role.PATIENT or assertion.purpose_name != "SELF":
+                raise PermissionDenied("a patient's access history is for the patient only")
+            if request.page_size < 0:
+                raise InvalidArgument("page_size must not be negative")
+            limit = min(request.page_size or 100, MAX_HISTORY)
+            metadata = forward_metadata(assertion, signed, audited.request_id)
+            node_request = npb.ListAccessEventsRequest(
+                patient_ins=ins, exclude_own=request.exclude_own, page_size=limit
+            )
+
+            def call(stub: NodeServiceStub, region: str, deadline: float) -> grpc.Future:
+                return stub.ListAccessEvents.future(
+                    node_request, timeout=deadline, metadata=metadata
+                )
+
+            regions = [f.region for f in self._index.fragments(ins)]
+            answers = self._fanout.ask(regions, call, context.time_remaining())
+            events = [
+                to_proto(e)
+                for e in history_events(
+                    self._auditor.log, ins, exclude_own=request.exclude_own, limit=limit
+                )
+            ]
+            for answer, _ in answers.values():
+                if answer is not None:
+                    events.extend(answer.events)
+            events.sort(key=lambda e: to_us(e.event_date_time), reverse=True)
+            audited.commit()
+        return pb.GetAccessHistoryResponse(
+            events=events[:limit], regions=[status for _, status in answers.values()]
+        )
 
     def ListIdentityConflicts(
         self, request: pb.ListIdentityConflictsRequest, context: CallContext

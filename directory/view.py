@@ -16,26 +16,20 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from directory.channels import NodeChannels
+from directory.fanout import FanOut, answered
 from directory.index import PatientIndex
 from dmp.clock import from_us, to_us
-from dmp.discovery import Discovery
 from dmp.errors import InvalidArgument
 from dmp.ins import normalize_ins
 from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import node_service_pb2 as npb
-from dmp.v1 import page_token_pb2, record_pb2
+from dmp.v1 import node_service_pb2_grpc, page_token_pb2, record_pb2
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 DEFAULT_REGION_DEADLINE = 2.0
-#: Kept from the caller's deadline to merge and answer after the regions.
-ANSWER_MARGIN = 0.05
 
 S = dpb.RegionState
-MISSING = "its records are missing from this view"
-
-_REFUSED = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
 
 
 @dataclass
@@ -80,18 +74,9 @@ def _sort_key(record: record_pb2.Record) -> tuple[int, str]:
 
 
 class ViewAssembler:
-    def __init__(
-        self,
-        index: PatientIndex,
-        discovery: Discovery,
-        channels: NodeChannels,
-        *,
-        region_deadline: float = DEFAULT_REGION_DEADLINE,
-    ) -> None:
+    def __init__(self, index: PatientIndex, fanout: FanOut) -> None:
         self._index = index
-        self._discovery = discovery
-        self._channels = channels
-        self.region_deadline = region_deadline
+        self._fanout = fanout
 
     def view(
         self,
@@ -112,11 +97,8 @@ class ViewAssembler:
             else {}
         )
 
-        deadline = self.region_deadline
-        if time_remaining is not None:
-            deadline = max(0.0, min(deadline, time_remaining - ANSWER_MARGIN))
-        routes = self._discovery.routes()
         regions: list[_Region] = []
+        to_ask: list[str] = []
         for fragment in self._index.fragments(patient):
             cursor = previous.get(fragment.region) or page_token_pb2.RegionCursor(
                 region=fragment.region
@@ -124,28 +106,27 @@ class ViewAssembler:
             part = _Region(fragment.region, cursor)
             regions.append(part)
             if cursor.exhausted:
-                part.status = dpb.RegionStatus(
-                    region=fragment.region, state=S.REGION_STATE_ANSWERED
-                )
-                continue
-            route = routes.get(fragment.region)
-            if route is None or not route.healthy:
-                reason = (
-                    route.reason if route is not None else "discovery knows no serving node for it"
-                )
-                part.status = dpb.RegionStatus(
-                    region=fragment.region,
-                    state=S.REGION_STATE_UNAVAILABLE,
-                    message=f"region {fragment.region} not reachable: {reason}; {MISSING}",
-                )
-                continue
-            node_request = self._node_request(request, patient, size, cursor)
-            part.future = self._channels.node(route.address).ListRecords.future(
-                node_request, timeout=deadline, metadata=metadata
+                part.status = answered(fragment.region)
+            else:
+                to_ask.append(fragment.region)
+        by_region = {part.region: part for part in regions}
+
+        def call(
+            stub: node_service_pb2_grpc.NodeServiceStub, region: str, deadline: float
+        ) -> grpc.Future:
+            return stub.ListRecords.future(
+                self._node_request(request, patient, size, by_region[region].cursor),
+                timeout=deadline,
+                metadata=metadata,
             )
-        for part in regions:
-            if part.future is not None:
-                self._collect(part, deadline)
+
+        answers = self._fanout.ask(to_ask, call, time_remaining)
+        for region, (answer, status) in answers.items():
+            part = by_region[region]
+            part.status = status
+            if answer is not None:
+                part.records = answer.records
+                part.more = bool(answer.next_page_token)
         return self._merge(regions, size, query_print)
 
     @staticmethod
@@ -171,37 +152,6 @@ class ViewAssembler:
             node_request.start_after.effective_time.CopyFrom(from_us(cursor.effective_time_us))
             node_request.start_after.record_id = cursor.record_id
         return node_request
-
-    @staticmethod
-    def _collect(part: _Region, deadline: float) -> None:
-        assert part.future is not None
-        try:
-            answer: npb.ListRecordsResponse = part.future.result()
-        except grpc.RpcError as exc:
-            code = exc.code()
-            details = exc.details() or ""
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                state, message = (
-                    S.REGION_STATE_DEADLINE_EXCEEDED,
-                    f"region {part.region} did not answer within {deadline:.1f} s; {MISSING}",
-                )
-            elif code == grpc.StatusCode.UNAVAILABLE:
-                state, message = (
-                    S.REGION_STATE_UNAVAILABLE,
-                    f"region {part.region} is unavailable: its node cannot be reached; {MISSING}",
-                )
-            elif code in _REFUSED:
-                state, message = S.REGION_STATE_REFUSED, f"region {part.region} refused: {details}"
-            else:
-                state, message = (
-                    S.REGION_STATE_FAILED,
-                    f"region {part.region} failed: {code.name}: {details}",
-                )
-            part.status = dpb.RegionStatus(region=part.region, state=state, message=message)
-            return
-        part.records = answer.records
-        part.more = bool(answer.next_page_token)
-        part.status = dpb.RegionStatus(region=part.region, state=S.REGION_STATE_ANSWERED)
 
     @staticmethod
     def _merge(

@@ -330,6 +330,24 @@ def run_demo(
             f" INS {first.ins}"
         )
         _print_view(pki_dir, federation.directory.address, creds_identity, first.ins)
+        other = next(p for p in people if p[1] == "doctor" and p != doctor)
+        reason = "unconscious patient, emergency admission"
+        print()
+        print(f"== {other[2]} (doctor, emergency department) breaks the glass: {reason!r}")
+        _print_view(
+            pki_dir, federation.directory.address, f"practitioner-{other[0]}", first.ins, reason
+        )
+        print()
+        print(f"== {first.display_name} reads who accessed their record (dmp patient history)")
+        from dmp.cli.patient import fetch_history, print_history
+
+        print_history(
+            fetch_history(
+                load_credentials(pki_dir, f"patient-{first.ins}"),
+                federation.directory.address,
+                first.ins,
+            )
+        )
         victim = DEMO_REGIONS[1]
         print()
         print(f"== region {victim} ({region_name(victim)}) stops; the same view, partial:")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
 
 from dmp.assertion import AssertionVerifier
+from dmp.audit import AuditLog
+from dmp.auditing import Auditor, close_log
 from dmp.clock import now_us
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery.embedded import EmbeddedAnnouncer
@@ -24,6 +27,7 @@ from dmp.v1 import node_service_pb2, node_service_pb2_grpc
 from node.access import NodeAccess
 from node.directives import DirectiveCache
 from node.locator import OutboxDelivery
+from node.models import audit_checkpoints, audit_events
 from node.policy import AccessMatrix
 from node.servicer import NodeServicer
 from node.store import RecordStore
@@ -50,6 +54,8 @@ class NodeConfig:
     advertise: str | None = None
     #: JSON profession matrix (default: node/access_matrix.json).
     access_matrix: Path | None = None
+    #: Seconds between signed checkpoints of the audit trail (and one at shutdown).
+    audit_checkpoint_interval: float = 60.0
     #: Microseconds since the epoch (tests inject a clock to move time).
     clock: Callable[[], int] = now_us
 
@@ -66,6 +72,7 @@ class RunningNode:
     store: RecordStore
     region: str
     delivery: OutboxDelivery | None = None
+    audit: AuditLog | None = None
 
     @property
     def port(self) -> int:
@@ -98,7 +105,16 @@ def start_node(config: NodeConfig) -> RunningNode:
         DirectiveCache(signatures, directory_channel),
         AccessMatrix.load(config.access_matrix) if config.access_matrix else AccessMatrix.load(),
     )
-    servicer = NodeServicer(store, access)
+    audit_log = AuditLog(
+        engine,
+        audit_events,
+        audit_checkpoints,
+        source_id=me.uri,
+        region=region,
+        signer=credentials,
+        checkpoint_interval=config.audit_checkpoint_interval,
+    )
+    servicer = NodeServicer(store, access, Auditor(audit_log))
 
     def add(server: grpc.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
@@ -111,6 +127,8 @@ def start_node(config: NodeConfig) -> RunningNode:
         max_content=config.max_content,
     )
     address = config.advertise or host_port(config.listen, running.port)
+    audit_log.start()
+    running.on_stop.append(partial(close_log, audit_log))  # a last signed checkpoint
     running.on_stop.append(engine.dispose)
     delivery = None
     try:
@@ -133,4 +151,6 @@ def start_node(config: NodeConfig) -> RunningNode:
     except BaseException:
         running.stop(None)
         raise
-    return RunningNode(server=running, store=store, region=region, delivery=delivery)
+    return RunningNode(
+        server=running, store=store, region=region, delivery=delivery, audit=audit_log
+    )

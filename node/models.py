@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from dmp.audit import audit_tables
 from dmp.db import new_metadata
 
 # SQLite gives an INTEGER PRIMARY KEY its rowid; BIGINT would not autoincrement there.
@@ -80,3 +81,7 @@ class PatientRow(NodeBase):
     birth_date: Mapped[str] = mapped_column(String(10))
     sex: Mapped[str] = mapped_column(String(1))
     birthplace_code: Mapped[str] = mapped_column(String(5))
+
+
+#: The node's tamper-evident audit trail (dmp/audit.py).
+audit_events, audit_checkpoints = audit_tables(NodeBase.metadata)

@@ -1,36 +1,65 @@
-"""NodeService over gRPC: check access, call the store, pack the answer."""
+"""NodeService over gRPC: audit the call, check access, call the store, pack the answer."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+from sqlalchemy.orm import Session
+
+from dmp.assertion import PURPOSE_NAMES
+from dmp.audit import EventType
+from dmp.auditing import AuditedCall, Auditor, history_events, to_proto
+from dmp.errors import InvalidArgument, PermissionDenied
+from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.server import CallContext
+from dmp.v1 import access_pb2, node_service_pb2_grpc, patient_pb2, record_pb2
 from dmp.v1 import node_service_pb2 as pb
-from dmp.v1 import node_service_pb2_grpc, patient_pb2, record_pb2
 from node.access import NodeAccess
 from node.records import kind_name, validate_draft
 from node.store import RecordStore
+
+MAX_EVENTS = 1000
 
 
 def _patient(put: pb.PutRecordRequest) -> patient_pb2.PatientIdentity | None:
     return put.patient if put.HasField("patient") else None
 
 
+def _by_patient(audited: AuditedCall) -> object:
+    """The write audit: one event per patient of the stored records, in their transaction."""
+
+    def append(session: Session, stored: list[record_pb2.Record]) -> None:
+        patients: dict[str, list[str]] = {}
+        for record in stored:
+            patients.setdefault(record.patient_ins, []).append(record.id)
+        for ins, ids in patients.items():
+            audited.patient_ins = ins
+            audited.append(session, ids)
+
+    return append
+
+
 class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
-    def __init__(self, store: RecordStore, access: NodeAccess) -> None:
+    def __init__(self, store: RecordStore, access: NodeAccess, auditor: Auditor) -> None:
         self._store = store
         self._access = access
+        self._auditor = auditor
 
     def _check_write(self, context: CallContext, record: record_pb2.Record) -> None:
         validate_draft(record)
         self._access.writer(context, kind_name(record.kind), record.patient_ins)
 
     def PutRecord(self, request: pb.PutRecordRequest, context: CallContext) -> pb.PutRecordResponse:
-        self._check_write(context, request.record)
-        record = self._store.put(
-            context.principal, request.record, request.content, _patient(request)
-        )
+        with self._auditor.call(context, EventType.WRITE, request.record.patient_ins) as audited:
+            self._check_write(context, request.record)
+            record = self._store.put(
+                context.principal,
+                request.record,
+                request.content,
+                _patient(request),
+                audit=_by_patient(audited),  # type: ignore[arg-type]
+            )
         return pb.PutRecordResponse(record=record)
 
     def IngestRecords(
@@ -40,37 +69,85 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
             tuple[record_pb2.Record, bytes, patient_pb2.PatientIdentity | None]
         ]:
             for r in request_iterator:
+                audited.patient_ins = r.put.record.patient_ins
                 self._check_write(context, r.put.record)
                 yield r.put.record, r.put.content, _patient(r.put)
 
-        return pb.IngestRecordsResponse(
-            stored_count=self._store.put_many(context.principal, items())
-        )
+        with self._auditor.call(context, EventType.WRITE) as audited:
+            stored = self._store.put_many(context.principal, items(), audit=_by_patient(audited))  # type: ignore[arg-type]
+        return pb.IngestRecordsResponse(stored_count=stored)
 
     def GetRecord(self, request: pb.GetRecordRequest, context: CallContext) -> pb.GetRecordResponse:
-        _, scope = self._access.reader(context)
-        return pb.GetRecordResponse(record=self._store.get(scope, request.record_id))
+        with self._auditor.call(context, EventType.READ_RECORD) as audited:
+            audited.record_ids = (request.record_id,)
+            caller, scope = self._access.reader(context)
+            audited.caller(caller.assertion)
+            record = self._store.get(scope, request.record_id)
+            audited.commit([record.id])
+        return pb.GetRecordResponse(record=record)
 
     def GetRecordContent(
         self, request: pb.GetRecordContentRequest, context: CallContext
     ) -> Iterator[pb.GetRecordContentResponse]:
-        _, scope = self._access.reader(context)
-        for record, chunk in self._store.content(scope, request.record_id):
-            if record is not None:
-                yield pb.GetRecordContentResponse(record=record, chunk=chunk)
-            else:
-                yield pb.GetRecordContentResponse(chunk=chunk)
+        with self._auditor.call(context, EventType.READ_CONTENT) as audited:
+            audited.record_ids = (request.record_id,)
+            caller, scope = self._access.reader(context)
+            audited.caller(caller.assertion)
+            chunks = self._store.content(scope, request.record_id)
+            record, first = next(chunks)
+            audited.commit([request.record_id])
+        yield pb.GetRecordContentResponse(record=record, chunk=first)
+        for _, chunk in chunks:
+            yield pb.GetRecordContentResponse(chunk=chunk)
 
     def RevealRecord(
         self, request: pb.RevealRecordRequest, context: CallContext
     ) -> pb.RevealRecordResponse:
-        return pb.RevealRecordResponse(
-            record=self._store.reveal(context.principal, request.record_id)
-        )
+        with self._auditor.call(context, EventType.WRITE) as audited:
+            audited.record_ids = (request.record_id,)
+            audited.detail = "revealed to the patient"
+            record = self._store.reveal(
+                context.principal,
+                request.record_id,
+                audit=lambda session, ins: _reveal_audit(audited, session, ins),
+            )
+        return pb.RevealRecordResponse(record=record)
 
     def ListRecords(
         self, request: pb.ListRecordsRequest, context: CallContext
     ) -> pb.ListRecordsResponse:
-        patient = normalize_ins(request.patient_ins, "patient_ins")
-        _, scope = self._access.reader(context, patient)
-        return self._store.list_records(scope, request)
+        with self._auditor.call(context, EventType.VIEW, request.patient_ins) as audited:
+            patient = normalize_ins(request.patient_ins, "patient_ins")
+            caller, scope = self._access.reader(context, patient)
+            audited.caller(caller.assertion)
+            response = self._store.list_records(scope, request)
+            audited.commit([r.id for r in response.records])
+        return response
+
+    def ListAccessEvents(
+        self, request: pb.ListAccessEventsRequest, context: CallContext
+    ) -> pb.ListAccessEventsResponse:
+        with self._auditor.call(context, EventType.ACCESS_HISTORY, request.patient_ins) as audited:
+            patient = normalize_ins(request.patient_ins, "patient_ins")
+            caller, _ = self._access.reader(context, patient)
+            audited.caller(caller.assertion)
+            assertion = caller.assertion
+            if (
+                assertion is None
+                or caller.subject.role is not Role.PATIENT
+                or (PURPOSE_NAMES.get(assertion.purpose) != PURPOSE_NAMES[access_pb2.PURPOSE_SELF])
+            ):
+                raise PermissionDenied("a patient's access history is for the patient only")
+            if request.page_size < 0:
+                raise InvalidArgument("page_size must not be negative")
+            limit = min(request.page_size or 100, MAX_EVENTS)
+            events = history_events(
+                self._auditor.log, patient, exclude_own=request.exclude_own, limit=limit
+            )
+            audited.commit()
+        return pb.ListAccessEventsResponse(events=[to_proto(e) for e in events])
+
+
+def _reveal_audit(audited: AuditedCall, session: Session, patient_ins: str) -> None:
+    audited.patient_ins = patient_ins
+    audited.append(session)

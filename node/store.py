@@ -48,6 +48,10 @@ MAX_PAGE_SIZE = 1000
 CHUNK_SIZE = 1024 * 1024
 
 
+#: Appends the trace of stored records in the transaction that stores them.
+WriteAudit = Callable[[Session, list[record_pb2.Record]], None]
+
+
 @dataclass(frozen=True, slots=True)
 class _Draft:
     """A validated record ready to insert."""
@@ -100,12 +104,16 @@ class RecordStore:
         record: record_pb2.Record,
         content: bytes,
         patient: patient_pb2.PatientIdentity | None = None,
+        audit: WriteAudit | None = None,
     ) -> record_pb2.Record:
-        """Store a record durably; idempotent on its id. The writer is checked before."""
+        """Store a record durably; idempotent on its id. The writer is checked before;
+        `audit` appends the write's trace in the same transaction."""
         draft = self._prepare(writer, record, content, patient)
         try:
             with Session(self._writer) as session, session.begin():
                 stored = self._write(session, [draft])[0]
+                if audit is not None:
+                    audit(session, [stored])
         except IntegrityError:
             # A concurrent put of the same id won the race (PostgreSQL): answer as a retry.
             with Session(self._engine) as session:
@@ -121,6 +129,7 @@ class RecordStore:
         writer: Principal,
         items: Iterable[tuple[record_pb2.Record, bytes, patient_pb2.PatientIdentity | None]],
         *,
+        audit: WriteAudit | None = None,
         batch_records: int = 1000,
         batch_bytes: int = 64 * 1024 * 1024,
     ) -> int:
@@ -135,7 +144,9 @@ class RecordStore:
             nonlocal stored, batch, size
             if batch:
                 with Session(self._writer) as session, session.begin():
-                    self._write(session, batch)
+                    written = self._write(session, batch)
+                    if audit is not None:
+                        audit(session, written)
                 stored += len(batch)
                 batch, size = [], 0
                 self._notify()
@@ -316,7 +327,12 @@ class RecordStore:
         for offset in range(0, len(blob), CHUNK_SIZE):
             yield (record if offset == 0 else None), blob[offset : offset + CHUNK_SIZE]
 
-    def reveal(self, writer: Principal, record_id: str) -> record_pb2.Record:
+    def reveal(
+        self,
+        writer: Principal,
+        record_id: str,
+        audit: Callable[[Session, str], None] | None = None,
+    ) -> record_pb2.Record:
         """The author makes a record hidden from the patient visible to them."""
         check_record_id(record_id)
         with Session(self._writer) as session, session.begin():
@@ -325,6 +341,8 @@ class RecordStore:
                 raise NotFound(f"record {record_id}: no record of yours with this id on this node")
             if row.revealed_us is None:
                 row.revealed_us = self._clock()
+            if audit is not None:
+                audit(session, row.patient_ins)
             return to_proto(row, self.region)
 
     def list_records(

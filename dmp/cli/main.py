@@ -16,7 +16,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from dmp.cli import demo, directory, node, patient, pki, query, record
+    from dmp.cli import audit, demo, directory, node, patient, pki, query, record
 
     pki.register(sub)
     node.register(sub)
@@ -24,6 +24,7 @@ def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     record.register(sub)
     query.register(sub)
     patient.register(sub)
+    audit.register(sub)
     demo.register(sub)
 
 

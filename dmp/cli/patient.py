@@ -13,11 +13,13 @@ from dmp.cli.common import (
     assertion,
     channel,
     credentials,
+    print_table,
 )
 from dmp.directives import PatientDirectives, from_proto, sign_directives
 from dmp.errors import InvalidArgument
 from dmp.identity import Role, check_rpps, parse_identity
 from dmp.patients import SEX_VALUES
+from dmp.pki import Credentials
 from dmp.signing import Signer
 from dmp.v1 import access_pb2, directory_service_pb2_grpc, patient_pb2
 from dmp.v1 import directory_service_pb2 as pb
@@ -106,6 +108,12 @@ def register_patient_commands(psub: argparse._SubParsersAction[Any]) -> None:
         parser.set_defaults(handler=_directive, change=name, target="")
     show = _patient_parser(psub, "directives", "show your directives in force")
     show.set_defaults(handler=_show_directives)
+    history = _patient_parser(
+        psub, "history", "who accessed your record: where, when, why, from every region"
+    )
+    history.add_argument("--without-own", action="store_true", help="leave out your own accesses")
+    history.add_argument("--limit", type=int, default=100)
+    history.set_defaults(handler=_history)
     view = _patient_parser(psub, "view", "your own consolidated record, from every region")
     view.add_argument("--limit", type=int, default=500)
     view.set_defaults(handler=_view)
@@ -220,4 +228,57 @@ def _view(args: argparse.Namespace) -> int:
         request = pb.GetConsolidatedViewRequest(patient_ins=ins, page_size=200)
         records, regions = fetch(stub, request, args.limit, 10.0, lambda: assertion(creds, ins))
     print_view(records, regions)
+    return 0
+
+
+def fetch_history(
+    creds: Credentials, directory: str, ins: str, *, exclude_own: bool = False, limit: int = 100
+) -> pb.GetAccessHistoryResponse:
+    with channel(directory, creds) as ch:
+        stub = directory_service_pb2_grpc.DirectoryServiceStub(ch)
+        answer: pb.GetAccessHistoryResponse = stub.GetAccessHistory(
+            pb.GetAccessHistoryRequest(patient_ins=ins, exclude_own=exclude_own, page_size=limit),
+            timeout=10,
+            metadata=assertion(creds, ins),
+        )
+    return answer
+
+
+def print_history(answer: pb.GetAccessHistoryResponse) -> None:
+    from dmp.cli.query import STATE_NAMES as REGION_STATES
+
+    rows = [("WHEN (UTC)", "WHO", "PROFESSION", "WHERE", "WHAT", "WHY", "OUTCOME")]
+    for e in answer.events:
+        why = e.purpose_of_use or "-"
+        if e.purpose_of_use == "EMERGENCY":
+            why = f"EMERGENCY: {e.emergency_reason}"
+        what = e.event_type
+        if e.participant_object_record_ids:
+            what += f" ({len(e.participant_object_record_ids)} records)"
+        rows.append(
+            (
+                e.event_date_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+                e.active_participant_user_name or e.active_participant_user_id,
+                e.active_participant_role or "-",
+                f"region {e.audit_source_region}" if e.audit_source_region else "directory",
+                what,
+                why,
+                e.status_code,
+            )
+        )
+    if answer.events:
+        print_table(rows)
+    else:
+        print("no access recorded")
+    for status in answer.regions:
+        if status.state != pb.REGION_STATE_ANSWERED:
+            print(f"region {status.region}: {REGION_STATES.get(status.state)}: {status.message}")
+
+
+def _history(args: argparse.Namespace) -> int:
+    ins = _own_ins(args)
+    answer = fetch_history(
+        credentials(args), args.directory, ins, exclude_own=args.without_own, limit=args.limit
+    )
+    print_history(answer)
     return 0

@@ -82,6 +82,11 @@ class DirectoryServiceStub:
                 request_serializer=dmp_dot_v1_dot_directory__service__pb2.SetDirectivesRequest.SerializeToString,
                 response_deserializer=dmp_dot_v1_dot_directory__service__pb2.SetDirectivesResponse.FromString,
                 _registered_method=True)
+        self.GetAccessHistory = channel.unary_unary(
+                '/dmp.v1.DirectoryService/GetAccessHistory',
+                request_serializer=dmp_dot_v1_dot_directory__service__pb2.GetAccessHistoryRequest.SerializeToString,
+                response_deserializer=dmp_dot_v1_dot_directory__service__pb2.GetAccessHistoryResponse.FromString,
+                _registered_method=True)
         self.ListIdentityConflicts = channel.unary_unary(
                 '/dmp.v1.DirectoryService/ListIdentityConflicts',
                 request_serializer=dmp_dot_v1_dot_directory__service__pb2.ListIdentityConflictsRequest.SerializeToString,
@@ -165,6 +170,15 @@ class DirectoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAccessHistory(self, request, context):
+        """Who accessed a patient's record: the events about the patient recorded by the
+        directory and by every node holding their records, newest first, with one status per
+        region. For the patient themself only (SELF assertion).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListIdentityConflicts(self, request, context):
         """Identity conflicts kept for review by the national operator.
         """
@@ -219,6 +233,11 @@ def add_DirectoryServiceServicer_to_server(servicer, server):
                     servicer.SetDirectives,
                     request_deserializer=dmp_dot_v1_dot_directory__service__pb2.SetDirectivesRequest.FromString,
                     response_serializer=dmp_dot_v1_dot_directory__service__pb2.SetDirectivesResponse.SerializeToString,
+            ),
+            'GetAccessHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccessHistory,
+                    request_deserializer=dmp_dot_v1_dot_directory__service__pb2.GetAccessHistoryRequest.FromString,
+                    response_serializer=dmp_dot_v1_dot_directory__service__pb2.GetAccessHistoryResponse.SerializeToString,
             ),
             'ListIdentityConflicts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListIdentityConflicts,
@@ -472,6 +491,33 @@ class DirectoryService:
             '/dmp.v1.DirectoryService/SetDirectives',
             dmp_dot_v1_dot_directory__service__pb2.SetDirectivesRequest.SerializeToString,
             dmp_dot_v1_dot_directory__service__pb2.SetDirectivesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAccessHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmp.v1.DirectoryService/GetAccessHistory',
+            dmp_dot_v1_dot_directory__service__pb2.GetAccessHistoryRequest.SerializeToString,
+            dmp_dot_v1_dot_directory__service__pb2.GetAccessHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,11 @@ class DirectoryServiceStub:
     """Replaces a patient's directives with a new version signed by the patient. Only the
     patient, with their own certificate; the version must follow the current one.
     """
+    GetAccessHistory: _grpc.UnaryUnaryMultiCallable[_directory_service_pb2.GetAccessHistoryRequest, _directory_service_pb2.GetAccessHistoryResponse]
+    """Who accessed a patient's record: the events about the patient recorded by the
+    directory and by every node holding their records, newest first, with one status per
+    region. For the patient themself only (SELF assertion).
+    """
     ListIdentityConflicts: _grpc.UnaryUnaryMultiCallable[_directory_service_pb2.ListIdentityConflictsRequest, _directory_service_pb2.ListIdentityConflictsResponse]
     """Identity conflicts kept for review by the national operator."""
 
@@ -108,6 +113,11 @@ class DirectoryServiceAsyncStub(DirectoryServiceStub):
     SetDirectives: _aio.UnaryUnaryMultiCallable[_directory_service_pb2.SetDirectivesRequest, _directory_service_pb2.SetDirectivesResponse]  # type: ignore[assignment]
     """Replaces a patient's directives with a new version signed by the patient. Only the
     patient, with their own certificate; the version must follow the current one.
+    """
+    GetAccessHistory: _aio.UnaryUnaryMultiCallable[_directory_service_pb2.GetAccessHistoryRequest, _directory_service_pb2.GetAccessHistoryResponse]  # type: ignore[assignment]
+    """Who accessed a patient's record: the events about the patient recorded by the
+    directory and by every node holding their records, newest first, with one status per
+    region. For the patient themself only (SELF assertion).
     """
     ListIdentityConflicts: _aio.UnaryUnaryMultiCallable[_directory_service_pb2.ListIdentityConflictsRequest, _directory_service_pb2.ListIdentityConflictsResponse]  # type: ignore[assignment]
     """Identity conflicts kept for review by the national operator."""
@@ -201,6 +211,17 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_directory_service_pb2.SetDirectivesResponse, _abc.Awaitable[_directory_service_pb2.SetDirectivesResponse]]:
         """Replaces a patient's directives with a new version signed by the patient. Only the
         patient, with their own certificate; the version must follow the current one.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAccessHistory(
+        self,
+        request: _directory_service_pb2.GetAccessHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_service_pb2.GetAccessHistoryResponse, _abc.Awaitable[_directory_service_pb2.GetAccessHistoryResponse]]:
+        """Who accessed a patient's record: the events about the patient recorded by the
+        directory and by every node holding their records, newest first, with one status per
+        region. For the patient themself only (SELF assertion).
         """
 
     @_abc_1.abstractmethod

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from dmp.v1 import audit_pb2 as _audit_pb2
 from dmp.v1 import patient_pb2 as _patient_pb2
 from dmp.v1 import record_pb2 as _record_pb2
 from google.protobuf import descriptor as _descriptor
@@ -399,3 +400,57 @@ class ListRecordsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRecordsResponse: _TypeAlias = ListRecordsResponse  # noqa: Y015
+
+@_typing.final
+class ListAccessEventsRequest(_message.Message):
+    """Which patient's access events to list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATIENT_INS_FIELD_NUMBER: _builtins.int
+    EXCLUDE_OWN_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    patient_ins: _builtins.str
+    """The patient's INS."""
+    exclude_own: _builtins.bool
+    """Leave out the patient's own accesses."""
+    page_size: _builtins.int
+    """Maximum number of events: 0 means 100, more than 1000 is capped."""
+    def __init__(
+        self,
+        *,
+        patient_ins: _builtins.str = ...,
+        exclude_own: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclude_own", b"exclude_own", "page_size", b"page_size", "patient_ins", b"patient_ins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccessEventsRequest: _TypeAlias = ListAccessEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAccessEventsResponse(_message.Message):
+    """The events, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_audit_pb2.AuditEvent]:
+        """The events."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_audit_pb2.AuditEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccessEventsResponse: _TypeAlias = ListAccessEventsResponse  # noqa: Y015

@@ -62,6 +62,11 @@ class NodeServiceStub:
                 request_serializer=dmp_dot_v1_dot_node__service__pb2.RevealRecordRequest.SerializeToString,
                 response_deserializer=dmp_dot_v1_dot_node__service__pb2.RevealRecordResponse.FromString,
                 _registered_method=True)
+        self.ListAccessEvents = channel.unary_unary(
+                '/dmp.v1.NodeService/ListAccessEvents',
+                request_serializer=dmp_dot_v1_dot_node__service__pb2.ListAccessEventsRequest.SerializeToString,
+                response_deserializer=dmp_dot_v1_dot_node__service__pb2.ListAccessEventsResponse.FromString,
+                _registered_method=True)
         self.ListRecords = channel.unary_unary(
                 '/dmp.v1.NodeService/ListRecords',
                 request_serializer=dmp_dot_v1_dot_node__service__pb2.ListRecordsRequest.SerializeToString,
@@ -116,6 +121,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAccessEvents(self, request, context):
+        """The audit events about one patient recorded by this node, newest first. For the
+        patient themself (SELF assertion), directly or relayed by the directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRecords(self, request, context):
         """Lists a patient's records held by this node, newest first (effective_time, then id).
         """
@@ -150,6 +163,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.RevealRecord,
                     request_deserializer=dmp_dot_v1_dot_node__service__pb2.RevealRecordRequest.FromString,
                     response_serializer=dmp_dot_v1_dot_node__service__pb2.RevealRecordResponse.SerializeToString,
+            ),
+            'ListAccessEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccessEvents,
+                    request_deserializer=dmp_dot_v1_dot_node__service__pb2.ListAccessEventsRequest.FromString,
+                    response_serializer=dmp_dot_v1_dot_node__service__pb2.ListAccessEventsResponse.SerializeToString,
             ),
             'ListRecords': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRecords,
@@ -295,6 +313,33 @@ class NodeService:
             '/dmp.v1.NodeService/RevealRecord',
             dmp_dot_v1_dot_node__service__pb2.RevealRecordRequest.SerializeToString,
             dmp_dot_v1_dot_node__service__pb2.RevealRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccessEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmp.v1.NodeService/ListAccessEvents',
+            dmp_dot_v1_dot_node__service__pb2.ListAccessEventsRequest.SerializeToString,
+            dmp_dot_v1_dot_node__service__pb2.ListAccessEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,10 @@ class NodeServiceStub:
     """Makes a record hidden from the patient visible to them (the author announced it).
     Only the record's author.
     """
+    ListAccessEvents: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.ListAccessEventsRequest, _node_service_pb2.ListAccessEventsResponse]
+    """The audit events about one patient recorded by this node, newest first. For the
+    patient themself (SELF assertion), directly or relayed by the directory.
+    """
     ListRecords: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.ListRecordsRequest, _node_service_pb2.ListRecordsResponse]
     """Lists a patient's records held by this node, newest first (effective_time, then id)."""
 
@@ -84,6 +88,10 @@ class NodeServiceAsyncStub(NodeServiceStub):
     RevealRecord: _aio.UnaryUnaryMultiCallable[_node_service_pb2.RevealRecordRequest, _node_service_pb2.RevealRecordResponse]  # type: ignore[assignment]
     """Makes a record hidden from the patient visible to them (the author announced it).
     Only the record's author.
+    """
+    ListAccessEvents: _aio.UnaryUnaryMultiCallable[_node_service_pb2.ListAccessEventsRequest, _node_service_pb2.ListAccessEventsResponse]  # type: ignore[assignment]
+    """The audit events about one patient recorded by this node, newest first. For the
+    patient themself (SELF assertion), directly or relayed by the directory.
     """
     ListRecords: _aio.UnaryUnaryMultiCallable[_node_service_pb2.ListRecordsRequest, _node_service_pb2.ListRecordsResponse]  # type: ignore[assignment]
     """Lists a patient's records held by this node, newest first (effective_time, then id)."""
@@ -141,6 +149,16 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_node_service_pb2.RevealRecordResponse, _abc.Awaitable[_node_service_pb2.RevealRecordResponse]]:
         """Makes a record hidden from the patient visible to them (the author announced it).
         Only the record's author.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAccessEvents(
+        self,
+        request: _node_service_pb2.ListAccessEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_service_pb2.ListAccessEventsResponse, _abc.Awaitable[_node_service_pb2.ListAccessEventsResponse]]:
+        """The audit events about one patient recorded by this node, newest first. For the
+        patient themself (SELF assertion), directly or relayed by the directory.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,166 @@
+"""Auditing the calls of a service: one event per access to patient data, allowed or
+refused, recorded where it happened (dmp/audit.py is the log itself).
+
+A read records its event, committed, before returning data; a write appends its event in
+the same transaction as the record; a refusal is recorded as well. If the event cannot be
+written the call fails with UNAVAILABLE rather than serve untraced data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session
+
+from dmp.assertion import VerifiedAssertion
+from dmp.audit import AuditEvent, AuditLog, EventType, outcome_for_status
+from dmp.clock import from_us
+from dmp.errors import DmpError
+from dmp.identity import Principal, Role
+from dmp.server import CallContext
+from dmp.v1 import audit_pb2
+
+#: Metadata the directory passes to nodes so their events share the view's request id.
+REQUEST_ID_KEY = "x-dmp-request-id"
+
+_REFUSALS = {"PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+def request_id_of(context: CallContext) -> str:
+    """The request id the directory gave this call, or a new one."""
+    if context.principal.role is Role.DIRECTORY:
+        for key, value in context.invocation_metadata():
+            if key == REQUEST_ID_KEY and isinstance(value, str) and len(value) <= 64:
+                return value
+    return uuid.uuid4().hex
+
+
+@dataclass
+class AuditedCall:
+    """What one call's event will say; filled in as the call learns who and what."""
+
+    log: AuditLog
+    event_type: str
+    transport: Principal
+    request_id: str
+    patient_ins: str = ""
+    subject: Principal | None = None
+    assertion: VerifiedAssertion | None = None
+    record_ids: Sequence[str] = field(default_factory=tuple)
+    detail: str = ""
+    recorded: bool = False
+
+    def caller(self, assertion: VerifiedAssertion | None, subject: Principal | None = None) -> None:
+        self.assertion = assertion
+        self.subject = assertion.subject if assertion is not None else subject
+        if assertion is not None:
+            self.patient_ins = assertion.patient_ins
+
+    def event(self, status: str = "OK", event_type: str | None = None) -> AuditEvent:
+        who = self.subject or self.transport
+        relayed = who.uri != self.transport.uri and self.transport.role is Role.DIRECTORY
+        return AuditEvent(
+            event_type=event_type or self.event_type,
+            event_outcome_indicator=outcome_for_status(status),
+            status_code=status,
+            purpose_of_use=self.assertion.purpose_name if self.assertion else "",
+            emergency_reason=self.assertion.reason
+            if self.assertion and self.assertion.emergency
+            else "",
+            active_participant_user_id=who.uri,
+            active_participant_user_name=who.name,
+            active_participant_role=who.profession
+            or (who.role.value if who.role is not Role.PRACTITIONER else ""),
+            relaying_participant=self.transport.uri if relayed else "",
+            participant_object_patient_ins=self.patient_ins,
+            participant_object_record_ids=tuple(self.record_ids),
+            request_id=self.request_id,
+            detail=self.detail,
+        )
+
+    def commit(self, record_ids: Sequence[str] = ()) -> None:
+        """Record the allowed access, committed: call before returning any data."""
+        if record_ids:
+            self.record_ids = record_ids
+        self.log.record(self.event())
+        self.recorded = True
+
+    def append(self, session: Session, record_ids: Sequence[str] = ()) -> None:
+        """Append the allowed write's event in the write's own transaction."""
+        if record_ids:
+            self.record_ids = record_ids
+        self.log.append(session, self.event())
+        self.recorded = True
+
+
+class Auditor:
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+
+    @contextmanager
+    def call(
+        self, context: CallContext, event_type: EventType, patient_ins: str = ""
+    ) -> Iterator[AuditedCall]:
+        """Audit one call: the body records success itself (commit/append); a domain error
+        is recorded here, as a refusal when it is one, then raised again."""
+        audited = AuditedCall(
+            self.log, event_type, context.principal, request_id_of(context), patient_ins
+        )
+        try:
+            yield audited
+        except DmpError as exc:
+            if not audited.recorded:
+                status = exc.code.name
+                kind = EventType.REFUSED if status in _REFUSALS else event_type
+                audited.detail = audited.detail or exc.message[:200]
+                self.log.record(audited.event(status, kind))
+            raise
+
+
+def close_log(log: AuditLog) -> None:
+    """Stop a service's audit log with a last signed checkpoint (at shutdown)."""
+    log.close()
+
+
+def to_proto(event: AuditEvent) -> audit_pb2.AuditEvent:
+    return audit_pb2.AuditEvent(
+        event_date_time=from_us(event.event_date_time),
+        event_type=event.event_type,
+        event_action_code=event.event_action_code,
+        event_outcome_indicator=event.event_outcome_indicator,
+        status_code=event.status_code,
+        purpose_of_use=event.purpose_of_use,
+        emergency_reason=event.emergency_reason,
+        active_participant_user_id=event.active_participant_user_id,
+        active_participant_user_name=event.active_participant_user_name,
+        active_participant_role=event.active_participant_role,
+        relaying_participant=event.relaying_participant,
+        audit_source_id=event.audit_source_id,
+        audit_source_region=event.audit_source_region,
+        participant_object_patient_ins=event.participant_object_patient_ins,
+        participant_object_record_ids=event.participant_object_record_ids,
+        request_id=event.request_id,
+    )
+
+
+def history_events(
+    log: AuditLog, patient_ins: str, *, exclude_own: bool, limit: int
+) -> list[AuditEvent]:
+    """The events about a patient made by people (not services' own plumbing), newest first."""
+    own = f"urn:dmp:patient:{patient_ins}"
+    events = []
+    for logged in log.events_for_patient(patient_ins, limit=min(10_000, limit * 4)):
+        event = logged.event
+        if not event.active_participant_user_id.startswith(
+            ("urn:dmp:practitioner:", "urn:dmp:patient:")
+        ):
+            continue
+        if exclude_own and event.active_participant_user_id == own:
+            continue
+        events.append(event)
+        if len(events) == limit:
+            break
+    return events

@@ -1,0 +1,224 @@
+"""`dmp audit`: verify, checkpoint and export the audit trail of a node or of the directory.
+
+Each works on the service's database directly (a SQLite file or a PostgreSQL URL), while
+the service is stopped or, on SQLite, while it runs. The audit tables have the same names
+in a node's and in the directory's database; whose log it is comes from its events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, Table, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from dmp.audit import (
+    AuditLog,
+    VerifyReport,
+    audit_tables,
+    export_events,
+    log_owner,
+    verify_log,
+)
+from dmp.cli.common import CommandError, add_identity, add_pki, credentials, parse_date
+from dmp.db import make_engine, new_metadata, sqlite_url
+from dmp.errors import DmpError
+from dmp.identity import Principal, parse_uri
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    parser = sub.add_parser(
+        "audit",
+        help="verify, checkpoint and export a node's or the directory's audit trail",
+        description="The audit trail of a node or of the directory, read from its database.",
+    )
+    asub = parser.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+
+    verify = asub.add_parser(
+        "verify",
+        help="check the whole log; exit 1 and name each damaged event if it does not verify",
+        description="Recompute every event's hash and the Merkle root at every signed"
+        " checkpoint, check the signatures against the federation CA, and report any event"
+        " changed, deleted or moved and any truncation behind a signed checkpoint.",
+    )
+    _add_db(verify)
+    add_pki(verify)
+    verify.add_argument(
+        "--source",
+        metavar="URI",
+        help="whose log it must be, e.g. urn:dmp:node:11 or urn:dmp:directory"
+        " (default: the audit source its events name)",
+    )
+    verify.add_argument(
+        "--max-problems",
+        type=int,
+        default=100,
+        metavar="N",
+        help="print at most N problems (default 100)",
+    )
+    verify.set_defaults(handler=_verify)
+
+    checkpoint = asub.add_parser(
+        "checkpoint",
+        help="sign a checkpoint of the log now",
+        description="Sign the current tree size and root with the key of the service whose"
+        " log it is (--as node-<region> or --as directory) and store it in the log.",
+    )
+    _add_db(checkpoint)
+    add_identity(checkpoint)
+    checkpoint.set_defaults(handler=_checkpoint)
+
+    export = asub.add_parser(
+        "export",
+        help="write the events to standard output as JSON lines or a FHIR R4 Bundle",
+    )
+    _add_db(export)
+    export.add_argument("--format", choices=["jsonl", "fhir"], default="jsonl")
+    export.add_argument("--since", metavar="DATE", help="only events from this date or instant")
+    export.set_defaults(handler=_export)
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        required=True,
+        metavar="URL",
+        help="the service's database: sqlite:///PATH, postgresql://... or a SQLite file path",
+    )
+
+
+def _open(db: str) -> tuple[Engine, Table, Table]:
+    """An engine on an existing database holding the audit tables."""
+    url = db if "://" in db else sqlite_url(Path(db))
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise CommandError(f"{db!r} is not a database URL or a SQLite file path") from None
+    if parsed.get_backend_name() == "sqlite":
+        path = parsed.database
+        if not path or path == ":memory:" or not Path(path).is_file():
+            # Opening it would create an empty database.
+            raise CommandError(f"no SQLite database at {path or db!r}")
+    engine = make_engine(url, pool_size=2)
+    events, checkpoints = audit_tables(new_metadata())
+    try:
+        present = inspect(engine)
+        missing = [t.name for t in (events, checkpoints) if not present.has_table(t.name)]
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise CommandError(f"cannot read the database {db}: {exc.__class__.__name__}") from None
+    if missing:
+        engine.dispose()
+        raise CommandError(
+            f"{db} has no {' or '.join(missing)} table: is it a node's or the directory's"
+            " database, migrated to the current version?"
+        )
+    return engine, events, checkpoints
+
+
+def _verify(args: argparse.Namespace) -> int:
+    ca_path = args.pki / "ca.pem"
+    try:
+        ca_pem = ca_path.read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read the CA certificate {ca_path}: {exc.strerror}") from None
+    if args.source:
+        try:
+            parse_uri(args.source)
+        except DmpError as exc:
+            raise CommandError(f"--source: {exc.message}") from None
+    engine, events, checkpoints = _open(args.db)
+    try:
+        report = verify_log(
+            engine,
+            events,
+            checkpoints,
+            ca_pem,
+            source_id=args.source or None,
+            max_problems=max(1, args.max_problems),
+        )
+    finally:
+        engine.dispose()
+    print(_verdict(report))
+    for problem in report.problems:
+        print(problem)
+    if report.problems_omitted:
+        print(f"... and {report.problems_omitted} more problems")
+    return 0 if report.ok else 1
+
+
+def _verdict(report: VerifyReport) -> str:
+    owner = report.source_id or "an unknown source"
+    counts = (
+        f"{report.events} events, {report.checkpoints_verified} of {report.checkpoints}"
+        " checkpoints verified"
+    )
+    if not report.ok:
+        total = len(report.problems) + report.problems_omitted
+        return f"FAILED: the audit log of {owner} does not verify ({counts}): {total} problems"
+    line = f"OK: the audit log of {owner} verifies ({counts}"
+    if report.checkpoints_verified:
+        line += f", the last covering {report.last_checkpoint_size} events"
+        if report.unsigned_events:
+            line += f"; {report.unsigned_events} newer events not yet checkpointed"
+    elif report.events:
+        line += "; no signed checkpoint yet: run `dmp audit checkpoint`"
+    return line + ")"
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    creds = credentials(args)
+    uri = creds.principal.uri
+    engine, events, checkpoints = _open(args.db)
+    try:
+        owner = log_owner(engine, events)
+        if owner and owner != uri:
+            try:
+                role, key = parse_uri(owner)
+                whose = f"--as {Principal(role, key).identity}"
+            except DmpError:
+                whose = "its owner's identity"
+            raise CommandError(
+                f"this is the audit log of {owner}, not of {uri}: sign it with {whose}"
+            )
+        log = AuditLog(engine, events, checkpoints, source_id=uri, signer=creds)
+        signed = log.checkpoint()
+        if signed is None:
+            print(f"no new events since the last checkpoint ({log.size()} events)")
+            return 0
+    finally:
+        engine.dispose()
+    at = _EPOCH + timedelta(microseconds=signed.signed_at_us)
+    print(
+        f"checkpoint of {signed.tree_size} events signed by {uri} at"
+        f" {at.isoformat(timespec='seconds')}: root {signed.root_hash.hex()}"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    since_us = None
+    if args.since:
+        since_us = (parse_date(args.since) - _EPOCH) // timedelta(microseconds=1)
+    engine, events, _ = _open(args.db)
+    try:
+        out = sys.stdout
+        for chunk in export_events(engine, events, since_us=since_us, fmt=args.format):
+            out.write(chunk)
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from complaining
+        # again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        engine.dispose()
+    return 0
