@@ -18,8 +18,6 @@ from dmp.ins import normalize_ins
 from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
 from dmp.v1 import patient_pb2
 
-TRAIT_NAMES = ("birth_family_name", "given_names", "birth_date", "sex", "birthplace_code")
-
 
 @dataclass(frozen=True, slots=True)
 class Fragment:
@@ -43,10 +41,6 @@ class Conflict:
     proposed: Traits
     reported_by: str
     created_us: int
-
-
-def _traits(row: PatientRow) -> Traits:
-    return Traits(row.ins, *(getattr(row, name) for name in TRAIT_NAMES))
 
 
 class PatientIndex:
@@ -84,10 +78,10 @@ class PatientIndex:
         row = session.get(PatientRow, traits.ins)
         if row is None:
             session.add(
-                PatientRow(ins=traits.ins, created_us=self._clock(), **_trait_values(traits))
+                PatientRow(ins=traits.ins, created_us=self._clock(), **PatientRow.values(traits))
             )
             return traits, True
-        stored = _traits(row)
+        stored = row.traits()
         conflicts = stored.contradicts(traits)
         if conflicts:
             session.add(
@@ -99,10 +93,8 @@ class PatientIndex:
                 )
             )
             return conflicts
-        for name in TRAIT_NAMES:
-            if not getattr(row, name) and getattr(traits, name):
-                setattr(row, name, getattr(traits, name))
-        return _traits(row), False
+        row.fill(traits)
+        return row.traits(), False
 
     def get(self, ins: str) -> tuple[Traits, list[Fragment]]:
         ins = normalize_ins(ins)
@@ -111,7 +103,7 @@ class PatientIndex:
             fragments = self._fragments(session, ins)
         if row is None and not fragments:
             raise NotFound(f"no patient with INS {ins} in the directory")
-        return (_traits(row) if row is not None else Traits(ins)), fragments
+        return (row.traits() if row is not None else Traits(ins)), fragments
 
     def fragments(self, ins: str) -> list[Fragment]:
         with Session(self._engine) as session:
@@ -156,7 +148,9 @@ class PatientIndex:
         if row is None:
             if traits.complete:
                 session.add(
-                    PatientRow(ins=traits.ins, created_us=self._clock(), **_trait_values(traits))
+                    PatientRow(
+                        ins=traits.ins, created_us=self._clock(), **PatientRow.values(traits)
+                    )
                 )
             return []
         outcome = self._merge(session, traits, reported_by)
@@ -171,7 +165,7 @@ class PatientIndex:
                 .limit(limit)
             ).all()
             stored = {
-                row.ins: _traits(row)
+                row.ins: row.traits()
                 for row in session.scalars(
                     select(PatientRow).where(PatientRow.ins.in_({r.ins for r in rows}))
                 )
@@ -187,7 +181,3 @@ class PatientIndex:
             )
             for row in rows
         ]
-
-
-def _trait_values(traits: Traits) -> dict[str, str]:
-    return {name: getattr(traits, name) for name in TRAIT_NAMES}

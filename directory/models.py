@@ -10,6 +10,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dmp.audit import audit_tables
 from dmp.db import new_metadata
+from dmp.patients import TraitColumns
 
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -18,17 +19,12 @@ class DirectoryBase(DeclarativeBase):
     metadata = new_metadata()
 
 
-class PatientRow(DirectoryBase):
+class PatientRow(TraitColumns, DirectoryBase):
     """A patient's identity traits, keyed by INS (stored in comparable form)."""
 
     __tablename__ = "patients"
 
     ins: Mapped[str] = mapped_column(String(15), primary_key=True)
-    birth_family_name: Mapped[str] = mapped_column(String(100))
-    given_names: Mapped[str] = mapped_column(String(200))
-    birth_date: Mapped[str] = mapped_column(String(10))
-    sex: Mapped[str] = mapped_column(String(1))
-    birthplace_code: Mapped[str] = mapped_column(String(5))
     created_us: Mapped[int] = mapped_column(BigInteger)
 
 

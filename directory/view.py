@@ -7,17 +7,14 @@ blocks the others. Pages follow one opaque token holding a cursor per region.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from directory.fanout import FanOut, answered
 from directory.index import PatientIndex
+from dmp import tokens
 from dmp.clock import from_us, to_us
 from dmp.errors import InvalidArgument
 from dmp.ins import normalize_ins
@@ -42,33 +39,6 @@ class _Region:
     more: bool = False
 
 
-def _query_fingerprint(request: dpb.GetConsolidatedViewRequest) -> bytes:
-    query = dpb.GetConsolidatedViewRequest()
-    query.CopyFrom(request)
-    query.page_token = ""
-    query.page_size = 0
-    return hashlib.sha256(query.SerializeToString(deterministic=True)).digest()[:8]
-
-
-def encode_token(cursor: page_token_pb2.ViewCursor) -> str:
-    return base64.urlsafe_b64encode(cursor.SerializeToString()).decode().rstrip("=")
-
-
-def decode_token(token: str, query_print: bytes) -> page_token_pb2.ViewCursor:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        cursor = page_token_pb2.ViewCursor.FromString(raw)
-    except (binascii.Error, DecodeError, ValueError):
-        raise InvalidArgument(
-            "page_token is malformed: pass the next_page_token unchanged"
-        ) from None
-    if cursor.query_fingerprint != query_print:
-        raise InvalidArgument(
-            "page_token does not belong to this query: keep the same filters while paging"
-        )
-    return cursor
-
-
 def _sort_key(record: record_pb2.Record) -> tuple[int, str]:
     return to_us(record.effective_time), record.id
 
@@ -90,9 +60,14 @@ class ViewAssembler:
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative")
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        query_print = _query_fingerprint(request)
+        query_print = tokens.query_fingerprint(request)
         previous = (
-            {c.region: c for c in decode_token(request.page_token, query_print).regions}
+            {
+                c.region: c
+                for c in tokens.decode(
+                    request.page_token, page_token_pb2.ViewCursor, query_print
+                ).regions
+            }
             if request.page_token
             else {}
         )
@@ -192,5 +167,5 @@ class ViewAssembler:
             assert part.status is not None
             response.regions.append(part.status)
         if has_more:
-            response.next_page_token = encode_token(token)
+            response.next_page_token = tokens.encode(token)
         return response

@@ -7,6 +7,9 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import date
 
+from sqlalchemy import String
+from sqlalchemy.orm import Mapped, mapped_column
+
 from dmp.errors import InvalidArgument
 from dmp.ins import normalize_ins
 from dmp.v1 import patient_pb2
@@ -20,6 +23,7 @@ SEX_VALUES = {code: value for value, code in SEX_CODES.items()}
 _BIRTHPLACE = re.compile(r"^(\d{5}|2[AB]\d{3})$")
 
 IDENTITY_CONFLICT = "IDENTITY_CONFLICT"
+TRAIT_NAMES = ("birth_family_name", "given_names", "birth_date", "sex", "birthplace_code")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,3 +135,26 @@ def conflict_message(ins: str, fields: list[str]) -> str:
         f"identity conflict for INS {ins}: {', '.join(fields)} differ from the identity already"
         " known; kept for review, check the patient's identity document"
     )
+
+
+class TraitColumns:
+    """The identity trait columns of a patient table (the node's and the directory's)."""
+
+    birth_family_name: Mapped[str] = mapped_column(String(100))
+    given_names: Mapped[str] = mapped_column(String(200))
+    birth_date: Mapped[str] = mapped_column(String(10))
+    sex: Mapped[str] = mapped_column(String(1))
+    birthplace_code: Mapped[str] = mapped_column(String(5))
+
+    @staticmethod
+    def values(traits: Traits) -> dict[str, str]:
+        return {name: getattr(traits, name) for name in TRAIT_NAMES}
+
+    def traits(self) -> Traits:
+        return Traits(getattr(self, "ins"), *(getattr(self, name) for name in TRAIT_NAMES))  # noqa: B009
+
+    def fill(self, traits: Traits) -> None:
+        """Add the traits this row does not have yet (never change one it has)."""
+        for name in TRAIT_NAMES:
+            if not getattr(self, name) and getattr(traits, name):
+                setattr(self, name, getattr(traits, name))

@@ -7,6 +7,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dmp.audit import audit_tables
 from dmp.db import new_metadata
+from dmp.patients import TraitColumns
 
 # SQLite gives an INTEGER PRIMARY KEY its rowid; BIGINT would not autoincrement there.
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
@@ -70,17 +71,12 @@ class OutboxRow(NodeBase):
     created_us: Mapped[int] = mapped_column(BigInteger)
 
 
-class PatientRow(NodeBase):
+class PatientRow(TraitColumns, NodeBase):
     """Identity traits the writers gave for a patient, reported to the directory."""
 
     __tablename__ = "patients"
 
     ins: Mapped[str] = mapped_column(String(15), primary_key=True)
-    birth_family_name: Mapped[str] = mapped_column(String(100))
-    given_names: Mapped[str] = mapped_column(String(200))
-    birth_date: Mapped[str] = mapped_column(String(10))
-    sex: Mapped[str] = mapped_column(String(1))
-    birthplace_code: Mapped[str] = mapped_column(String(5))
 
 
 #: The node's tamper-evident audit trail (dmp/audit.py).

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
 from sqlalchemy import Engine, delete, func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from dmp import tokens
 from dmp.clock import now_us, to_us
 from dmp.db import writer
 from dmp.errors import (
@@ -351,7 +349,7 @@ class RecordStore:
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative")
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        query_print = _query_fingerprint(request)
+        query_print = tokens.query_fingerprint(request)
         stmt = readable(select(RecordRow), scope, self._clock())
         if request.kinds:
             stmt = stmt.where(RecordRow.kind.in_([kind_name(k, "kinds") for k in request.kinds]))
@@ -365,7 +363,7 @@ class RecordStore:
             stmt = stmt.where(RecordRow.status.in_([status_name(s) for s in request.statuses]))
         after: tuple[int, str] | None = None
         if request.page_token:
-            cursor = decode_cursor(request.page_token, query_print)
+            cursor = tokens.decode(request.page_token, page_token_pb2.RecordCursor, query_print)
             after = (cursor.effective_time_us, cursor.record_id)
         elif request.HasField("start_after"):
             after = (to_us(request.start_after.effective_time), request.start_after.record_id)
@@ -403,7 +401,7 @@ class RecordStore:
                 for row in session.scalars(select(PatientRow).where(PatientRow.ins.in_(patients)))
             }
         summaries = [
-            FragmentSummary(_traits_of_row(known.get(ins), ins), count, last)
+            FragmentSummary(known[ins].traits() if ins in known else Traits(ins), count, last)
             for ins, count, last in counts
         ]
         return rows[-1][0], summaries
@@ -418,64 +416,17 @@ def _merge_traits(session: Session, traits: Traits) -> None:
     """Keep the traits writers give; refuse those that contradict the ones kept."""
     row = session.get(PatientRow, traits.ins)
     if row is None:
-        session.add(
-            PatientRow(
-                ins=traits.ins,
-                birth_family_name=traits.birth_family_name,
-                given_names=traits.given_names,
-                birth_date=traits.birth_date,
-                sex=traits.sex,
-                birthplace_code=traits.birthplace_code,
-            )
-        )
+        session.add(PatientRow(ins=traits.ins, **PatientRow.values(traits)))
         return
-    stored = _traits_of_row(row, traits.ins)
-    conflicts = stored.contradicts(traits)
+    conflicts = row.traits().contradicts(traits)
     if conflicts:
         raise FailedPrecondition(conflict_message(traits.ins, conflicts), reason=IDENTITY_CONFLICT)
-    for name in ("birth_family_name", "given_names", "birth_date", "sex", "birthplace_code"):
-        if not getattr(row, name) and getattr(traits, name):
-            setattr(row, name, getattr(traits, name))
-
-
-def _traits_of_row(row: PatientRow | None, ins: str) -> Traits:
-    if row is None:
-        return Traits(ins=ins)
-    return Traits(
-        ins=row.ins,
-        birth_family_name=row.birth_family_name,
-        given_names=row.given_names,
-        birth_date=row.birth_date,
-        sex=row.sex,
-        birthplace_code=row.birthplace_code,
-    )
-
-
-def _query_fingerprint(request: node_service_pb2.ListRecordsRequest) -> bytes:
-    query = node_service_pb2.ListRecordsRequest()
-    query.CopyFrom(request)
-    query.page_token = ""
-    query.page_size = 0
-    return hashlib.sha256(query.SerializeToString(deterministic=True)).digest()[:8]
+    row.fill(traits)
 
 
 def encode_cursor(effective_us: int, record_id: str, query_print: bytes) -> str:
-    token = page_token_pb2.RecordCursor(
-        effective_time_us=effective_us, record_id=record_id, query_fingerprint=query_print
-    )
-    return base64.urlsafe_b64encode(token.SerializeToString()).decode().rstrip("=")
-
-
-def decode_cursor(token: str, query_print: bytes) -> page_token_pb2.RecordCursor:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        cursor = page_token_pb2.RecordCursor.FromString(raw)
-    except (binascii.Error, DecodeError, ValueError):
-        raise InvalidArgument(
-            "page_token is malformed: pass the next_page_token unchanged"
-        ) from None
-    if cursor.query_fingerprint != query_print or not cursor.record_id:
-        raise InvalidArgument(
-            "page_token does not belong to this query: keep the same filters while paging"
+    return tokens.encode(
+        page_token_pb2.RecordCursor(
+            effective_time_us=effective_us, record_id=record_id, query_fingerprint=query_print
         )
-    return cursor
+    )
