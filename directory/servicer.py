@@ -108,16 +108,9 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
             audited.caller(assertion)
             traits, fragments = self._index.get(ins)
             audited.commit()
+        # Regions only: a count or a date would tell of records the caller may not see.
         return pb.GetPatientResponse(
-            patient=traits.to_proto(),
-            fragments=[
-                pb.Fragment(
-                    region=f.region,
-                    record_count=f.record_count,
-                    last_update=from_us(f.last_update_us),
-                )
-                for f in fragments
-            ],
+            patient=traits.to_proto(), fragments=[pb.Fragment(region=f.region) for f in fragments]
         )
 
     def ReportFragments(

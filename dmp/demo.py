@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -396,6 +397,10 @@ def _wait_routed(federation: Federation, identity: str, regions: set[str]) -> No
 def _wait_located(
     federation: Federation, identity: str, expected: dict[str, dict[str, int]]
 ) -> None:
+    """Until a doctor's view of each patient shows every record loaded, region by region
+    (the directory shows no one its locator's counts)."""
+    from dmp.cli.query import fetch
+
     creds = load_credentials(federation.pki_dir, identity)
     with secure_channel(federation.directory.address, creds) as channel:
         stub = directory_service_pb2_grpc.DirectoryServiceStub(channel)
@@ -403,10 +408,12 @@ def _wait_located(
 
         def located() -> bool:
             for ins, counts in list(pending.items()):
-                answer = stub.GetPatient(
-                    dpb.GetPatientRequest(ins=ins), timeout=5, metadata=assertion(creds, ins)
-                )
-                if {f.region: f.record_count for f in answer.fragments} != counts:
+                request = dpb.GetConsolidatedViewRequest(patient_ins=ins, page_size=1000)
+                records, _ = fetch(stub, request, 10_000, 10.0, partial(assertion, creds, ins))
+                seen: dict[str, int] = {}
+                for record in records:
+                    seen[record.region] = seen.get(record.region, 0) + 1
+                if seen != counts:
                     return False
                 del pending[ins]
             return True

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from google.protobuf.message import DecodeError
 
-from dmp.clock import from_us, now_us
+from dmp.clock import from_us, now_us, to_us
 from dmp.errors import InvalidArgument, Unauthenticated
 from dmp.identity import Role
 from dmp.signing import SignatureVerifier, Signer
@@ -79,7 +80,12 @@ def verify_directives(
         message = access_pb2.Directives.FromString(signed.directives)
     except DecodeError:
         raise InvalidArgument("directives are malformed") from None
-    signer = signatures.verify(signed.directives, signed.signature, signed.certificate)
+    # Directives last: what matters is that the certificate was valid when the patient
+    # signed them, not that it still is (a revoked certificate voids them, though).
+    signed_at = datetime.fromtimestamp(to_us(message.issued_at) / 1_000_000, UTC)
+    signer = signatures.verify(
+        signed.directives, signed.signature, signed.certificate, signed_at=signed_at
+    )
     if signer.role is not Role.PATIENT or signer.key != message.patient_ins:
         raise Unauthenticated("directives must be signed by the patient they are about")
     if patient_ins is not None and message.patient_ins != patient_ins:

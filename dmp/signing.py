@@ -68,14 +68,25 @@ class SignatureVerifier:
             ) from None
         return principal_from_certificate(cert)
 
-    def verify(self, payload: bytes, signature: bytes, certificate_der: bytes) -> Principal:
-        """The signer, once the certificate chains to the CA, is valid now, is not revoked and
-        its key made `signature` over `payload`; Unauthenticated otherwise."""
+    def verify(
+        self,
+        payload: bytes,
+        signature: bytes,
+        certificate_der: bytes,
+        *,
+        signed_at: datetime | None = None,
+    ) -> Principal:
+        """The signer, once the certificate chains to the CA, was valid when it signed (now,
+        unless `signed_at` says when a lasting statement was signed), is not revoked and its
+        key made `signature` over `payload`; Unauthenticated otherwise."""
         principal = self._issued_by_ca(certificate_der)
         cert = _certificate(certificate_der)
-        now = self._clock()
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise Unauthenticated(f"the certificate of {principal.uri} is not valid now")
+        when = signed_at or self._clock()
+        if signed_at is not None and signed_at > self._clock():
+            raise Unauthenticated(f"the statement of {principal.uri} is dated in the future")
+        if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+            moment = "now" if signed_at is None else "when it signed"
+            raise Unauthenticated(f"the certificate of {principal.uri} is not valid {moment}")
         if self._revocation.is_revoked(cert):
             raise Unauthenticated(f"the certificate of {principal.uri} has been revoked")
         key = cert.public_key()

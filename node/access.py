@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, false, not_, or_
+from sqlalchemy import Select, false, or_, select
+from sqlalchemy.orm import aliased
 
 from dmp.assertion import AssertionVerifier, VerifiedAssertion
 from dmp.clock import now_us
@@ -66,7 +67,8 @@ class NodeAccess:
             )
         if patient_ins is not None and patient_ins != assertion.patient_ins:
             raise PermissionDenied("the access assertion is for another patient")
-        directives = self._directives.get(assertion.patient_ins, metadata)
+        relayed = metadata if transport.role is Role.DIRECTORY else ()
+        directives = self._directives.get(assertion.patient_ins, relayed)
         scope = decide_read(assertion, directives, self._matrix)
         return Caller(assertion.subject, transport, assertion), scope
 
@@ -101,12 +103,14 @@ def readable(stmt: S, scope: ReadScope, now: int) -> S:
         allowed.append(RecordRow.type_code.in_(sorted(scope.grant.type_codes)))
     stmt = stmt.where(or_(*allowed))
     if scope.hidden_masked:
+        masked = aliased(RecordRow)
+        masked_roots = select(masked.root_id).where(
+            masked.patient_ins == scope.patient_ins, masked.id.in_(sorted(scope.hidden_masked))
+        )
         stmt = stmt.where(
-            not_(
-                and_(
-                    RecordRow.id.in_(sorted(scope.hidden_masked)),
-                    RecordRow.author_identity != scope.subject.uri,
-                )
+            or_(
+                RecordRow.root_id.not_in(masked_roots),
+                RecordRow.author_identity == scope.subject.uri,
             )
         )
     return stmt

@@ -39,6 +39,8 @@ class RecordRow(NodeBase):
     status: Mapped[str] = mapped_column(String(16))
     version: Mapped[int] = mapped_column(Integer)
     supersedes: Mapped[str | None] = mapped_column(String(64))
+    #: Id of the first version: a patient's mask of one version covers all of them.
+    root_id: Mapped[str] = mapped_column(String(64), index=True)
     confidentiality: Mapped[str] = mapped_column(String(20))
     hidden_from_patient: Mapped[bool] = mapped_column(Boolean)
     #: When the author revealed a record hidden from the patient.

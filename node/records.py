@@ -115,7 +115,7 @@ def fingerprint(record: record_pb2.Record, content_sha256: str, author: str) -> 
 
 
 def to_proto(
-    row: RecordRow, region: str, masked: frozenset[str] = frozenset()
+    row: RecordRow, region: str, masked_roots: frozenset[str] = frozenset()
 ) -> record_pb2.Record:
     record = record_pb2.Record(
         id=row.id,
@@ -135,7 +135,7 @@ def to_proto(
         version=row.version,
         supersedes=row.supersedes or "",
         confidentiality=CONFIDENTIALITY_VALUES[row.confidentiality],
-        masked=row.id in masked,
+        masked=row.root_id in masked_roots,
         hidden_from_patient=row.hidden_from_patient,
         content_type=row.content_type,
         size=row.size,

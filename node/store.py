@@ -243,6 +243,7 @@ class RecordStore:
     def _new_row(self, session: Session, draft: _Draft, created: int) -> RecordRow:
         record = draft.record
         version = 1
+        root_id = draft.record_id
         if record.supersedes:
             previous = session.scalar(select(RecordRow).where(RecordRow.id == record.supersedes))
             if previous is None or previous.patient_ins != record.patient_ins:
@@ -255,6 +256,7 @@ class RecordStore:
                     f"record {previous.id} is already superseded: supersede its latest version"
                 )
             version = previous.version + 1
+            root_id = previous.root_id
             session.execute(
                 update(RecordRow).where(RecordRow.id == previous.id).values(status="superseded")
             )
@@ -278,6 +280,7 @@ class RecordStore:
             status="current",
             version=version,
             supersedes=record.supersedes or None,
+            root_id=root_id,
             confidentiality=CONFIDENTIALITY_NAMES.get(record.confidentiality, "normal"),
             hidden_from_patient=record.hidden_from_patient,
             content_type=record.content_type.strip(),
@@ -299,10 +302,20 @@ class RecordStore:
             )
         return row
 
+    @staticmethod
+    def _masked_roots(session: Session, scope: ReadScope) -> frozenset[str]:
+        """The first-version ids of the records the patient masked (all versions masked)."""
+        if not scope.masked:
+            return frozenset()
+        stmt = select(RecordRow.root_id).where(
+            RecordRow.patient_ins == scope.patient_ins, RecordRow.id.in_(sorted(scope.masked))
+        )
+        return frozenset(session.scalars(stmt))
+
     def get(self, scope: ReadScope, record_id: str) -> record_pb2.Record:
         with Session(self._engine) as session:
             row = self._readable_row(session, scope, record_id)
-            return to_proto(row, self.region, scope.masked)
+            return to_proto(row, self.region, self._masked_roots(session, scope))
 
     def content(
         self, scope: ReadScope, record_id: str
@@ -313,7 +326,7 @@ class RecordStore:
             blob = session.scalar(
                 select(RecordContentRow.content).where(RecordContentRow.record_id == row.id)
             )
-            record = to_proto(row, self.region, scope.masked)
+            record = to_proto(row, self.region, self._masked_roots(session, scope))
         if blob is None or hashlib.sha256(blob).hexdigest() != record.sha256:
             raise DataLoss(
                 f"content of record {record_id} does not match its SHA-256: restore the node"
@@ -372,8 +385,9 @@ class RecordStore:
         stmt = stmt.order_by(RecordRow.effective_us.desc(), RecordRow.id.desc()).limit(size + 1)
         with Session(self._engine) as session:
             rows = list(session.scalars(stmt))
+            roots = self._masked_roots(session, scope)
         response = node_service_pb2.ListRecordsResponse(
-            records=[to_proto(row, self.region, scope.masked) for row in rows[:size]]
+            records=[to_proto(row, self.region, roots) for row in rows[:size]]
         )
         if len(rows) > size:
             last = rows[size - 1]

@@ -146,10 +146,12 @@ class Fragment(_message.Message):
     region: _builtins.str
     """Region code (INSEE) of the node holding the records."""
     record_count: _builtins.int
-    """How many records that node holds for the patient."""
+    """Not filled in answers to people: a count or a date would tell of records the caller
+    may not see. The directory keeps them for its locator.
+    """
     @_builtins.property
     def last_update(self) -> _timestamp_pb2.Timestamp:
-        """When the node last stored a record for the patient."""
+        """Not filled in answers to people (see record_count)."""
 
     def __init__(
         self,

@@ -110,7 +110,7 @@ class DirectoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetPatient(self, request, context):
-        """Returns a patient's identity and where their fragments are.
+        """Returns a patient's identity and the regions holding their records.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

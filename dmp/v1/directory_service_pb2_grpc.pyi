@@ -42,7 +42,7 @@ class DirectoryServiceStub:
     and reason IDENTITY_CONFLICT, and kept for review: two people are never merged.
     """
     GetPatient: _grpc.UnaryUnaryMultiCallable[_directory_service_pb2.GetPatientRequest, _directory_service_pb2.GetPatientResponse]
-    """Returns a patient's identity and where their fragments are."""
+    """Returns a patient's identity and the regions holding their records."""
     ReportFragments: _grpc.UnaryUnaryMultiCallable[_directory_service_pb2.ReportFragmentsRequest, _directory_service_pb2.ReportFragmentsResponse]
     """Called by a node: the current fragment counts of patients it holds records for. Only
     for the node's own region (the one in its certificate).
@@ -89,7 +89,7 @@ class DirectoryServiceAsyncStub(DirectoryServiceStub):
     and reason IDENTITY_CONFLICT, and kept for review: two people are never merged.
     """
     GetPatient: _aio.UnaryUnaryMultiCallable[_directory_service_pb2.GetPatientRequest, _directory_service_pb2.GetPatientResponse]  # type: ignore[assignment]
-    """Returns a patient's identity and where their fragments are."""
+    """Returns a patient's identity and the regions holding their records."""
     ReportFragments: _aio.UnaryUnaryMultiCallable[_directory_service_pb2.ReportFragmentsRequest, _directory_service_pb2.ReportFragmentsResponse]  # type: ignore[assignment]
     """Called by a node: the current fragment counts of patients it holds records for. Only
     for the node's own region (the one in its certificate).
@@ -145,7 +145,7 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _directory_service_pb2.GetPatientRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_directory_service_pb2.GetPatientResponse, _abc.Awaitable[_directory_service_pb2.GetPatientResponse]]:
-        """Returns a patient's identity and where their fragments are."""
+        """Returns a patient's identity and the regions holding their records."""
 
     @_abc_1.abstractmethod
     def ReportFragments(
