@@ -289,3 +289,42 @@ def test_editing_one_row_with_sqlite3_is_named_by_dmp_audit_verify(
     bad = subprocess.run(verify, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert "4" in bad.stdout and "changed" in bad.stdout.lower(), bad.stdout
+
+
+def test_concurrent_records_share_commits_and_keep_the_log_whole(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dmp.audit import AuditLog, verify_log
+    from dmp.db import make_engine, upgrade
+    from dmp.pki import load_credentials
+    from node.app import MIGRATIONS
+    from node.models import audit_checkpoints, audit_events
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'n.db'}")
+    upgrade(engine, MIGRATIONS, "alembic_version_node")
+    signer = load_credentials(pki_dir, "node-11")
+    log = AuditLog(
+        engine,
+        audit_events,
+        audit_checkpoints,
+        source_id=signer.principal.uri,
+        region="11",
+        signer=signer,
+    )
+
+    def read(i: int) -> int:
+        return log.record(
+            AuditEvent(event_type="view", participant_object_patient_ins=PATIENT, detail=str(i))
+        )
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        seqs = list(pool.map(read, range(400)))
+    assert sorted(seqs) == list(range(1, 401))
+    assert log.checkpoint() is not None
+    report = verify_log(engine, audit_events, audit_checkpoints, (pki_dir / "ca.pem").read_bytes())
+    assert report.ok and report.events == 400
+    details = {e.event.detail for e in log.events_for_patient(PATIENT, limit=1000)}
+    assert details == {str(i) for i in range(400)}
+    engine.dispose()
