@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from dmp.directives import DIRECTIVES_KEY, PatientDirectives, verify_directives
-from dmp.errors import Unavailable
+from dmp.errors import InvalidArgument, Unavailable
 from dmp.signing import SignatureVerifier
 from dmp.v1 import access_pb2, directory_service_pb2, directory_service_pb2_grpc
 
@@ -39,6 +39,9 @@ class DirectiveCache:
         self._staleness = staleness
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[PatientDirectives, float]] = {}
+        # Signed sets already verified, by signature: each view relays the same set, and a
+        # signature check per call would cost more than the rest of the access check.
+        self._verified: dict[bytes, tuple[PatientDirectives, float]] = {}
 
     def get(
         self,
@@ -53,9 +56,7 @@ class DirectiveCache:
         carried = _carried(metadata)
         if carried is not None:
             try:
-                return self._keep(
-                    patient_ins, verify_directives(self._signatures, carried, patient_ins)
-                )
+                return self._keep(patient_ins, self._verify(carried, patient_ins))
             except Exception as exc:  # a bad relayed set is ignored: fetch instead
                 log.warning("ignoring directives relayed for %s: %s", patient_ins, exc)
         cached = self._cache.get(patient_ins)
@@ -79,9 +80,23 @@ class DirectiveCache:
             ) from None
         if not answer.HasField("directives"):
             return self._keep(patient_ins, PatientDirectives(patient_ins))
-        return self._keep(
-            patient_ins, verify_directives(self._signatures, answer.directives, patient_ins)
-        )
+        return self._keep(patient_ins, self._verify(answer.directives, patient_ins))
+
+    def _verify(self, signed: access_pb2.SignedDirectives, patient_ins: str) -> PatientDirectives:
+        """Verify a signed set, or reuse the verdict on the same set within the staleness
+        bound (so a revoked patient certificate is noticed as fast as a changed set)."""
+        now = time.monotonic()
+        known = self._verified.get(signed.signature)
+        if known is not None and now - known[1] < self._staleness:
+            if known[0].patient_ins != patient_ins:
+                raise InvalidArgument("these directives are about another patient")
+            return known[0]
+        directives = verify_directives(self._signatures, signed, patient_ins)
+        with self._lock:
+            if len(self._verified) > 100_000:
+                self._verified.clear()
+            self._verified[signed.signature] = (directives, now)
+        return directives
 
     def _keep(self, patient_ins: str, directives: PatientDirectives) -> PatientDirectives:
         with self._lock:
