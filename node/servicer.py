@@ -16,8 +16,8 @@ from dmp.server import CallContext
 from dmp.v1 import access_pb2, node_service_pb2_grpc, patient_pb2, record_pb2
 from dmp.v1 import node_service_pb2 as pb
 from node.access import NodeAccess
-from node.records import kind_name, validate_draft
-from node.store import RecordStore
+from node.records import kind_name
+from node.store import RecordStore, WriteAudit, WriteCheck, Written
 
 MAX_EVENTS = 1000
 
@@ -26,12 +26,12 @@ def _patient(put: pb.PutRecordRequest) -> patient_pb2.PatientIdentity | None:
     return put.patient if put.HasField("patient") else None
 
 
-def _by_patient(audited: AuditedCall) -> object:
+def _by_patient(audited: AuditedCall) -> WriteAudit:
     """The write audit: one event per patient of the stored records, in their transaction."""
 
-    def append(session: Session, stored: list[record_pb2.Record]) -> None:
+    def append(session: Session, written: list[Written]) -> None:
         patients: dict[str, list[str]] = {}
-        for record in stored:
+        for record in written:
             patients.setdefault(record.patient_ins, []).append(record.id)
         for ins, ids in patients.items():
             audited.patient_ins = ins
@@ -46,19 +46,23 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         self._access = access
         self._auditor = auditor
 
-    def _check_write(self, context: CallContext, record: record_pb2.Record) -> None:
-        validate_draft(record)
-        self._access.writer(context, kind_name(record.kind), record.patient_ins)
+    def _writer_check(self, context: CallContext) -> WriteCheck:
+        """The access check of each record the store validated."""
+
+        def check(record: record_pb2.Record) -> None:
+            self._access.writer(context, kind_name(record.kind), record.patient_ins)
+
+        return check
 
     def PutRecord(self, request: pb.PutRecordRequest, context: CallContext) -> pb.PutRecordResponse:
         with self._auditor.call(context, EventType.WRITE, request.record.patient_ins) as audited:
-            self._check_write(context, request.record)
             record = self._store.put(
                 context.principal,
                 request.record,
                 request.content,
                 _patient(request),
-                audit=_by_patient(audited),  # type: ignore[arg-type]
+                audit=_by_patient(audited),
+                check=self._writer_check(context),
             )
         return pb.PutRecordResponse(record=record)
 
@@ -70,11 +74,15 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         ]:
             for r in request_iterator:
                 audited.patient_ins = r.put.record.patient_ins
-                self._check_write(context, r.put.record)
                 yield r.put.record, r.put.content, _patient(r.put)
 
         with self._auditor.call(context, EventType.WRITE) as audited:
-            stored = self._store.put_many(context.principal, items(), audit=_by_patient(audited))  # type: ignore[arg-type]
+            stored = self._store.put_many(
+                context.principal,
+                items(),
+                audit=_by_patient(audited),
+                check=self._writer_check(context),
+            )
         return pb.IngestRecordsResponse(stored_count=stored)
 
     def GetRecord(self, request: pb.GetRecordRequest, context: CallContext) -> pb.GetRecordResponse:

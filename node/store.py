@@ -6,8 +6,9 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, tuple_, update
+from sqlalchemy import Engine, Table, delete, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,10 +45,31 @@ from node.records import (
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 CHUNK_SIZE = 1024 * 1024
+#: Core tables for batch inserts (no ORM object per record).
+RECORDS: Table = RecordRow.__table__  # type: ignore[assignment]
+CONTENTS: Table = RecordContentRow.__table__  # type: ignore[assignment]
 
 
 #: Appends the trace of stored records in the transaction that stores them.
-WriteAudit = Callable[[Session, list[record_pb2.Record]], None]
+WriteAudit = Callable[[Session, list["Written"]], None]
+
+
+#: The access check of a write, given the validated record (node/access.py).
+WriteCheck = Callable[[record_pb2.Record], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A record a write stored (or found already stored, for a retry)."""
+
+    id: str
+    patient_ins: str
+    #: The stored row, or for a new record the values inserted.
+    row: RecordRow | dict[str, Any]
+
+    def record(self, region: str) -> record_pb2.Record:
+        row = self.row if isinstance(self.row, RecordRow) else RecordRow(**self.row)
+        return to_proto(row, region)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +125,17 @@ class RecordStore:
         content: bytes,
         patient: patient_pb2.PatientIdentity | None = None,
         audit: WriteAudit | None = None,
+        check: WriteCheck | None = None,
     ) -> record_pb2.Record:
         """Store a record durably; idempotent on its id. The writer is checked before;
         `audit` appends the write's trace in the same transaction."""
-        draft = self._prepare(writer, record, content, patient)
+        draft = self._prepare(writer, record, content, patient, check)
         try:
             with Session(self._writer) as session, session.begin():
-                stored = self._write(session, [draft])[0]
+                written = self._write(session, [draft])
                 if audit is not None:
-                    audit(session, [stored])
+                    audit(session, written)
+                stored = written[0].record(self.region)
         except IntegrityError:
             # A concurrent put of the same id won the race (PostgreSQL): answer as a retry.
             with Session(self._engine) as session:
@@ -128,6 +152,7 @@ class RecordStore:
         items: Iterable[tuple[record_pb2.Record, bytes, patient_pb2.PatientIdentity | None]],
         *,
         audit: WriteAudit | None = None,
+        check: WriteCheck | None = None,
         batch_records: int = 1000,
         batch_bytes: int = 64 * 1024 * 1024,
     ) -> int:
@@ -157,7 +182,7 @@ class RecordStore:
                 if item is None:
                     break
                 record, content, patient = item
-                batch.append(self._prepare(writer, record, content, patient))
+                batch.append(self._prepare(writer, record, content, patient, check))
             except DmpError as exc:
                 flush()
                 exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
@@ -179,8 +204,11 @@ class RecordStore:
         record: record_pb2.Record,
         content: bytes,
         patient: patient_pb2.PatientIdentity | None,
+        check: WriteCheck | None,
     ) -> _Draft:
         validate_draft(record)
+        if check is not None:
+            check(record)
         traits = None
         if patient is not None and patient.ins:
             traits = traits_of(patient, "patient")
@@ -202,35 +230,48 @@ class RecordStore:
             author=writer,
         )
 
-    def _write(self, session: Session, drafts: Sequence[_Draft]) -> list[record_pb2.Record]:
-        """Insert the drafts in the session's transaction; same id and same content is a
-        retry, same id and other content is refused."""
+    def _write(self, session: Session, drafts: Sequence[_Draft]) -> list[Written]:
+        """Insert the drafts in the session's transaction (one INSERT per table for a batch);
+        same id and same content is a retry, same id and other content is refused."""
         ids = [d.record_id for d in drafts]
-        existing = {
+        known = {
             row.id: row for row in session.scalars(select(RecordRow).where(RecordRow.id.in_(ids)))
         }
-        results: list[record_pb2.Record] = []
-        patients: set[str] = set()
-        contents: list[RecordContentRow] = []
+        pending: list[dict[str, Any]] = []
+        contents: list[dict[str, Any]] = []
+        written: list[Written] = []
+        merged: set[Traits] = set()
         now = self._clock()
+
+        def insert_pending() -> None:
+            if pending:
+                session.execute(insert(RECORDS), pending)
+                session.execute(insert(CONTENTS), contents)
+                pending.clear()
+                contents.clear()
+
         for draft in drafts:
-            found = existing.get(draft.record_id)
+            found = known.get(draft.record_id)
             if found is not None:
-                results.append(self._same_or_conflict(found, draft.fingerprint))
+                self._same_or_conflict(found, draft.fingerprint)
+                written.append(Written(found.id, found.patient_ins, found))
                 continue
-            if draft.traits is not None:
+            if draft.traits is not None and draft.traits not in merged:
                 _merge_traits(session, draft.traits)
-            row = self._new_row(session, draft, now)
-            session.add(row)
-            existing[draft.record_id] = row
-            contents.append(RecordContentRow(record_id=draft.record_id, content=draft.content))
-            patients.add(row.patient_ins)
-            results.append(to_proto(row, self.region))
-        session.flush()  # records before their contents (foreign key)
-        session.add_all(contents)
-        for ins in sorted(patients):
-            session.add(OutboxRow(patient_ins=ins, created_us=now))
-        return results
+                merged.add(draft.traits)
+            if draft.record.supersedes:
+                insert_pending()  # the version it supersedes may be in this batch
+            values = self._new_row(session, draft, now)
+            known[draft.record_id] = RecordRow(**values)
+            pending.append(values)
+            contents.append({"record_id": draft.record_id, "content": draft.content})
+            written.append(Written(draft.record_id, draft.record.patient_ins, values))
+        insert_pending()
+        patients = sorted({w.patient_ins for w in written})
+        session.execute(
+            insert(OutboxRow), [{"patient_ins": ins, "created_us": now} for ins in patients]
+        )
+        return written
 
     def _same_or_conflict(self, existing: RecordRow, print_: str) -> record_pb2.Record:
         if existing.fingerprint != print_:
@@ -240,7 +281,7 @@ class RecordStore:
             )
         return to_proto(existing, self.region)
 
-    def _new_row(self, session: Session, draft: _Draft, created: int) -> RecordRow:
+    def _new_row(self, session: Session, draft: _Draft, created: int) -> dict[str, Any]:
         record = draft.record
         version = 1
         root_id = draft.record_id
@@ -261,7 +302,7 @@ class RecordStore:
                 update(RecordRow).where(RecordRow.id == previous.id).values(status="superseded")
             )
         author = draft.author
-        return RecordRow(
+        return dict(
             id=draft.record_id,
             patient_ins=record.patient_ins,
             kind=kind_name(record.kind),
