@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dmp.pki import Credentials
 from dmp.tls import secure_channel
 from dmp.v1 import node_service_pb2_grpc
 
+#: Held open on every node channel (see NodeChannels).
+_WATCH = health_pb2.HealthCheckRequest(service="dmp.v1.NodeService")
+
 
 class NodeChannels:
-    """Channels to nodes keyed by address: no TLS handshake per request."""
+    """Channels to nodes keyed by address: no TLS handshake per request.
+
+    Each channel holds one long call open, a health Watch: grpcio starts a thread for a
+    channel's future calls whenever it has none in flight and ends it when the last one
+    completes, so without it every view would start and stop a thread per node.
+    """
 
     def __init__(self, credentials: Credentials) -> None:
         self._credentials = credentials
+        self._watches: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._channels: dict[
             str,
@@ -38,6 +48,7 @@ class NodeChannels:
                         health_pb2_grpc.HealthStub(channel),
                     )
                     self._channels[address] = entry
+                    self._watches[address] = entry[2].Watch(_WATCH)
         return entry
 
     def node(self, address: str) -> node_service_pb2_grpc.NodeServiceStub:
@@ -50,6 +61,9 @@ class NodeChannels:
         """Close the channel of an address no node uses any more."""
         with self._lock:
             entry = self._channels.pop(address, None)
+            watch = self._watches.pop(address, None)
+        if watch is not None:
+            watch.cancel()
         if entry is not None:
             entry[0].close()
 
@@ -57,5 +71,9 @@ class NodeChannels:
         with self._lock:
             entries = list(self._channels.values())
             self._channels.clear()
+            watches = list(self._watches.values())
+            self._watches.clear()
+        for watch in watches:
+            watch.cancel()
         for channel, _, _ in entries:
             channel.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -26,6 +27,8 @@ log = logging.getLogger("dmp.directory.registry")
 
 NODE_HEALTH_SERVICE = "dmp.v1.NodeService"
 HEARTBEAT_SECONDS = 5
+#: How often the heartbeat of an unchanged node is written to the database (last_seen_us).
+LAST_SEEN_WRITE_SECONDS = 60.0
 
 
 class EmbeddedRegistry:
@@ -50,6 +53,7 @@ class EmbeddedRegistry:
         self._routes: dict[str, NodeRoute] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._written: dict[str, float] = {}
 
     def start(self) -> None:
         with Session(self._engine) as session:
@@ -68,6 +72,15 @@ class EmbeddedRegistry:
 
     def announce(self, region: str, address: str) -> None:
         """A node (authenticated as that region) says where it serves."""
+        known = self._routes.get(region)
+        if (
+            known is not None
+            and known.address == address
+            and known.healthy
+            and time.monotonic() - self._written.get(region, 0.0) < LAST_SEEN_WRITE_SECONDS
+        ):
+            return  # a heartbeat of a node already routed to: no write (and no fsync)
+        self._written[region] = time.monotonic()
         with Session(self._writer) as session, session.begin():
             row = session.get(NodeRow, region)
             if row is None:

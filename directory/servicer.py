@@ -19,7 +19,7 @@ from dmp.assertion import ASSERTION_KEY, VerifiedAssertion
 from dmp.audit import EventType
 from dmp.auditing import REQUEST_ID_KEY, Auditor, history_events, to_proto
 from dmp.clock import from_us, to_us
-from dmp.directives import DIRECTIVES_KEY
+from dmp.directives import DIRECTIVES_KEY, NO_DIRECTIVES_KEY
 from dmp.discovery import Discovery
 from dmp.errors import DmpError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from dmp.identity import Role
@@ -61,6 +61,8 @@ def forward_metadata(
     )
     if signed_directives is not None:
         metadata += ((DIRECTIVES_KEY, signed_directives),)
+    else:  # what GetDirectives would answer: saves each node a round trip back
+        metadata += ((NO_DIRECTIVES_KEY, "1"),)
     return metadata
 
 

@@ -48,7 +48,11 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 def _sqlite_begin(conn: Connection) -> None:
     immediate = conn.get_execution_options().get(_WRITE, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    # Straight to the driver: exec_driver_sql would run SQLAlchemy's whole execution path
+    # for every transaction.
+    conn.connection.driver_connection.execute(  # type: ignore[union-attr]
+        "BEGIN IMMEDIATE" if immediate else "BEGIN"
+    )
 
 
 def make_engine(url: str, *, pool_size: int = 16) -> Engine:

@@ -15,6 +15,8 @@ from dmp.v1 import access_pb2
 
 #: Metadata with which the directory passes the patient's signed directives to nodes.
 DIRECTIVES_KEY = "x-dmp-directives-bin"
+#: Sent by the directory instead of DIRECTIVES_KEY when the patient never set directives.
+NO_DIRECTIVES_KEY = "x-dmp-directives-none"
 
 
 @dataclass(frozen=True)

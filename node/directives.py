@@ -16,7 +16,12 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf.message import DecodeError
 
-from dmp.directives import DIRECTIVES_KEY, PatientDirectives, verify_directives
+from dmp.directives import (
+    DIRECTIVES_KEY,
+    NO_DIRECTIVES_KEY,
+    PatientDirectives,
+    verify_directives,
+)
 from dmp.errors import InvalidArgument, Unavailable
 from dmp.signing import SignatureVerifier
 from dmp.v1 import access_pb2, directory_service_pb2, directory_service_pb2_grpc
@@ -59,6 +64,10 @@ class DirectiveCache:
                 return self._keep(patient_ins, self._verify(carried, patient_ins))
             except Exception as exc:  # a bad relayed set is ignored: fetch instead
                 log.warning("ignoring directives relayed for %s: %s", patient_ins, exc)
+        elif any(key == NO_DIRECTIVES_KEY for key, _ in metadata):
+            # The directory says "none", as its GetDirectives would; a version this node
+            # has seen is still never forgotten (_keep).
+            return self._keep(patient_ins, PatientDirectives(patient_ins))
         cached = self._cache.get(patient_ins)
         if cached is not None and time.monotonic() - cached[1] < self._staleness:
             return cached[0]
