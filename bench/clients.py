@@ -1,0 +1,70 @@
+"""How the benchmark talks to the federation as a client.
+
+Every client call about patient data (views, patient lookups and registrations, record
+writes and lists) takes its metadata from `patient_call_metadata`, and from nowhere else:
+whatever the federation asks of a client for such a call goes there, once, and is then on
+every call the benchmark makes, so the figures include its cost on the servers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import grpc
+
+from dmp.assertion import sign_assertion
+from dmp.pki import Credentials, load_credentials
+from dmp.signing import Signer
+from dmp.tls import secure_channel
+from dmp.v1 import access_pb2
+
+Metadata = Sequence[tuple[str, str | bytes]]
+Purpose = Literal["CARE", "EMERGENCY", "SELF"]
+
+
+def patient_call_metadata(
+    pki_dir: Path, identity: str, ins: str | None, purpose: Purpose = "CARE"
+) -> Metadata:
+    """The metadata of one client call made as `identity` about patient `ins` (None for a
+    call that spans many patients, such as an ingest stream), for `purpose`: a fresh access
+    assertion signed with the identity's own key (dmp/assertion.py; one per call, nonces
+    are single-use), nothing for a call about no single patient.
+
+    Called once per call, just before the call and outside its timed interval (the caller's
+    own signing is not a server cost).
+    """
+    if ins is None:
+        return ()
+    reason = "benchmark" if purpose == "EMERGENCY" else ""
+    return sign_assertion(_signer(pki_dir, identity), ins, _PURPOSES[purpose], reason)
+
+
+_PURPOSES = {
+    "CARE": access_pb2.PURPOSE_CARE,
+    "EMERGENCY": access_pb2.PURPOSE_EMERGENCY,
+    "SELF": access_pb2.PURPOSE_SELF,
+}
+
+
+@functools.cache
+def _signer(pki_dir: Path, identity: str) -> Signer:
+    return Signer(credentials(pki_dir, identity))
+
+
+@functools.cache
+def credentials(pki_dir: Path, identity: str) -> Credentials:
+    """The identity's certificate and key (read once per process)."""
+    return load_credentials(pki_dir, identity)
+
+
+def channel(address: str, pki_dir: Path, identity: str) -> grpc.Channel:
+    """A mutual-TLS channel as the federation's own clients open it."""
+    return secure_channel(address, credentials(pki_dir, identity))
+
+
+def wait_ready(channel: grpc.Channel, timeout: float = 30.0) -> None:
+    """Block until the channel is connected (the TLS handshake is done)."""
+    grpc.channel_ready_future(channel).result(timeout=timeout)
