@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import floor_server
 from bench.clients import channel, patient_call_metadata, wait_ready
 from bench.floor_server import fixed_response
 from bench.procs import (
@@ -49,6 +51,10 @@ REGION_DEADLINE = 2.0
 #: Pause after the locator knows every region when the directory hides the counts.
 LOCATOR_SETTLE_S = 3.0
 MB_PER_MIB = 1024 * 1024 / 1e6
+#: The floor's channels hold a health Watch open, as directory/channels.py does for nodes
+#: (grpcio then keeps one polling thread per channel instead of one per burst of calls).
+#: The floor must stay the directory's own fan-out: change both together.
+HOLD_WATCH = True
 
 
 @dataclass(frozen=True)
@@ -402,15 +408,20 @@ class Floor:
         ]
         self._channels: list[grpc.Channel] = []
         self._stubs: list[node_service_pb2_grpc.NodeServiceStub] = []
+        self._watches: list[Any] = []
 
     def start(self) -> None:
         start_all(self.servers)
         fed = self._federation
-        # The directory's own identity and channels, as in directory/channels.py.
+        # The directory's own identity and channels, as in directory/channels.py, each with
+        # a health Watch held open, as the directory holds one on every node channel.
         self._channels = [channel(s.address, fed.pki_dir, "directory") for s in self.servers]
         for conn in self._channels:
             wait_ready(conn)
         self._stubs = [node_service_pb2_grpc.NodeServiceStub(c) for c in self._channels]
+        if HOLD_WATCH:
+            request = health_pb2.HealthCheckRequest(service=floor_server.SERVICE)
+            self._watches = [health_pb2_grpc.HealthStub(c).Watch(request) for c in self._channels]
 
     @property
     def pids(self) -> list[int]:
@@ -441,6 +452,8 @@ class Floor:
         return result
 
     def stop(self) -> None:
+        for watch in self._watches:
+            watch.cancel()
         for conn in self._channels:
             conn.close()
         stop_all(self.servers)
