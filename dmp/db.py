@@ -82,9 +82,29 @@ def upgrade(engine: Engine, script_location: Path, version_table: str) -> None:
     config = Config()
     config.set_main_option("script_location", str(script_location))
     config.attributes["version_table"] = version_table
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # A migration that rebuilds a table (SQLite's "batch" ALTER) drops it while other
+            # tables reference it: foreign keys off for the migration, as SQLite's ALTER TABLE
+            # procedure says (outside a transaction, where the pragma takes effect), then
+            # checked and back on.
+            _driver(connection).execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+            if sqlite:
+                broken = _driver(connection).execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"migration left broken foreign keys: {broken[:5]}")
+        finally:
+            if sqlite:
+                _driver(connection).execute("PRAGMA foreign_keys=ON")
+
+
+def _driver(connection: Connection) -> Any:
+    return connection.connection.driver_connection
 
 
 class Base(DeclarativeBase):

@@ -130,19 +130,25 @@ class RecordStore:
         """Store a record durably; idempotent on its id. The writer is checked before;
         `audit` appends the write's trace in the same transaction."""
         draft = self._prepare(writer, record, content, patient, check)
-        try:
-            with Session(self._writer) as session, session.begin():
-                written = self._write(session, [draft])
-                if audit is not None:
-                    audit(session, written)
-                stored = written[0].record(self.region)
-        except IntegrityError:
-            # A concurrent put of the same id won the race (PostgreSQL): answer as a retry.
-            with Session(self._engine) as session:
-                existing = session.scalar(select(RecordRow).where(RecordRow.id == draft.record_id))
-                if existing is None:
+        for attempt in range(2):
+            try:
+                with Session(self._writer) as session, session.begin():
+                    written = self._write(session, [draft])
+                    if audit is not None:
+                        audit(session, written)
+                    stored = written[0].record(self.region)
+                break
+            except IntegrityError:
+                # A concurrent write won a race (PostgreSQL): the same record id (answer as
+                # a retry), or the same new patient's identity row (write again, once).
+                with Session(self._engine) as session:
+                    existing = session.scalar(
+                        select(RecordRow).where(RecordRow.id == draft.record_id)
+                    )
+                if existing is not None:
+                    return self._same_or_conflict(existing, draft.fingerprint)
+                if attempt == 1:
                     raise
-                return self._same_or_conflict(existing, draft.fingerprint)
         self._notify()
         return stored
 
