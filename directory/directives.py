@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, bindparam, select
 from sqlalchemy.orm import Session
 
 from directory.models import DirectivesRow
@@ -16,6 +16,8 @@ from dmp.errors import FailedPrecondition
 from dmp.signing import SignatureVerifier
 from dmp.v1 import access_pb2
 
+_SIGNED = select(DirectivesRow.signed).where(DirectivesRow.ins == bindparam("ins"))
+
 
 class DirectiveStore:
     def __init__(self, engine: Engine, signatures: SignatureVerifier) -> None:
@@ -25,9 +27,8 @@ class DirectiveStore:
 
     def current(self, ins: str) -> tuple[PatientDirectives, bytes | None]:
         """The patient's directives and their signed form (None when never set)."""
-        with Session(self._engine) as session:
-            row = session.get(DirectivesRow, ins)
-            signed = row.signed if row is not None else None
+        with self._engine.connect() as connection:
+            signed = connection.execute(_SIGNED, {"ins": ins}).scalar()
         if signed is None:
             return PatientDirectives(ins), None
         message = access_pb2.SignedDirectives.FromString(signed)

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -17,6 +17,19 @@ from dmp.errors import FailedPrecondition, NotFound
 from dmp.ins import normalize_ins
 from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
 from dmp.v1 import patient_pb2
+
+_PATIENT = select(
+    PatientRow.birth_family_name,
+    PatientRow.given_names,
+    PatientRow.birth_date,
+    PatientRow.sex,
+    PatientRow.birthplace_code,
+).where(PatientRow.ins == bindparam("ins"))
+_FRAGMENTS = (
+    select(FragmentRow.region, FragmentRow.record_count, FragmentRow.last_update_us)
+    .where(FragmentRow.ins == bindparam("ins"), FragmentRow.record_count > 0)
+    .order_by(FragmentRow.region)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,16 +111,17 @@ class PatientIndex:
 
     def get(self, ins: str) -> tuple[Traits, list[Fragment]]:
         ins = normalize_ins(ins)
-        with Session(self._engine) as session:
-            row = session.get(PatientRow, ins)
-            fragments = self._fragments(session, ins)
+        # Core statements built once, on a plain connection: no ORM session per lookup.
+        with self._engine.connect() as connection:
+            row = connection.execute(_PATIENT, {"ins": ins}).first()
+            fragments = [Fragment(*f) for f in connection.execute(_FRAGMENTS, {"ins": ins})]
         if row is None and not fragments:
             raise NotFound(f"no patient with INS {ins} in the directory")
-        return (row.traits() if row is not None else Traits(ins)), fragments
+        return (Traits(ins, *row) if row is not None else Traits(ins)), fragments
 
     def fragments(self, ins: str) -> list[Fragment]:
-        with Session(self._engine) as session:
-            return self._fragments(session, ins)
+        with self._engine.connect() as connection:
+            return [Fragment(*f) for f in connection.execute(_FRAGMENTS, {"ins": ins})]
 
     @staticmethod
     def _fragments(session: Session, ins: str) -> list[Fragment]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, false, or_, select
+from sqlalchemy import Select, bindparam, false, or_, select
 from sqlalchemy.orm import aliased
 
 from dmp.assertion import AssertionVerifier, VerifiedAssertion
@@ -85,13 +85,33 @@ class NodeAccess:
 
 def readable(stmt: S, scope: ReadScope, now: int) -> S:
     """Scope a query on records to what the scope allows: no code path can forget it."""
-    stmt = stmt.where(RecordRow.patient_ins == scope.patient_ins)
+    return readable_shape(stmt, scope).params(readable_params(scope, now))
+
+
+def readable_key(scope: ReadScope) -> tuple[Any, ...]:
+    """What readable_shape depends on: scopes with equal keys share one statement."""
+    hidden = scope.hidden_masked
+    return (scope.patient_view, scope.grant, hidden, scope.subject.uri if hidden else "")
+
+
+def readable_params(scope: ReadScope, now: int) -> dict[str, Any]:
+    """The values of a readable_shape statement for this scope, at this time."""
+    return {
+        "scope_patient_ins": scope.patient_ins,
+        "scope_hidden_before_us": now - HIDDEN_FROM_PATIENT_US,
+    }
+
+
+def readable_shape(stmt: S, scope: ReadScope) -> S:
+    """readable() with the patient and the time left as bind parameters (readable_params):
+    a statement built once serves every call with the same readable_key."""
+    stmt = stmt.where(RecordRow.patient_ins == bindparam("scope_patient_ins"))
     if scope.patient_view:
         return stmt.where(
             or_(
                 RecordRow.hidden_from_patient.is_(False),
                 RecordRow.revealed_us.is_not(None),
-                RecordRow.created_us <= now - HIDDEN_FROM_PATIENT_US,
+                RecordRow.created_us <= bindparam("scope_hidden_before_us"),
             )
         )
     if scope.grant is None:
@@ -105,7 +125,8 @@ def readable(stmt: S, scope: ReadScope, now: int) -> S:
     if scope.hidden_masked:
         masked = aliased(RecordRow)
         masked_roots = select(masked.root_id).where(
-            masked.patient_ins == scope.patient_ins, masked.id.in_(sorted(scope.hidden_masked))
+            masked.patient_ins == bindparam("scope_patient_ins"),
+            masked.id.in_(sorted(scope.hidden_masked)),
         )
         stmt = stmt.where(
             or_(

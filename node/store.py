@@ -8,7 +8,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Table, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    Engine,
+    Select,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,7 +39,7 @@ from dmp.identity import Principal
 from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
-from node.access import readable
+from node.access import readable, readable_key, readable_params, readable_shape
 from node.models import OutboxRow, PatientRow, RecordContentRow, RecordRow
 from node.policy import ReadScope
 from node.records import (
@@ -111,6 +122,7 @@ class RecordStore:
         self.max_content = max_content
         self._clock = clock
         self._on_commit: Callable[[], None] | None = None
+        self._list_statements: dict[tuple[Any, ...], Select[Any]] = {}
 
     def on_commit(self, hook: Callable[[], None]) -> None:
         """Call `hook` after each committed record (wakes the locator outbox)."""
@@ -350,14 +362,17 @@ class RecordStore:
         return row
 
     @staticmethod
-    def _masked_roots(session: Session, scope: ReadScope) -> frozenset[str]:
+    def _masked_roots_stmt(scope: ReadScope) -> Select[Any]:
+        return select(RecordRow.root_id).where(
+            RecordRow.patient_ins == scope.patient_ins, RecordRow.id.in_(sorted(scope.masked))
+        )
+
+    @classmethod
+    def _masked_roots(cls, session: Session, scope: ReadScope) -> frozenset[str]:
         """The first-version ids of the records the patient masked (all versions masked)."""
         if not scope.masked:
             return frozenset()
-        stmt = select(RecordRow.root_id).where(
-            RecordRow.patient_ins == scope.patient_ins, RecordRow.id.in_(sorted(scope.masked))
-        )
-        return frozenset(session.scalars(stmt))
+        return frozenset(session.scalars(cls._masked_roots_stmt(scope)))
 
     def get(self, scope: ReadScope, record_id: str) -> record_pb2.Record:
         with Session(self._engine) as session:
@@ -410,29 +425,44 @@ class RecordStore:
             raise InvalidArgument("page_size must not be negative")
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         query_print = tokens.query_fingerprint(request)
-        stmt = readable(select(RecordRow), scope, self._clock())
-        if request.kinds:
-            stmt = stmt.where(RecordRow.kind.in_([kind_name(k, "kinds") for k in request.kinds]))
-        if request.type_codes:
-            stmt = stmt.where(RecordRow.type_code.in_(list(request.type_codes)))
-        if request.HasField("since"):
-            stmt = stmt.where(RecordRow.effective_us >= to_us(request.since))
-        if request.HasField("until"):
-            stmt = stmt.where(RecordRow.effective_us < to_us(request.until))
-        if request.statuses:
-            stmt = stmt.where(RecordRow.status.in_([status_name(s) for s in request.statuses]))
         after: tuple[int, str] | None = None
         if request.page_token:
             cursor = tokens.decode(request.page_token, page_token_pb2.RecordCursor, query_print)
             after = (cursor.effective_time_us, cursor.record_id)
         elif request.HasField("start_after"):
             after = (to_us(request.start_after.effective_time), request.start_after.record_id)
+        # The statement of this shape is built once; the values of this call are parameters.
+        key = (
+            readable_key(scope),
+            tuple(request.kinds),
+            tuple(request.type_codes),
+            request.HasField("since"),
+            request.HasField("until"),
+            tuple(request.statuses),
+            after is not None,
+            size,
+        )
+        stmt = self._list_statements.get(key)
+        if stmt is None:
+            stmt = self._list_statement(scope, request, after is not None, size)
+            if len(self._list_statements) >= 1000:
+                self._list_statements.clear()
+            self._list_statements[key] = stmt
+        params = readable_params(scope, self._clock())
+        if request.HasField("since"):
+            params["since_us"] = to_us(request.since)
+        if request.HasField("until"):
+            params["until_us"] = to_us(request.until)
         if after is not None:
-            stmt = stmt.where(tuple_(RecordRow.effective_us, RecordRow.id) < tuple_(*after))
-        stmt = stmt.order_by(RecordRow.effective_us.desc(), RecordRow.id.desc()).limit(size + 1)
-        with Session(self._engine) as session:
-            rows = list(session.scalars(stmt))
-            roots = self._masked_roots(session, scope)
+            params["after_us"], params["after_id"] = after
+        # Core rows on a plain connection: a list is read-only, no ORM object per record.
+        with self._engine.connect() as connection:
+            rows: list[Any] = list(connection.execute(stmt, params))
+            roots = (
+                frozenset(connection.scalars(self._masked_roots_stmt(scope)))
+                if scope.masked
+                else frozenset()
+            )
         response = node_service_pb2.ListRecordsResponse(
             records=[to_proto(row, self.region, roots) for row in rows[:size]]
         )
@@ -440,6 +470,29 @@ class RecordStore:
             last = rows[size - 1]
             response.next_page_token = encode_cursor(last.effective_us, last.id, query_print)
         return response
+
+    @staticmethod
+    def _list_statement(
+        scope: ReadScope, request: node_service_pb2.ListRecordsRequest, after: bool, size: int
+    ) -> Select[Any]:
+        """The list query of one shape; per-call values are bind parameters."""
+        stmt = readable_shape(select(RecordRow.__table__), scope)
+        if request.kinds:
+            stmt = stmt.where(RecordRow.kind.in_([kind_name(k, "kinds") for k in request.kinds]))
+        if request.type_codes:
+            stmt = stmt.where(RecordRow.type_code.in_(list(request.type_codes)))
+        if request.HasField("since"):
+            stmt = stmt.where(RecordRow.effective_us >= bindparam("since_us"))
+        if request.HasField("until"):
+            stmt = stmt.where(RecordRow.effective_us < bindparam("until_us"))
+        if request.statuses:
+            stmt = stmt.where(RecordRow.status.in_([status_name(s) for s in request.statuses]))
+        if after:
+            stmt = stmt.where(
+                tuple_(RecordRow.effective_us, RecordRow.id)
+                < tuple_(bindparam("after_us"), bindparam("after_id"))
+            )
+        return stmt.order_by(RecordRow.effective_us.desc(), RecordRow.id.desc()).limit(size + 1)
 
     # -- locator --------------------------------------------------------------------------
 
