@@ -123,15 +123,6 @@ class PatientIndex:
         with self._engine.connect() as connection:
             return [Fragment(*f) for f in connection.execute(_FRAGMENTS, {"ins": ins})]
 
-    @staticmethod
-    def _fragments(session: Session, ins: str) -> list[Fragment]:
-        rows = session.execute(
-            select(FragmentRow.region, FragmentRow.record_count, FragmentRow.last_update_us)
-            .where(FragmentRow.ins == ins, FragmentRow.record_count > 0)
-            .order_by(FragmentRow.region)
-        ).all()
-        return [Fragment(region, count, last) for region, count, last in rows]
-
     def report(self, region: str, updates: Sequence[FragmentUpdate], reported_by: str) -> list[str]:
         """Record a node's fragment counts; return the INS whose traits conflict."""
         conflicting: list[str] = []

@@ -14,7 +14,6 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, MetaData, create_engine, event
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import DeclarativeBase
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -105,9 +104,3 @@ def upgrade(engine: Engine, script_location: Path, version_table: str) -> None:
 
 def _driver(connection: Connection) -> Any:
     return connection.connection.driver_connection
-
-
-class Base(DeclarativeBase):
-    """Not used directly: each service declares its own base with its own metadata."""
-
-    metadata = new_metadata()

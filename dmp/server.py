@@ -80,8 +80,6 @@ class Authenticator:
 
     def __init__(self, revocation: RevocationList) -> None:
         self._revocation = revocation
-        # Peer certificates parsed once: a connection presents the same one for every call.
-        self._parsed: dict[bytes, tuple[Any, Principal]] = {}
 
     def __call__(self, context: grpc.ServicerContext) -> Principal:
         pems = context.auth_context().get("x509_pem_cert")
@@ -91,14 +89,9 @@ class Authenticator:
             )
         pem: bytes = pems[0]
         try:
-            parsed = self._parsed.get(pem)
-            if parsed is None:
-                parsed = (certificate_from_pem(pem), principal_from_pem(pem))
-                if len(self._parsed) > 10_000:
-                    self._parsed.clear()
-                self._parsed[pem] = parsed
-            revoked = self._revocation.is_revoked(parsed[0])
-            principal = parsed[1]
+            # Both are cached by PEM: a connection presents the same one for every call.
+            revoked = self._revocation.is_revoked(certificate_from_pem(pem))
+            principal = principal_from_pem(pem)
         except DmpError as exc:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
             raise  # unreachable: abort raises
