@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -273,11 +274,11 @@ class BenchFederation:
                 seed=plan.seed,
                 now=_NOW,
             )
-            for n, record in enumerate(records):
+            for record in records:
                 dispensing = record.kind == record_pb2.RECORD_KIND_DISPENSATION
                 writer = self.pharmacist if dispensing else self.doctor
                 put = node_service_pb2.PutRecordRequest(
-                    record=record.to_proto(f"{record.region}-{patient.ins}-{n}"),
+                    record=record.to_proto(str(uuid.uuid4())),
                     content=record.content,
                     patient=identity,
                 )

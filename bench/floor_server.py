@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import signal
 import threading
+import uuid
 from concurrent import futures
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,8 +43,8 @@ def fixed_response(
     drafts = synth.records_for(patient, regions=[region], per_region=records, seed=seed, now=now)
     response = node_service_pb2.ListRecordsResponse()
     created = now_us()
-    for n, draft in enumerate(reversed(drafts)):
-        record = draft.to_proto(f"{region}-{patient.ins}-{n}")
+    for draft in reversed(drafts):
+        record = draft.to_proto(str(uuid.uuid4()))
         record.author.CopyFrom(
             record_pb2.Author(
                 identity="urn:dmp:practitioner:10000000001",

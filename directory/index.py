@@ -149,14 +149,11 @@ class PatientIndex:
         return conflicting
 
     def _merge_reported(self, session: Session, traits: Traits, reported_by: str) -> list[str]:
+        """A node's traits complete a registered identity (or are kept as a conflict); they
+        never create one: identities enter the index through RegisterPatient, audited, so
+        that no node can squat an INS before the patient's real registration."""
         row = session.get(PatientRow, traits.ins)
         if row is None:
-            if traits.complete:
-                session.add(
-                    PatientRow(
-                        ins=traits.ins, created_us=self._clock(), **PatientRow.values(traits)
-                    )
-                )
             return []
         outcome = self._merge(session, traits, reported_by)
         return outcome if isinstance(outcome, list) else []

@@ -18,10 +18,11 @@ from directory.view import ViewAssembler
 from dmp.assertion import ASSERTION_KEY, VerifiedAssertion
 from dmp.audit import EventType
 from dmp.auditing import REQUEST_ID_KEY, Auditor, history_events, to_proto
-from dmp.clock import from_us, to_us
+from dmp.clock import from_us, now_us, to_us
 from dmp.directives import DIRECTIVES_KEY, NO_DIRECTIVES_KEY
 from dmp.discovery import Discovery
 from dmp.errors import DmpError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from dmp.fields import check_count, check_time
 from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.patients import traits_of
@@ -32,6 +33,8 @@ from dmp.v1 import node_service_pb2 as npb
 from dmp.v1.node_service_pb2_grpc import NodeServiceStub
 
 MAX_CONFLICT_PAGE = 1000
+#: How far ahead of the directory's clock a node's report may be dated.
+REPORT_CLOCK_SKEW_US = 5 * 60 * 1_000_000
 MAX_HISTORY = 1000
 STATE_WORDS = {
     pb.REGION_STATE_ANSWERED: "answered",
@@ -119,14 +122,22 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         self, request: pb.ReportFragmentsRequest, context: CallContext
     ) -> pb.ReportFragmentsResponse:
         region = access.check_node(context.principal)
-        updates = [
-            FragmentUpdate(
-                traits=traits_of(report.patient, f"fragments[{i}].patient"),
-                record_count=report.record_count,
-                last_update_us=to_us(report.last_update),
+        latest = now_us() + REPORT_CLOCK_SKEW_US
+        updates = []
+        for i, report in enumerate(request.fragments):
+            check_count(report.record_count, f"fragments[{i}].record_count")
+            last_update = to_us(check_time(report.last_update, f"fragments[{i}].last_update"))
+            if last_update > latest:
+                raise InvalidArgument(
+                    f"fragments[{i}].last_update is in the future: check the node's clock"
+                )
+            updates.append(
+                FragmentUpdate(
+                    traits=traits_of(report.patient, f"fragments[{i}].patient"),
+                    record_count=report.record_count,
+                    last_update_us=last_update,
+                )
             )
-            for i, report in enumerate(request.fragments)
-        ]
         conflicting = self._index.report(region, updates, context.principal.uri)
         return pb.ReportFragmentsResponse(conflicting_ins=conflicting)
 
@@ -206,15 +217,16 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     def GetDirectives(
         self, request: pb.GetDirectivesRequest, context: CallContext
     ) -> pb.GetDirectivesResponse:
-        ins = normalize_ins(request.patient_ins, "patient_ins")
-        if context.principal.role is Role.NODE:  # the nodes' own plumbing, not a person's read
+        with self._auditor.call(context, EventType.READ_RECORD, request.patient_ins) as audited:
+            ins = normalize_ins(request.patient_ins, "patient_ins")
+            audited.detail = (
+                "patient directives for the node's access checks"
+                if context.principal.role is Role.NODE
+                else "patient directives"
+            )
+            access.check_own_directives(context.principal, ins)
             _, signed = self._directives.current(ins)
-        else:
-            with self._auditor.call(context, EventType.READ_RECORD, ins) as audited:
-                audited.detail = "patient directives"
-                access.check_own_directives(context.principal, ins)
-                _, signed = self._directives.current(ins)
-                audited.commit()
+            audited.commit()
         if signed is None:
             return pb.GetDirectivesResponse()
         return pb.GetDirectivesResponse(directives=access_pb2.SignedDirectives.FromString(signed))
@@ -271,19 +283,23 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     def ListIdentityConflicts(
         self, request: pb.ListIdentityConflictsRequest, context: CallContext
     ) -> pb.ListIdentityConflictsResponse:
-        access.check_operator(context.principal)
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative")
-        size = min(request.page_size or 50, MAX_CONFLICT_PAGE)
-        after = 0
-        if request.page_token:
-            try:
-                after = int(base64.urlsafe_b64decode(request.page_token.encode()).decode())
-            except ValueError:
-                raise InvalidArgument(
-                    "page_token is malformed: pass the next_page_token unchanged"
-                ) from None
-        conflicts = self._index.conflicts(after, size + 1)
+        with self._auditor.call(context, EventType.READ_RECORD) as audited:
+            audited.detail = "identity conflict review"
+            access.check_operator(context.principal)
+            if request.page_size < 0:
+                raise InvalidArgument("page_size must not be negative")
+            size = min(request.page_size or 50, MAX_CONFLICT_PAGE)
+            after = 0
+            if request.page_token:
+                try:
+                    after = int(base64.urlsafe_b64decode(request.page_token.encode()).decode())
+                except ValueError:
+                    raise InvalidArgument(
+                        "page_token is malformed: pass the next_page_token unchanged"
+                    ) from None
+            conflicts = self._index.conflicts(after, size + 1)
+            # Identity traits were read: one event in each patient's trail.
+            audited.commit_each([c.ins for c in conflicts[:size]])
         response = pb.ListIdentityConflictsResponse(
             conflicts=[
                 pb.IdentityConflict(

@@ -17,6 +17,7 @@ from directory.index import PatientIndex
 from dmp import tokens
 from dmp.clock import from_us, to_us
 from dmp.errors import InvalidArgument
+from dmp.fields import check_time
 from dmp.ins import normalize_ins
 from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import node_service_pb2 as npb
@@ -60,6 +61,9 @@ class ViewAssembler:
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative")
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        for name in ("since", "until"):
+            if request.HasField(name):
+                check_time(getattr(request, name), name)
         query_print = tokens.query_fingerprint(request)
         previous = (
             {

@@ -803,6 +803,14 @@ class AuditLog:
             raise outcome
         return outcome
 
+    def record_many(self, events: Sequence[AuditEvent]) -> list[int]:
+        """Append several events in one transaction of their own, committed on return."""
+        try:
+            with self._writer.begin() as conn:
+                return self.append_many(conn, events)
+        except SQLAlchemyError as exc:
+            raise Unavailable(f"audit trail unavailable: {_public_error(exc)}") from exc
+
     def _commit_waiting(self) -> None:
         """Write the waiting events, batch after batch, for as long as the process lives."""
         while True:

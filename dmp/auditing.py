@@ -88,6 +88,16 @@ class AuditedCall:
         self.log.record(self.event())
         self.recorded = True
 
+    def commit_each(self, patients: Sequence[str]) -> None:
+        """Record the allowed access as one event per patient it touched, committed."""
+        events = []
+        for ins in dict.fromkeys(patients):
+            self.patient_ins = ins
+            events.append(self.event())
+        if events:
+            self.log.record_many(events)
+        self.recorded = True
+
     def append(self, session: Session, record_ids: Sequence[str] = ()) -> None:
         """Append the allowed write's event in the write's own transaction."""
         if record_ids:

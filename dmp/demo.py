@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -250,7 +251,7 @@ def load_patients(
                 who = team[(n + len(patient.ins)) % len(team)]
                 node = node_service_pb2_grpc.NodeServiceStub(channels[(who, record.region)])
                 request = node_service_pb2.PutRecordRequest(
-                    record=record.to_proto(f"{record.region}-{patient.ins}-{n}"),
+                    record=record.to_proto(str(uuid.uuid4())),
                     content=record.content,
                     patient=patient.to_proto(),
                 )

@@ -23,7 +23,14 @@ from dmp.identity import Principal, Role
 from dmp.server import CallContext
 from node.directives import DirectiveCache
 from node.models import RecordRow
-from node.policy import HIDDEN_FROM_PATIENT_US, AccessMatrix, ReadScope, check_write, decide_read
+from node.policy import (
+    HIDDEN_FROM_PATIENT_US,
+    AccessMatrix,
+    ReadScope,
+    check_write,
+    decide_read,
+    may_supersede,
+)
 
 S = TypeVar("S", bound=Select[Any])
 
@@ -78,6 +85,17 @@ class NodeAccess:
         writer = context.principal
         check_write(writer, kind, self._directives.get(patient_ins, fail_closed=False))
         return Caller(writer, writer)
+
+    def superseder(self, context: CallContext) -> Callable[[RecordRow], bool]:
+        """Whether the calling writer may replace a stored record with a new version."""
+        writer = context.principal
+
+        def check(previous: RecordRow) -> bool:
+            return may_supersede(
+                writer, previous.author_identity, previous.kind, previous.type_code, self._matrix
+            )
+
+        return check
 
     def now(self) -> int:
         return self._clock()

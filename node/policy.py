@@ -112,6 +112,27 @@ def refuse_professional(
         raise PermissionDenied("the patient refuses emergency access to their record")
 
 
+def may_supersede(
+    writer: Principal, author_identity: str, kind: str, type_code: str, matrix: AccessMatrix
+) -> bool:
+    """May `writer` replace this record with a new version (CSP R1111-51)?
+
+    Only the record's author writes its new version: a record written by someone else, a
+    record masked from the writer or hidden from the patient by its author is never
+    retired by another; a patient's authored records are their own notes. A professional
+    supersedes only within what their profession reads (the author keeps reading their
+    own masked records, so masking never stops the author correcting a record).
+    """
+    if author_identity != writer.uri:
+        return False
+    if writer.role is Role.PATIENT:
+        return kind == PATIENT_NOTE
+    if writer.role is not Role.PRACTITIONER:
+        return False
+    grant = matrix.grant(writer.profession)
+    return kind in grant.kinds or type_code in grant.type_codes
+
+
 def check_write(writer: Principal, kind: str, directives: PatientDirectives) -> None:
     """Professionals write clinical records; a patient writes their own notes only."""
     if writer.role is Role.PATIENT:

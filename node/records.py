@@ -7,6 +7,7 @@ import re
 
 from dmp.clock import from_us, to_us
 from dmp.errors import InvalidArgument
+from dmp.fields import check_text, check_time
 from dmp.ins import normalize_ins
 from dmp.v1 import record_pb2
 from node.models import RecordRow
@@ -71,6 +72,17 @@ def check_record_id(record_id: str, field: str = "record_id") -> str:
     return record_id
 
 
+#: The documented limits of a record's text fields, in characters (the columns' sizes).
+TEXT_LIMITS = {
+    "type_code.system": 200,
+    "type_code.code": 64,
+    "type_code.display": 200,
+    "title": 500,
+    "organization": 200,
+    "content_type": 100,
+}
+
+
 def validate_draft(record: record_pb2.Record) -> None:
     """Refuse, naming the field, a record a writer may not store as it is."""
     normalize_ins(record.patient_ins, "record.patient_ins")
@@ -79,6 +91,16 @@ def validate_draft(record: record_pb2.Record) -> None:
     kind_name(record.kind, "record.kind")
     if record.id:
         check_record_id(record.id, "record.id")
+    texts = {
+        "type_code.system": record.type_code.system,
+        "type_code.code": record.type_code.code,
+        "type_code.display": record.type_code.display,
+        "title": record.title,
+        "organization": record.organization,
+        "content_type": record.content_type,
+    }
+    for name, value in texts.items():
+        check_text(value, f"record.{name}", TEXT_LIMITS[name])
     if not record.type_code.code.strip():
         raise InvalidArgument("record.type_code.code is required (a LOINC code, e.g. 11488-4)")
     if not record.title.strip():
@@ -89,8 +111,8 @@ def validate_draft(record: record_pb2.Record) -> None:
         raise InvalidArgument(f"record.confidentiality {record.confidentiality} is not known")
     if record.supersedes:
         check_record_id(record.supersedes, "record.supersedes")
-    if len(record.title) > 500 or len(record.organization) > 200:
-        raise InvalidArgument("record.title (500) or record.organization (200) is too long")
+    if record.HasField("effective_time"):
+        check_time(record.effective_time, "record.effective_time")
 
 
 def fingerprint(record: record_pb2.Record, content_sha256: str, author: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sqlalchemy.orm import Session
 
@@ -32,7 +32,11 @@ def _by_patient(audited: AuditedCall) -> WriteAudit:
     def append(session: Session, written: list[Written]) -> None:
         patients: dict[str, list[str]] = {}
         for record in written:
-            patients.setdefault(record.patient_ins, []).append(record.id)
+            ids = patients.setdefault(record.patient_ins, [])
+            ids.append(record.id)
+            if record.supersedes:  # the retired version is named too
+                ids.append(record.supersedes)
+                audited.detail = f"supersedes {record.supersedes}" if len(written) == 1 else ""
         for ins, ids in patients.items():
             audited.patient_ins = ins
             audited.append(session, ids)
@@ -54,6 +58,17 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
 
         return check
 
+    def _reveal_check(
+        self, context: CallContext, audited: AuditedCall
+    ) -> Callable[[str, str], None]:
+        """Revealing is a write: the author's access is checked against the directives."""
+
+        def check(kind: str, patient_ins: str) -> None:
+            audited.patient_ins = patient_ins
+            self._access.writer(context, kind, patient_ins)
+
+        return check
+
     def PutRecord(self, request: pb.PutRecordRequest, context: CallContext) -> pb.PutRecordResponse:
         with self._auditor.call(context, EventType.WRITE, request.record.patient_ins) as audited:
             record = self._store.put(
@@ -63,6 +78,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 _patient(request),
                 audit=_by_patient(audited),
                 check=self._writer_check(context),
+                supersede=self._access.superseder(context),
             )
         return pb.PutRecordResponse(record=record)
 
@@ -82,6 +98,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 items(),
                 audit=_by_patient(audited),
                 check=self._writer_check(context),
+                supersede=self._access.superseder(context),
             )
         return pb.IngestRecordsResponse(stored_count=stored)
 
@@ -118,6 +135,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 context.principal,
                 request.record_id,
                 audit=lambda session, ins: _reveal_audit(audited, session, ins),
+                check=self._reveal_check(context, audited),
             )
         return pb.RevealRecordResponse(record=record)
 

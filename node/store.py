@@ -35,6 +35,7 @@ from dmp.errors import (
     NotFound,
     ResourceExhausted,
 )
+from dmp.fields import check_time
 from dmp.identity import Principal
 from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
 from dmp.tls import DEFAULT_MAX_CONTENT
@@ -69,6 +70,10 @@ WriteAudit = Callable[[Session, list["Written"]], None]
 WriteCheck = Callable[[record_pb2.Record], None]
 
 
+#: Whether the writer may replace this stored record with a new version (node/policy.py).
+SupersedeCheck = Callable[[RecordRow], bool]
+
+
 @dataclass(frozen=True, slots=True)
 class Written:
     """A record a write stored (or found already stored, for a retry)."""
@@ -77,6 +82,12 @@ class Written:
     patient_ins: str
     #: The stored row, or for a new record the values inserted.
     row: RecordRow | dict[str, Any]
+
+    @property
+    def supersedes(self) -> str:
+        """The id of the version this write retired, if any."""
+        value = self.row.supersedes if isinstance(self.row, RecordRow) else self.row["supersedes"]
+        return value or ""
 
     def record(self, region: str) -> record_pb2.Record:
         row = self.row if isinstance(self.row, RecordRow) else RecordRow(**self.row)
@@ -94,6 +105,7 @@ class _Draft:
     fingerprint: str
     record_id: str
     author: Principal
+    may_supersede: SupersedeCheck | None
 
 
 @dataclass(frozen=True)
@@ -138,10 +150,12 @@ class RecordStore:
         patient: patient_pb2.PatientIdentity | None = None,
         audit: WriteAudit | None = None,
         check: WriteCheck | None = None,
+        supersede: SupersedeCheck | None = None,
     ) -> record_pb2.Record:
         """Store a record durably; idempotent on its id. The writer is checked before;
-        `audit` appends the write's trace in the same transaction."""
-        draft = self._prepare(writer, record, content, patient, check)
+        `audit` appends the write's trace in the same transaction; `supersede` decides
+        whether the writer may retire the version a new one supersedes."""
+        draft = self._prepare(writer, record, content, patient, check, supersede)
         for attempt in range(2):
             try:
                 with Session(self._writer) as session, session.begin():
@@ -158,7 +172,7 @@ class RecordStore:
                         select(RecordRow).where(RecordRow.id == draft.record_id)
                     )
                 if existing is not None:
-                    return self._same_or_conflict(existing, draft.fingerprint)
+                    return self._same_or_conflict(existing, draft)
                 if attempt == 1:
                     raise
         self._notify()
@@ -171,6 +185,7 @@ class RecordStore:
         *,
         audit: WriteAudit | None = None,
         check: WriteCheck | None = None,
+        supersede: SupersedeCheck | None = None,
         batch_records: int = 1000,
         batch_bytes: int = 64 * 1024 * 1024,
     ) -> int:
@@ -200,7 +215,7 @@ class RecordStore:
                 if item is None:
                     break
                 record, content, patient = item
-                batch.append(self._prepare(writer, record, content, patient, check))
+                batch.append(self._prepare(writer, record, content, patient, check, supersede))
             except DmpError as exc:
                 flush()
                 exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
@@ -223,6 +238,7 @@ class RecordStore:
         content: bytes,
         patient: patient_pb2.PatientIdentity | None,
         check: WriteCheck | None,
+        supersede: SupersedeCheck | None,
     ) -> _Draft:
         validate_draft(record)
         if check is not None:
@@ -246,6 +262,7 @@ class RecordStore:
             fingerprint=fingerprint(record, digest, writer.uri),
             record_id=record.id or str(uuid.uuid4()),
             author=writer,
+            may_supersede=supersede,
         )
 
     def _write(self, session: Session, drafts: Sequence[_Draft]) -> list[Written]:
@@ -271,7 +288,7 @@ class RecordStore:
         for draft in drafts:
             found = known.get(draft.record_id)
             if found is not None:
-                self._same_or_conflict(found, draft.fingerprint)
+                self._same_or_conflict(found, draft)
                 written.append(Written(found.id, found.patient_ins, found))
                 continue
             if draft.traits is not None and draft.traits not in merged:
@@ -291,8 +308,16 @@ class RecordStore:
         )
         return written
 
-    def _same_or_conflict(self, existing: RecordRow, print_: str) -> record_pb2.Record:
-        if existing.fingerprint != print_:
+    def _same_or_conflict(self, existing: RecordRow, draft: _Draft) -> record_pb2.Record:
+        """A retry of the same put answers the stored record; anything else is refused. A
+        caller learns nothing of a record it did not write: the same answer whoever holds
+        the id, and no mention of its patient or content."""
+        if existing.author_identity != draft.author.uri:
+            raise AlreadyExists(
+                f"record.id {draft.record_id!r} cannot be used: choose another id (a new"
+                " UUID), or leave record.id empty and the node assigns one"
+            )
+        if existing.fingerprint != draft.fingerprint:
             raise AlreadyExists(
                 f"record {existing.id} already exists with other content or metadata:"
                 " records are never overwritten; write a new version with `supersedes`"
@@ -305,10 +330,17 @@ class RecordStore:
         root_id = draft.record_id
         if record.supersedes:
             previous = session.scalar(select(RecordRow).where(RecordRow.id == record.supersedes))
-            if previous is None or previous.patient_ins != record.patient_ins:
+            # One answer whether the record is missing, another patient's, or not the
+            # writer's to replace: a refusal tells nothing of records one may not read.
+            if (
+                previous is None
+                or previous.patient_ins != record.patient_ins
+                or not self._may_supersede(draft, previous)
+            ):
                 raise FailedPrecondition(
-                    f"record.supersedes {record.supersedes!r}: no such record of this patient"
-                    " on this node; a new version is written where the previous one is held"
+                    f"record.supersedes {record.supersedes!r}: no such record of this patient that"
+                    " you may supersede on this node; only the author of a record writes its"
+                    " new version, on the node that holds it"
                 )
             if previous.status != "current":
                 raise FailedPrecondition(
@@ -347,6 +379,12 @@ class RecordStore:
             sha256=draft.digest,
             fingerprint=draft.fingerprint,
         )
+
+    @staticmethod
+    def _may_supersede(draft: _Draft, previous: RecordRow) -> bool:
+        if draft.may_supersede is not None:
+            return draft.may_supersede(previous)
+        return previous.author_identity == draft.author.uri
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -405,13 +443,25 @@ class RecordStore:
         writer: Principal,
         record_id: str,
         audit: Callable[[Session, str], None] | None = None,
+        check: Callable[[str, str], None] | None = None,
     ) -> record_pb2.Record:
-        """The author makes a record hidden from the patient visible to them."""
+        """The author makes a record hidden from the patient visible to them; `check(kind,
+        patient_ins)` applies the patient's directives to the author first."""
         check_record_id(record_id)
+        mine = select(RecordRow).where(
+            RecordRow.id == record_id, RecordRow.author_identity == writer.uri
+        )
+        not_yours = NotFound(f"record {record_id}: no record of yours with this id on this node")
+        if check is not None:
+            with Session(self._engine) as session:
+                found = session.scalar(mine)
+                if found is None:
+                    raise not_yours
+                check(found.kind, found.patient_ins)
         with Session(self._writer) as session, session.begin():
-            row = session.scalar(select(RecordRow).where(RecordRow.id == record_id))
-            if row is None or row.author_identity != writer.uri:
-                raise NotFound(f"record {record_id}: no record of yours with this id on this node")
+            row = session.scalar(mine)
+            if row is None:
+                raise not_yours
             if row.revealed_us is None:
                 row.revealed_us = self._clock()
             if audit is not None:
@@ -430,7 +480,8 @@ class RecordStore:
             cursor = tokens.decode(request.page_token, page_token_pb2.RecordCursor, query_print)
             after = (cursor.effective_time_us, cursor.record_id)
         elif request.HasField("start_after"):
-            after = (to_us(request.start_after.effective_time), request.start_after.record_id)
+            start = check_time(request.start_after.effective_time, "start_after.effective_time")
+            after = (to_us(start), check_record_id(request.start_after.record_id, "start_after"))
         # The statement of this shape is built once; the values of this call are parameters.
         key = (
             readable_key(scope),
@@ -450,9 +501,9 @@ class RecordStore:
             self._list_statements[key] = stmt
         params = readable_params(scope, self._clock())
         if request.HasField("since"):
-            params["since_us"] = to_us(request.since)
+            params["since_us"] = to_us(check_time(request.since, "since"))
         if request.HasField("until"):
-            params["until_us"] = to_us(request.until)
+            params["until_us"] = to_us(check_time(request.until, "until"))
         if after is not None:
             params["after_us"], params["after_id"] = after
         # Core rows on a plain connection: a list is read-only, no ORM object per record.
