@@ -19,6 +19,8 @@ import pytest
 from directory.app import RunningDirectory
 from dmp.assertion import ASSERTION_KEY, AUDIENCE, Metadata, sign_assertion
 from dmp.clock import from_us, now_us
+from dmp.errors import InvalidArgument
+from dmp.pki import load_credentials
 from dmp.signing import Signer
 from dmp.v1 import access_pb2
 from dmp.v1 import directory_service_pb2 as dpb
@@ -293,7 +295,7 @@ def test_the_patients_history_needs_a_history_assertion(fed: Fed) -> None:
     answer = patient.directory.GetAccessHistory(
         request, metadata=patient.md(op=ACCESS_HISTORY), timeout=10
     )
-    assert [s.region for s in answer.regions] == ["11"]
+    assert [(s.region, s.state) for s in answer.regions] == [("11", dpb.REGION_STATE_ANSWERED)]
     err = refusal(
         lambda: patient.directory.GetAccessHistory(request, metadata=patient.md(), timeout=10)
     )
@@ -327,14 +329,11 @@ def test_nonce_and_clock_refusals_say_what_to_fix(fed: Fed) -> None:
     doctor.close()
 
 
-def test_the_signing_helper_needs_an_operation_and_its_record(fed: Fed) -> None:
-    doctor = fed.node_client(DOC)
-    from dmp.errors import InvalidArgument
-
-    with pytest.raises(InvalidArgument):
-        sign_assertion(doctor.signer, PATIENT, operation=access_pb2.OPERATION_UNSPECIFIED)
-    with pytest.raises(InvalidArgument):
-        sign_assertion(doctor.signer, PATIENT, operation=READ_CONTENT)
-    with pytest.raises(InvalidArgument):
-        sign_assertion(doctor.signer, PATIENT, operation=VIEW, record_id="r1")
-    doctor.close()
+def test_the_signing_helper_needs_an_operation_and_its_record(pki_dir: Path) -> None:
+    signer = Signer(load_credentials(pki_dir, DOC))
+    with pytest.raises(InvalidArgument, match="operation"):
+        sign_assertion(signer, PATIENT, operation=access_pb2.OPERATION_UNSPECIFIED)
+    with pytest.raises(InvalidArgument, match="record_id"):
+        sign_assertion(signer, PATIENT, operation=READ_CONTENT)
+    with pytest.raises(InvalidArgument, match="record_id"):
+        sign_assertion(signer, PATIENT, operation=VIEW, record_id="r1")
