@@ -23,25 +23,32 @@ from dmp.v1 import access_pb2
 
 Metadata = Sequence[tuple[str, str | bytes]]
 Purpose = Literal["CARE", "EMERGENCY", "SELF"]
+#: What the call does: a view or list of records, a patient lookup, or a write (writes and
+#: registrations are authorized by the writer's certificate and carry no assertion).
+Call = Literal["VIEW", "LOOKUP", "WRITE"]
 
 
 def patient_call_metadata(
-    pki_dir: Path, identity: str, ins: str | None, purpose: Purpose = "CARE"
+    pki_dir: Path, identity: str, ins: str | None, call: Call, purpose: Purpose = "CARE"
 ) -> Metadata:
     """The metadata of one client call made as `identity` about patient `ins` (None for a
     call that spans many patients, such as an ingest stream), for `purpose`: a fresh access
-    assertion signed with the identity's own key (dmp/assertion.py; one per call, nonces
-    are single-use), nothing for a call about no single patient.
+    assertion signed with the identity's own key for that `call` (dmp/assertion.py; one
+    per call, nonces are single-use, each assertion allows one operation), nothing for a
+    write or a call about no single patient.
 
     Called once per call, just before the call and outside its timed interval (the caller's
     own signing is not a server cost).
     """
-    if ins is None:
+    if ins is None or call == "WRITE":
         return ()
     reason = "benchmark" if purpose == "EMERGENCY" else ""
-    return sign_assertion(_signer(pki_dir, identity), ins, _PURPOSES[purpose], reason)
+    return sign_assertion(
+        _signer(pki_dir, identity), ins, _PURPOSES[purpose], reason, operation=_OPERATIONS[call]
+    )
 
 
+_OPERATIONS = {"VIEW": access_pb2.OPERATION_VIEW, "LOOKUP": access_pb2.OPERATION_LOOKUP}
 _PURPOSES = {
     "CARE": access_pb2.PURPOSE_CARE,
     "EMERGENCY": access_pb2.PURPOSE_EMERGENCY,

@@ -173,7 +173,7 @@ def measure_directory(
         stub = directory_service_pb2_grpc.DirectoryServiceStub(conn)
 
         def get(ins: str) -> object:
-            metadata = patient_call_metadata(pki_dir, reader, ins)
+            metadata = patient_call_metadata(pki_dir, reader, ins, "LOOKUP")
             return stub.GetPatient(dpb.GetPatientRequest(ins=ins), timeout=10, metadata=metadata)
 
         with RssSampler(service.pid) as sampler:

@@ -254,7 +254,7 @@ class BenchFederation:
             stub = directory_service_pb2_grpc.DirectoryServiceStub(conn)
 
             def register(patient: synth.SyntheticPatient) -> None:
-                metadata = patient_call_metadata(self.pki_dir, self.doctor, patient.ins)
+                metadata = patient_call_metadata(self.pki_dir, self.doctor, patient.ins, "WRITE")
                 request = dpb.RegisterPatientRequest(patient=patient.to_proto())
                 stub.RegisterPatient(request, timeout=30, metadata=metadata)
 
@@ -290,7 +290,7 @@ class BenchFederation:
             conn = channel(self.nodes[region].address, self.pki_dir, writer)
             try:
                 stub = node_service_pb2_grpc.NodeServiceStub(conn)
-                metadata = patient_call_metadata(self.pki_dir, writer, None)
+                metadata = patient_call_metadata(self.pki_dir, writer, None, "WRITE")
                 answer = stub.IngestRecords(iter(by_stream[key]), timeout=600, metadata=metadata)
                 return int(answer.stored_count)
             finally:
@@ -317,7 +317,7 @@ class BenchFederation:
             def located() -> bool:
                 nonlocal counted
                 for ins, counts in list(pending.items()):
-                    metadata = patient_call_metadata(self.pki_dir, self.doctor, ins)
+                    metadata = patient_call_metadata(self.pki_dir, self.doctor, ins, "LOOKUP")
                     answer = stub.GetPatient(
                         dpb.GetPatientRequest(ins=ins), timeout=10, metadata=metadata
                     )
@@ -341,7 +341,7 @@ class BenchFederation:
             request = node_service_pb2.ListRecordsRequest(
                 patient_ins=ins, page_size=50, statuses=[record_pb2.RECORD_STATUS_CURRENT]
             )
-            metadata = patient_call_metadata(self.pki_dir, self.doctor, ins)
+            metadata = patient_call_metadata(self.pki_dir, self.doctor, ins, "VIEW")
             answer = stub.ListRecords(request, timeout=10, metadata=metadata)
             return int(answer.ByteSize())
 
@@ -375,7 +375,7 @@ class Viewer:
         result = ViewRun([])
         for _ in range(count):
             ins = self._rng.choice(patients)
-            metadata = patient_call_metadata(fed.pki_dir, fed.doctor, ins)
+            metadata = patient_call_metadata(fed.pki_dir, fed.doctor, ins, "VIEW")
             request = dpb.GetConsolidatedViewRequest(patient_ins=ins)
             start = time.perf_counter()
             try:
@@ -434,7 +434,7 @@ class Floor:
         result = ViewRun([])
         for _ in range(count):
             ins = rng.choice(patients)
-            metadata = patient_call_metadata(fed.pki_dir, fed.doctor, ins)
+            metadata = patient_call_metadata(fed.pki_dir, fed.doctor, ins, "VIEW")
             request = node_service_pb2.ListRecordsRequest(
                 patient_ins=ins, page_size=50, statuses=[record_pb2.RECORD_STATUS_CURRENT]
             )

@@ -118,7 +118,7 @@ def measure_ingest(
         stub = node_service_pb2_grpc.NodeServiceStub(conn)
 
         def put(request: node_service_pb2.PutRecordRequest) -> None:
-            metadata = patient_call_metadata(pki_dir, writer, request.record.patient_ins)
+            metadata = patient_call_metadata(pki_dir, writer, request.record.patient_ins, "WRITE")
             stub.PutRecord(request, timeout=60, metadata=metadata)
 
         def put_all(requests: Sequence[node_service_pb2.PutRecordRequest]) -> None:
@@ -130,7 +130,7 @@ def measure_ingest(
                 for request in requests:
                     yield node_service_pb2.IngestRecordsRequest(put=request)
 
-            metadata = patient_call_metadata(pki_dir, writer, None)
+            metadata = patient_call_metadata(pki_dir, writer, None, "WRITE")
             answer = stub.IngestRecords(items(), timeout=600, metadata=metadata)
             return int(answer.stored_count)
 

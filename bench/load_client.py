@@ -51,7 +51,7 @@ def main() -> None:
     stub = directory_service_pb2_grpc.DirectoryServiceStub(conn)
 
     def view(ins: str) -> tuple[float, bool]:
-        metadata = patient_call_metadata(args.pki, args.identity, ins)
+        metadata = patient_call_metadata(args.pki, args.identity, ins, "VIEW")
         request = dpb.GetConsolidatedViewRequest(patient_ins=ins)
         start = time.perf_counter()
         answer = stub.GetConsolidatedView(request, timeout=args.timeout, metadata=metadata)

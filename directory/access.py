@@ -8,7 +8,7 @@ the patient's directives before fanning out; each node checks everything again.
 from __future__ import annotations
 
 from directory.directives import DirectiveStore
-from dmp.assertion import AssertionVerifier, VerifiedAssertion
+from dmp.assertion import AssertionVerifier, Operation, VerifiedAssertion
 from dmp.directives import PatientDirectives
 from dmp.errors import PermissionDenied
 from dmp.identity import Principal, Role
@@ -22,10 +22,15 @@ class DirectoryAccess:
         self._directives = directives
 
     def reader(
-        self, context: CallContext, patient_ins: str | None = None
+        self,
+        context: CallContext,
+        operation: Operation.ValueType,
+        patient_ins: str | None = None,
+        record_id: str | None = None,
     ) -> tuple[VerifiedAssertion, PatientDirectives, bytes | None]:
-        """The caller's verified assertion and the patient's directives, or a refusal."""
-        assertion = self._verifier.verify(context.invocation_metadata())
+        """The caller's verified assertion (for this operation, on this record) and the
+        patient's directives, or a refusal."""
+        assertion = self._verifier.verify(context.invocation_metadata(), operation, record_id)
         if assertion.subject.uri != context.principal.uri:
             raise PermissionDenied("an access assertion is used by its signer only")
         if patient_ins is not None and patient_ins != assertion.patient_ins:

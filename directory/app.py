@@ -13,7 +13,7 @@ from directory.channels import NodeChannels
 from directory.directives import DirectiveStore
 from directory.fanout import FanOut
 from directory.index import PatientIndex
-from directory.models import audit_checkpoints, audit_events
+from directory.models import audit_checkpoints, audit_events, seen_nonces
 from directory.registry import EmbeddedRegistry
 from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
@@ -24,6 +24,7 @@ from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery import Discovery
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
+from dmp.nonces import StoredNonces
 from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
 from dmp.server import FederationServer, ServiceSpec, start_server
 from dmp.signing import SignatureVerifier
@@ -92,7 +93,8 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
     revocation = RevocationList(config.pki_dir / CRL_FILE, ca)
     signatures = SignatureVerifier(ca, revocation)
     directives = DirectiveStore(engine, signatures)
-    access = DirectoryAccess(AssertionVerifier(signatures), directives)
+    nonces = StoredNonces(engine, seen_nonces)
+    access = DirectoryAccess(AssertionVerifier(signatures, nonces=nonces), directives)
     audit_log = AuditLog(
         engine,
         audit_events,

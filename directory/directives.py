@@ -41,7 +41,7 @@ class DirectiveStore:
         audit: Callable[[Session], None] | None = None,
     ) -> PatientDirectives:
         """Store a new version signed by the patient; it must follow the current one."""
-        directives = verify_directives(self._signatures, signed, patient_ins)
+        directives = verify_directives(self._signatures, signed, patient_ins, new=True)
         with Session(self._writer) as session, session.begin():
             row = session.get(DirectivesRow, patient_ins)
             current = row.version if row is not None else 0

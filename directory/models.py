@@ -10,6 +10,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dmp.audit import audit_tables
 from dmp.db import new_metadata
+from dmp.nonces import nonce_table
 from dmp.patients import TraitColumns
 
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
@@ -74,3 +75,6 @@ class DirectivesRow(DirectoryBase):
 
 #: The directory's tamper-evident audit trail (dmp/audit.py).
 audit_events, audit_checkpoints = audit_tables(DirectoryBase.metadata)
+
+#: Nonces of the access assertions already used, until they expire (dmp/nonces.py).
+seen_nonces = nonce_table(DirectoryBase.metadata)

@@ -109,7 +109,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         with self._auditor.call(context, EventType.READ_RECORD, request.ins) as audited:
             audited.detail = "patient identity and record locations"
             ins = normalize_ins(request.ins)
-            assertion, _, _ = self._access.reader(context, ins)
+            assertion, _, _ = self._access.reader(context, access_pb2.OPERATION_LOOKUP, ins)
             audited.caller(assertion)
             traits, fragments = self._index.get(ins)
             audited.commit()
@@ -169,7 +169,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     ) -> pb.GetConsolidatedViewResponse:
         with self._auditor.call(context, EventType.VIEW, request.patient_ins) as audited:
             ins = normalize_ins(request.patient_ins, "patient_ins")
-            assertion, _, signed = self._access.reader(context, ins)
+            assertion, _, signed = self._access.reader(context, access_pb2.OPERATION_VIEW, ins)
             audited.caller(assertion)
             view = self._assembler.view(
                 request,
@@ -187,7 +187,9 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     ) -> Iterator[pb.FetchRecordContentResponse]:
         with self._auditor.call(context, EventType.READ_CONTENT) as audited:
             audited.record_ids = (request.record_id,)
-            assertion, _, signed = self._access.reader(context)
+            assertion, _, signed = self._access.reader(
+                context, access_pb2.OPERATION_READ_CONTENT, record_id=request.record_id
+            )
             audited.caller(assertion)
             route = self._discovery.routes().get(request.region)
             if route is None:
@@ -246,7 +248,9 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     ) -> pb.GetAccessHistoryResponse:
         with self._auditor.call(context, EventType.ACCESS_HISTORY, request.patient_ins) as audited:
             ins = normalize_ins(request.patient_ins, "patient_ins")
-            assertion, _, signed = self._access.reader(context, ins)
+            assertion, _, signed = self._access.reader(
+                context, access_pb2.OPERATION_ACCESS_HISTORY, ins
+            )
             audited.caller(assertion)
             if assertion.subject.role is not Role.PATIENT or assertion.purpose_name != "SELF":
                 raise PermissionDenied("a patient's access history is for the patient only")

@@ -1,24 +1,29 @@
-"""Signed access assertions: who reads which patient's record, why, until when.
+"""Signed access assertions: who reads which patient's record, why, until when, for what.
 
 A client signs one per call with the key of its own certificate; it travels as the
 metadata ASSERTION_KEY. The directory checks it and forwards it unchanged to every node
 it calls; a node checks it again itself. See AccessAssertion in proto/dmp/v1/access.proto.
+
+Each assertion allows one operation (OPERATIONS says which calls take which), and a
+record read names its record: a view assertion the directory forwards to a node's list
+can never be used there, or anywhere, to read a record's content. Its nonce is single-use,
+remembered in the service's database (dmp/nonces.py) until the assertion expires.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from google.protobuf.message import DecodeError
 
 from dmp.clock import from_us, now_us, to_us
-from dmp.errors import InvalidArgument, Unauthenticated
+from dmp.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from dmp.identity import Principal, Role
 from dmp.ins import normalize_ins
+from dmp.nonces import MAX_NONCE_BYTES, MemoryNonces, NonceLedger
 from dmp.signing import SignatureVerifier, Signer
 from dmp.v1 import access_pb2
 
@@ -26,8 +31,22 @@ ASSERTION_KEY = "x-dmp-assertion-bin"
 AUDIENCE = "urn:dmp:federation"
 MAX_LIFETIME_US = 5 * 60 * 1_000_000
 DEFAULT_LIFETIME_US = 60 * 1_000_000
-#: Tolerated clock difference between signer and verifier.
-CLOCK_SKEW_US = 30 * 1_000_000
+#: Tolerated clock difference between signer and verifier, on issue and on expiry alike:
+#: a client whose clock is that much behind still has its fresh assertions accepted.
+CLOCK_SKEW_US = 120 * 1_000_000
+MIN_NONCE_BYTES = 16
+
+Operation = access_pb2.Operation
+#: How each operation is named in messages to people.
+OPERATION_NAMES = {
+    access_pb2.OPERATION_VIEW: "a view of the record",
+    access_pb2.OPERATION_LOOKUP: "a patient lookup",
+    access_pb2.OPERATION_READ_RECORD: "a read of one record",
+    access_pb2.OPERATION_READ_CONTENT: "a read of one record's content",
+    access_pb2.OPERATION_ACCESS_HISTORY: "a read of the access history",
+}
+#: Operations that name the one record they read.
+RECORD_OPERATIONS = frozenset({access_pb2.OPERATION_READ_RECORD, access_pb2.OPERATION_READ_CONTENT})
 
 Purpose = access_pb2.Purpose
 PURPOSE_NAMES = {
@@ -45,11 +64,18 @@ def sign_assertion(
     purpose: access_pb2.Purpose.ValueType | None = None,
     reason: str = "",
     *,
+    operation: access_pb2.Operation.ValueType,
+    record_id: str = "",
     lifetime_us: int = DEFAULT_LIFETIME_US,
 ) -> tuple[tuple[str, bytes], ...]:
-    """Metadata carrying a fresh assertion signed by `signer` for one call. The purpose
+    """Metadata carrying a fresh assertion signed by `signer` for one call: `operation`
+    (with the `record_id` it reads, for READ_RECORD and READ_CONTENT). The purpose
     defaults to SELF for a patient and CARE for a professional (EMERGENCY when a reason is
     given)."""
+    if operation not in OPERATION_NAMES:
+        raise InvalidArgument("an access assertion needs an operation")
+    if (operation in RECORD_OPERATIONS) != bool(record_id):
+        raise InvalidArgument("record_id is given for record reads, and for them only")
     if purpose is None:
         if signer.principal.role is Role.PATIENT:
             purpose = access_pb2.PURPOSE_SELF
@@ -65,8 +91,10 @@ def sign_assertion(
         reason=reason,
         issued_at=from_us(issued),
         expires_at=from_us(issued + min(lifetime_us, MAX_LIFETIME_US)),
-        nonce=os.urandom(16),
+        nonce=os.urandom(MIN_NONCE_BYTES),
         audience=AUDIENCE,
+        operation=operation,
+        record_id=record_id,
     )
     payload = assertion.SerializeToString()
     signed = access_pb2.SignedAssertion(
@@ -83,6 +111,9 @@ class VerifiedAssertion:
     reason: str
     nonce: bytes
     expires_us: int
+    operation: access_pb2.Operation.ValueType
+    #: The record it allows reading (READ_RECORD, READ_CONTENT); empty otherwise.
+    record_id: str
     #: The metadata as received, to forward unchanged.
     raw: bytes
 
@@ -95,25 +126,6 @@ class VerifiedAssertion:
         return self.purpose == access_pb2.PURPOSE_EMERGENCY
 
 
-class NonceCache:
-    """Nonces seen within their assertion's lifetime (per process)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[bytes, int] = {}
-        self._lock = threading.Lock()
-        self._next_purge = 0.0
-
-    def first_time(self, nonce: bytes, expires_us: int, now: int) -> bool:
-        with self._lock:
-            if time.monotonic() >= self._next_purge:
-                self._seen = {n: e for n, e in self._seen.items() if e + CLOCK_SKEW_US > now}
-                self._next_purge = time.monotonic() + 10
-            if nonce in self._seen:
-                return False
-            self._seen[nonce] = expires_us
-            return True
-
-
 def assertion_bytes(metadata: Metadata) -> bytes | None:
     for key, value in metadata:
         if key == ASSERTION_KEY and isinstance(value, bytes):
@@ -124,12 +136,25 @@ def assertion_bytes(metadata: Metadata) -> bytes | None:
 class AssertionVerifier:
     """Everything a server checks of an assertion before giving any patient data."""
 
-    def __init__(self, signatures: SignatureVerifier, clock: Callable[[], int] = now_us) -> None:
+    def __init__(
+        self,
+        signatures: SignatureVerifier,
+        clock: Callable[[], int] = now_us,
+        nonces: NonceLedger | None = None,
+    ) -> None:
         self._signatures = signatures
         self._clock = clock
-        self._nonces = NonceCache()
+        self._nonces = nonces if nonces is not None else MemoryNonces()
 
-    def verify(self, metadata: Metadata) -> VerifiedAssertion:
+    def verify(
+        self,
+        metadata: Metadata,
+        operation: access_pb2.Operation.ValueType,
+        record_id: str | None = None,
+    ) -> VerifiedAssertion:
+        """The assertion of this call, once it is valid, allows `operation` (on
+        `record_id`, for a record read) and was never used before; Unauthenticated when it
+        is not valid, PermissionDenied when it allows something else."""
         raw = assertion_bytes(metadata)
         if raw is None:
             raise Unauthenticated(
@@ -156,8 +181,12 @@ class AssertionVerifier:
             raise Unauthenticated("the access assertion lives longer than 5 minutes")
         if issued > now + CLOCK_SKEW_US:
             raise Unauthenticated("the access assertion is issued in the future: check the clock")
-        if now > expires:
-            raise Unauthenticated("the access assertion has expired: sign a new one")
+        if now > expires + CLOCK_SKEW_US:
+            raise Unauthenticated(
+                f"the access assertion expired at {_iso(expires)}, {(now - expires) // 1_000_000}"
+                f" s before this server's time {_iso(now)}: sign a new one; if you just did,"
+                " check your clock"
+            )
         if assertion.purpose not in PURPOSE_NAMES:
             raise Unauthenticated("the access assertion has no purpose")
         if assertion.purpose == access_pb2.PURPOSE_EMERGENCY and not assertion.reason.strip():
@@ -168,7 +197,13 @@ class AssertionVerifier:
             patient = normalize_ins(assertion.patient_ins, "assertion.patient_ins")
         except InvalidArgument as exc:
             raise Unauthenticated(exc.message) from None
-        if len(assertion.nonce) < 16 or not self._nonces.first_time(assertion.nonce, expires, now):
+        if not MIN_NONCE_BYTES <= len(assertion.nonce) <= MAX_NONCE_BYTES:
+            raise Unauthenticated(
+                f"the access assertion's nonce is malformed ({len(assertion.nonce)} bytes):"
+                f" it must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} random bytes"
+            )
+        _check_operation(assertion, operation, record_id)
+        if not self._nonces.first_time(assertion.nonce, expires + CLOCK_SKEW_US, now):
             raise Unauthenticated("the access assertion was already used: sign a new one per call")
         return VerifiedAssertion(
             subject=signer,
@@ -177,5 +212,34 @@ class AssertionVerifier:
             reason=assertion.reason,
             nonce=assertion.nonce,
             expires_us=expires,
+            operation=assertion.operation,
+            record_id=assertion.record_id,
             raw=raw,
         )
+
+
+def _check_operation(
+    assertion: access_pb2.AccessAssertion,
+    operation: access_pb2.Operation.ValueType,
+    record_id: str | None,
+) -> None:
+    wanted = OPERATION_NAMES[operation]
+    if assertion.operation not in OPERATION_NAMES:
+        raise PermissionDenied(
+            f"the access assertion names no operation; this call is {wanted}: sign an"
+            f" assertion for it ({access_pb2.Operation.Name(operation)})"
+        )
+    if assertion.operation != operation:
+        raise PermissionDenied(
+            f"the access assertion allows {OPERATION_NAMES[assertion.operation]}, not"
+            f" {wanted}: sign one for this call ({access_pb2.Operation.Name(operation)})"
+        )
+    if operation in RECORD_OPERATIONS and (record_id is None or assertion.record_id != record_id):
+        raise PermissionDenied(
+            f"the access assertion allows reading record {assertion.record_id!r} only: sign"
+            " one naming the record of this call"
+        )
+
+
+def _iso(us: int) -> str:
+    return datetime.fromtimestamp(us / 1_000_000, UTC).isoformat(timespec="seconds")

@@ -31,13 +31,14 @@ from dmp.cli.common import assertion
 from dmp.pki import Pki, load_credentials
 from dmp.regions import region_name
 from dmp.tls import secure_channel
-from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import (
+    access_pb2,
     directory_service_pb2_grpc,
     node_service_pb2,
     node_service_pb2_grpc,
     record_pb2,
 )
+from dmp.v1 import directory_service_pb2 as dpb
 
 log = logging.getLogger("dmp.demo")
 
@@ -276,7 +277,13 @@ def _print_view(
     with secure_channel(directory, creds) as channel:
         stub = directory_service_pb2_grpc.DirectoryServiceStub(channel)
         request = dpb.GetConsolidatedViewRequest(patient_ins=ins, page_size=100)
-        records, regions = fetch(stub, request, 500, 10.0, lambda: assertion(creds, ins, emergency))
+        records, regions = fetch(
+            stub,
+            request,
+            500,
+            10.0,
+            lambda: assertion(creds, ins, emergency, operation=access_pb2.OPERATION_VIEW),
+        )
     print_view(records, regions)
 
 
@@ -410,7 +417,13 @@ def _wait_located(
         def located() -> bool:
             for ins, counts in list(pending.items()):
                 request = dpb.GetConsolidatedViewRequest(patient_ins=ins, page_size=1000)
-                records, _ = fetch(stub, request, 10_000, 10.0, partial(assertion, creds, ins))
+                records, _ = fetch(
+                    stub,
+                    request,
+                    10_000,
+                    10.0,
+                    partial(assertion, creds, ins, operation=access_pb2.OPERATION_VIEW),
+                )
                 seen: dict[str, int] = {}
                 for record in records:
                     seen[record.region] = seen.get(record.region, 0) + 1

@@ -76,15 +76,23 @@ def verify_directives(
     signatures: SignatureVerifier,
     signed: access_pb2.SignedDirectives,
     patient_ins: str | None = None,
+    *,
+    new: bool = False,
 ) -> PatientDirectives:
-    """The directives, once signed by the patient they are about; Unauthenticated otherwise."""
+    """The directives, once signed by the patient they are about; Unauthenticated otherwise.
+
+    Directives last: what matters is that the certificate was valid, and not yet revoked,
+    when the patient signed them (a lost card locks nobody out; a new certificate for the
+    same INS reads and replaces them). A `new` set, sent now to replace the current one,
+    needs a certificate valid and not revoked now: the date inside a set is the signer's
+    word, so a revoked key cannot bring in a set dated from before its revocation."""
     try:
         message = access_pb2.Directives.FromString(signed.directives)
     except DecodeError:
         raise InvalidArgument("directives are malformed") from None
-    # Directives last: what matters is that the certificate was valid when the patient
-    # signed them, not that it still is (a revoked certificate voids them, though).
     signed_at = datetime.fromtimestamp(to_us(message.issued_at) / 1_000_000, UTC)
+    if new:
+        signatures.verify(signed.directives, signed.signature, signed.certificate)
     signer = signatures.verify(
         signed.directives, signed.signature, signed.certificate, signed_at=signed_at
     )

@@ -326,13 +326,18 @@ class IssuedIdentity:
     profession: str
     not_after: datetime
     revoked: bool
+    #: Start of validity (None: not known, taken as already valid).
+    not_before: datetime | None = None
 
     def state(self, now: datetime | None = None) -> str:
-        """``revoked``, ``expired`` or ``valid``."""
+        """``revoked``, ``expired``, ``not yet valid`` or ``valid``."""
+        now = now or _utc_now()
         if self.revoked:
             return "revoked"
-        if self.not_after <= (now or _utc_now()):
+        if self.not_after <= now:
             return "expired"
+        if self.not_before is not None and now < self.not_before:
+            return "not yet valid"
         return "valid"
 
 
@@ -691,6 +696,7 @@ class Pki:
                     profession=principal.profession,
                     not_after=cert.not_valid_after_utc,
                     revoked=cert.serial_number in revoked,
+                    not_before=cert.not_valid_before_utc,
                 )
             )
         return sorted(found, key=lambda issued: issued.identity)
@@ -717,6 +723,7 @@ class RevocationList:
         self._interval = check_interval
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None
+        self._serials: dict[int, datetime]
         try:
             self._stamp, self._serials = self._read()
         except _BadCrl as exc:
@@ -729,11 +736,17 @@ class RevocationList:
 
     @property
     def revoked_serials(self) -> frozenset[int]:
-        return self._serials
+        return frozenset(self._serials)
 
     def is_revoked(self, cert: x509.Certificate) -> bool:
         self._maybe_refresh()
         return cert.serial_number in self._serials
+
+    def revoked_at(self, cert: x509.Certificate) -> datetime | None:
+        """When the CA revoked `cert` (the CRL entry's revocation date), None if it did not:
+        what a certificate signed before then stays valid (a patient's directives)."""
+        self._maybe_refresh()
+        return self._serials.get(cert.serial_number)
 
     def reload(self) -> bool:
         """Re-read the CRL now, whether or not it changed; True if it was read and good."""
@@ -783,7 +796,7 @@ class RevocationList:
             raise _BadCrl(f"CRL {self._path} cannot be read: {exc.strerror}") from None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def _read(self) -> tuple[tuple[int, int, int], frozenset[int]]:
+    def _read(self) -> tuple[tuple[int, int, int], dict[int, datetime]]:
         try:
             with open(self._path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -808,7 +821,7 @@ class RevocationList:
                 self._path,
                 next_update,
             )
-        return stamp, frozenset(entry.serial_number for entry in crl)
+        return stamp, {entry.serial_number: entry.revocation_date_utc for entry in crl}
 
 
 class _BadCrl(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -20,6 +20,7 @@ from dmp.identity import Principal
 from dmp.pki import Credentials, RevocationList, load_private_key, principal_from_certificate
 
 _ECDSA = ec.ECDSA(hashes.SHA256())
+_SECOND = timedelta(seconds=1)
 
 
 class Signer:
@@ -77,18 +78,30 @@ class SignatureVerifier:
         signed_at: datetime | None = None,
     ) -> Principal:
         """The signer, once the certificate chains to the CA, was valid when it signed (now,
-        unless `signed_at` says when a lasting statement was signed), is not revoked and its
-        key made `signature` over `payload`; Unauthenticated otherwise."""
+        unless `signed_at` says when a lasting statement was signed), was not revoked then
+        and its key made `signature` over `payload`; Unauthenticated otherwise.
+
+        A lasting statement (a patient's directives) signed before its certificate was
+        revoked stays valid: the CRL says when the revocation happened, and a lost card
+        must not void what the patient decided while it was theirs. Statements taken in
+        now (an access assertion, a new directive set) pass no `signed_at` and need a
+        certificate valid and not revoked now."""
         principal = self._issued_by_ca(certificate_der)
         cert = _certificate(certificate_der)
-        when = signed_at or self._clock()
-        if signed_at is not None and signed_at > self._clock():
+        now = self._clock()
+        when = signed_at or now
+        if signed_at is not None and signed_at > now:
             raise Unauthenticated(f"the statement of {principal.uri} is dated in the future")
         if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
             moment = "now" if signed_at is None else "when it signed"
             raise Unauthenticated(f"the certificate of {principal.uri} is not valid {moment}")
-        if self._revocation.is_revoked(cert):
-            raise Unauthenticated(f"the certificate of {principal.uri} has been revoked")
+        revoked_at = self._revocation.revoked_at(cert)
+        # A CRL dates revocations to the second: one signed within that second came first.
+        if revoked_at is not None and (signed_at is None or revoked_at + _SECOND <= signed_at):
+            raise Unauthenticated(
+                f"the certificate of {principal.uri} has been revoked"
+                + ("" if signed_at is None else f" ({revoked_at.isoformat()}, before it signed)")
+            )
         key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise Unauthenticated("the signer's key is not an ECDSA key")

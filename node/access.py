@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, bindparam, false, or_, select
 from sqlalchemy.orm import aliased
 
-from dmp.assertion import AssertionVerifier, VerifiedAssertion
+from dmp.assertion import AssertionVerifier, Operation, VerifiedAssertion
 from dmp.clock import now_us
 from dmp.errors import PermissionDenied
 from dmp.identity import Principal, Role
@@ -62,12 +62,18 @@ class NodeAccess:
         self._clock = clock
 
     def reader(
-        self, context: CallContext, patient_ins: str | None = None
+        self,
+        context: CallContext,
+        operation: Operation.ValueType,
+        patient_ins: str | None = None,
+        record_id: str | None = None,
     ) -> tuple[Caller, ReadScope]:
-        """Check a read: the assertion, who carries it, the patient, the directives."""
+        """Check a read: the assertion (for this operation, on this record), who carries
+        it, the patient, the directives. The directory relays an assertion for the same
+        operation only: the view's assertion serves a node's list, never a record read."""
         transport = context.principal
         metadata = context.invocation_metadata()
-        assertion = self._verifier.verify(metadata)
+        assertion = self._verifier.verify(metadata, operation, record_id)
         if assertion.subject.uri != transport.uri and transport.role is not Role.DIRECTORY:
             raise PermissionDenied(
                 "an access assertion is used by its signer, or relayed by the directory only"

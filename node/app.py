@@ -18,6 +18,7 @@ from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
+from dmp.nonces import StoredNonces
 from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
 from dmp.regions import check_region
 from dmp.server import FederationServer, ServiceSpec, host_port, start_server
@@ -27,7 +28,7 @@ from dmp.v1 import node_service_pb2, node_service_pb2_grpc
 from node.access import NodeAccess
 from node.directives import DirectiveCache
 from node.locator import OutboxDelivery
-from node.models import audit_checkpoints, audit_events
+from node.models import audit_checkpoints, audit_events, seen_nonces
 from node.policy import AccessMatrix
 from node.servicer import NodeServicer
 from node.store import RecordStore
@@ -101,7 +102,7 @@ def start_node(config: NodeConfig) -> RunningNode:
     if directory_channel is None:
         log.warning("no --directory: patient directives are not known to this node")
     access = NodeAccess(
-        AssertionVerifier(signatures),
+        AssertionVerifier(signatures, nonces=StoredNonces(engine, seen_nonces)),
         DirectiveCache(signatures, directory_channel),
         AccessMatrix.load(config.access_matrix) if config.access_matrix else AccessMatrix.load(),
     )

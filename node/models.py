@@ -7,6 +7,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dmp.audit import audit_tables
 from dmp.db import new_metadata
+from dmp.nonces import nonce_table
 from dmp.patients import TraitColumns
 
 # SQLite gives an INTEGER PRIMARY KEY its rowid; BIGINT would not autoincrement there.
@@ -83,3 +84,6 @@ class PatientRow(TraitColumns, NodeBase):
 
 #: The node's tamper-evident audit trail (dmp/audit.py).
 audit_events, audit_checkpoints = audit_tables(NodeBase.metadata)
+
+#: Nonces of the access assertions already used, until they expire (dmp/nonces.py).
+seen_nonces = nonce_table(NodeBase.metadata)

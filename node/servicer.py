@@ -105,7 +105,9 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     def GetRecord(self, request: pb.GetRecordRequest, context: CallContext) -> pb.GetRecordResponse:
         with self._auditor.call(context, EventType.READ_RECORD) as audited:
             audited.record_ids = (request.record_id,)
-            caller, scope = self._access.reader(context)
+            caller, scope = self._access.reader(
+                context, access_pb2.OPERATION_READ_RECORD, record_id=request.record_id
+            )
             audited.caller(caller.assertion)
             record = self._store.get(scope, request.record_id)
             audited.commit([record.id])
@@ -116,7 +118,9 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     ) -> Iterator[pb.GetRecordContentResponse]:
         with self._auditor.call(context, EventType.READ_CONTENT) as audited:
             audited.record_ids = (request.record_id,)
-            caller, scope = self._access.reader(context)
+            caller, scope = self._access.reader(
+                context, access_pb2.OPERATION_READ_CONTENT, record_id=request.record_id
+            )
             audited.caller(caller.assertion)
             chunks = self._store.content(scope, request.record_id)
             record, first = next(chunks)
@@ -144,7 +148,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     ) -> pb.ListRecordsResponse:
         with self._auditor.call(context, EventType.VIEW, request.patient_ins) as audited:
             patient = normalize_ins(request.patient_ins, "patient_ins")
-            caller, scope = self._access.reader(context, patient)
+            caller, scope = self._access.reader(context, access_pb2.OPERATION_VIEW, patient)
             audited.caller(caller.assertion)
             response = self._store.list_records(scope, request)
             audited.commit([r.id for r in response.records])
@@ -155,7 +159,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     ) -> pb.ListAccessEventsResponse:
         with self._auditor.call(context, EventType.ACCESS_HISTORY, request.patient_ins) as audited:
             patient = normalize_ins(request.patient_ins, "patient_ins")
-            caller, _ = self._access.reader(context, patient)
+            caller, _ = self._access.reader(context, access_pb2.OPERATION_ACCESS_HISTORY, patient)
             audited.caller(caller.assertion)
             assertion = caller.assertion
             if (

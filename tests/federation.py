@@ -20,7 +20,13 @@ from dmp.ins import make_ins
 from dmp.pki import Pki, load_credentials
 from dmp.signing import Signer
 from dmp.tls import secure_channel
-from dmp.v1 import directory_service_pb2_grpc, node_service_pb2_grpc, patient_pb2, record_pb2
+from dmp.v1 import (
+    access_pb2,
+    directory_service_pb2_grpc,
+    node_service_pb2_grpc,
+    patient_pb2,
+    record_pb2,
+)
 from node.app import NodeConfig, RunningNode, start_node
 
 DOCTOR = "10000000001"
@@ -30,6 +36,24 @@ NURSE = "10000000004"
 PATIENT = make_ins("1850275123456")
 OTHER_PATIENT = make_ins("2920133012345")
 REGIONS = ("11", "53", "84")
+
+#: What an access assertion allows (AccessAssertion.operation).
+VIEW = access_pb2.OPERATION_VIEW
+LOOKUP = access_pb2.OPERATION_LOOKUP
+READ_RECORD = access_pb2.OPERATION_READ_RECORD
+READ_CONTENT = access_pb2.OPERATION_READ_CONTENT
+ACCESS_HISTORY = access_pb2.OPERATION_ACCESS_HISTORY
+#: The operation each RPC that reads patient data takes.
+RPC_OPERATIONS = {
+    "GetConsolidatedView": VIEW,
+    "ListRecords": VIEW,
+    "GetPatient": LOOKUP,
+    "GetRecord": READ_RECORD,
+    "GetRecordContent": READ_CONTENT,
+    "FetchRecordContent": READ_CONTENT,
+    "GetAccessHistory": ACCESS_HISTORY,
+    "ListAccessEvents": ACCESS_HISTORY,
+}
 
 
 def make_pki(directory: Path) -> Pki:
@@ -65,9 +89,25 @@ class Client:
     directory: directory_service_pb2_grpc.DirectoryServiceStub
     signer: Signer
 
-    def md(self, ins: str = PATIENT, reason: str = "", purpose: int | None = None) -> Metadata:
-        """A fresh access assertion for one call about patient `ins`."""
-        return sign_assertion(self.signer, ins, purpose, reason)  # type: ignore[arg-type]
+    def md(
+        self,
+        ins: str = PATIENT,
+        reason: str = "",
+        purpose: int | None = None,
+        *,
+        op: int = VIEW,
+        record_id: str = "",
+    ) -> Metadata:
+        """A fresh access assertion for one call about patient `ins`: operation `op` (a
+        list or view by default), on `record_id` for a record read."""
+        return sign_assertion(
+            self.signer,
+            ins,
+            purpose,  # type: ignore[arg-type]
+            reason,
+            operation=op,  # type: ignore[arg-type]
+            record_id=record_id,
+        )
 
     def close(self) -> None:
         self.channel.close()
@@ -149,7 +189,8 @@ def running_directory(pki_dir: Path, db_url: str, **kwargs: object) -> Iterator[
 
 class AutoSign:
     """A stub whose calls carry a fresh access assertion for the request's patient (its
-    patient_ins or ins field), unless the call passes its own metadata."""
+    patient_ins or ins field) and the call's operation (RPC_OPERATIONS), unless the call
+    passes its own metadata."""
 
     def __init__(self, stub: object, signer: Signer) -> None:
         self._stub = stub
@@ -161,8 +202,15 @@ class AutoSign:
         def call(request: Any, **kwargs: Any) -> Any:
             if "metadata" not in kwargs:
                 ins = getattr(request, "patient_ins", "") or getattr(request, "ins", "")
-                if ins:
-                    kwargs["metadata"] = sign_assertion(self.signer, ins)
+                operation = RPC_OPERATIONS.get(name)
+                if ins and operation is not None:
+                    record_id = getattr(request, "record_id", "")
+                    kwargs["metadata"] = sign_assertion(
+                        self.signer,
+                        ins,
+                        operation=operation,
+                        record_id=record_id,
+                    )
             return method(request, **kwargs)
 
         return call

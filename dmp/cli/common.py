@@ -73,15 +73,28 @@ def add_emergency(parser: argparse.ArgumentParser) -> None:
 
 
 def assertion(
-    creds: Credentials, patient_ins: str, emergency: str | None = None
+    creds: Credentials,
+    patient_ins: str,
+    emergency: str | None = None,
+    *,
+    operation: access_pb2.Operation.ValueType,
+    record_id: str = "",
 ) -> tuple[tuple[str, bytes], ...]:
-    """Metadata with a fresh access assertion signed with our own key, for one call."""
+    """Metadata with a fresh access assertion signed with our own key, for one call: it
+    allows `operation` only (on `record_id`, for a record read)."""
     signer = Signer(creds)
     if emergency is not None:
         if signer.principal.role is not Role.PRACTITIONER:
             raise CommandError("--emergency is for professionals")
-        return sign_assertion(signer, patient_ins, access_pb2.PURPOSE_EMERGENCY, emergency)
-    return sign_assertion(signer, patient_ins)
+        return sign_assertion(
+            signer,
+            patient_ins,
+            access_pb2.PURPOSE_EMERGENCY,
+            emergency,
+            operation=operation,
+            record_id=record_id,
+        )
+    return sign_assertion(signer, patient_ins, operation=operation, record_id=record_id)
 
 
 def channel(target: str, creds: Credentials) -> grpc.Channel:

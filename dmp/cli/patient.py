@@ -226,7 +226,13 @@ def _view(args: argparse.Namespace) -> int:
     with channel(args.directory, creds) as ch:
         stub = directory_service_pb2_grpc.DirectoryServiceStub(ch)
         request = pb.GetConsolidatedViewRequest(patient_ins=ins, page_size=200)
-        records, regions = fetch(stub, request, args.limit, 10.0, lambda: assertion(creds, ins))
+        records, regions = fetch(
+            stub,
+            request,
+            args.limit,
+            10.0,
+            lambda: assertion(creds, ins, operation=access_pb2.OPERATION_VIEW),
+        )
     print_view(records, regions)
     return 0
 
@@ -239,7 +245,7 @@ def fetch_history(
         answer: pb.GetAccessHistoryResponse = stub.GetAccessHistory(
             pb.GetAccessHistoryRequest(patient_ins=ins, exclude_own=exclude_own, page_size=limit),
             timeout=10,
-            metadata=assertion(creds, ins),
+            metadata=assertion(creds, ins, operation=access_pb2.OPERATION_ACCESS_HISTORY),
         )
     return answer
 

@@ -189,7 +189,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "list",
         help="list issued certificates and their state",
         description="List every certificate in the PKI directory: identity, URI, profession,"
-        " expiry date and state (valid, expired or revoked).",
+        " expiry date and state (valid, not yet valid, expired or revoked).",
     )
     add_pki(listing)
     listing.set_defaults(handler=_list)

@@ -19,8 +19,8 @@ from dmp.cli.common import (
     parse_date,
     print_table,
 )
+from dmp.v1 import access_pb2, directory_service_pb2_grpc, record_pb2
 from dmp.v1 import directory_service_pb2 as pb
-from dmp.v1 import directory_service_pb2_grpc, record_pb2
 from node.records import KIND_NAMES, kind_value
 
 STATE_NAMES = {
@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
             build_request(args),
             args.limit,
             args.timeout,
-            lambda: assertion(creds, args.patient, args.emergency),
+            lambda: assertion(
+                creds, args.patient, args.emergency, operation=access_pb2.OPERATION_VIEW
+            ),
         )
     if args.json:
         print(

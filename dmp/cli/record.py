@@ -22,8 +22,8 @@ from dmp.cli.common import (
     credentials,
     parse_date,
 )
+from dmp.v1 import access_pb2, directory_service_pb2_grpc, node_service_pb2_grpc, record_pb2
 from dmp.v1 import directory_service_pb2 as dpb
-from dmp.v1 import directory_service_pb2_grpc, node_service_pb2_grpc, record_pb2
 from dmp.v1 import node_service_pb2 as pb
 from node.records import KIND_NAMES, kind_value
 
@@ -122,7 +122,13 @@ def _get(args: argparse.Namespace) -> int:
     digest = hashlib.sha256()
     expected = ""
     size = 0
-    metadata = assertion(creds, args.patient, args.emergency)
+    metadata = assertion(
+        creds,
+        args.patient,
+        args.emergency,
+        operation=access_pb2.OPERATION_READ_CONTENT,
+        record_id=args.record,
+    )
     with channel(args.node or args.directory, creds) as ch:
         chunks: Iterable[pb.GetRecordContentResponse | dpb.FetchRecordContentResponse]
         if args.node:
@@ -172,7 +178,11 @@ def _list(args: argparse.Namespace) -> int:
         stub = node_service_pb2_grpc.NodeServiceStub(ch)
         while True:
             page = stub.ListRecords(
-                request, timeout=30, metadata=assertion(creds, args.patient, args.emergency)
+                request,
+                timeout=30,
+                metadata=assertion(
+                    creds, args.patient, args.emergency, operation=access_pb2.OPERATION_VIEW
+                ),
             )
             for r in page.records:
                 if args.json:

@@ -25,23 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64mp/v1/access.proto\x12\x06\x64mp.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x01\n\x0f\x41\x63\x63\x65ssAssertion\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x13\n\x0bpatient_ins\x18\x02 \x01(\t\x12 \n\x07purpose\x18\x03 \x01(\x0e\x32\x0f.dmp.v1.Purpose\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12-\n\tissued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12\x10\n\x08\x61udience\x18\x08 \x01(\t\"L\n\x0fSignedAssertion\x12\x11\n\tassertion\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\"\xe8\x01\n\nDirectives\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.dmp.v1.RecordState\x12\x14\n\x0c\x62locked_rpps\x18\x04 \x03(\t\x12\x15\n\rtreating_rpps\x18\x05 \x01(\t\x12\x19\n\x11masked_record_ids\x18\x06 \x03(\t\x12\x19\n\x11\x65mergency_refused\x18\x07 \x01(\x08\x12-\n\tissued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x10SignedDirectives\x12\x12\n\ndirectives\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c*]\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x10\n\x0cPURPOSE_CARE\x10\x01\x12\x15\n\x11PURPOSE_EMERGENCY\x10\x02\x12\x10\n\x0cPURPOSE_SELF\x10\x03*w\n\x0bRecordState\x12\x1c\n\x18RECORD_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13RECORD_STATE_ACTIVE\x10\x01\x12\x18\n\x14RECORD_STATE_OPPOSED\x10\x02\x12\x17\n\x13RECORD_STATE_CLOSED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64mp/v1/access.proto\x12\x06\x64mp.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x02\n\x0f\x41\x63\x63\x65ssAssertion\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x13\n\x0bpatient_ins\x18\x02 \x01(\t\x12 \n\x07purpose\x18\x03 \x01(\x0e\x32\x0f.dmp.v1.Purpose\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12-\n\tissued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12\x10\n\x08\x61udience\x18\x08 \x01(\t\x12$\n\toperation\x18\t \x01(\x0e\x32\x11.dmp.v1.Operation\x12\x11\n\trecord_id\x18\n \x01(\t\"L\n\x0fSignedAssertion\x12\x11\n\tassertion\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\"\xe8\x01\n\nDirectives\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.dmp.v1.RecordState\x12\x14\n\x0c\x62locked_rpps\x18\x04 \x03(\t\x12\x15\n\rtreating_rpps\x18\x05 \x01(\t\x12\x19\n\x11masked_record_ids\x18\x06 \x03(\t\x12\x19\n\x11\x65mergency_refused\x18\x07 \x01(\x08\x12-\n\tissued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x10SignedDirectives\x12\x12\n\ndirectives\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c*]\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x10\n\x0cPURPOSE_CARE\x10\x01\x12\x15\n\x11PURPOSE_EMERGENCY\x10\x02\x12\x10\n\x0cPURPOSE_SELF\x10\x03*\xa5\x01\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eOPERATION_VIEW\x10\x01\x12\x14\n\x10OPERATION_LOOKUP\x10\x02\x12\x19\n\x15OPERATION_READ_RECORD\x10\x03\x12\x1a\n\x16OPERATION_READ_CONTENT\x10\x04\x12\x1c\n\x18OPERATION_ACCESS_HISTORY\x10\x05*w\n\x0bRecordState\x12\x1c\n\x18RECORD_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13RECORD_STATE_ACTIVE\x10\x01\x12\x18\n\x14RECORD_STATE_OPPOSED\x10\x02\x12\x17\n\x13RECORD_STATE_CLOSED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmp.v1.access_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PURPOSE']._serialized_start=693
-  _globals['_PURPOSE']._serialized_end=786
-  _globals['_RECORDSTATE']._serialized_start=788
-  _globals['_RECORDSTATE']._serialized_end=907
+  _globals['_PURPOSE']._serialized_start=750
+  _globals['_PURPOSE']._serialized_end=843
+  _globals['_OPERATION']._serialized_start=846
+  _globals['_OPERATION']._serialized_end=1011
+  _globals['_RECORDSTATE']._serialized_start=1013
+  _globals['_RECORDSTATE']._serialized_end=1132
   _globals['_ACCESSASSERTION']._serialized_start=65
-  _globals['_ACCESSASSERTION']._serialized_end=298
-  _globals['_SIGNEDASSERTION']._serialized_start=300
-  _globals['_SIGNEDASSERTION']._serialized_end=376
-  _globals['_DIRECTIVES']._serialized_start=379
-  _globals['_DIRECTIVES']._serialized_end=611
-  _globals['_SIGNEDDIRECTIVES']._serialized_start=613
-  _globals['_SIGNEDDIRECTIVES']._serialized_end=691
+  _globals['_ACCESSASSERTION']._serialized_end=355
+  _globals['_SIGNEDASSERTION']._serialized_start=357
+  _globals['_SIGNEDASSERTION']._serialized_end=433
+  _globals['_DIRECTIVES']._serialized_start=436
+  _globals['_DIRECTIVES']._serialized_end=668
+  _globals['_SIGNEDDIRECTIVES']._serialized_start=670
+  _globals['_SIGNEDDIRECTIVES']._serialized_end=748
 # @@protoc_insertion_point(module_scope)

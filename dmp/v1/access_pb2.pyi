@@ -48,6 +48,56 @@ PURPOSE_SELF: Purpose.ValueType  # 3
 """The patient reading their own record."""
 Global___Purpose: _TypeAlias = Purpose  # noqa: Y015
 
+class _Operation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPERATION_UNSPECIFIED: _Operation.ValueType  # 0
+    """Not given: refused everywhere."""
+    OPERATION_VIEW: _Operation.ValueType  # 1
+    """A list of the patient's records: the directory's GetConsolidatedView, and a node's
+    ListRecords (called directly, or by the directory fanning that view out).
+    """
+    OPERATION_LOOKUP: _Operation.ValueType  # 2
+    """The patient's identity and the regions holding records: the directory's GetPatient."""
+    OPERATION_READ_RECORD: _Operation.ValueType  # 3
+    """The metadata of the one record named by record_id: a node's GetRecord."""
+    OPERATION_READ_CONTENT: _Operation.ValueType  # 4
+    """The content of the one record named by record_id: the directory's FetchRecordContent
+    and a node's GetRecordContent (called directly or relayed by the directory).
+    """
+    OPERATION_ACCESS_HISTORY: _Operation.ValueType  # 5
+    """Who accessed the record: the directory's GetAccessHistory and a node's
+    ListAccessEvents (called directly or relayed by the directory).
+    """
+
+class Operation(_Operation, metaclass=_OperationEnumTypeWrapper):
+    """What an access assertion allows: one kind of call. Every server refuses an assertion
+    used for another operation (or for another record) with PERMISSION_DENIED.
+    """
+
+OPERATION_UNSPECIFIED: Operation.ValueType  # 0
+"""Not given: refused everywhere."""
+OPERATION_VIEW: Operation.ValueType  # 1
+"""A list of the patient's records: the directory's GetConsolidatedView, and a node's
+ListRecords (called directly, or by the directory fanning that view out).
+"""
+OPERATION_LOOKUP: Operation.ValueType  # 2
+"""The patient's identity and the regions holding records: the directory's GetPatient."""
+OPERATION_READ_RECORD: Operation.ValueType  # 3
+"""The metadata of the one record named by record_id: a node's GetRecord."""
+OPERATION_READ_CONTENT: Operation.ValueType  # 4
+"""The content of the one record named by record_id: the directory's FetchRecordContent
+and a node's GetRecordContent (called directly or relayed by the directory).
+"""
+OPERATION_ACCESS_HISTORY: Operation.ValueType  # 5
+"""Who accessed the record: the directory's GetAccessHistory and a node's
+ListAccessEvents (called directly or relayed by the directory).
+"""
+Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
 class _RecordState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -79,7 +129,7 @@ Global___RecordState: _TypeAlias = RecordState  # noqa: Y015
 @_typing.final
 class AccessAssertion(_message.Message):
     """A short-lived statement, signed by a person with the key of their own certificate, that
-    they access one patient's record for a purpose. It travels as gRPC metadata
+    they access one patient's record for a purpose, in one operation. It travels as gRPC metadata
     "x-dmp-assertion-bin" (a serialized SignedAssertion) with every call that reads patient
     data; the directory forwards it unchanged to the nodes, which verify it themselves.
     """
@@ -94,6 +144,8 @@ class AccessAssertion(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
     AUDIENCE_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """The person's federation identity, e.g. "urn:dmp:practitioner:10001234567"."""
     patient_ins: _builtins.str
@@ -103,9 +155,17 @@ class AccessAssertion(_message.Message):
     reason: _builtins.str
     """Free-text reason; required for EMERGENCY."""
     nonce: _builtins.bytes
-    """16 random bytes; a node refuses a nonce it has already seen."""
+    """16 to 64 random bytes; a server refuses a nonce it has already seen (it keeps them in
+    its database until they expire, so a restart does not make a used assertion valid).
+    """
     audience: _builtins.str
     """Who it is for: "urn:dmp:federation"."""
+    operation: Global___Operation.ValueType
+    """The one kind of call this assertion allows; UNSPECIFIED is refused."""
+    record_id: _builtins.str
+    """The record this assertion allows reading, for READ_RECORD and READ_CONTENT (required
+    there); empty for the other operations.
+    """
     @_builtins.property
     def issued_at(self) -> _timestamp_pb2.Timestamp:
         """When it was signed."""
@@ -125,10 +185,12 @@ class AccessAssertion(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         nonce: _builtins.bytes = ...,
         audience: _builtins.str = ...,
+        operation: Global___Operation.ValueType = ...,
+        record_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "expires_at", b"expires_at", "issued_at", b"issued_at", "nonce", b"nonce", "patient_ins", b"patient_ins", "purpose", b"purpose", "reason", b"reason", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "expires_at", b"expires_at", "issued_at", b"issued_at", "nonce", b"nonce", "operation", b"operation", "patient_ins", b"patient_ins", "purpose", b"purpose", "reason", b"reason", "record_id", b"record_id", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

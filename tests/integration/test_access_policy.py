@@ -52,11 +52,15 @@ from node.app import RunningNode
 from node.policy import DEFAULT_MATRIX_PATH, HIDDEN_FROM_PATIENT_US
 from tests.federation import (
     DOCTOR,
+    LOOKUP,
     NURSE,
     OTHER_DOCTOR,
     PATIENT,
     PHARMACIST,
+    READ_CONTENT,
+    READ_RECORD,
     REGIONS,
+    VIEW,
     draft,
     make_pki,
     running_directory,
@@ -168,13 +172,27 @@ class Fed:
             self._channel(identity, self.directory.port)
         )
 
-    def md(self, identity: str, ins: str, emergency: str | None = None) -> Metadata:
-        """A fresh assertion signed by `identity` (CARE, SELF or EMERGENCY with a reason)."""
+    def md(
+        self,
+        identity: str,
+        ins: str,
+        emergency: str | None = None,
+        *,
+        op: access_pb2.Operation.ValueType = VIEW,
+        record_id: str = "",
+    ) -> Metadata:
+        """A fresh assertion signed by `identity` (CARE, SELF or EMERGENCY with a reason)
+        for operation `op` (a view or list by default), on `record_id` for a record read."""
         if emergency is not None:
             return sign_assertion(
-                self.signer(identity), ins, access_pb2.PURPOSE_EMERGENCY, emergency
+                self.signer(identity),
+                ins,
+                access_pb2.PURPOSE_EMERGENCY,
+                emergency,
+                operation=op,
+                record_id=record_id,
             )
-        return sign_assertion(self.signer(identity), ins)
+        return sign_assertion(self.signer(identity), ins, operation=op, record_id=record_id)
 
     # records
 
@@ -209,7 +227,9 @@ class Fed:
         self, identity: str, ins: str, emergency: str | None = None
     ) -> dpb.GetPatientResponse:
         return self.dir(identity).GetPatient(
-            dpb.GetPatientRequest(ins=ins), metadata=self.md(identity, ins, emergency), timeout=10
+            dpb.GetPatientRequest(ins=ins),
+            metadata=self.md(identity, ins, emergency, op=LOOKUP),
+            timeout=10,
         )
 
     def listed(
@@ -233,13 +253,15 @@ class Fed:
 
     def get_record(self, identity: str, region: str, ins: str, record_id: str) -> None:
         self.node(identity, region).GetRecord(
-            npb.GetRecordRequest(record_id=record_id), metadata=self.md(identity, ins), timeout=10
+            npb.GetRecordRequest(record_id=record_id),
+            metadata=self.md(identity, ins, op=READ_RECORD, record_id=record_id),
+            timeout=10,
         )
 
     def fetch(self, identity: str, ins: str, record: record_pb2.Record) -> bytes:
         chunks = self.dir(identity).FetchRecordContent(
             dpb.FetchRecordContentRequest(record_id=record.id, region=record.region),
-            metadata=self.md(identity, ins),
+            metadata=self.md(identity, ins, op=READ_CONTENT, record_id=record.id),
             timeout=10,
         )
         return b"".join(c.chunk for c in chunks)
@@ -376,6 +398,14 @@ def record(
     return r
 
 
+@dataclass(frozen=True)
+class Use:
+    """What an assertion is signed for: an operation, and the record of a record read."""
+
+    operation: access_pb2.Operation.ValueType = VIEW
+    record_id: str = ""
+
+
 def forge(
     signer: Signer,
     ins: str,
@@ -387,6 +417,7 @@ def forge(
     lifetime_us: int = 60_000_000,
     audience: str = AUDIENCE,
     nonce: bytes | None = None,
+    use: Use | None = None,
 ) -> Metadata:
     """An assertion built by hand, signed by `signer` with its own certificate."""
     issued = now_us() if issued_us is None else issued_us
@@ -399,6 +430,8 @@ def forge(
         expires_at=from_us(issued + lifetime_us),
         nonce=os.urandom(16) if nonce is None else nonce,
         audience=audience,
+        operation=(use or Use()).operation,
+        record_id=(use or Use()).record_id,
     )
     payload = assertion.SerializeToString()
     signed = access_pb2.SignedAssertion(
@@ -845,7 +878,7 @@ def test_an_emergency_access_is_granted_and_carried_as_such(fed: Fed) -> None:
     md = fed.md(OTHER, ins, REASON)
     ca = certificate_from_pem(load_credentials(fed.pki_dir, OTHER).ca_pem)
     verifier = AssertionVerifier(SignatureVerifier(ca, RevocationList(fed.pki_dir / CRL_FILE, ca)))
-    verified = verifier.verify(md)  # what the servers see
+    verified = verifier.verify(md, VIEW)  # what the servers see
     assert verified.emergency and verified.purpose_name == "EMERGENCY"
     assert verified.reason == REASON
     view = fed.dir(OTHER).GetConsolidatedView(
@@ -854,7 +887,7 @@ def test_an_emergency_access_is_granted_and_carried_as_such(fed: Fed) -> None:
     check_view(view, {doc.id})
     # The helper sign_assertion itself refuses an emergency without a reason.
     with pytest.raises(InvalidArgument, match="reason"):
-        sign_assertion(fed.signer(OTHER), ins, access_pb2.PURPOSE_EMERGENCY, " ")
+        sign_assertion(fed.signer(OTHER), ins, access_pb2.PURPOSE_EMERGENCY, " ", operation=VIEW)
 
 
 # -- the patient's own access -----------------------------------------------------------------
@@ -935,95 +968,102 @@ def test_patient_notes_are_written_by_the_patient_in_their_own_record(fed: Fed) 
 
 # -- 2. each way an assertion can be wrong -------------------------------------------------
 
-Build = Callable[[Fed, str], Metadata]
+Build = Callable[[Fed, str, Use], Metadata]
 
 
-def _valid(fed: Fed, ins: str) -> Metadata:
-    return fed.md(DOC, ins)
+def _valid(fed: Fed, ins: str, use: Use) -> Metadata:
+    return fed.md(DOC, ins, op=use.operation, record_id=use.record_id)
 
 
-def _exactly_five_minutes(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DOC), ins, lifetime_us=MAX_LIFETIME_US)
+def _exactly_five_minutes(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(DOC), ins, use=use, lifetime_us=MAX_LIFETIME_US)
 
 
-def _emergency(fed: Fed, ins: str) -> Metadata:
-    return fed.md(DOC, ins, REASON)
+def _emergency(fed: Fed, ins: str, use: Use) -> Metadata:
+    return fed.md(DOC, ins, REASON, op=use.operation, record_id=use.record_id)
 
 
-def _another_key(fed: Fed, ins: str) -> Metadata:
-    return resigned(fed.md(DOC, ins), fed.signer(OTHER))
+def _another_key(fed: Fed, ins: str, use: Use) -> Metadata:
+    return resigned(fed.md(DOC, ins, op=use.operation, record_id=use.record_id), fed.signer(OTHER))
 
 
-def _altered(fed: Fed, ins: str) -> Metadata:
-    return altered(fed.md(DOC, ins))
+def _altered(fed: Fed, ins: str, use: Use) -> Metadata:
+    return altered(fed.md(DOC, ins, op=use.operation, record_id=use.record_id))
 
 
-def _subject_not_signer(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DOC), ins, subject=f"urn:dmp:practitioner:{OTHER_DOCTOR}")
+def _subject_not_signer(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(DOC), ins, use=use, subject=f"urn:dmp:practitioner:{OTHER_DOCTOR}")
 
 
-def _expired(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DOC), ins, issued_us=now_us() - 180_000_000, lifetime_us=120_000_000)
+def _expired(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(
+        fed.signer(DOC), ins, use=use, issued_us=now_us() - 400_000_000, lifetime_us=120_000_000
+    )
 
 
-def _too_long(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DOC), ins, lifetime_us=MAX_LIFETIME_US + 1_000_000)
+def _slow_clock(fed: Fed, ins: str, use: Use) -> Metadata:
+    """Signed "now" by a client whose clock is 2 minutes behind, for 60 s."""
+    return forge(fed.signer(DOC), ins, use=use, issued_us=now_us() - 120_000_000)
 
 
-def _future(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DOC), ins, issued_us=now_us() + 120_000_000)
+def _too_long(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(DOC), ins, use=use, lifetime_us=MAX_LIFETIME_US + 1_000_000)
 
 
-def _another_patient(fed: Fed, ins: str) -> Metadata:
-    return fed.md(DOC, PATIENT)
+def _future(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(DOC), ins, use=use, issued_us=now_us() + 300_000_000)
 
 
-def _audience(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DOC), ins, audience="urn:dmp:elsewhere")
+def _another_patient(fed: Fed, ins: str, use: Use) -> Metadata:
+    return fed.md(DOC, PATIENT, op=use.operation, record_id=use.record_id)
 
 
-def _emergency_without_reason(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DOC), ins, purpose=access_pb2.PURPOSE_EMERGENCY, reason="  ")
+def _audience(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(DOC), ins, use=use, audience="urn:dmp:elsewhere")
 
 
-def _no_purpose(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DOC), ins, purpose=access_pb2.PURPOSE_UNSPECIFIED)
+def _emergency_without_reason(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(DOC), ins, use=use, purpose=access_pb2.PURPOSE_EMERGENCY, reason="  ")
 
 
-def _patient_care(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(patient_identity(ins)), ins, purpose=access_pb2.PURPOSE_CARE)
+def _no_purpose(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(DOC), ins, use=use, purpose=access_pb2.PURPOSE_UNSPECIFIED)
 
 
-def _professional_self(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DOC), ins, purpose=access_pb2.PURPOSE_SELF)
+def _patient_care(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(patient_identity(ins)), ins, use=use, purpose=access_pb2.PURPOSE_CARE)
 
 
-def _short_nonce(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DOC), ins, nonce=os.urandom(8))
+def _professional_self(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(DOC), ins, use=use, purpose=access_pb2.PURPOSE_SELF)
 
 
-def _malformed(fed: Fed, ins: str) -> Metadata:
+def _short_nonce(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(DOC), ins, use=use, nonce=os.urandom(8))
+
+
+def _malformed(fed: Fed, ins: str, use: Use) -> Metadata:
     return ((ASSERTION_KEY, b"\xff\x00 not a SignedAssertion"),)
 
 
-def _missing(fed: Fed, ins: str) -> Metadata:
+def _missing(fed: Fed, ins: str, use: Use) -> Metadata:
     return ()
 
 
-def _foreign(fed: Fed, ins: str) -> Metadata:
-    return sign_assertion(fed.foreign, ins)
+def _foreign(fed: Fed, ins: str, use: Use) -> Metadata:
+    return sign_assertion(fed.foreign, ins, operation=use.operation, record_id=use.record_id)
 
 
-def _expired_certificate(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(practitioner(EXPIRED)), ins)
+def _expired_certificate(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(practitioner(EXPIRED)), ins, use=use)
 
 
-def _directory_signs(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer(DIRECTORY), ins)
+def _directory_signs(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer(DIRECTORY), ins, use=use)
 
 
-def _node_signs(fed: Fed, ins: str) -> Metadata:
-    return forge(fed.signer("node-53"), ins)
+def _node_signs(fed: Fed, ins: str, use: Use) -> Metadata:
+    return forge(fed.signer("node-53"), ins, use=use)
 
 
 @dataclass(frozen=True)
@@ -1048,7 +1088,8 @@ WRONG = [
     Wrong("signed-by-another-key", _another_key, DOC, DOC, UA, "signature"),
     Wrong("changed-after-signing", _altered, DOC, DOC, UA, "signature"),
     Wrong("subject-is-not-the-signer", _subject_not_signer, DOC, DOC, UA, "someone else"),
-    Wrong("expired", _expired, DOC, DOC, UA, "expired"),
+    Wrong("client-clock-2-minutes-slow", _slow_clock, DOC, DOC, OK),
+    Wrong("expired", _expired, DOC, DOC, UA, "check your clock"),
     Wrong("lives-over-5-minutes", _too_long, DOC, DOC, UA, "5 minutes"),
     Wrong("issued-in-the-future", _future, DOC, DOC, UA, "future"),
     Wrong("for-another-patient", _another_patient, DOC, DOC, DENIED, "another patient"),
@@ -1057,7 +1098,7 @@ WRONG = [
     Wrong("no-purpose", _no_purpose, DOC, DOC, UA, "purpose"),
     Wrong("patient-signs-care", _patient_care, THE_PATIENT, THE_PATIENT, UA, "SELF"),
     Wrong("professional-signs-self", _professional_self, DOC, DOC, UA, "SELF"),
-    Wrong("nonce-too-short", _short_nonce, DOC, DOC, UA, "already used"),
+    Wrong("nonce-too-short", _short_nonce, DOC, DOC, UA, "malformed"),
     Wrong("malformed", _malformed, DOC, DOC, UA, "malformed"),
     Wrong("missing", _missing, DOC, DOC, UA, "no access assertion"),
     Wrong("certificate-of-another-ca", _foreign, DOC, DOC, UA, "federation CA"),
@@ -1096,12 +1137,12 @@ def test_assertion_checked_by_the_node(fed: Fed, target: Target, wrong: Wrong) -
     request = npb.ListRecordsRequest(patient_ins=target.ins)
 
     def list_records() -> npb.ListRecordsResponse:
-        return stub.ListRecords(request, metadata=wrong.build(fed, target.ins), timeout=10)
+        return stub.ListRecords(request, metadata=wrong.build(fed, target.ins, Use()), timeout=10)
 
     def get_record() -> npb.GetRecordResponse:
         return stub.GetRecord(
             npb.GetRecordRequest(record_id=target.doc.id),
-            metadata=wrong.build(fed, target.ins),
+            metadata=wrong.build(fed, target.ins, Use(READ_RECORD, target.doc.id)),
             timeout=10,
         )
 
@@ -1126,12 +1167,12 @@ def test_assertion_checked_by_the_directory(fed: Fed, target: Target, wrong: Wro
     calls: dict[str, Callable[[], object]] = {
         "view": lambda: stub.GetConsolidatedView(
             dpb.GetConsolidatedViewRequest(patient_ins=target.ins),
-            metadata=wrong.build(fed, target.ins),
+            metadata=wrong.build(fed, target.ins, Use()),
             timeout=10,
         ),
         "patient": lambda: stub.GetPatient(
             dpb.GetPatientRequest(ins=target.ins),
-            metadata=wrong.build(fed, target.ins),
+            metadata=wrong.build(fed, target.ins, Use(LOOKUP)),
             timeout=10,
         ),
     }
@@ -1154,21 +1195,25 @@ def test_the_directory_identity_alone_reads_nothing_at_any_node(fed: Fed, target
 
     for region in ALL_REGIONS:
         stub = fed.node(DIRECTORY, region)
-        for metadata in ((), forge(fed.signer(DIRECTORY), target.ins)):
+        for forged in (False, True):
+
+            def metadata(use: Use, forged: bool = forged) -> Metadata:
+                return forge(fed.signer(DIRECTORY), target.ins, use=use) if forged else ()
+
             calls: list[Callable[[], object]] = [
                 partial(
                     stub.ListRecords,
                     npb.ListRecordsRequest(patient_ins=target.ins),
-                    metadata=metadata,
+                    metadata=metadata(Use()),
                     timeout=10,
                 ),
                 partial(
                     stub.GetRecord,
                     npb.GetRecordRequest(record_id=target.doc.id),
-                    metadata=metadata,
+                    metadata=metadata(Use(READ_RECORD, target.doc.id)),
                     timeout=10,
                 ),
-                partial(content, stub, metadata),
+                partial(content, stub, metadata(Use(READ_CONTENT, target.doc.id))),
             ]
             for call in calls:
                 assert code_of(call) == UNAUTHENTICATED, region

@@ -23,10 +23,14 @@ from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import node_service_pb2 as npb
 from node.app import RunningNode
 from tests.federation import (
+    ACCESS_HISTORY,
     DOCTOR,
     OTHER_DOCTOR,
     PATIENT,
+    READ_CONTENT,
+    READ_RECORD,
     REGIONS,
+    VIEW,
     client,
     directory_stub,
     draft,
@@ -142,10 +146,16 @@ def test_direct_reads_writes_and_refusals_at_a_node(trail: Trail) -> None:
     doctor = client(trail.pki_dir, f"practitioner-{DOCTOR}", node.port)
     other = client(trail.pki_dir, f"practitioner-{OTHER_DOCTOR}", node.port)
     before = Counter(e.event_type for e in trail.events(node))
-    doctor.node.GetRecord(npb.GetRecordRequest(record_id="a0"), metadata=doctor.md(), timeout=5)
+    doctor.node.GetRecord(
+        npb.GetRecordRequest(record_id="a0"),
+        metadata=doctor.md(op=READ_RECORD, record_id="a0"),
+        timeout=5,
+    )
     list(
         doctor.node.GetRecordContent(
-            npb.GetRecordContentRequest(record_id="a0"), metadata=doctor.md(), timeout=5
+            npb.GetRecordContentRequest(record_id="a0"),
+            metadata=doctor.md(op=READ_CONTENT, record_id="a0"),
+            timeout=5,
         )
     )
     trail.put("11", "a-new", 5000)
@@ -153,7 +163,9 @@ def test_direct_reads_writes_and_refusals_at_a_node(trail: Trail) -> None:
         other.node.GetRecord(npb.GetRecordRequest(record_id="a0"), timeout=5)  # no assertion
     with pytest.raises(grpc.RpcError):
         doctor.node.GetRecord(
-            npb.GetRecordRequest(record_id="nope"), metadata=doctor.md(), timeout=5
+            npb.GetRecordRequest(record_id="nope"),
+            metadata=doctor.md(op=READ_RECORD, record_id="nope"),
+            timeout=5,
         )
     after = Counter(e.event_type for e in trail.events(node))
     assert after - before == Counter({"read-record": 2, "read-content": 1, "write": 1})
@@ -183,7 +195,9 @@ def test_patient_history_gathers_every_region_and_flags_emergencies(trail: Trail
     reason = "unconscious at the emergency department"
     other.GetConsolidatedView(
         dpb.GetConsolidatedViewRequest(patient_ins=PATIENT),
-        metadata=sign_assertion(other.signer, PATIENT, access_pb2.PURPOSE_EMERGENCY, reason),
+        metadata=sign_assertion(
+            other.signer, PATIENT, access_pb2.PURPOSE_EMERGENCY, reason, operation=VIEW
+        ),
         timeout=10,
     )
     with pytest.raises(grpc.RpcError) as err:
@@ -221,7 +235,9 @@ def test_patient_history_gathers_every_region_and_flags_emergencies(trail: Trail
     node = client(trail.pki_dir, f"practitioner-{DOCTOR}", trail.nodes["53"].port)
     with pytest.raises(grpc.RpcError) as err:
         node.node.ListAccessEvents(
-            npb.ListAccessEventsRequest(patient_ins=PATIENT), metadata=node.md(), timeout=5
+            npb.ListAccessEventsRequest(patient_ins=PATIENT),
+            metadata=node.md(op=ACCESS_HISTORY),
+            timeout=5,
         )
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     node.close()

@@ -23,6 +23,7 @@ from tests.federation import (
     DOCTOR,
     OTHER_PATIENT,
     PATIENT,
+    READ_CONTENT,
     REGIONS,
     client,
     directory_stub,
@@ -207,7 +208,12 @@ def test_content_through_the_directory(federation: Federation) -> None:
         federation.doctor.FetchRecordContent(
             dpb.FetchRecordContentRequest(record_id=stored.id, region="84"),
             timeout=10,
-            metadata=sign_assertion(federation.doctor.signer, PATIENT),
+            metadata=sign_assertion(
+                federation.doctor.signer,
+                PATIENT,
+                operation=READ_CONTENT,
+                record_id=stored.id,
+            ),
         )
     )
     assert b"".join(c.chunk for c in chunks) == b"%PDF-1.4 body"
@@ -217,7 +223,12 @@ def test_content_through_the_directory(federation: Federation) -> None:
             federation.doctor.FetchRecordContent(
                 dpb.FetchRecordContentRequest(record_id=stored.id, region="11"),
                 timeout=10,
-                metadata=sign_assertion(federation.doctor.signer, PATIENT),
+                metadata=sign_assertion(
+                    federation.doctor.signer,
+                    PATIENT,
+                    operation=READ_CONTENT,
+                    record_id=stored.id,
+                ),
             )
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

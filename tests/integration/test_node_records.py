@@ -17,6 +17,8 @@ from tests.federation import (
     DOCTOR,
     OTHER_PATIENT,
     PATIENT,
+    READ_CONTENT,
+    READ_RECORD,
     Client,
     client,
     draft,
@@ -45,7 +47,9 @@ def put(c: Client, record: record_pb2.Record, content: bytes = b"content") -> re
 
 def content_of(c: Client, record_id: str) -> bytes:
     chunks = c.node.GetRecordContent(
-        pb.GetRecordContentRequest(record_id=record_id), timeout=10, metadata=c.md()
+        pb.GetRecordContentRequest(record_id=record_id),
+        timeout=10,
+        metadata=c.md(op=READ_CONTENT, record_id=record_id),
     )
     return b"".join(chunk.chunk for chunk in chunks)
 
@@ -74,7 +78,9 @@ class TestRecords:
         assert stored.author.identity == f"urn:dmp:practitioner:{DOCTOR}"
         assert stored.author.profession == "doctor"
         got = doctor.node.GetRecord(
-            pb.GetRecordRequest(record_id=stored.id), timeout=10, metadata=doctor.md()
+            pb.GetRecordRequest(record_id=stored.id),
+            timeout=10,
+            metadata=doctor.md(op=READ_RECORD, record_id=stored.id),
         ).record
         assert got == stored
         assert content_of(doctor, stored.id) == content
@@ -99,7 +105,9 @@ class TestRecords:
         assert v2.version == 2
         assert v2.supersedes == "v1"
         old = doctor.node.GetRecord(
-            pb.GetRecordRequest(record_id="v1"), timeout=10, metadata=doctor.md()
+            pb.GetRecordRequest(record_id="v1"),
+            timeout=10,
+            metadata=doctor.md(op=READ_RECORD, record_id="v1"),
         ).record
         assert old.status == record_pb2.RECORD_STATUS_SUPERSEDED
         assert content_of(doctor, "v1") == b"first"
@@ -229,14 +237,18 @@ class TestRecords:
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         with pytest.raises(grpc.RpcError) as missing:
             doctor.node.GetRecord(
-                pb.GetRecordRequest(record_id="big"), timeout=10, metadata=doctor.md()
+                pb.GetRecordRequest(record_id="big"),
+                timeout=10,
+                metadata=doctor.md(op=READ_RECORD, record_id="big"),
             )
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
     def test_unknown_record_is_not_found(self, doctor: Client) -> None:
         with pytest.raises(grpc.RpcError) as err:
             doctor.node.GetRecord(
-                pb.GetRecordRequest(record_id="nope"), timeout=10, metadata=doctor.md()
+                pb.GetRecordRequest(record_id="nope"),
+                timeout=10,
+                metadata=doctor.md(op=READ_RECORD, record_id="nope"),
             )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
@@ -269,7 +281,9 @@ class TestWhoMay:
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(grpc.RpcError) as err:
             patient.node.GetRecord(
-                pb.GetRecordRequest(record_id="theirs"), timeout=10, metadata=patient.md()
+                pb.GetRecordRequest(record_id="theirs"),
+                timeout=10,
+                metadata=patient.md(op=READ_RECORD, record_id="theirs"),
             )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         patient.close()

@@ -255,6 +255,37 @@ def test_expired_certificate_override(pki: Pki) -> None:
     assert issued.state() == "expired" and not issued.revoked
 
 
+def test_a_not_yet_valid_certificate_is_listed_as_such(
+    pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 9 §11: `dmp pki list` showed a certificate valid from tomorrow as valid."""
+    now = datetime.now(UTC)
+    pki.issue(
+        Principal(Role.PRACTITIONER, RPPS, "Future Doctor", "doctor"),
+        not_before=now + timedelta(days=1),
+        not_after=now + timedelta(days=30),
+    )
+    [issued] = pki.list()
+    assert issued.state(now) == "not yet valid"
+    assert issued.state(now + timedelta(days=2)) == "valid"
+    assert main(["pki", "list", "--pki", str(pki.directory)]) == 0
+    [_, row] = capsys.readouterr().out.splitlines()
+    assert row.split()[0] == f"practitioner-{RPPS}"
+    assert row.endswith("not yet valid")
+
+
+def test_the_revocation_list_tells_when_a_certificate_was_revoked(pki: Pki) -> None:
+    pki.issue_node("11")
+    pki.issue_node("53")
+    node11, node53 = _cert(pki.cert_path("node-11")), _cert(pki.cert_path("node-53"))
+    before = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+    pki.revoke("node-11")
+    revocation = RevocationList(pki.crl_path, pki.ca_certificate, check_interval=0)
+    revoked_at = revocation.revoked_at(node11)
+    assert revoked_at is not None and before <= revoked_at <= datetime.now(UTC)
+    assert revocation.revoked_at(node53) is None
+
+
 def test_reissuing_renews_certificate_and_key(pki: Pki) -> None:
     pki.issue_node("11")
     first_cert = _cert(pki.cert_path("node-11"))
