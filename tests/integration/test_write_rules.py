@@ -69,7 +69,8 @@ class Fed:
         return directory_service_pb2_grpc.DirectoryServiceStub(self.channel(identity, port))
 
     def md(self, identity: str, ins: str = PATIENT) -> Metadata:
-        return sign_assertion(Signer(load_credentials(self.pki_dir, identity)), ins)
+        signer = Signer(load_credentials(self.pki_dir, identity))
+        return sign_assertion(signer, ins, operation=access_pb2.OPERATION_VIEW)
 
     def put(self, identity: str, record: record_pb2.Record) -> record_pb2.Record:
         request = npb.PutRecordRequest(record=record, content=b"content")
