@@ -81,7 +81,7 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
     if config.consul_url:
         from dmp.discovery.consul import ConsulDiscovery
 
-        discovery = ConsulDiscovery(config.consul_url)
+        discovery = ConsulDiscovery(config.consul_url, verify=channels.problems)
     else:
         registry = EmbeddedRegistry(engine, channels, check_interval=config.health_interval)
         discovery = registry

@@ -18,7 +18,14 @@ from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
-from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
+from dmp.pki import (
+    CRL_FILE,
+    RevocationList,
+    certificate_dns_names,
+    certificate_from_pem,
+    load_credentials,
+    node_tls_name,
+)
 from dmp.regions import check_region
 from dmp.server import FederationServer, ServiceSpec, host_port, start_server
 from dmp.signing import SignatureVerifier
@@ -90,6 +97,13 @@ def start_node(config: NodeConfig) -> RunningNode:
         raise FailedPrecondition(
             f"the certificate node-{region}.pem names {me.uri}, not urn:dmp:node:{region}:"
             " a node serves only the region of its own certificate"
+        )
+    if node_tls_name(region) not in certificate_dns_names(certificate_from_pem(credentials.cert_pem)):
+        raise FailedPrecondition(
+            f"the certificate node-{region}.pem does not carry the DNS name"
+            f" {node_tls_name(region)}, by which the directory checks that it reaches this"
+            f" region's node (certificates issued before region names lack it): reissue it"
+            f" with `dmp pki issue node --region {region} --pki DIR` (keeping its --host names)"
         )
     engine = make_engine(config.database_url())
     upgrade(engine, MIGRATIONS, "alembic_version_node")
