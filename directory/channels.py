@@ -101,9 +101,7 @@ class NodeChannels:
         FailedPrecondition: nothing answers), and the channel is closed."""
         request = health_pb2.HealthCheckRequest(service=NODE_HEALTH_SERVICE)
         calls = {
-            (region, address): self.health(region, address).Check.future(
-                request, timeout=timeout
-            )
+            (region, address): self.health(region, address).Check.future(request, timeout=timeout)
             for region, address in candidates
         }
         results: dict[tuple[str, str], tuple[bool, DmpError | None]] = {}

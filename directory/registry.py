@@ -125,7 +125,9 @@ class EmbeddedRegistry:
                 serving = answer.status == health_pb2.HealthCheckResponse.SERVING
                 results[region] = (serving, "" if serving else "its node reports it is not serving")
             except grpc.RpcError as exc:
-                if isinstance(identity_error(region, current[region].address, exc), PermissionDenied):
+                if isinstance(
+                    identity_error(region, current[region].address, exc), PermissionDenied
+                ):
                     reason = f"the server at its address is not urn:dmp:node:{region}"
                 else:
                     reason = f"its node did not answer its health check ({exc.code().name})"

@@ -329,7 +329,11 @@ def _check_reserved(principal: Principal, host: str) -> None:
     raise InvalidArgument(
         f"host {host!r} is reserved: names under .{NODE_NAME_DOMAIN} say which region a node"
         f" serves, and {principal.uri} may carry none but its own"
-        + (f" ({node_tls_name(principal.key)}, added for it)" if principal.role is Role.NODE else "")
+        + (
+            f" ({node_tls_name(principal.key)}, added for it)"
+            if principal.role is Role.NODE
+            else ""
+        )
     )
 
 

@@ -81,8 +81,10 @@ def test_a_node_cannot_register_another_nodes_address(pki_dir: Path, tmp_path: P
             for region in ("11", "84")
         }  # fmt: skip
         wait_for(
-            lambda: all(r.healthy for r in directory.discovery.routes().values())
-            and len(directory.discovery.routes()) == 2,
+            lambda: (
+                all(r.healthy for r in directory.discovery.routes().values())
+                and len(directory.discovery.routes()) == 2
+            ),
             "nodes 11 and 84 routed",
         )
         _put(pki_dir, nodes["11"].port, "own-11")
@@ -188,6 +190,8 @@ def test_a_node_certificate_without_its_region_name_is_refused_at_start(
     from dmp.identity import Principal, Role
 
     pki.issue(Principal(Role.NODE, "11"))
-    config = NodeConfig(pki_dir=tmp_path / "pki", region="11", db_url=f"sqlite:///{tmp_path / 'n.db'}")
+    config = NodeConfig(
+        pki_dir=tmp_path / "pki", region="11", db_url=f"sqlite:///{tmp_path / 'n.db'}"
+    )
     with pytest.raises(FailedPrecondition, match=r"node-11\.dmp\.internal.*dmp pki issue node"):
         start_node(config)
