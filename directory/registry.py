@@ -20,7 +20,12 @@ from grpc_health.v1 import health_pb2
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from directory.channels import NODE_HEALTH_SERVICE, NodeChannels, identity_error
+from directory.channels import (
+    NODE_HEALTH_SERVICE,
+    VERIFY_TIMEOUT,
+    NodeChannels,
+    identity_error,
+)
 from directory.models import NodeRow
 from dmp.clock import now_us
 from dmp.db import writer
@@ -86,7 +91,7 @@ class EmbeddedRegistry:
             if time.monotonic() - self._written.get(region, 0.0) < LAST_SEEN_WRITE_SECONDS:
                 return  # a heartbeat of a node already routed to: no write (and no fsync)
         else:
-            _, problem = self._channels.verify([(region, address)], self._timeout)[region, address]
+            _, problem = self._channels.verify([(region, address)], VERIFY_TIMEOUT)[region, address]
             if problem is not None:
                 log.warning("node %s announced %s, refused: %s", region, address, problem)
                 raise problem
