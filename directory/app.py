@@ -21,6 +21,7 @@ from dmp.assertion import AssertionVerifier
 from dmp.audit import AuditLog
 from dmp.auditing import Auditor, close_log
 from dmp.db import make_engine, sqlite_url, upgrade
+from dmp.dbfile import prepare_sqlite, private_directory
 from dmp.discovery import Discovery
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
@@ -45,11 +46,13 @@ class DirectoryConfig:
     health_interval: float = 1.0
     #: Seconds between signed checkpoints of the audit trail (and one at shutdown).
     audit_checkpoint_interval: float = 60.0
+    #: Accept an existing empty SQLite file as a new database (refused otherwise).
+    initialise: bool = False
 
     def database_url(self) -> str:
         if self.db_url:
             return self.db_url
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_directory(self.data_dir)
         return sqlite_url(self.data_dir / "directory.db")
 
 
@@ -73,7 +76,9 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
     credentials = load_credentials(config.pki_dir, "directory")
     if credentials.principal.role is not Role.DIRECTORY:
         raise FailedPrecondition("directory.pem does not name urn:dmp:directory")
-    engine = make_engine(config.database_url())
+    url = config.database_url()
+    prepare_sqlite(url, initialise=config.initialise)
+    engine = make_engine(url)
     upgrade(engine, MIGRATIONS, "alembic_version_directory")
     index = PatientIndex(engine)
     channels = NodeChannels(credentials)
@@ -82,7 +87,7 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
     if config.consul_url:
         from dmp.discovery.consul import ConsulDiscovery
 
-        discovery = ConsulDiscovery(config.consul_url)
+        discovery = ConsulDiscovery(config.consul_url, verify=channels.problems)
     else:
         registry = EmbeddedRegistry(engine, channels, check_interval=config.health_interval)
         discovery = registry

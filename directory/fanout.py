@@ -79,7 +79,7 @@ class FanOut:
                     message=f"region {region} not reachable: {reason}; {MISSING}",
                 )
             else:
-                pending[region] = call(self._channels.node(route.address), region, deadline)
+                pending[region] = call(self._channels.node(region, route.address), region, deadline)
         results: dict[str, tuple[Any, dpb.RegionStatus]] = {}
         for region, item in pending.items():
             if isinstance(item, dpb.RegionStatus):

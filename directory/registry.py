@@ -1,8 +1,11 @@
 """Embedded discovery: nodes announce themselves to the directory, which checks them.
 
-A node calls RegisterNode at start-up and then as a heartbeat. The directory asks every
-known node for its gRPC health over mutual TLS at a fixed interval, in parallel, and
-routes only to nodes whose last check answered SERVING.
+A node calls RegisterNode at start-up and then as a heartbeat. A new or changed address is
+accepted only once a health check through the channel pinned to the node's region has
+answered (directory/channels.py): the server there holds that region's certificate, not
+merely some federation certificate. The directory asks every known node for its gRPC
+health over mutual TLS at a fixed interval, in parallel, and routes only to nodes whose
+last check answered SERVING.
 """
 
 from __future__ import annotations
@@ -17,15 +20,22 @@ from grpc_health.v1 import health_pb2
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from directory.channels import NodeChannels
+from directory.channels import (
+    NODE_HEALTH_SERVICE,
+    VERIFY_TIMEOUT,
+    NodeChannels,
+    identity_error,
+)
 from directory.models import NodeRow
 from dmp.clock import now_us
 from dmp.db import writer
 from dmp.discovery import NodeRoute
+from dmp.errors import PermissionDenied
 
 log = logging.getLogger("dmp.directory.registry")
 
-NODE_HEALTH_SERVICE = "dmp.v1.NodeService"
+__all__ = ["HEARTBEAT_SECONDS", "NODE_HEALTH_SERVICE", "EmbeddedRegistry"]
+
 HEARTBEAT_SECONDS = 5
 #: How often the heartbeat of an unchanged node is written to the database (last_seen_us).
 LAST_SEEN_WRITE_SECONDS = 60.0
@@ -71,15 +81,20 @@ class EmbeddedRegistry:
         return self._routes
 
     def announce(self, region: str, address: str) -> None:
-        """A node (authenticated as that region) says where it serves."""
+        """A node (authenticated as that region) says where it serves.
+
+        Refused (PermissionDenied) when the server at `address` does not hold the region's
+        certificate, (FailedPrecondition) when nothing answers there: the route stays as it
+        was."""
         known = self._routes.get(region)
-        if (
-            known is not None
-            and known.address == address
-            and known.healthy
-            and time.monotonic() - self._written.get(region, 0.0) < LAST_SEEN_WRITE_SECONDS
-        ):
-            return  # a heartbeat of a node already routed to: no write (and no fsync)
+        if known is not None and known.address == address and known.healthy:
+            if time.monotonic() - self._written.get(region, 0.0) < LAST_SEEN_WRITE_SECONDS:
+                return  # a heartbeat of a node already routed to: no write (and no fsync)
+        else:
+            _, problem = self._channels.verify([(region, address)], VERIFY_TIMEOUT)[region, address]
+            if problem is not None:
+                log.warning("node %s announced %s, refused: %s", region, address, problem)
+                raise problem
         self._written[region] = time.monotonic()
         with Session(self._writer) as session, session.begin():
             row = session.get(NodeRow, region)
@@ -91,7 +106,7 @@ class EmbeddedRegistry:
         with self._lock:
             old = self._routes.get(region)
             if old is not None and old.address != address:
-                self._channels.forget(old.address)
+                self._channels.forget(region, old.address)
             if old is None or old.address != address or not old.healthy:
                 routes = dict(self._routes)
                 routes[region] = NodeRoute(region, address, True)
@@ -103,7 +118,7 @@ class EmbeddedRegistry:
         current = self._routes
         request = health_pb2.HealthCheckRequest(service=NODE_HEALTH_SERVICE)
         calls = {
-            region: self._channels.health(route.address).Check.future(
+            region: self._channels.health(region, route.address).Check.future(
                 request, timeout=self._timeout
             )
             for region, route in current.items()
@@ -115,10 +130,13 @@ class EmbeddedRegistry:
                 serving = answer.status == health_pb2.HealthCheckResponse.SERVING
                 results[region] = (serving, "" if serving else "its node reports it is not serving")
             except grpc.RpcError as exc:
-                results[region] = (
-                    False,
-                    f"its node did not answer its health check ({exc.code().name})",
-                )
+                if isinstance(
+                    identity_error(region, current[region].address, exc), PermissionDenied
+                ):
+                    reason = f"the server at its address is not urn:dmp:node:{region}"
+                else:
+                    reason = f"its node did not answer its health check ({exc.code().name})"
+                results[region] = (False, reason)
         with self._lock:
             routes = dict(self._routes)
             for region, (healthy, reason) in results.items():

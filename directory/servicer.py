@@ -198,7 +198,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
                 raise FailedPrecondition(
                     f"region {request.region} is not reachable now ({route.reason}): retry later"
                 )
-            stub = self._channels.node(route.address)
+            stub = self._channels.node(request.region, route.address)
             chunks = stub.GetRecordContent(
                 npb.GetRecordContentRequest(record_id=request.record_id),
                 metadata=forward_metadata(assertion, signed, audited.request_id),

@@ -61,7 +61,10 @@ class Service:
     _log: IO[str] | None = None
 
     def start(self, timeout: float = 30.0) -> str:
-        self._log = self.log_path.open("a")
+        # Logs name callers (INS numbers in patients' URIs): for the demo's user only.
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        self._log = os.fdopen(fd, "a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dmp.cli.main", *self.args],
             stdout=subprocess.PIPE,
@@ -144,8 +147,9 @@ def start_federation(
     """Directory first, then one node per region announcing itself to it."""
     data = workdir / "data"
     logs = workdir / "logs"
-    data.mkdir(parents=True, exist_ok=True)
-    logs.mkdir(parents=True, exist_ok=True)
+    for private in (data, logs):
+        private.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private.chmod(0o700)
     directory = Service(
         "directory",
         [

@@ -12,6 +12,11 @@ A PKI directory holds:
 Who a certificate belongs to is the single ``urn:dmp:...`` URI in its SubjectAltName
 (:func:`principal_from_certificate`); services (nodes, directory) also carry DNS names and
 IP addresses so that clients can check the host name.
+
+A node's certificate also carries the DNS name ``node-<region>.dmp.internal``
+(:func:`node_tls_name`), which no other certificate may carry: the directory connects to
+region R's announced address with that name as the TLS target, so that standard host name
+verification refuses any server that is not node R, wherever it listens.
 """
 
 from __future__ import annotations
@@ -59,10 +64,12 @@ __all__ = [
     "IssuedIdentity",
     "Pki",
     "RevocationList",
+    "certificate_dns_names",
     "certificate_from_pem",
     "generate_key",
     "load_credentials",
     "load_private_key",
+    "node_tls_name",
     "principal_from_certificate",
     "principal_from_pem",
 ]
@@ -72,6 +79,9 @@ log = logging.getLogger("dmp.pki")
 CA_COMMON_NAME = "DMP federation root CA"
 ORGANIZATION = "DMP federation"
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
+#: The DNS domain of the names that say which region a node serves (never resolved: a
+#: reserved private-use top-level domain, so no public name can collide).
+NODE_NAME_DOMAIN = "dmp.internal"
 
 CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -93,6 +103,20 @@ _HOSTNAME = re.compile(
 
 
 # --------------------------------------------------------------------------- keys, files
+
+
+def node_tls_name(region: str) -> str:
+    """The DNS name in node R's certificate only: the TLS target the directory checks."""
+    return f"node-{region}.{NODE_NAME_DOMAIN}"
+
+
+def certificate_dns_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names of a certificate's SubjectAltName (none if it has none)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+    return [str(name) for name in san.get_values_for_type(x509.DNSName)]
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
@@ -295,7 +319,25 @@ def _check_principal(principal: Principal) -> Principal:
     return principal
 
 
-def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+def _check_reserved(principal: Principal, host: str) -> None:
+    """Only node R's certificate may carry node-R.dmp.internal, and no other such name."""
+    folded = host.lower().rstrip(".")
+    if folded != NODE_NAME_DOMAIN and not folded.endswith("." + NODE_NAME_DOMAIN):
+        return
+    if principal.role is Role.NODE and folded == node_tls_name(principal.key):
+        return
+    raise InvalidArgument(
+        f"host {host!r} is reserved: names under .{NODE_NAME_DOMAIN} say which region a node"
+        f" serves, and {principal.uri} may carry none but its own"
+        + (
+            f" ({node_tls_name(principal.key)}, added for it)"
+            if principal.role is Role.NODE
+            else ""
+        )
+    )
+
+
+def _host_names(principal: Principal, hosts: Sequence[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for raw in dict.fromkeys(host.strip() for host in hosts):
         if not raw:
@@ -309,6 +351,7 @@ def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
             raise InvalidArgument(
                 f"host {raw!r} is neither an IP address nor a DNS name (ASCII labels)"
             )
+        _check_reserved(principal, raw)
         names.append(x509.DNSName(raw))
     return names
 
@@ -524,7 +567,7 @@ class Pki:
 
         alt_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(principal.uri)]
         if service:
-            alt_names += _host_names(hosts)
+            alt_names += _host_names(principal, hosts)
         subject_attributes = [
             x509.NameAttribute(NameOID.COMMON_NAME, principal.name or principal.identity),
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
@@ -577,8 +620,9 @@ class Pki:
     def issue_node(
         self, region: str, hosts: Sequence[str] = DEFAULT_HOSTS, days: int | None = None
     ) -> Principal:
+        """Issue node R's certificate: the hosts, and node_tls_name(R) always."""
         principal = Principal(Role.NODE, check_region(region))
-        self.issue(principal, hosts=hosts, days=days)
+        self.issue(principal, hosts=(*hosts, node_tls_name(principal.key)), days=days)
         return principal
 
     def issue_directory(

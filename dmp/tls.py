@@ -68,8 +68,16 @@ def channel_credentials(creds: Credentials) -> grpc.ChannelCredentials:
 
 
 def secure_channel(
-    target: str, creds: Credentials, max_content: int = DEFAULT_MAX_CONTENT
+    target: str,
+    creds: Credentials,
+    max_content: int = DEFAULT_MAX_CONTENT,
+    *,
+    server_name: str | None = None,
 ) -> grpc.Channel:
-    return grpc.secure_channel(
-        target, channel_credentials(creds), options=channel_options(max_content)
-    )
+    """A mutual-TLS channel to `target`. With `server_name`, the server's certificate must
+    carry that DNS name, whatever host `target` names (the directory reaches node R only
+    if it holds node R's own name, dmp.pki.node_tls_name)."""
+    options: list[tuple[str, int | str]] = [*channel_options(max_content)]
+    if server_name is not None:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, channel_credentials(creds), options=options)

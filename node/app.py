@@ -15,11 +15,19 @@ from dmp.audit import AuditLog
 from dmp.auditing import Auditor, close_log
 from dmp.clock import now_us
 from dmp.db import make_engine, sqlite_url, upgrade
+from dmp.dbfile import prepare_sqlite, private_directory
 from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
 from dmp.nonces import StoredNonces
-from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
+from dmp.pki import (
+    CRL_FILE,
+    RevocationList,
+    certificate_dns_names,
+    certificate_from_pem,
+    load_credentials,
+    node_tls_name,
+)
 from dmp.regions import check_region
 from dmp.server import FederationServer, ServiceSpec, host_port, start_server
 from dmp.signing import SignatureVerifier
@@ -59,11 +67,13 @@ class NodeConfig:
     audit_checkpoint_interval: float = 60.0
     #: Microseconds since the epoch (tests inject a clock to move time).
     clock: Callable[[], int] = now_us
+    #: Accept an existing empty SQLite file as a new database (refused otherwise).
+    initialise: bool = False
 
     def database_url(self) -> str:
         if self.db_url:
             return self.db_url
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_directory(self.data_dir)
         return sqlite_url(self.data_dir / f"node-{self.region}.db")
 
 
@@ -92,7 +102,18 @@ def start_node(config: NodeConfig) -> RunningNode:
             f"the certificate node-{region}.pem names {me.uri}, not urn:dmp:node:{region}:"
             " a node serves only the region of its own certificate"
         )
-    engine = make_engine(config.database_url())
+    if node_tls_name(region) not in certificate_dns_names(
+        certificate_from_pem(credentials.cert_pem)
+    ):
+        raise FailedPrecondition(
+            f"the certificate node-{region}.pem does not carry the DNS name"
+            f" {node_tls_name(region)}, by which the directory checks that it reaches this"
+            f" region's node (certificates issued before region names lack it): reissue it"
+            f" with `dmp pki issue node --region {region} --pki DIR` (keeping its --host names)"
+        )
+    url = config.database_url()
+    prepare_sqlite(url, initialise=config.initialise)
+    engine = make_engine(url)
     upgrade(engine, MIGRATIONS, "alembic_version_node")
     store = RecordStore(engine, region, max_content=config.max_content, clock=config.clock)
     ca = certificate_from_pem(credentials.ca_pem)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,21 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="find nodes through Consul (passing dmp-node instances) instead of the embedded"
         " registry, e.g. http://127.0.0.1:8500",
     )
+    serve.add_argument(
+        "--initialise",
+        action="store_true",
+        help="accept an existing empty (0-byte) SQLite file as a new database; without it"
+        " such a file is refused as possibly damaged (a file that does not exist is always"
+        " created). Never erases anything",
+    )
     serve.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from directory.app import DirectoryConfig, start_directory
 
+    # Databases, their WAL and anything else this process writes: for its user only.
+    os.umask(0o077)
     if args.region_deadline <= 0:
         raise SystemExit("dmp: --region-deadline must be positive")
     directory = start_directory(
@@ -53,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             region_deadline=args.region_deadline,
             consul_url=args.consul,
+            initialise=args.initialise,
         )
     )
     print(f"directory listening on {host_port(args.listen, directory.port)}", flush=True)

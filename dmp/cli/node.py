@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,21 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="JSON profession matrix: which kinds and type codes each profession reads"
         " (default: the documented node/access_matrix.json)",
     )
+    serve.add_argument(
+        "--initialise",
+        action="store_true",
+        help="accept an existing empty (0-byte) SQLite file as a new database; without it"
+        " such a file is refused as possibly damaged (a file that does not exist is always"
+        " created). Never erases anything",
+    )
     serve.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from node.app import NodeConfig, start_node
 
+    # Databases, their WAL and anything else this process writes: for its user only.
+    os.umask(0o077)
     config = NodeConfig(
         pki_dir=args.pki,
         region=args.region,
@@ -80,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         consul_url=args.consul,
         advertise=args.advertise,
         access_matrix=args.access_matrix,
+        initialise=args.initialise,
     )
     node = start_node(config)
     print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)

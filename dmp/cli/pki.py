@@ -107,7 +107,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "node",
         help="a regional record node (server and client certificate)",
         description="Issue the certificate of a regional record node: URI urn:dmp:node:<region>,"
-        " the host names as DNS/IP SubjectAltNames, server and client authentication.",
+        " the host names as DNS/IP SubjectAltNames, server and client authentication. It"
+        " always carries the DNS name node-<region>.dmp.internal too, which only this node's"
+        " certificate may carry: the directory reaches the region only at a server holding"
+        " it. A node certificate issued before that name existed must be reissued.",
     )
     node.add_argument(
         "--region",

@@ -43,8 +43,9 @@ from typing import Any
 import consul
 
 from dmp.discovery import NODE_SERVICE_NAME, NodeRoute
+from dmp.discovery.consul_routes import Verify, routes_from
 from dmp.errors import FailedPrecondition, InvalidArgument, Unavailable
-from dmp.regions import REGIONS, check_region
+from dmp.regions import check_region
 
 log = logging.getLogger("dmp.discovery.consul")
 
@@ -124,10 +125,6 @@ def _split_address(address: str) -> tuple[str, int]:
             f"invalid node address {address!r}: write an IPv6 host as [addr]:port"
         )
     return host, port
-
-
-def _join_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _is_unspecified(host: str) -> bool:
@@ -460,6 +457,10 @@ class ConsulDiscovery:
 
     `token` is the ACL token (needs `service:read` on `dmp-node` and `node:read`); when
     given it is passed to every call, so it wins over `CONSUL_HTTP_TOKEN`.
+
+    Anyone with a Consul token can register `dmp-node` for any region: with `verify` (the
+    directory passes one), an instance is routed only once the server at its address has
+    answered as that region's node (see consul_routes.py).
     """
 
     def __init__(
@@ -469,6 +470,7 @@ class ConsulDiscovery:
         token: str | None = None,
         wait: str = "30s",
         retry_seconds: float = 1.0,
+        verify: Verify | None = None,
     ) -> None:
         wait_seconds = _duration_seconds(wait) if _GO_DURATION.match(wait) else 0.0
         if not 0 < wait_seconds <= _MAX_WAIT_SECONDS:
@@ -482,6 +484,8 @@ class ConsulDiscovery:
         self._wait = wait
         self._retry = float(retry_seconds)
         self._client = _client(consul_url, self._token, DISCOVERY_HTTP_TIMEOUT)
+        self._verify = verify
+        self._verified: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._routes: Mapping[str, NodeRoute] = {}
         self._routes_index = 0
@@ -584,7 +588,7 @@ class ConsulDiscovery:
             raise Unavailable(f"Consul at {self._url} answered an error: {exc}") from None
         if self._stop.is_set():
             return new_index
-        routes, skipped = _routes_from(entries)
+        routes, skipped = routes_from(entries, self._verify, self._verified)
         with self._lock:
             backwards = blocking and new_index < index
             if not (force or backwards) and new_index < self._routes_index:
@@ -606,48 +610,3 @@ class ConsulDiscovery:
                 "; ".join(sorted(skipped)),
             )
         return new_index
-
-
-def _routes_from(entries: object) -> tuple[dict[str, NodeRoute], frozenset[str]]:
-    """Routes by region from a /v1/health/service answer, and why some instances were skipped.
-
-    Several passing instances for one region: the first by (node, service id) is routed.
-    """
-    if not isinstance(entries, list):
-        return {}, frozenset({f"unexpected answer {type(entries).__name__}"})
-    candidates: dict[str, list[tuple[str, str, str]]] = {}
-    skipped: set[str] = set()
-    for entry in entries:
-        node = entry.get("Node") if isinstance(entry, dict) else None
-        service = entry.get("Service") if isinstance(entry, dict) else None
-        if not isinstance(node, dict) or not isinstance(service, dict):
-            skipped.add("malformed entry")
-            continue
-        service_id = str(service.get("ID", "?"))
-        node_name = str(node.get("Node", "?"))
-        meta = service.get("Meta")
-        region = meta.get("region") if isinstance(meta, dict) else None
-        if not isinstance(region, str) or region not in REGIONS:
-            skipped.add(f"{service_id} on {node_name}: no known region in Meta ({region!r})")
-            continue
-        host = service.get("Address") or node.get("Address")
-        port = service.get("Port")
-        if (
-            not isinstance(host, str)
-            or not host
-            or not isinstance(port, int)
-            or not 0 < port < 65536
-        ):
-            skipped.add(f"{service_id} on {node_name}: no usable address ({host!r}, {port!r})")
-            continue
-        candidates.setdefault(region, []).append((node_name, service_id, _join_address(host, port)))
-    routes: dict[str, NodeRoute] = {}
-    for region, found in candidates.items():
-        found.sort()
-        routes[region] = NodeRoute(region, found[0][2], healthy=True)
-        for node_name, service_id, address in found[1:]:
-            skipped.add(
-                f"{service_id} on {node_name} ({address}): region {region} is already routed to"
-                f" {found[0][2]}"
-            )
-    return routes, frozenset(skipped)

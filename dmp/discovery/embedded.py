@@ -42,7 +42,12 @@ class EmbeddedAnnouncer:
                 failing = False
             except grpc.RpcError as exc:
                 if not failing:
-                    log.warning("cannot announce to the directory (%s): retrying", exc.code().name)
+                    log.warning(
+                        "cannot announce %s to the directory (%s: %s): retrying",
+                        self._address,
+                        exc.code().name,
+                        exc.details(),
+                    )
                 failing = True
                 wait = self._retry
             self._stop.wait(wait)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -125,7 +126,7 @@ def fed(pki_dir: Path, db_factory: Callable[[str], str]) -> Iterator[Fed]:
 def failure(call: Callable[[], object]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call()
-    return caught.value  # type: ignore[return-value]
+    return caught.value
 
 
 def new_version(of: record_pb2.Record, title: str = "Compte rendu corrigé") -> record_pb2.Record:
@@ -166,7 +167,7 @@ def test_only_the_author_of_a_record_writes_its_new_version(fed: Fed) -> None:
             attempt.kind = record_pb2.RECORD_KIND_PATIENT_NOTE
             attempt.type_code.code = "51855-5"
             attempt.hidden_from_patient = False
-        refused = failure(lambda identity=identity, attempt=attempt: fed.put(identity, attempt))
+        refused = failure(partial(fed.put, identity, attempt))
         assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION, what
         # The same answer as for an id that does not exist: nothing learnt of the record.
         assert refused.details() == reference.details().replace("no-such-record", previous.id)
@@ -204,7 +205,7 @@ def test_a_taken_record_id_says_nothing_of_its_record(fed: Fed) -> None:
     same_patient = fed.put(DOC, draft(title="Compte rendu de M. Dupont"))
     answers = []
     for taken in (theirs, same_patient):
-        refused = failure(lambda taken=taken: fed.put(OTHER, draft(record_id=taken.id)))
+        refused = failure(partial(fed.put, OTHER, draft(record_id=taken.id)))
         assert refused.code() == grpc.StatusCode.ALREADY_EXISTS
         assert OTHER_PATIENT not in (refused.details() or "")
         answers.append((refused.details() or "").replace(taken.id, "ID"))
@@ -234,7 +235,7 @@ def test_bad_fields_are_refused_naming_the_field(fed: Fed) -> None:
         "record.content_type": bad_type,
     }
     for name, record in {**cases, "record.title ": rlo}.items():
-        refused = failure(lambda record=record: fed.put(DOC, record))
+        refused = failure(partial(fed.put, DOC, record))
         assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, name
         assert name.strip() in (refused.details() or ""), refused.details()
     listing = npb.ListRecordsRequest(patient_ins=PATIENT)
@@ -287,11 +288,8 @@ def test_a_node_cannot_squat_an_identity_or_report_nonsense(fed: Fed) -> None:
     ):
         if report.record_count > 0:
             report.last_update.seconds = 2**40
-        refused = failure(
-            lambda report=report: node.ReportFragments(
-                dpb.ReportFragmentsRequest(fragments=[report]), timeout=10
-            )
-        )
+        request = dpb.ReportFragmentsRequest(fragments=[report])
+        refused = failure(partial(node.ReportFragments, request, timeout=10))
         assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "fragments[0]" in (refused.details() or "")
     _, fragments = fed.directory.index.get(newcomer)

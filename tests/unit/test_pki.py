@@ -22,10 +22,12 @@ from dmp.ins import make_ins
 from dmp.pki import (
     Pki,
     RevocationList,
+    certificate_dns_names,
     certificate_from_pem,
     generate_key,
     load_credentials,
     load_private_key,
+    node_tls_name,
     principal_from_certificate,
     principal_from_pem,
 )
@@ -150,7 +152,8 @@ def test_node_certificate(pki: Pki) -> None:
     cert = _cert(cert_path)
     cert.verify_directly_issued_by(_cert(pki.ca_pem_path))
     assert _uris(cert) == ["urn:dmp:node:11"]
-    assert _dns_and_ips(cert) == (["localhost"], ["127.0.0.1"])
+    # The region's own name comes with every node certificate (the directory checks it).
+    assert _dns_and_ips(cert) == (["localhost", "node-11.dmp.internal"], ["127.0.0.1"])
     assert _eku(cert) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
     assert usage.critical and usage.value.digital_signature
@@ -170,13 +173,28 @@ def test_node_certificate(pki: Pki) -> None:
 def test_service_hosts_become_dns_and_ip_names(pki: Pki) -> None:
     pki.issue_node("53", hosts=["node-53.example.org", "10.0.0.7", "::1", "node-53"], days=10)
     cert = _cert(pki.cert_path("node-53"))
-    assert _dns_and_ips(cert) == (["node-53.example.org", "node-53"], ["10.0.0.7", "::1"])
+    assert _dns_and_ips(cert) == (
+        ["node-53.example.org", "node-53", "node-53.dmp.internal"],
+        ["10.0.0.7", "::1"],
+    )
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert ipaddress.ip_address("::1") in san.get_values_for_type(x509.IPAddress)
     assert cert.not_valid_after_utc - cert.not_valid_before_utc < timedelta(days=11)
 
     with pytest.raises(InvalidArgument, match="host"):
         pki.issue_node("53", hosts=["not a host"])
+
+
+def test_region_names_are_reserved_to_their_node(pki: Pki) -> None:
+    assert node_tls_name("84") == "node-84.dmp.internal"
+    # Naming itself again is harmless; naming another region, or the domain, is refused.
+    pki.issue_node("84", hosts=["node-84.dmp.internal"])
+    for hosts in (["node-11.dmp.internal"], ["NODE-11.DMP.INTERNAL."], ["dmp.internal"]):
+        with pytest.raises(InvalidArgument, match="reserved"):
+            pki.issue_node("84", hosts=hosts)
+        with pytest.raises(InvalidArgument, match="reserved"):
+            pki.issue_directory(hosts=hosts)
+    assert "node-84.dmp.internal" in certificate_dns_names(_cert(pki.cert_path("node-84")))
 
 
 def test_directory_certificate(pki: Pki) -> None:
@@ -559,7 +577,10 @@ def test_cli_init_issue_revoke_list(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
     out = capsys.readouterr().out
     assert "urn:dmp:node:11" in out and str(tmp_path / "pki" / "node-11.pem") in out
-    assert _dns_and_ips(_cert(tmp_path / "pki" / "node-11.pem")) == (["n11.example.org"], [])
+    assert _dns_and_ips(_cert(tmp_path / "pki" / "node-11.pem")) == (
+        ["n11.example.org", "node-11.dmp.internal"],
+        [],
+    )
 
     assert main(["pki", "issue", "directory", "--pki", d, "--days", "30"]) == 0
     assert "urn:dmp:directory" in capsys.readouterr().out
