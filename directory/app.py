@@ -13,7 +13,7 @@ from directory.channels import NodeChannels
 from directory.directives import DirectiveStore
 from directory.fanout import FanOut
 from directory.index import PatientIndex
-from directory.models import audit_checkpoints, audit_events
+from directory.models import audit_checkpoints, audit_events, witnessed_heads
 from directory.registry import EmbeddedRegistry
 from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
@@ -24,10 +24,14 @@ from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery import Discovery
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
+from dmp.merkle_proofs import LeafSubtrees
 from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
 from dmp.server import FederationServer, ServiceSpec, start_server
 from dmp.signing import SignatureVerifier
 from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc
+from dmp.witness import WitnessStore
+from dmp.witness_client import HeadPublisher, WitnessStub
+from dmp.witness_rpc import WitnessEndpoint
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DIRECTORY_SERVICE = directory_service_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
@@ -44,6 +48,8 @@ class DirectoryConfig:
     health_interval: float = 1.0
     #: Seconds between signed checkpoints of the audit trail (and one at shutdown).
     audit_checkpoint_interval: float = 60.0
+    #: ... and one as soon as this many events were added since the last one.
+    audit_checkpoint_every: int = 1000
 
     def database_url(self) -> str:
         if self.db_url:
@@ -59,6 +65,7 @@ class RunningDirectory:
     discovery: Discovery
     registry: EmbeddedRegistry | None
     audit: AuditLog
+    witness_publisher: HeadPublisher | None = None
 
     @property
     def port(self) -> int:
@@ -100,7 +107,22 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         source_id=credentials.principal.uri,
         signer=credentials,
         checkpoint_interval=config.audit_checkpoint_interval,
+        checkpoint_every=config.audit_checkpoint_every,
     )
+    auditor = Auditor(audit_log)
+    witness = WitnessEndpoint(
+        WitnessStore(engine, witnessed_heads, credentials, ca), auditor, Role.NODE
+    )
+
+    def node_witnesses() -> dict[str, WitnessStub]:
+        """Every node the directory routes to witnesses the directory's audit heads."""
+        return {
+            f"node {route.region}": channels.node(route.address)
+            for route in discovery.routes().values()
+            if route.healthy
+        }
+
+    publisher = HeadPublisher(audit_log, engine, LeafSubtrees(engine, audit_events), node_witnesses)
     servicer = DirectoryServicer(
         index,
         discovery,
@@ -110,7 +132,8 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         access,
         directives,
         fanout,
-        Auditor(audit_log),
+        auditor,
+        witness,
     )
 
     def add(server: grpc.Server) -> None:
@@ -128,9 +151,21 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         channels.close()
         raise
     audit_log.start()
+    publisher.start()
     running.on_stop.extend(
-        [discovery.close, channels.close, partial(close_log, audit_log), engine.dispose]
+        [
+            partial(close_log, audit_log),  # a last signed checkpoint...
+            partial(publisher.close, 1.0),  # ... sent to the nodes that can be reached
+            discovery.close,
+            channels.close,
+            engine.dispose,
+        ]
     )
     return RunningDirectory(
-        server=running, index=index, discovery=discovery, registry=registry, audit=audit_log
+        server=running,
+        index=index,
+        discovery=discovery,
+        registry=registry,
+        audit=audit_log,
+        witness_publisher=publisher,
     )

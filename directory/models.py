@@ -11,6 +11,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from dmp.audit import audit_tables
 from dmp.db import new_metadata
 from dmp.patients import TraitColumns
+from dmp.witness import witnessed_heads_table
 
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -74,3 +75,6 @@ class DirectivesRow(DirectoryBase):
 
 #: The directory's tamper-evident audit trail (dmp/audit.py).
 audit_events, audit_checkpoints = audit_tables(DirectoryBase.metadata)
+
+#: The nodes' audit tree heads the directory witnessed (dmp/witness.py).
+witnessed_heads = witnessed_heads_table(DirectoryBase.metadata)

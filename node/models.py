@@ -8,6 +8,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from dmp.audit import audit_tables
 from dmp.db import new_metadata
 from dmp.patients import TraitColumns
+from dmp.witness import witnessed_heads_table
 
 # SQLite gives an INTEGER PRIMARY KEY its rowid; BIGINT would not autoincrement there.
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
@@ -83,3 +84,6 @@ class PatientRow(TraitColumns, NodeBase):
 
 #: The node's tamper-evident audit trail (dmp/audit.py).
 audit_events, audit_checkpoints = audit_tables(NodeBase.metadata)
+
+#: The directory's audit tree heads this node witnessed (dmp/witness.py).
+witnessed_heads = witnessed_heads_table(NodeBase.metadata)
