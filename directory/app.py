@@ -28,10 +28,10 @@ from dmp.merkle_proofs import LeafSubtrees
 from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
 from dmp.server import FederationServer, ServiceSpec, start_server
 from dmp.signing import SignatureVerifier
-from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc
+from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc, witness_pb2_grpc
 from dmp.witness import WitnessStore
 from dmp.witness_client import HeadPublisher, WitnessStub
-from dmp.witness_rpc import WitnessEndpoint
+from dmp.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DIRECTORY_SERVICE = directory_service_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
@@ -110,14 +110,16 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         checkpoint_every=config.audit_checkpoint_every,
     )
     auditor = Auditor(audit_log)
-    witness = WitnessEndpoint(
+    witness = WitnessServicer(
         WitnessStore(engine, witnessed_heads, credentials, ca), auditor, Role.NODE
     )
 
     def node_witnesses() -> dict[str, WitnessStub]:
         """Every node the directory routes to witnesses the directory's audit heads."""
         return {
-            f"node {route.region}": channels.node(route.address)
+            f"node {route.region}": witness_pb2_grpc.WitnessServiceStub(
+                channels.channel(route.address)
+            )
             for route in discovery.routes().values()
             if route.healthy
         }
@@ -133,7 +135,6 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         directives,
         fanout,
         auditor,
-        witness,
     )
 
     def add(server: grpc.Server) -> None:
@@ -144,7 +145,10 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
             credentials=credentials,
             revocation=revocation,
             listen=config.listen,
-            services=[ServiceSpec(DIRECTORY_SERVICE, add)],
+            services=[
+                ServiceSpec(DIRECTORY_SERVICE, add),
+                ServiceSpec(WITNESS_SERVICE, add_witness_service(witness)),
+            ],
         )
     except BaseException:
         discovery.close()

@@ -51,6 +51,10 @@ class NodeChannels:
                     self._watches[address] = entry[2].Watch(_WATCH)
         return entry
 
+    def channel(self, address: str) -> grpc.Channel:
+        """The channel itself, for the node's other services (its witness)."""
+        return self._entry(address)[0]
+
     def node(self, address: str) -> node_service_pb2_grpc.NodeServiceStub:
         return self._entry(address)[1]
 

@@ -29,9 +29,7 @@ from dmp.server import CallContext
 from dmp.v1 import access_pb2, directory_service_pb2_grpc
 from dmp.v1 import directory_service_pb2 as pb
 from dmp.v1 import node_service_pb2 as npb
-from dmp.v1 import witness_pb2 as wpb
 from dmp.v1.node_service_pb2_grpc import NodeServiceStub
-from dmp.witness_rpc import WitnessEndpoint
 
 MAX_CONFLICT_PAGE = 1000
 MAX_HISTORY = 1000
@@ -80,9 +78,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         directives: DirectiveStore,
         fanout: FanOut,
         auditor: Auditor,
-        witness: WitnessEndpoint | None = None,
     ) -> None:
-        self._witness = witness
         self._fanout = fanout
         self._auditor = auditor
         self._access = access
@@ -305,18 +301,3 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
                 str(conflicts[size - 1].seq).encode()
             ).decode()
         return response
-
-    def WitnessTreeHead(
-        self, request: wpb.WitnessTreeHeadRequest, context: CallContext
-    ) -> wpb.WitnessTreeHeadResponse:
-        return self._witness_endpoint().witness(request, context)
-
-    def ListWitnessedTreeHeads(
-        self, request: wpb.ListWitnessedTreeHeadsRequest, context: CallContext
-    ) -> wpb.ListWitnessedTreeHeadsResponse:
-        return self._witness_endpoint().list(request, context)
-
-    def _witness_endpoint(self) -> WitnessEndpoint:
-        if self._witness is None:
-            raise FailedPrecondition("this directory keeps no witnessed audit heads")
-        return self._witness

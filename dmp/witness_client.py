@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Final
 
 import grpc
 from sqlalchemy import Engine, func, select
@@ -20,6 +20,7 @@ from dmp.audit import AuditLog, Checkpoint
 from dmp.errors import DataLoss
 from dmp.merkle_proofs import LeafSubtrees
 from dmp.v1 import witness_pb2 as wpb
+from dmp.v1 import witness_pb2_grpc
 from dmp.witness import Witnessed, head_to_proto, iso_us, witnessed_from_proto
 
 log = logging.getLogger("dmp.witness")
@@ -27,8 +28,7 @@ log = logging.getLogger("dmp.witness")
 MAX_BACKOFF: Final = 30.0
 _BATCH: Final = 100
 
-#: A stub with WitnessTreeHead and ListWitnessedTreeHeads (NodeService or DirectoryService).
-WitnessStub = Any
+WitnessStub = witness_pb2_grpc.WitnessServiceStub
 
 
 def fetch_witnessed(

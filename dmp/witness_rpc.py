@@ -1,9 +1,12 @@
-"""The witness calls of a service (WitnessTreeHead, ListWitnessedTreeHeads), shared by the
-node's and the directory's servicers: unpack, check who calls, call the store, audit, pack."""
+"""WitnessService over gRPC, served by every node and by the directory: unpack, check who
+calls, call the store, audit, pack."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
+
+import grpc
 
 from dmp.audit import EventType
 from dmp.auditing import Auditor
@@ -11,15 +14,17 @@ from dmp.errors import DmpError, InvalidArgument, PermissionDenied
 from dmp.identity import Role, parse_uri
 from dmp.server import CallContext
 from dmp.v1 import witness_pb2 as wpb
+from dmp.v1 import witness_pb2_grpc
 from dmp.witness import WitnessStore, head_from_proto, witnessed_to_proto
 
+WITNESS_SERVICE: Final = wpb.DESCRIPTOR.services_by_name["WitnessService"].full_name
 MAX_PAGE: Final = 1000
 #: Who may read witnessed heads: the services of the federation (no personal data is in a
 #: head, but its sizes tell how busy a service is).
 _READERS: Final = frozenset({Role.NODE, Role.DIRECTORY})
 
 
-class WitnessEndpoint:
+class WitnessServicer(witness_pb2_grpc.WitnessServiceServicer):
     """Witness of the audit heads of the services of one role (nodes at the directory, the
     directory at a node)."""
 
@@ -28,7 +33,7 @@ class WitnessEndpoint:
         self._auditor = auditor
         self._submitters = submitters
 
-    def witness(
+    def WitnessTreeHead(
         self, request: wpb.WitnessTreeHeadRequest, context: CallContext
     ) -> wpb.WitnessTreeHeadResponse:
         with self._auditor.call(context, EventType.WRITE) as audited:
@@ -54,7 +59,7 @@ class WitnessEndpoint:
             latest=witnessed_to_proto(latest), already_witnessed=already
         )
 
-    def list(
+    def ListWitnessedTreeHeads(
         self, request: wpb.ListWitnessedTreeHeadsRequest, context: CallContext
     ) -> wpb.ListWitnessedTreeHeadsResponse:
         with self._auditor.call(context, EventType.READ_RECORD) as audited:
@@ -82,3 +87,12 @@ class WitnessEndpoint:
         return wpb.ListWitnessedTreeHeadsResponse(
             heads=[witnessed_to_proto(h) for h in heads], more=more
         )
+
+
+def add_witness_service(servicer: WitnessServicer) -> Callable[[grpc.Server], None]:
+    """What a ServiceSpec adds to a server for this witness."""
+
+    def add(server: grpc.Server) -> None:
+        witness_pb2_grpc.add_WitnessServiceServicer_to_server(servicer, server)
+
+    return add

@@ -24,10 +24,10 @@ from dmp.regions import check_region
 from dmp.server import FederationServer, ServiceSpec, host_port, start_server
 from dmp.signing import SignatureVerifier
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
-from dmp.v1 import directory_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc
+from dmp.v1 import node_service_pb2, node_service_pb2_grpc, witness_pb2_grpc
 from dmp.witness import WitnessStore
 from dmp.witness_client import HeadPublisher, compare_with_witnessed, fetch_witnessed
-from dmp.witness_rpc import WitnessEndpoint
+from dmp.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 from node.access import NodeAccess
 from node.directives import DirectiveCache
 from node.locator import OutboxDelivery
@@ -129,7 +129,7 @@ def start_node(config: NodeConfig) -> RunningNode:
     subtrees = LeafSubtrees(engine, audit_events)
     publisher = None
     if directory_channel is not None:
-        directory_stub = directory_service_pb2_grpc.DirectoryServiceStub(directory_channel)
+        directory_stub = witness_pb2_grpc.WitnessServiceStub(directory_channel)
         try:
             _compare_with_directory(directory_stub, audit_log, subtrees, config)
         except BaseException:
@@ -139,10 +139,10 @@ def start_node(config: NodeConfig) -> RunningNode:
         publisher = HeadPublisher(
             audit_log, engine, subtrees, lambda: {"the directory": directory_stub}
         )
-    witness = WitnessEndpoint(
+    witness = WitnessServicer(
         WitnessStore(engine, witnessed_heads, credentials, ca), auditor, Role.DIRECTORY
     )
-    servicer = NodeServicer(store, access, auditor, witness)
+    servicer = NodeServicer(store, access, auditor)
 
     def add(server: grpc.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
@@ -151,7 +151,10 @@ def start_node(config: NodeConfig) -> RunningNode:
         credentials=credentials,
         revocation=revocation,
         listen=config.listen,
-        services=[ServiceSpec(NODE_SERVICE, add)],
+        services=[
+            ServiceSpec(NODE_SERVICE, add),
+            ServiceSpec(WITNESS_SERVICE, add_witness_service(witness)),
+        ],
         max_content=config.max_content,
     )
     address = config.advertise or host_port(config.listen, running.port)
@@ -193,7 +196,7 @@ def start_node(config: NodeConfig) -> RunningNode:
 
 
 def _compare_with_directory(
-    directory: directory_service_pb2_grpc.DirectoryServiceStub,
+    directory: witness_pb2_grpc.WitnessServiceStub,
     audit_log: AuditLog,
     subtrees: LeafSubtrees,
     config: NodeConfig,

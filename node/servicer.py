@@ -9,14 +9,12 @@ from sqlalchemy.orm import Session
 from dmp.assertion import PURPOSE_NAMES
 from dmp.audit import EventType
 from dmp.auditing import AuditedCall, Auditor, history_events, to_proto
-from dmp.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from dmp.errors import InvalidArgument, PermissionDenied
 from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.server import CallContext
 from dmp.v1 import access_pb2, node_service_pb2_grpc, patient_pb2, record_pb2
 from dmp.v1 import node_service_pb2 as pb
-from dmp.v1 import witness_pb2 as wpb
-from dmp.witness_rpc import WitnessEndpoint
 from node.access import NodeAccess
 from node.records import kind_name
 from node.store import RecordStore, WriteAudit, WriteCheck, Written
@@ -43,17 +41,10 @@ def _by_patient(audited: AuditedCall) -> WriteAudit:
 
 
 class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
-    def __init__(
-        self,
-        store: RecordStore,
-        access: NodeAccess,
-        auditor: Auditor,
-        witness: WitnessEndpoint | None = None,
-    ) -> None:
+    def __init__(self, store: RecordStore, access: NodeAccess, auditor: Auditor) -> None:
         self._store = store
         self._access = access
         self._auditor = auditor
-        self._witness = witness
 
     def _writer_check(self, context: CallContext) -> WriteCheck:
         """The access check of each record the store validated."""
@@ -163,21 +154,6 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
             )
             audited.commit()
         return pb.ListAccessEventsResponse(events=[to_proto(e) for e in events])
-
-    def WitnessTreeHead(
-        self, request: wpb.WitnessTreeHeadRequest, context: CallContext
-    ) -> wpb.WitnessTreeHeadResponse:
-        return self._witness_endpoint().witness(request, context)
-
-    def ListWitnessedTreeHeads(
-        self, request: wpb.ListWitnessedTreeHeadsRequest, context: CallContext
-    ) -> wpb.ListWitnessedTreeHeadsResponse:
-        return self._witness_endpoint().list(request, context)
-
-    def _witness_endpoint(self) -> WitnessEndpoint:
-        if self._witness is None:
-            raise FailedPrecondition("this node keeps no witnessed audit heads")
-        return self._witness
 
 
 def _reveal_audit(audited: AuditedCall, session: Session, patient_ins: str) -> None:

@@ -41,8 +41,8 @@ from dmp.cli.common import (
 )
 from dmp.db import make_engine, new_metadata, sqlite_url
 from dmp.errors import DmpError
-from dmp.identity import Principal, Role, parse_uri
-from dmp.v1 import directory_service_pb2_grpc, node_service_pb2_grpc
+from dmp.identity import Principal, parse_uri
+from dmp.v1 import witness_pb2_grpc
 from dmp.witness import Witnessed, list_witnessed, witnessed_heads_table
 from dmp.witness_check import WitnessReport, check_witnessed, read_witnessed, to_json
 from dmp.witness_client import fetch_witnessed
@@ -274,13 +274,8 @@ def _ask_witness(args: argparse.Namespace, signer: str) -> list[Witnessed]:
             "--witness needs --pki DIR and --as IDENTITY (node-<region> or directory)"
         )
     creds = credentials(args)
-    role, _ = parse_uri(signer)
     with channel(args.witness, creds) as chan:
-        stub: Any = (
-            node_service_pb2_grpc.NodeServiceStub(chan)
-            if role is Role.DIRECTORY
-            else directory_service_pb2_grpc.DirectoryServiceStub(chan)
-        )
+        stub = witness_pb2_grpc.WitnessServiceStub(chan)
         try:
             return fetch_witnessed(stub, signer)
         except grpc.RpcError as exc:

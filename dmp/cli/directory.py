@@ -37,6 +37,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="find nodes through Consul (passing dmp-node instances) instead of the embedded"
         " registry, e.g. http://127.0.0.1:8500",
     )
+    serve.add_argument(
+        "--audit-checkpoint-every",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="sign an audit checkpoint (and send it to the nodes) as soon as N events were"
+        " added since the last one, besides every minute (default 1000)",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -45,6 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.region_deadline <= 0:
         raise SystemExit("dmp: --region-deadline must be positive")
+    if args.audit_checkpoint_every <= 0:
+        raise SystemExit("dmp: --audit-checkpoint-every must be positive")
     directory = start_directory(
         DirectoryConfig(
             pki_dir=args.pki,
@@ -53,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             region_deadline=args.region_deadline,
             consul_url=args.consul,
+            audit_checkpoint_every=args.audit_checkpoint_every,
         )
     )
     print(f"directory listening on {host_port(args.listen, directory.port)}", flush=True)

@@ -63,12 +63,29 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="JSON profession matrix: which kinds and type codes each profession reads"
         " (default: the documented node/access_matrix.json)",
     )
+    serve.add_argument(
+        "--audit-checkpoint-every",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="sign an audit checkpoint (and send it to the directory) as soon as N events"
+        " were added since the last one, besides every minute (default 1000)",
+    )
+    serve.add_argument(
+        "--accept-missing-audit",
+        action="store_true",
+        help="serve even though the directory witnessed a longer audit log than this"
+        " database holds (records and events lost, e.g. with a -wal file): logged as an"
+        " error, and the directory keeps refusing this node's new audit heads",
+    )
     serve.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from node.app import NodeConfig, start_node
 
+    if args.audit_checkpoint_every <= 0:
+        raise SystemExit("dmp: --audit-checkpoint-every must be positive")
     config = NodeConfig(
         pki_dir=args.pki,
         region=args.region,
@@ -80,6 +97,8 @@ def _serve(args: argparse.Namespace) -> int:
         consul_url=args.consul,
         advertise=args.advertise,
         access_matrix=args.access_matrix,
+        audit_checkpoint_every=args.audit_checkpoint_every,
+        accept_missing_audit=args.accept_missing_audit,
     )
     node = start_node(config)
     print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)

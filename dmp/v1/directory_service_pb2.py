@@ -26,73 +26,72 @@ from dmp.v1 import access_pb2 as dmp_dot_v1_dot_access__pb2
 from dmp.v1 import audit_pb2 as dmp_dot_v1_dot_audit__pb2
 from dmp.v1 import patient_pb2 as dmp_dot_v1_dot_patient__pb2
 from dmp.v1 import record_pb2 as dmp_dot_v1_dot_record__pb2
-from dmp.v1 import witness_pb2 as dmp_dot_v1_dot_witness__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64mp/v1/directory_service.proto\x12\x06\x64mp.v1\x1a\x13\x64mp/v1/access.proto\x1a\x12\x64mp/v1/audit.proto\x1a\x14\x64mp/v1/patient.proto\x1a\x13\x64mp/v1/record.proto\x1a\x14\x64mp/v1/witness.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x16RegisterPatientRequest\x12(\n\x07patient\x18\x01 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\"T\n\x17RegisterPatientResponse\x12(\n\x07patient\x18\x01 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\" \n\x11GetPatientRequest\x12\x0b\n\x03ins\x18\x01 \x01(\t\"a\n\x08\x46ragment\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x14\n\x0crecord_count\x18\x02 \x01(\x03\x12/\n\x0blast_update\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x12GetPatientResponse\x12(\n\x07patient\x18\x01 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\x12#\n\tfragments\x18\x02 \x03(\x0b\x32\x10.dmp.v1.Fragment\"\x81\x01\n\x0e\x46ragmentReport\x12(\n\x07patient\x18\x01 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\x12\x14\n\x0crecord_count\x18\x02 \x01(\x03\x12/\n\x0blast_update\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\x16ReportFragmentsRequest\x12)\n\tfragments\x18\x01 \x03(\x0b\x32\x16.dmp.v1.FragmentReport\"2\n\x17ReportFragmentsResponse\x12\x17\n\x0f\x63onflicting_ins\x18\x01 \x03(\t\"&\n\x13RegisterNodeRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"1\n\x14RegisterNodeResponse\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x05\"\x12\n\x10ListNodesRequest\"<\n\x08NodeInfo\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\"4\n\x11ListNodesResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.dmp.v1.NodeInfo\"\x81\x02\n\x1aGetConsolidatedViewRequest\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\x12!\n\x05kinds\x18\x02 \x03(\x0e\x32\x12.dmp.v1.RecordKind\x12\x12\n\ntype_codes\x18\x03 \x03(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12include_superseded\x18\x06 \x01(\x08\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\"i\n\x0cRegionStatus\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.dmp.v1.RegionState\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x14\n\x0crecord_count\x18\x04 \x01(\x05\"~\n\x1bGetConsolidatedViewResponse\x12\x1f\n\x07records\x18\x01 \x03(\x0b\x32\x0e.dmp.v1.Record\x12%\n\x07regions\x18\x02 \x03(\x0b\x32\x14.dmp.v1.RegionStatus\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\">\n\x19\x46\x65tchRecordContentRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\"K\n\x1a\x46\x65tchRecordContentResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"E\n\x1cListIdentityConflictsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xb2\x01\n\x10IdentityConflict\x12\x0b\n\x03ins\x18\x01 \x01(\t\x12\'\n\x06stored\x18\x02 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\x12)\n\x08proposed\x18\x03 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\x12\x13\n\x0breported_by\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\x1dListIdentityConflictsResponse\x12+\n\tconflicts\x18\x01 \x03(\x0b\x32\x18.dmp.v1.IdentityConflict\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x14GetDirectivesRequest\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\"E\n\x15GetDirectivesResponse\x12,\n\ndirectives\x18\x01 \x01(\x0b\x32\x18.dmp.v1.SignedDirectives\"D\n\x14SetDirectivesRequest\x12,\n\ndirectives\x18\x01 \x01(\x0b\x32\x18.dmp.v1.SignedDirectives\"(\n\x15SetDirectivesResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"V\n\x17GetAccessHistoryRequest\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\x12\x13\n\x0b\x65xclude_own\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"e\n\x18GetAccessHistoryResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.dmp.v1.AuditEvent\x12%\n\x07regions\x18\x02 \x03(\x0b\x32\x14.dmp.v1.RegionStatus*\xbb\x01\n\x0bRegionState\x12\x1c\n\x18REGION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REGION_STATE_ANSWERED\x10\x01\x12\x1c\n\x18REGION_STATE_UNAVAILABLE\x10\x02\x12\"\n\x1eREGION_STATE_DEADLINE_EXCEEDED\x10\x03\x12\x18\n\x14REGION_STATE_REFUSED\x10\x04\x12\x17\n\x13REGION_STATE_FAILED\x10\x05\x32\xe1\x08\n\x10\x44irectoryService\x12R\n\x0fRegisterPatient\x12\x1e.dmp.v1.RegisterPatientRequest\x1a\x1f.dmp.v1.RegisterPatientResponse\x12\x43\n\nGetPatient\x12\x19.dmp.v1.GetPatientRequest\x1a\x1a.dmp.v1.GetPatientResponse\x12R\n\x0fReportFragments\x12\x1e.dmp.v1.ReportFragmentsRequest\x1a\x1f.dmp.v1.ReportFragmentsResponse\x12I\n\x0cRegisterNode\x12\x1b.dmp.v1.RegisterNodeRequest\x1a\x1c.dmp.v1.RegisterNodeResponse\x12@\n\tListNodes\x12\x18.dmp.v1.ListNodesRequest\x1a\x19.dmp.v1.ListNodesResponse\x12^\n\x13GetConsolidatedView\x12\".dmp.v1.GetConsolidatedViewRequest\x1a#.dmp.v1.GetConsolidatedViewResponse\x12]\n\x12\x46\x65tchRecordContent\x12!.dmp.v1.FetchRecordContentRequest\x1a\".dmp.v1.FetchRecordContentResponse0\x01\x12L\n\rGetDirectives\x12\x1c.dmp.v1.GetDirectivesRequest\x1a\x1d.dmp.v1.GetDirectivesResponse\x12L\n\rSetDirectives\x12\x1c.dmp.v1.SetDirectivesRequest\x1a\x1d.dmp.v1.SetDirectivesResponse\x12U\n\x10GetAccessHistory\x12\x1f.dmp.v1.GetAccessHistoryRequest\x1a .dmp.v1.GetAccessHistoryResponse\x12\x64\n\x15ListIdentityConflicts\x12$.dmp.v1.ListIdentityConflictsRequest\x1a%.dmp.v1.ListIdentityConflictsResponse\x12R\n\x0fWitnessTreeHead\x12\x1e.dmp.v1.WitnessTreeHeadRequest\x1a\x1f.dmp.v1.WitnessTreeHeadResponse\x12g\n\x16ListWitnessedTreeHeads\x12%.dmp.v1.ListWitnessedTreeHeadsRequest\x1a&.dmp.v1.ListWitnessedTreeHeadsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64mp/v1/directory_service.proto\x12\x06\x64mp.v1\x1a\x13\x64mp/v1/access.proto\x1a\x12\x64mp/v1/audit.proto\x1a\x14\x64mp/v1/patient.proto\x1a\x13\x64mp/v1/record.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x16RegisterPatientRequest\x12(\n\x07patient\x18\x01 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\"T\n\x17RegisterPatientResponse\x12(\n\x07patient\x18\x01 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\" \n\x11GetPatientRequest\x12\x0b\n\x03ins\x18\x01 \x01(\t\"a\n\x08\x46ragment\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x14\n\x0crecord_count\x18\x02 \x01(\x03\x12/\n\x0blast_update\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x12GetPatientResponse\x12(\n\x07patient\x18\x01 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\x12#\n\tfragments\x18\x02 \x03(\x0b\x32\x10.dmp.v1.Fragment\"\x81\x01\n\x0e\x46ragmentReport\x12(\n\x07patient\x18\x01 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\x12\x14\n\x0crecord_count\x18\x02 \x01(\x03\x12/\n\x0blast_update\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\x16ReportFragmentsRequest\x12)\n\tfragments\x18\x01 \x03(\x0b\x32\x16.dmp.v1.FragmentReport\"2\n\x17ReportFragmentsResponse\x12\x17\n\x0f\x63onflicting_ins\x18\x01 \x03(\t\"&\n\x13RegisterNodeRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"1\n\x14RegisterNodeResponse\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x05\"\x12\n\x10ListNodesRequest\"<\n\x08NodeInfo\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\"4\n\x11ListNodesResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.dmp.v1.NodeInfo\"\x81\x02\n\x1aGetConsolidatedViewRequest\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\x12!\n\x05kinds\x18\x02 \x03(\x0e\x32\x12.dmp.v1.RecordKind\x12\x12\n\ntype_codes\x18\x03 \x03(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12include_superseded\x18\x06 \x01(\x08\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\"i\n\x0cRegionStatus\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.dmp.v1.RegionState\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x14\n\x0crecord_count\x18\x04 \x01(\x05\"~\n\x1bGetConsolidatedViewResponse\x12\x1f\n\x07records\x18\x01 \x03(\x0b\x32\x0e.dmp.v1.Record\x12%\n\x07regions\x18\x02 \x03(\x0b\x32\x14.dmp.v1.RegionStatus\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\">\n\x19\x46\x65tchRecordContentRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\"K\n\x1a\x46\x65tchRecordContentResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"E\n\x1cListIdentityConflictsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xb2\x01\n\x10IdentityConflict\x12\x0b\n\x03ins\x18\x01 \x01(\t\x12\'\n\x06stored\x18\x02 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\x12)\n\x08proposed\x18\x03 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\x12\x13\n\x0breported_by\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\x1dListIdentityConflictsResponse\x12+\n\tconflicts\x18\x01 \x03(\x0b\x32\x18.dmp.v1.IdentityConflict\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x14GetDirectivesRequest\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\"E\n\x15GetDirectivesResponse\x12,\n\ndirectives\x18\x01 \x01(\x0b\x32\x18.dmp.v1.SignedDirectives\"D\n\x14SetDirectivesRequest\x12,\n\ndirectives\x18\x01 \x01(\x0b\x32\x18.dmp.v1.SignedDirectives\"(\n\x15SetDirectivesResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"V\n\x17GetAccessHistoryRequest\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\x12\x13\n\x0b\x65xclude_own\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"e\n\x18GetAccessHistoryResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.dmp.v1.AuditEvent\x12%\n\x07regions\x18\x02 \x03(\x0b\x32\x14.dmp.v1.RegionStatus*\xbb\x01\n\x0bRegionState\x12\x1c\n\x18REGION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REGION_STATE_ANSWERED\x10\x01\x12\x1c\n\x18REGION_STATE_UNAVAILABLE\x10\x02\x12\"\n\x1eREGION_STATE_DEADLINE_EXCEEDED\x10\x03\x12\x18\n\x14REGION_STATE_REFUSED\x10\x04\x12\x17\n\x13REGION_STATE_FAILED\x10\x05\x32\xa4\x07\n\x10\x44irectoryService\x12R\n\x0fRegisterPatient\x12\x1e.dmp.v1.RegisterPatientRequest\x1a\x1f.dmp.v1.RegisterPatientResponse\x12\x43\n\nGetPatient\x12\x19.dmp.v1.GetPatientRequest\x1a\x1a.dmp.v1.GetPatientResponse\x12R\n\x0fReportFragments\x12\x1e.dmp.v1.ReportFragmentsRequest\x1a\x1f.dmp.v1.ReportFragmentsResponse\x12I\n\x0cRegisterNode\x12\x1b.dmp.v1.RegisterNodeRequest\x1a\x1c.dmp.v1.RegisterNodeResponse\x12@\n\tListNodes\x12\x18.dmp.v1.ListNodesRequest\x1a\x19.dmp.v1.ListNodesResponse\x12^\n\x13GetConsolidatedView\x12\".dmp.v1.GetConsolidatedViewRequest\x1a#.dmp.v1.GetConsolidatedViewResponse\x12]\n\x12\x46\x65tchRecordContent\x12!.dmp.v1.FetchRecordContentRequest\x1a\".dmp.v1.FetchRecordContentResponse0\x01\x12L\n\rGetDirectives\x12\x1c.dmp.v1.GetDirectivesRequest\x1a\x1d.dmp.v1.GetDirectivesResponse\x12L\n\rSetDirectives\x12\x1c.dmp.v1.SetDirectivesRequest\x1a\x1d.dmp.v1.SetDirectivesResponse\x12U\n\x10GetAccessHistory\x12\x1f.dmp.v1.GetAccessHistoryRequest\x1a .dmp.v1.GetAccessHistoryResponse\x12\x64\n\x15ListIdentityConflicts\x12$.dmp.v1.ListIdentityConflictsRequest\x1a%.dmp.v1.ListIdentityConflictsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmp.v1.directory_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGIONSTATE']._serialized_start=2460
-  _globals['_REGIONSTATE']._serialized_end=2647
-  _globals['_REGISTERPATIENTREQUEST']._serialized_start=181
-  _globals['_REGISTERPATIENTREQUEST']._serialized_end=247
-  _globals['_REGISTERPATIENTRESPONSE']._serialized_start=249
-  _globals['_REGISTERPATIENTRESPONSE']._serialized_end=333
-  _globals['_GETPATIENTREQUEST']._serialized_start=335
-  _globals['_GETPATIENTREQUEST']._serialized_end=367
-  _globals['_FRAGMENT']._serialized_start=369
-  _globals['_FRAGMENT']._serialized_end=466
-  _globals['_GETPATIENTRESPONSE']._serialized_start=468
-  _globals['_GETPATIENTRESPONSE']._serialized_end=567
-  _globals['_FRAGMENTREPORT']._serialized_start=570
-  _globals['_FRAGMENTREPORT']._serialized_end=699
-  _globals['_REPORTFRAGMENTSREQUEST']._serialized_start=701
-  _globals['_REPORTFRAGMENTSREQUEST']._serialized_end=768
-  _globals['_REPORTFRAGMENTSRESPONSE']._serialized_start=770
-  _globals['_REPORTFRAGMENTSRESPONSE']._serialized_end=820
-  _globals['_REGISTERNODEREQUEST']._serialized_start=822
-  _globals['_REGISTERNODEREQUEST']._serialized_end=860
-  _globals['_REGISTERNODERESPONSE']._serialized_start=862
-  _globals['_REGISTERNODERESPONSE']._serialized_end=911
-  _globals['_LISTNODESREQUEST']._serialized_start=913
-  _globals['_LISTNODESREQUEST']._serialized_end=931
-  _globals['_NODEINFO']._serialized_start=933
-  _globals['_NODEINFO']._serialized_end=993
-  _globals['_LISTNODESRESPONSE']._serialized_start=995
-  _globals['_LISTNODESRESPONSE']._serialized_end=1047
-  _globals['_GETCONSOLIDATEDVIEWREQUEST']._serialized_start=1050
-  _globals['_GETCONSOLIDATEDVIEWREQUEST']._serialized_end=1307
-  _globals['_REGIONSTATUS']._serialized_start=1309
-  _globals['_REGIONSTATUS']._serialized_end=1414
-  _globals['_GETCONSOLIDATEDVIEWRESPONSE']._serialized_start=1416
-  _globals['_GETCONSOLIDATEDVIEWRESPONSE']._serialized_end=1542
-  _globals['_FETCHRECORDCONTENTREQUEST']._serialized_start=1544
-  _globals['_FETCHRECORDCONTENTREQUEST']._serialized_end=1606
-  _globals['_FETCHRECORDCONTENTRESPONSE']._serialized_start=1608
-  _globals['_FETCHRECORDCONTENTRESPONSE']._serialized_end=1683
-  _globals['_LISTIDENTITYCONFLICTSREQUEST']._serialized_start=1685
-  _globals['_LISTIDENTITYCONFLICTSREQUEST']._serialized_end=1754
-  _globals['_IDENTITYCONFLICT']._serialized_start=1757
-  _globals['_IDENTITYCONFLICT']._serialized_end=1935
-  _globals['_LISTIDENTITYCONFLICTSRESPONSE']._serialized_start=1937
-  _globals['_LISTIDENTITYCONFLICTSRESPONSE']._serialized_end=2038
-  _globals['_GETDIRECTIVESREQUEST']._serialized_start=2040
-  _globals['_GETDIRECTIVESREQUEST']._serialized_end=2083
-  _globals['_GETDIRECTIVESRESPONSE']._serialized_start=2085
-  _globals['_GETDIRECTIVESRESPONSE']._serialized_end=2154
-  _globals['_SETDIRECTIVESREQUEST']._serialized_start=2156
-  _globals['_SETDIRECTIVESREQUEST']._serialized_end=2224
-  _globals['_SETDIRECTIVESRESPONSE']._serialized_start=2226
-  _globals['_SETDIRECTIVESRESPONSE']._serialized_end=2266
-  _globals['_GETACCESSHISTORYREQUEST']._serialized_start=2268
-  _globals['_GETACCESSHISTORYREQUEST']._serialized_end=2354
-  _globals['_GETACCESSHISTORYRESPONSE']._serialized_start=2356
-  _globals['_GETACCESSHISTORYRESPONSE']._serialized_end=2457
-  _globals['_DIRECTORYSERVICE']._serialized_start=2650
-  _globals['_DIRECTORYSERVICE']._serialized_end=3771
+  _globals['_REGIONSTATE']._serialized_start=2438
+  _globals['_REGIONSTATE']._serialized_end=2625
+  _globals['_REGISTERPATIENTREQUEST']._serialized_start=159
+  _globals['_REGISTERPATIENTREQUEST']._serialized_end=225
+  _globals['_REGISTERPATIENTRESPONSE']._serialized_start=227
+  _globals['_REGISTERPATIENTRESPONSE']._serialized_end=311
+  _globals['_GETPATIENTREQUEST']._serialized_start=313
+  _globals['_GETPATIENTREQUEST']._serialized_end=345
+  _globals['_FRAGMENT']._serialized_start=347
+  _globals['_FRAGMENT']._serialized_end=444
+  _globals['_GETPATIENTRESPONSE']._serialized_start=446
+  _globals['_GETPATIENTRESPONSE']._serialized_end=545
+  _globals['_FRAGMENTREPORT']._serialized_start=548
+  _globals['_FRAGMENTREPORT']._serialized_end=677
+  _globals['_REPORTFRAGMENTSREQUEST']._serialized_start=679
+  _globals['_REPORTFRAGMENTSREQUEST']._serialized_end=746
+  _globals['_REPORTFRAGMENTSRESPONSE']._serialized_start=748
+  _globals['_REPORTFRAGMENTSRESPONSE']._serialized_end=798
+  _globals['_REGISTERNODEREQUEST']._serialized_start=800
+  _globals['_REGISTERNODEREQUEST']._serialized_end=838
+  _globals['_REGISTERNODERESPONSE']._serialized_start=840
+  _globals['_REGISTERNODERESPONSE']._serialized_end=889
+  _globals['_LISTNODESREQUEST']._serialized_start=891
+  _globals['_LISTNODESREQUEST']._serialized_end=909
+  _globals['_NODEINFO']._serialized_start=911
+  _globals['_NODEINFO']._serialized_end=971
+  _globals['_LISTNODESRESPONSE']._serialized_start=973
+  _globals['_LISTNODESRESPONSE']._serialized_end=1025
+  _globals['_GETCONSOLIDATEDVIEWREQUEST']._serialized_start=1028
+  _globals['_GETCONSOLIDATEDVIEWREQUEST']._serialized_end=1285
+  _globals['_REGIONSTATUS']._serialized_start=1287
+  _globals['_REGIONSTATUS']._serialized_end=1392
+  _globals['_GETCONSOLIDATEDVIEWRESPONSE']._serialized_start=1394
+  _globals['_GETCONSOLIDATEDVIEWRESPONSE']._serialized_end=1520
+  _globals['_FETCHRECORDCONTENTREQUEST']._serialized_start=1522
+  _globals['_FETCHRECORDCONTENTREQUEST']._serialized_end=1584
+  _globals['_FETCHRECORDCONTENTRESPONSE']._serialized_start=1586
+  _globals['_FETCHRECORDCONTENTRESPONSE']._serialized_end=1661
+  _globals['_LISTIDENTITYCONFLICTSREQUEST']._serialized_start=1663
+  _globals['_LISTIDENTITYCONFLICTSREQUEST']._serialized_end=1732
+  _globals['_IDENTITYCONFLICT']._serialized_start=1735
+  _globals['_IDENTITYCONFLICT']._serialized_end=1913
+  _globals['_LISTIDENTITYCONFLICTSRESPONSE']._serialized_start=1915
+  _globals['_LISTIDENTITYCONFLICTSRESPONSE']._serialized_end=2016
+  _globals['_GETDIRECTIVESREQUEST']._serialized_start=2018
+  _globals['_GETDIRECTIVESREQUEST']._serialized_end=2061
+  _globals['_GETDIRECTIVESRESPONSE']._serialized_start=2063
+  _globals['_GETDIRECTIVESRESPONSE']._serialized_end=2132
+  _globals['_SETDIRECTIVESREQUEST']._serialized_start=2134
+  _globals['_SETDIRECTIVESREQUEST']._serialized_end=2202
+  _globals['_SETDIRECTIVESRESPONSE']._serialized_start=2204
+  _globals['_SETDIRECTIVESRESPONSE']._serialized_end=2244
+  _globals['_GETACCESSHISTORYREQUEST']._serialized_start=2246
+  _globals['_GETACCESSHISTORYREQUEST']._serialized_end=2332
+  _globals['_GETACCESSHISTORYRESPONSE']._serialized_start=2334
+  _globals['_GETACCESSHISTORYRESPONSE']._serialized_end=2435
+  _globals['_DIRECTORYSERVICE']._serialized_start=2628
+  _globals['_DIRECTORYSERVICE']._serialized_end=3560
 # @@protoc_insertion_point(module_scope)

@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from dmp.v1 import directory_service_pb2 as dmp_dot_v1_dot_directory__service__pb2
-from dmp.v1 import witness_pb2 as dmp_dot_v1_dot_witness__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -92,16 +91,6 @@ class DirectoryServiceStub:
                 '/dmp.v1.DirectoryService/ListIdentityConflicts',
                 request_serializer=dmp_dot_v1_dot_directory__service__pb2.ListIdentityConflictsRequest.SerializeToString,
                 response_deserializer=dmp_dot_v1_dot_directory__service__pb2.ListIdentityConflictsResponse.FromString,
-                _registered_method=True)
-        self.WitnessTreeHead = channel.unary_unary(
-                '/dmp.v1.DirectoryService/WitnessTreeHead',
-                request_serializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadRequest.SerializeToString,
-                response_deserializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadResponse.FromString,
-                _registered_method=True)
-        self.ListWitnessedTreeHeads = channel.unary_unary(
-                '/dmp.v1.DirectoryService/ListWitnessedTreeHeads',
-                request_serializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsRequest.SerializeToString,
-                response_deserializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsResponse.FromString,
                 _registered_method=True)
 
 
@@ -197,22 +186,6 @@ class DirectoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WitnessTreeHead(self, request, context):
-        """Called by a node: keep its new signed audit tree head, with a consistency proof from
-        the previous head kept for it. Refused (FAILED_PRECONDITION) when the head is smaller
-        than, or inconsistent with, one already witnessed; a node sends only its own heads.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListWitnessedTreeHeads(self, request, context):
-        """The audit tree heads witnessed for a signer (nodes and the directory identity).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_DirectoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -270,16 +243,6 @@ def add_DirectoryServiceServicer_to_server(servicer, server):
                     servicer.ListIdentityConflicts,
                     request_deserializer=dmp_dot_v1_dot_directory__service__pb2.ListIdentityConflictsRequest.FromString,
                     response_serializer=dmp_dot_v1_dot_directory__service__pb2.ListIdentityConflictsResponse.SerializeToString,
-            ),
-            'WitnessTreeHead': grpc.unary_unary_rpc_method_handler(
-                    servicer.WitnessTreeHead,
-                    request_deserializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadRequest.FromString,
-                    response_serializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadResponse.SerializeToString,
-            ),
-            'ListWitnessedTreeHeads': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListWitnessedTreeHeads,
-                    request_deserializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsRequest.FromString,
-                    response_serializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -582,60 +545,6 @@ class DirectoryService:
             '/dmp.v1.DirectoryService/ListIdentityConflicts',
             dmp_dot_v1_dot_directory__service__pb2.ListIdentityConflictsRequest.SerializeToString,
             dmp_dot_v1_dot_directory__service__pb2.ListIdentityConflictsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def WitnessTreeHead(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/dmp.v1.DirectoryService/WitnessTreeHead',
-            dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadRequest.SerializeToString,
-            dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ListWitnessedTreeHeads(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/dmp.v1.DirectoryService/ListWitnessedTreeHeads',
-            dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsRequest.SerializeToString,
-            dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,6 @@ isort:skip_file
 
 from collections import abc as _abc
 from dmp.v1 import directory_service_pb2 as _directory_service_pb2
-from dmp.v1 import witness_pb2 as _witness_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -75,13 +74,6 @@ class DirectoryServiceStub:
     """
     ListIdentityConflicts: _grpc.UnaryUnaryMultiCallable[_directory_service_pb2.ListIdentityConflictsRequest, _directory_service_pb2.ListIdentityConflictsResponse]
     """Identity conflicts kept for review by the national operator."""
-    WitnessTreeHead: _grpc.UnaryUnaryMultiCallable[_witness_pb2.WitnessTreeHeadRequest, _witness_pb2.WitnessTreeHeadResponse]
-    """Called by a node: keep its new signed audit tree head, with a consistency proof from
-    the previous head kept for it. Refused (FAILED_PRECONDITION) when the head is smaller
-    than, or inconsistent with, one already witnessed; a node sends only its own heads.
-    """
-    ListWitnessedTreeHeads: _grpc.UnaryUnaryMultiCallable[_witness_pb2.ListWitnessedTreeHeadsRequest, _witness_pb2.ListWitnessedTreeHeadsResponse]
-    """The audit tree heads witnessed for a signer (nodes and the directory identity)."""
 
 @_typing.type_check_only
 class DirectoryServiceAsyncStub(DirectoryServiceStub):
@@ -129,13 +121,6 @@ class DirectoryServiceAsyncStub(DirectoryServiceStub):
     """
     ListIdentityConflicts: _aio.UnaryUnaryMultiCallable[_directory_service_pb2.ListIdentityConflictsRequest, _directory_service_pb2.ListIdentityConflictsResponse]  # type: ignore[assignment]
     """Identity conflicts kept for review by the national operator."""
-    WitnessTreeHead: _aio.UnaryUnaryMultiCallable[_witness_pb2.WitnessTreeHeadRequest, _witness_pb2.WitnessTreeHeadResponse]  # type: ignore[assignment]
-    """Called by a node: keep its new signed audit tree head, with a consistency proof from
-    the previous head kept for it. Refused (FAILED_PRECONDITION) when the head is smaller
-    than, or inconsistent with, one already witnessed; a node sends only its own heads.
-    """
-    ListWitnessedTreeHeads: _aio.UnaryUnaryMultiCallable[_witness_pb2.ListWitnessedTreeHeadsRequest, _witness_pb2.ListWitnessedTreeHeadsResponse]  # type: ignore[assignment]
-    """The audit tree heads witnessed for a signer (nodes and the directory identity)."""
 
 class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The national directory: who each patient is, which regions hold their fragments, and
@@ -246,24 +231,5 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_directory_service_pb2.ListIdentityConflictsResponse, _abc.Awaitable[_directory_service_pb2.ListIdentityConflictsResponse]]:
         """Identity conflicts kept for review by the national operator."""
-
-    @_abc_1.abstractmethod
-    def WitnessTreeHead(
-        self,
-        request: _witness_pb2.WitnessTreeHeadRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_witness_pb2.WitnessTreeHeadResponse, _abc.Awaitable[_witness_pb2.WitnessTreeHeadResponse]]:
-        """Called by a node: keep its new signed audit tree head, with a consistency proof from
-        the previous head kept for it. Refused (FAILED_PRECONDITION) when the head is smaller
-        than, or inconsistent with, one already witnessed; a node sends only its own heads.
-        """
-
-    @_abc_1.abstractmethod
-    def ListWitnessedTreeHeads(
-        self,
-        request: _witness_pb2.ListWitnessedTreeHeadsRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_witness_pb2.ListWitnessedTreeHeadsResponse, _abc.Awaitable[_witness_pb2.ListWitnessedTreeHeadsResponse]]:
-        """The audit tree heads witnessed for a signer (nodes and the directory identity)."""
 
 def add_DirectoryServiceServicer_to_server(servicer: DirectoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

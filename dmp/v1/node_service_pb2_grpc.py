@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from dmp.v1 import node_service_pb2 as dmp_dot_v1_dot_node__service__pb2
-from dmp.v1 import witness_pb2 as dmp_dot_v1_dot_witness__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -73,16 +72,6 @@ class NodeServiceStub:
                 request_serializer=dmp_dot_v1_dot_node__service__pb2.ListRecordsRequest.SerializeToString,
                 response_deserializer=dmp_dot_v1_dot_node__service__pb2.ListRecordsResponse.FromString,
                 _registered_method=True)
-        self.WitnessTreeHead = channel.unary_unary(
-                '/dmp.v1.NodeService/WitnessTreeHead',
-                request_serializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadRequest.SerializeToString,
-                response_deserializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadResponse.FromString,
-                _registered_method=True)
-        self.ListWitnessedTreeHeads = channel.unary_unary(
-                '/dmp.v1.NodeService/ListWitnessedTreeHeads',
-                request_serializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsRequest.SerializeToString,
-                response_deserializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsResponse.FromString,
-                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -147,21 +136,6 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WitnessTreeHead(self, request, context):
-        """Called by the directory: keep its new signed audit tree head, with a consistency proof
-        from the previous head kept for it (see DirectoryService.WitnessTreeHead).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListWitnessedTreeHeads(self, request, context):
-        """The directory's audit tree heads witnessed by this node (nodes and the directory).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,16 +173,6 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ListRecords,
                     request_deserializer=dmp_dot_v1_dot_node__service__pb2.ListRecordsRequest.FromString,
                     response_serializer=dmp_dot_v1_dot_node__service__pb2.ListRecordsResponse.SerializeToString,
-            ),
-            'WitnessTreeHead': grpc.unary_unary_rpc_method_handler(
-                    servicer.WitnessTreeHead,
-                    request_deserializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadRequest.FromString,
-                    response_serializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadResponse.SerializeToString,
-            ),
-            'ListWitnessedTreeHeads': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListWitnessedTreeHeads,
-                    request_deserializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsRequest.FromString,
-                    response_serializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,60 +367,6 @@ class NodeService:
             '/dmp.v1.NodeService/ListRecords',
             dmp_dot_v1_dot_node__service__pb2.ListRecordsRequest.SerializeToString,
             dmp_dot_v1_dot_node__service__pb2.ListRecordsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def WitnessTreeHead(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/dmp.v1.NodeService/WitnessTreeHead',
-            dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadRequest.SerializeToString,
-            dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ListWitnessedTreeHeads(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/dmp.v1.NodeService/ListWitnessedTreeHeads',
-            dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsRequest.SerializeToString,
-            dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

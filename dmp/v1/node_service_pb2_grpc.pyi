@@ -5,7 +5,6 @@ isort:skip_file
 
 from collections import abc as _abc
 from dmp.v1 import node_service_pb2 as _node_service_pb2
-from dmp.v1 import witness_pb2 as _witness_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -62,12 +61,6 @@ class NodeServiceStub:
     """
     ListRecords: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.ListRecordsRequest, _node_service_pb2.ListRecordsResponse]
     """Lists a patient's records held by this node, newest first (effective_time, then id)."""
-    WitnessTreeHead: _grpc.UnaryUnaryMultiCallable[_witness_pb2.WitnessTreeHeadRequest, _witness_pb2.WitnessTreeHeadResponse]
-    """Called by the directory: keep its new signed audit tree head, with a consistency proof
-    from the previous head kept for it (see DirectoryService.WitnessTreeHead).
-    """
-    ListWitnessedTreeHeads: _grpc.UnaryUnaryMultiCallable[_witness_pb2.ListWitnessedTreeHeadsRequest, _witness_pb2.ListWitnessedTreeHeadsResponse]
-    """The directory's audit tree heads witnessed by this node (nodes and the directory)."""
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -102,12 +95,6 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """
     ListRecords: _aio.UnaryUnaryMultiCallable[_node_service_pb2.ListRecordsRequest, _node_service_pb2.ListRecordsResponse]  # type: ignore[assignment]
     """Lists a patient's records held by this node, newest first (effective_time, then id)."""
-    WitnessTreeHead: _aio.UnaryUnaryMultiCallable[_witness_pb2.WitnessTreeHeadRequest, _witness_pb2.WitnessTreeHeadResponse]  # type: ignore[assignment]
-    """Called by the directory: keep its new signed audit tree head, with a consistency proof
-    from the previous head kept for it (see DirectoryService.WitnessTreeHead).
-    """
-    ListWitnessedTreeHeads: _aio.UnaryUnaryMultiCallable[_witness_pb2.ListWitnessedTreeHeadsRequest, _witness_pb2.ListWitnessedTreeHeadsResponse]  # type: ignore[assignment]
-    """The directory's audit tree heads witnessed by this node (nodes and the directory)."""
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """A regional record node: it stores the records written in its region and answers for them.
@@ -181,23 +168,5 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_service_pb2.ListRecordsResponse, _abc.Awaitable[_node_service_pb2.ListRecordsResponse]]:
         """Lists a patient's records held by this node, newest first (effective_time, then id)."""
-
-    @_abc_1.abstractmethod
-    def WitnessTreeHead(
-        self,
-        request: _witness_pb2.WitnessTreeHeadRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_witness_pb2.WitnessTreeHeadResponse, _abc.Awaitable[_witness_pb2.WitnessTreeHeadResponse]]:
-        """Called by the directory: keep its new signed audit tree head, with a consistency proof
-        from the previous head kept for it (see DirectoryService.WitnessTreeHead).
-        """
-
-    @_abc_1.abstractmethod
-    def ListWitnessedTreeHeads(
-        self,
-        request: _witness_pb2.ListWitnessedTreeHeadsRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_witness_pb2.ListWitnessedTreeHeadsResponse, _abc.Awaitable[_witness_pb2.ListWitnessedTreeHeadsResponse]]:
-        """The directory's audit tree heads witnessed by this node (nodes and the directory)."""
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from dmp.v1 import witness_pb2 as dmp_dot_v1_dot_witness__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,137 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class WitnessServiceStub:
+    """The witness of other services' audit logs, served by every node (for the directory's
+    log) and by the directory (for the nodes'). Each service sends the witnesses its new
+    signed tree heads, each with a consistency proof from the previous one, so that whoever
+    hosts its database cannot rewrite or cut its audit log unseen.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WitnessTreeHead = channel.unary_unary(
+                '/dmp.v1.WitnessService/WitnessTreeHead',
+                request_serializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadRequest.SerializeToString,
+                response_deserializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadResponse.FromString,
+                _registered_method=True)
+        self.ListWitnessedTreeHeads = channel.unary_unary(
+                '/dmp.v1.WitnessService/ListWitnessedTreeHeads',
+                request_serializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsRequest.SerializeToString,
+                response_deserializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsResponse.FromString,
+                _registered_method=True)
+
+
+class WitnessServiceServicer:
+    """The witness of other services' audit logs, served by every node (for the directory's
+    log) and by the directory (for the nodes'). Each service sends the witnesses its new
+    signed tree heads, each with a consistency proof from the previous one, so that whoever
+    hosts its database cannot rewrite or cut its audit log unseen.
+    """
+
+    def WitnessTreeHead(self, request, context):
+        """Keep the caller's new signed audit tree head, with a consistency proof from the
+        latest head kept for it. Only for the caller's own log (the identity of its TLS
+        certificate): nodes at the directory, the directory at the nodes. Refused with
+        FAILED_PRECONDITION when the head is smaller than, or inconsistent with, one already
+        witnessed. Sending a head already kept is harmless.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWitnessedTreeHeads(self, request, context):
+        """The heads witnessed for a signer, smallest first. For the federation's services
+        (nodes and the directory identity).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WitnessServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WitnessTreeHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.WitnessTreeHead,
+                    request_deserializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadRequest.FromString,
+                    response_serializer=dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadResponse.SerializeToString,
+            ),
+            'ListWitnessedTreeHeads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWitnessedTreeHeads,
+                    request_deserializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsRequest.FromString,
+                    response_serializer=dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dmp.v1.WitnessService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dmp.v1.WitnessService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WitnessService:
+    """The witness of other services' audit logs, served by every node (for the directory's
+    log) and by the directory (for the nodes'). Each service sends the witnesses its new
+    signed tree heads, each with a consistency proof from the previous one, so that whoever
+    hosts its database cannot rewrite or cut its audit log unseen.
+    """
+
+    @staticmethod
+    def WitnessTreeHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmp.v1.WitnessService/WitnessTreeHead',
+            dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadRequest.SerializeToString,
+            dmp_dot_v1_dot_witness__pb2.WitnessTreeHeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWitnessedTreeHeads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmp.v1.WitnessService/ListWitnessedTreeHeads',
+            dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsRequest.SerializeToString,
+            dmp_dot_v1_dot_witness__pb2.ListWitnessedTreeHeadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -4,10 +4,17 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from dmp.v1 import witness_pb2 as _witness_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
+import sys
 import typing as _typing
+
+if sys.version_info >= (3, 11):
+    from typing import Self as _Self
+else:
+    from typing_extensions import Self as _Self
 
 _T = _typing.TypeVar("_T")
 
@@ -18,3 +25,79 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
+
+class WitnessServiceStub:
+    """The witness of other services' audit logs, served by every node (for the directory's
+    log) and by the directory (for the nodes'). Each service sends the witnesses its new
+    signed tree heads, each with a consistency proof from the previous one, so that whoever
+    hosts its database cannot rewrite or cut its audit log unseen.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> WitnessServiceAsyncStub: ...
+    WitnessTreeHead: _grpc.UnaryUnaryMultiCallable[_witness_pb2.WitnessTreeHeadRequest, _witness_pb2.WitnessTreeHeadResponse]
+    """Keep the caller's new signed audit tree head, with a consistency proof from the
+    latest head kept for it. Only for the caller's own log (the identity of its TLS
+    certificate): nodes at the directory, the directory at the nodes. Refused with
+    FAILED_PRECONDITION when the head is smaller than, or inconsistent with, one already
+    witnessed. Sending a head already kept is harmless.
+    """
+    ListWitnessedTreeHeads: _grpc.UnaryUnaryMultiCallable[_witness_pb2.ListWitnessedTreeHeadsRequest, _witness_pb2.ListWitnessedTreeHeadsResponse]
+    """The heads witnessed for a signer, smallest first. For the federation's services
+    (nodes and the directory identity).
+    """
+
+@_typing.type_check_only
+class WitnessServiceAsyncStub(WitnessServiceStub):
+    """The witness of other services' audit logs, served by every node (for the directory's
+    log) and by the directory (for the nodes'). Each service sends the witnesses its new
+    signed tree heads, each with a consistency proof from the previous one, so that whoever
+    hosts its database cannot rewrite or cut its audit log unseen.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    WitnessTreeHead: _aio.UnaryUnaryMultiCallable[_witness_pb2.WitnessTreeHeadRequest, _witness_pb2.WitnessTreeHeadResponse]  # type: ignore[assignment]
+    """Keep the caller's new signed audit tree head, with a consistency proof from the
+    latest head kept for it. Only for the caller's own log (the identity of its TLS
+    certificate): nodes at the directory, the directory at the nodes. Refused with
+    FAILED_PRECONDITION when the head is smaller than, or inconsistent with, one already
+    witnessed. Sending a head already kept is harmless.
+    """
+    ListWitnessedTreeHeads: _aio.UnaryUnaryMultiCallable[_witness_pb2.ListWitnessedTreeHeadsRequest, _witness_pb2.ListWitnessedTreeHeadsResponse]  # type: ignore[assignment]
+    """The heads witnessed for a signer, smallest first. For the federation's services
+    (nodes and the directory identity).
+    """
+
+class WitnessServiceServicer(metaclass=_abc_1.ABCMeta):
+    """The witness of other services' audit logs, served by every node (for the directory's
+    log) and by the directory (for the nodes'). Each service sends the witnesses its new
+    signed tree heads, each with a consistency proof from the previous one, so that whoever
+    hosts its database cannot rewrite or cut its audit log unseen.
+    """
+
+    @_abc_1.abstractmethod
+    def WitnessTreeHead(
+        self,
+        request: _witness_pb2.WitnessTreeHeadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_witness_pb2.WitnessTreeHeadResponse, _abc.Awaitable[_witness_pb2.WitnessTreeHeadResponse]]:
+        """Keep the caller's new signed audit tree head, with a consistency proof from the
+        latest head kept for it. Only for the caller's own log (the identity of its TLS
+        certificate): nodes at the directory, the directory at the nodes. Refused with
+        FAILED_PRECONDITION when the head is smaller than, or inconsistent with, one already
+        witnessed. Sending a head already kept is harmless.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWitnessedTreeHeads(
+        self,
+        request: _witness_pb2.ListWitnessedTreeHeadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_witness_pb2.ListWitnessedTreeHeadsResponse, _abc.Awaitable[_witness_pb2.ListWitnessedTreeHeadsResponse]]:
+        """The heads witnessed for a signer, smallest first. For the federation's services
+        (nodes and the directory identity).
+        """
+
+def add_WitnessServiceServicer_to_server(servicer: WitnessServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

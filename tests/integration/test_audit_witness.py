@@ -15,7 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from directory.app import RunningDirectory
 from directory.models import witnessed_heads as directory_witnessed
@@ -28,15 +29,16 @@ from dmp.audit import (
     sign_checkpoint,
 )
 from dmp.cli import audit as audit_cli
-from dmp.db import make_engine, new_metadata
+from dmp.db import make_engine, new_metadata, writer
 from dmp.errors import FailedPrecondition
 from dmp.merkle_proofs import LeafSubtrees
 from dmp.pki import load_credentials
 from dmp.v1 import witness_pb2 as wpb
+from dmp.v1 import witness_pb2_grpc
 from dmp.witness import head_to_proto, list_witnessed
 from node.app import RunningNode
 from node.models import witnessed_heads as node_witnessed
-from tests.federation import DOCTOR, PATIENT, client, running_directory, running_node
+from tests.federation import DOCTOR, PATIENT, client, running_directory, running_node, wait_for
 
 NODE = "urn:dmp:node:11"
 DIRECTORY = "urn:dmp:directory"
@@ -178,7 +180,6 @@ def _attack_rewrite(setup: Setup) -> None:
     """Drop every checkpoint, remove the emergency access (seq 5), renumber the events
     after it and recompute their leaf hashes: a log that verifies on its own."""
     engine = make_engine(setup.node_db)
-    events, _ = audit_tables(new_metadata())
     try:
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM audit_checkpoints"))
@@ -197,7 +198,6 @@ def _attack_rewrite(setup: Setup) -> None:
                 )
     finally:
         engine.dispose()
-    del events
 
 
 @pytest.mark.parametrize("attack", [_attack_tail, _attack_rewrite], ids=["tail", "rewrite"])
@@ -304,7 +304,8 @@ def test_a_node_starts_without_its_witness_and_delivers_later(
             assert node.witness_publisher.witnessed_size("the directory") == 8
     engine = make_engine(directory_db)
     try:
-        assert [w.head.tree_size for w in list_witnessed(engine, directory_witnessed, NODE)][0] == 8
+        # A witness new to the node gets its latest head, then each one after it.
+        assert [w.head.tree_size for w in list_witnessed(engine, directory_witnessed, NODE)] == [8]
     finally:
         engine.dispose()
 
@@ -318,8 +319,6 @@ def test_the_directory_s_heads_are_witnessed_by_the_nodes(
     assert publisher is not None
     for i in range(1, 6):
         log.record(_event(i))
-    from tests.federation import wait_for
-
     wait_for(lambda: "node 11" in _routes(setup), "the directory to route to node 11")
     first = log.checkpoint()
     assert first is not None
@@ -360,13 +359,15 @@ def test_the_witness_refuses_foreign_smaller_and_inconsistent_heads(setup: Setup
     _write_and_witness(node, 1, 20)
     node11 = load_credentials(setup.pki_dir, "node-11")
     assert node.audit is not None
-    subtrees = LeafSubtrees(make_engine(setup.node_db), node.audit.events_table)
+    engine = make_engine(setup.node_db)
+    setup.stack.callback(engine.dispose)
+    subtrees = LeafSubtrees(engine, node.audit.events_table)
     root10, root20 = subtrees.root(10), subtrees.root(20)
     stubs = {}
     for identity in ("node-11", "node-53", f"patient-{PATIENT}", "directory"):
         c = client(setup.pki_dir, identity, setup.directory.port)
         setup.stack.callback(c.close)
-        stubs[identity] = c.directory
+        stubs[identity] = witness_pb2_grpc.WitnessServiceStub(c.channel)
 
     def send(identity: str, head: wpb.SignedTreeHead, start: int, proof: list[bytes]) -> None:
         stubs[identity].WitnessTreeHead(
@@ -406,17 +407,20 @@ def test_the_witness_refuses_foreign_smaller_and_inconsistent_heads(setup: Setup
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Every witness call is in the directory's audit log, refusals included.
-    events = _directory_events(setup.directory.audit)
+    events = _directory_events(setup.directory_db)
     witnessed = [e for e in events if "witness the audit head of urn:dmp:node:11" in e]
     assert any('"status_code":"PERMISSION_DENIED"' in e for e in witnessed)
     assert any('"status_code":"FAILED_PRECONDITION"' in e for e in witnessed)
     assert any('"status_code":"OK"' in e for e in witnessed)
 
 
-def _directory_events(log: AuditLog) -> list[str]:
-    engine: Engine = log._engine
-    with engine.connect() as conn:
-        return [row[0] for row in conn.execute(text("SELECT event_json FROM audit_events"))]
+def _directory_events(db: str) -> list[str]:
+    engine = make_engine(db)
+    try:
+        with engine.connect() as conn:
+            return [row[0] for row in conn.execute(text("SELECT event_json FROM audit_events"))]
+    finally:
+        engine.dispose()
 
 
 def test_a_checkpoint_every_n_events(db_url: str, pki_dir: Path) -> None:
@@ -449,7 +453,21 @@ def test_a_checkpoint_every_n_events(db_url: str, pki_dir: Path) -> None:
         assert not signed
         log.record(_event(5))
         assert done.wait(30)
-        assert signed[0] == 5
+        assert signed == [5]
+        done.clear()
+        # Events appended in a writer's own transaction count once it commits.
+        with Session(writer(engine)) as session, session.begin():
+            log.append_many(session, [_event(i) for i in range(6, 11)])
+        assert done.wait(30)
+        assert signed == [5, 10]
     finally:
         log.close()
         engine.dispose()
+
+
+def test_the_checkpoint_signed_at_shutdown_is_witnessed(setup: Setup) -> None:
+    with running_node(setup.pki_dir, "11", setup.node_db, directory=setup.address, **QUIET) as node:
+        assert node.audit is not None
+        for i in range(1, 4):
+            node.audit.record(_event(i))
+    assert setup.witnessed_sizes() == [3]
