@@ -38,7 +38,15 @@ from dmp.v1 import witness_pb2_grpc
 from dmp.witness import head_to_proto, list_witnessed
 from node.app import RunningNode
 from node.models import witnessed_heads as node_witnessed
-from tests.federation import DOCTOR, PATIENT, client, running_directory, running_node, wait_for
+from tests.federation import (
+    DOCTOR,
+    PATIENT,
+    client,
+    dmp_process,
+    running_directory,
+    running_node,
+    wait_for,
+)
 
 NODE = "urn:dmp:node:11"
 DIRECTORY = "urn:dmp:directory"
@@ -471,3 +479,16 @@ def test_the_checkpoint_signed_at_shutdown_is_witnessed(setup: Setup) -> None:
         for i in range(1, 4):
             node.audit.record(_event(i))
     assert setup.witnessed_sizes() == [3]
+
+
+def test_dmp_node_serve_refuses_in_one_line(setup: Setup) -> None:
+    _stopped_with_30_witnessed(setup)
+    _attack_tail(setup)
+    serve = ("node", "serve", "--pki", str(setup.pki_dir), "--region", "11")
+    process = dmp_process(*serve, "--db", setup.node_db, "--directory", setup.address)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "listening on" not in out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dmp: refusing to serve: the audit log holds 20 events but")
+    assert "events 21..30 are missing" in last and "--accept-missing-audit" in last
