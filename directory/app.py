@@ -13,7 +13,7 @@ from directory.channels import NodeChannels
 from directory.directives import DirectiveStore
 from directory.fanout import FanOut
 from directory.index import PatientIndex
-from directory.models import audit_checkpoints, audit_events, seen_nonces
+from directory.models import audit_checkpoints, audit_events, seen_nonces, witnessed_heads
 from directory.registry import EmbeddedRegistry
 from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
@@ -25,11 +25,15 @@ from dmp.dbfile import prepare_sqlite, private_directory
 from dmp.discovery import Discovery
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
+from dmp.merkle_proofs import LeafSubtrees
 from dmp.nonces import StoredNonces
 from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
 from dmp.server import FederationServer, ServiceSpec, start_server
 from dmp.signing import SignatureVerifier
-from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc
+from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc, witness_pb2_grpc
+from dmp.witness import WitnessStore
+from dmp.witness_client import HeadPublisher, WitnessStub
+from dmp.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DIRECTORY_SERVICE = directory_service_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
@@ -48,6 +52,8 @@ class DirectoryConfig:
     audit_checkpoint_interval: float = 60.0
     #: Accept an existing empty SQLite file as a new database (refused otherwise).
     initialise: bool = False
+    #: ... and one as soon as this many events were added since the last one.
+    audit_checkpoint_every: int = 1000
 
     def database_url(self) -> str:
         if self.db_url:
@@ -63,6 +69,7 @@ class RunningDirectory:
     discovery: Discovery
     registry: EmbeddedRegistry | None
     audit: AuditLog
+    witness_publisher: HeadPublisher | None = None
 
     @property
     def port(self) -> int:
@@ -107,7 +114,24 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         source_id=credentials.principal.uri,
         signer=credentials,
         checkpoint_interval=config.audit_checkpoint_interval,
+        checkpoint_every=config.audit_checkpoint_every,
     )
+    auditor = Auditor(audit_log)
+    witness = WitnessServicer(
+        WitnessStore(engine, witnessed_heads, credentials, ca), auditor, Role.NODE
+    )
+
+    def node_witnesses() -> dict[str, WitnessStub]:
+        """Every node the directory routes to witnesses the directory's audit heads."""
+        return {
+            f"node {route.region}": witness_pb2_grpc.WitnessServiceStub(
+                channels.channel(route.region, route.address)
+            )
+            for route in discovery.routes().values()
+            if route.healthy
+        }
+
+    publisher = HeadPublisher(audit_log, engine, LeafSubtrees(engine, audit_events), node_witnesses)
     servicer = DirectoryServicer(
         index,
         discovery,
@@ -117,7 +141,7 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         access,
         directives,
         fanout,
-        Auditor(audit_log),
+        auditor,
     )
 
     def add(server: grpc.Server) -> None:
@@ -128,16 +152,31 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
             credentials=credentials,
             revocation=revocation,
             listen=config.listen,
-            services=[ServiceSpec(DIRECTORY_SERVICE, add)],
+            services=[
+                ServiceSpec(DIRECTORY_SERVICE, add),
+                ServiceSpec(WITNESS_SERVICE, add_witness_service(witness)),
+            ],
         )
     except BaseException:
         discovery.close()
         channels.close()
         raise
     audit_log.start()
+    publisher.start()
     running.on_stop.extend(
-        [discovery.close, channels.close, partial(close_log, audit_log), engine.dispose]
+        [
+            partial(close_log, audit_log),  # a last signed checkpoint...
+            partial(publisher.close, 1.0),  # ... sent to the nodes that can be reached
+            discovery.close,
+            channels.close,
+            engine.dispose,
+        ]
     )
     return RunningDirectory(
-        server=running, index=index, discovery=discovery, registry=registry, audit=audit_log
+        server=running,
+        index=index,
+        discovery=discovery,
+        registry=registry,
+        audit=audit_log,
+        witness_publisher=publisher,
     )

@@ -87,6 +87,10 @@ class NodeChannels:
     def node(self, region: str, address: str) -> node_service_pb2_grpc.NodeServiceStub:
         return self._entry(region, address)[1]
 
+    def channel(self, region: str, address: str) -> grpc.Channel:
+        """The channel itself, for the node's other services (its witness)."""
+        return self._entry(region, address)[0]
+
     def health(self, region: str, address: str) -> health_pb2_grpc.HealthStub:
         return self._entry(region, address)[2]
 

@@ -12,6 +12,7 @@ from dmp.audit import audit_tables
 from dmp.db import new_metadata
 from dmp.nonces import nonce_table
 from dmp.patients import TraitColumns
+from dmp.witness import witnessed_heads_table
 
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -78,3 +79,5 @@ audit_events, audit_checkpoints = audit_tables(DirectoryBase.metadata)
 
 #: Nonces of the access assertions already used, until they expire (dmp/nonces.py).
 seen_nonces = nonce_table(DirectoryBase.metadata)
+#: The nodes' audit tree heads the directory witnessed (dmp/witness.py).
+witnessed_heads = witnessed_heads_table(DirectoryBase.metadata)

@@ -41,12 +41,8 @@ position into the leaf lets a verifier tell an event that was changed from one t
 moved, and where. At a regular interval and at shutdown the service signs a checkpoint
 (tree size, root, time) with its own key; ``dmp audit verify`` (:func:`verify_log`)
 recomputes everything and names the first event changed, deleted or moved, any truncation
-behind a signed checkpoint and any checkpoint whose signature is not the service's.
-
-What a hash-only log cannot show: events appended after the last checkpoint may be edited
-(with their leaf hash recomputed) or removed without trace until the next checkpoint covers
-them, and a whole log rewritten together with its checkpoints is caught only by comparing
-with a checkpoint kept elsewhere (the printed root of ``dmp audit checkpoint``).
+behind a signed checkpoint and any checkpoint whose signature is not the service's. A log
+rewritten with its checkpoints is caught against the heads kept by a witness (dmp/witness.py).
 """
 
 from __future__ import annotations
@@ -57,7 +53,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, get_args
@@ -83,6 +79,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.event import listen
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -660,8 +657,9 @@ class AuditLog:
     no way to update or delete an event through this class.
 
     With a ``signer`` (the service's own credentials, whose identity must be ``source_id``)
-    ``checkpoint`` signs the current tree head; ``start`` takes one every
-    ``checkpoint_interval`` seconds when events were added, ``close`` a last one.
+    ``checkpoint`` signs the current tree head (and calls each of ``on_checkpoint``);
+    ``start`` takes one every ``checkpoint_interval`` seconds when events were added and as
+    soon as ``checkpoint_every`` events were, ``close`` a last one.
 
     Appends are serialized by the database: on SQLite by the write lock (callers pass a
     transaction of :func:`dmp.db.writer`), on PostgreSQL by a transaction-scoped advisory
@@ -679,13 +677,14 @@ class AuditLog:
         region: str = "",
         signer: Credentials | None = None,
         checkpoint_interval: float = 60.0,
+        checkpoint_every: int = 1000,
     ) -> None:
         if signer is not None and signer.principal.uri != source_id:
             raise FailedPrecondition(
                 f"the audit log of {source_id} cannot be signed by {signer.principal.uri}"
             )
-        if checkpoint_interval <= 0:
-            raise ValueError("checkpoint_interval must be positive")
+        if checkpoint_interval <= 0 or checkpoint_every <= 0:
+            raise ValueError("checkpoint_interval and checkpoint_every must be positive")
         self._engine = engine
         self._writer = writer(engine)
         self._events = events_table
@@ -693,7 +692,9 @@ class AuditLog:
         self.source_id = source_id
         self.region = region
         self._signer = signer
-        self._interval = checkpoint_interval
+        self._interval, self._every = checkpoint_interval, checkpoint_every
+        self._due = threading.Event()  # checkpoint_every events since the last checkpoint
+        self.on_checkpoint: list[Callable[[Checkpoint], None]] = []
         self._lock_key = int.from_bytes(
             hashlib.sha256(f"dmp-audit:{events_table.name}".encode()).digest()[:8],
             "big",
@@ -745,10 +746,22 @@ class AuditLog:
         self, session_or_connection: Session | Connection, events: Iterable[AuditEvent]
     ) -> list[int]:
         """Append several events in the caller's transaction (one INSERT); their seqs."""
-        owned = [self._own(event) for event in events]
+        seqs = self._insert(session_or_connection, [self._own(event) for event in events])
+        self._count(session_or_connection, seqs)
+        return seqs
+
+    def _count(self, target: Session | Connection | None, seqs: list[int]) -> None:
+        """Wake the checkpoint thread once ``checkpoint_every`` events are committed."""
+        if not seqs or seqs[-1] - self._last_checkpoint < self._every:
+            return
+        if isinstance(target, Session):  # after the caller's commit, which a checkpoint reads
+            listen(target, "after_commit", lambda _: self._due.set(), once=True)
+        else:
+            self._due.set()
+
+    def _insert(self, target: Session | Connection, owned: list[AuditEvent]) -> list[int]:
         if not owned:
             return []
-        target = session_or_connection
         try:
             conn = target.connection() if isinstance(target, Session) else target
             first = self._next_seq(conn)
@@ -820,7 +833,8 @@ class AuditLog:
                 batch, self._queue = self._queue, []
             try:
                 with self._writer.begin() as conn:
-                    seqs = self.append_many(conn, [event for event, _, _ in batch])
+                    seqs = self._insert(conn, [event for event, _, _ in batch])
+                self._count(None, seqs)
                 outcomes: list[int | BaseException] = list(seqs)
             except Unavailable as exc:
                 outcomes = [exc] * len(batch)
@@ -915,6 +929,8 @@ class AuditLog:
             size,
             checkpoint.root_hash.hex(),
         )
+        for listener in self.on_checkpoint:
+            listener(checkpoint)
         return checkpoint
 
     def _catch_up(self) -> None:
@@ -961,7 +977,11 @@ class AuditLog:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        while not self._stop.is_set():
+            self._due.wait(self._interval)
+            self._due.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.checkpoint()
             except Exception:
@@ -970,6 +990,7 @@ class AuditLog:
     def close(self) -> Checkpoint | None:
         """Stop the checkpoint thread and sign a last checkpoint (errors are logged)."""
         self._stop.set()
+        self._due.set()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()

@@ -19,6 +19,7 @@ from dmp.dbfile import prepare_sqlite, private_directory
 from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
+from dmp.merkle_proofs import LeafSubtrees
 from dmp.nonces import StoredNonces
 from dmp.pki import (
     CRL_FILE,
@@ -32,11 +33,14 @@ from dmp.regions import check_region
 from dmp.server import FederationServer, ServiceSpec, host_port, start_server
 from dmp.signing import SignatureVerifier
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
-from dmp.v1 import node_service_pb2, node_service_pb2_grpc
+from dmp.v1 import node_service_pb2, node_service_pb2_grpc, witness_pb2_grpc
+from dmp.witness import WitnessStore
+from dmp.witness_client import HeadPublisher, compare_with_witnessed, fetch_witnessed
+from dmp.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 from node.access import NodeAccess
 from node.directives import DirectiveCache
 from node.locator import OutboxDelivery
-from node.models import audit_checkpoints, audit_events, seen_nonces
+from node.models import audit_checkpoints, audit_events, seen_nonces, witnessed_heads
 from node.policy import AccessMatrix
 from node.servicer import NodeServicer
 from node.store import RecordStore
@@ -65,6 +69,11 @@ class NodeConfig:
     access_matrix: Path | None = None
     #: Seconds between signed checkpoints of the audit trail (and one at shutdown).
     audit_checkpoint_interval: float = 60.0
+    #: ... and one as soon as this many events were added since the last one.
+    audit_checkpoint_every: int = 1000
+    #: Serve even when the directory witnessed a longer audit log than this node holds
+    #: (logged as an error; the directory then refuses this node's new heads).
+    accept_missing_audit: bool = False
     #: Microseconds since the epoch (tests inject a clock to move time).
     clock: Callable[[], int] = now_us
     #: Accept an existing empty SQLite file as a new database (refused otherwise).
@@ -84,6 +93,7 @@ class RunningNode:
     region: str
     delivery: OutboxDelivery | None = None
     audit: AuditLog | None = None
+    witness_publisher: HeadPublisher | None = None
 
     @property
     def port(self) -> int:
@@ -135,8 +145,26 @@ def start_node(config: NodeConfig) -> RunningNode:
         region=region,
         signer=credentials,
         checkpoint_interval=config.audit_checkpoint_interval,
+        checkpoint_every=config.audit_checkpoint_every,
     )
-    servicer = NodeServicer(store, access, Auditor(audit_log))
+    auditor = Auditor(audit_log)
+    subtrees = LeafSubtrees(engine, audit_events)
+    publisher = None
+    if directory_channel is not None:
+        directory_stub = witness_pb2_grpc.WitnessServiceStub(directory_channel)
+        try:
+            _compare_with_directory(directory_stub, audit_log, subtrees, config)
+        except BaseException:
+            directory_channel.close()
+            engine.dispose()
+            raise
+        publisher = HeadPublisher(
+            audit_log, engine, subtrees, lambda: {"the directory": directory_stub}
+        )
+    witness = WitnessServicer(
+        WitnessStore(engine, witnessed_heads, credentials, ca), auditor, Role.DIRECTORY
+    )
+    servicer = NodeServicer(store, access, auditor)
 
     def add(server: grpc.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
@@ -145,12 +173,19 @@ def start_node(config: NodeConfig) -> RunningNode:
         credentials=credentials,
         revocation=revocation,
         listen=config.listen,
-        services=[ServiceSpec(NODE_SERVICE, add)],
+        services=[
+            ServiceSpec(NODE_SERVICE, add),
+            ServiceSpec(WITNESS_SERVICE, add_witness_service(witness)),
+        ],
         max_content=config.max_content,
     )
     address = config.advertise or host_port(config.listen, running.port)
     audit_log.start()
     running.on_stop.append(partial(close_log, audit_log))  # a last signed checkpoint
+    if publisher is not None and directory_channel is not None:
+        publisher.start()
+        running.on_stop.append(publisher.close)  # ... sent to the directory if it can be
+        running.on_stop.append(directory_channel.close)
     running.on_stop.append(engine.dispose)
     delivery = None
     try:
@@ -162,7 +197,6 @@ def start_node(config: NodeConfig) -> RunningNode:
             running.before_stop.append(consul.close)  # withdraw before draining
         if directory_channel is not None:
             channel = directory_channel
-            running.on_stop.insert(0, channel.close)
             delivery = OutboxDelivery(store, channel)
             delivery.start()
             running.on_stop.insert(0, delivery.close)
@@ -174,5 +208,46 @@ def start_node(config: NodeConfig) -> RunningNode:
         running.stop(None)
         raise
     return RunningNode(
-        server=running, store=store, region=region, delivery=delivery, audit=audit_log
+        server=running,
+        store=store,
+        region=region,
+        delivery=delivery,
+        audit=audit_log,
+        witness_publisher=publisher,
+    )
+
+
+def _compare_with_directory(
+    directory: witness_pb2_grpc.WitnessServiceStub,
+    audit_log: AuditLog,
+    subtrees: LeafSubtrees,
+    config: NodeConfig,
+) -> None:
+    """Refuse to serve a log shorter than, or inconsistent with, the latest head of ours the
+    directory witnessed (records lost with their audit events: a truncated -wal, an old
+    backup). A directory out of reach is no reason not to start: say so and go on."""
+    me = audit_log.source_id
+    try:
+        latest = fetch_witnessed(directory, me, latest_only=True, timeout=5.0)
+    except grpc.RpcError as exc:
+        log.warning(
+            "cannot ask the directory for the audit head it witnessed for %s (%s): starting"
+            " without comparing this node's audit log with it",
+            me,
+            exc.code().name,
+        )
+        return
+    if not latest:
+        return
+    problem = compare_with_witnessed(audit_log.size(), latest[0], subtrees)
+    if not problem:
+        log.info("audit log of %s matches the head the directory witnessed", me)
+        return
+    if config.accept_missing_audit:
+        log.error("%s; serving anyway (--accept-missing-audit)", problem)
+        return
+    raise FailedPrecondition(
+        f"refusing to serve: {problem}. Restore the database holding them, or start with"
+        " --accept-missing-audit to serve without them",
+        reason="AUDIT_BEHIND_WITNESS",
     )

@@ -9,6 +9,7 @@ from dmp.audit import audit_tables
 from dmp.db import new_metadata
 from dmp.nonces import nonce_table
 from dmp.patients import TraitColumns
+from dmp.witness import witnessed_heads_table
 
 # SQLite gives an INTEGER PRIMARY KEY its rowid; BIGINT would not autoincrement there.
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
@@ -87,3 +88,5 @@ audit_events, audit_checkpoints = audit_tables(NodeBase.metadata)
 
 #: Nonces of the access assertions already used, until they expire (dmp/nonces.py).
 seen_nonces = nonce_table(NodeBase.metadata)
+#: The directory's audit tree heads this node witnessed (dmp/witness.py).
+witnessed_heads = witnessed_heads_table(NodeBase.metadata)

@@ -3,6 +3,9 @@
 Each works on the service's database directly (a SQLite file or a PostgreSQL URL), while
 the service is stopped or, on SQLite, while it runs. The audit tables have the same names
 in a node's and in the directory's database; whose log it is comes from its events.
+``verify --witness``/``--witnessed`` also checks the log against the signed heads another
+service witnessed for it (the directory for a node, a node for the directory), which the
+host of the database cannot rewrite; ``witnessed export`` writes those heads to a file.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 from sqlalchemy import Engine, Table, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -26,10 +30,22 @@ from dmp.audit import (
     log_owner,
     verify_log,
 )
-from dmp.cli.common import CommandError, add_identity, add_pki, credentials, parse_date
+from dmp.cli.common import (
+    PKI_ENV,
+    CommandError,
+    add_identity,
+    add_pki,
+    channel,
+    credentials,
+    parse_date,
+)
 from dmp.db import make_engine, new_metadata, sqlite_url
 from dmp.errors import DmpError
 from dmp.identity import Principal, parse_uri
+from dmp.v1 import witness_pb2_grpc
+from dmp.witness import Witnessed, list_witnessed, witnessed_heads_table
+from dmp.witness_check import WitnessReport, check_witnessed, read_witnessed, to_json
+from dmp.witness_client import fetch_witnessed
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -64,6 +80,25 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="N",
         help="print at most N problems (default 100)",
     )
+    verify.add_argument(
+        "--witness",
+        metavar="HOST:PORT",
+        help="also check the log against the heads this witness kept for it: the directory"
+        " for a node's log, a node for the directory's (needs --as)",
+    )
+    verify.add_argument(
+        "--as",
+        dest="identity",
+        metavar="IDENTITY",
+        help="the certificate to ask the witness with: node-<region> or directory",
+    )
+    verify.add_argument(
+        "--witnessed",
+        type=Path,
+        metavar="FILE",
+        help="also check the log against the witnessed heads of this file"
+        " (from `dmp audit witnessed export`)",
+    )
     verify.set_defaults(handler=_verify)
 
     checkpoint = asub.add_parser(
@@ -84,6 +119,37 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     export.add_argument("--format", choices=["jsonl", "fhir"], default="jsonl")
     export.add_argument("--since", metavar="DATE", help="only events from this date or instant")
     export.set_defaults(handler=_export)
+
+    witnessed = asub.add_parser(
+        "witnessed",
+        help="the audit heads a service witnessed for another",
+        description="The signed audit heads a witness keeps for another service's log.",
+    )
+    wsub = witnessed.add_subparsers(dest="witnessed_command", metavar="SUBCOMMAND", required=True)
+    wexport = wsub.add_parser(
+        "export",
+        help="write the heads witnessed for a signer to a file, for `verify --witnessed`",
+        description="Write, one JSON line each, the heads a witness kept for a signer, each"
+        " with the witness's cosignature: from the witness's database (--db) or asked of the"
+        " running witness (--witness HOST:PORT --as IDENTITY).",
+    )
+    wexport.add_argument(
+        "--signer", required=True, metavar="URI", help="whose heads, e.g. urn:dmp:node:11"
+    )
+    wexport.add_argument("--db", metavar="URL", help="the witness's database")
+    wexport.add_argument("--witness", metavar="HOST:PORT", help="the running witness")
+    wexport.add_argument(
+        "--pki",
+        metavar="DIR",
+        type=Path,
+        default=Path(os.environ[PKI_ENV]) if os.environ.get(PKI_ENV) else None,
+        help=f"with --witness: the federation PKI directory (default: ${PKI_ENV})",
+    )
+    wexport.add_argument("--as", dest="identity", metavar="IDENTITY", help="with --witness")
+    wexport.add_argument(
+        "--output", type=Path, metavar="FILE", help="write there (default: standard output)"
+    )
+    wexport.set_defaults(handler=_export_witnessed)
 
 
 def _add_db(parser: argparse.ArgumentParser) -> None:
@@ -147,15 +213,115 @@ def _verify(args: argparse.Namespace) -> int:
         )
     finally:
         engine.dispose()
-    print(_verdict(report))
+    witnessed = _witness_report(args, report.source_id, ca_pem)
+    if witnessed is not None and not witnessed.ok:
+        total = len(witnessed.problems) + witnessed.problems_omitted
+        print(
+            f"FAILED: the audit log of {report.source_id} does not match the {witnessed.heads}"
+            f" heads its witness kept for it (the largest of {witnessed.largest} events):"
+            f" {total} problems"
+        )
+        for wproblem in witnessed.problems:
+            print(wproblem)
+        if witnessed.problems_omitted:
+            print(f"... and {witnessed.problems_omitted} more problems")
+        if report.ok:
+            return 1
+    print(_verdict(report, witnessed))
     for problem in report.problems:
         print(problem)
     if report.problems_omitted:
         print(f"... and {report.problems_omitted} more problems")
-    return 0 if report.ok else 1
+    return 0 if report.ok and (witnessed is None or witnessed.ok) else 1
 
 
-def _verdict(report: VerifyReport) -> str:
+def _witness_report(args: argparse.Namespace, source: str, ca_pem: bytes) -> WitnessReport | None:
+    """The log checked against its witnessed heads, when --witness or --witnessed asks."""
+    if args.witness is None and args.witnessed is None:
+        return None
+    if not source:
+        raise CommandError("this log names no owner: give --source to check it with a witness")
+    heads: list[Witnessed] = []
+    if args.witnessed is not None:
+        try:
+            with args.witnessed.open(encoding="utf-8") as lines:
+                heads.extend(read_witnessed(lines))
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.witnessed}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise CommandError(f"{args.witnessed}: {exc}") from None
+    if args.witness is not None:
+        heads.extend(_ask_witness(args, source))
+    engine, events, checkpoints = _open(args.db)
+    try:
+        return check_witnessed(
+            engine,
+            events,
+            checkpoints,
+            heads,
+            ca_pem,
+            source,
+            max_problems=max(1, args.max_problems),
+        )
+    finally:
+        engine.dispose()
+
+
+def _ask_witness(args: argparse.Namespace, signer: str) -> list[Witnessed]:
+    """Every head the running witness at --witness kept for ``signer``."""
+    if not args.identity or args.pki is None:
+        raise CommandError(
+            "--witness needs --pki DIR and --as IDENTITY (node-<region> or directory)"
+        )
+    creds = credentials(args)
+    with channel(args.witness, creds) as chan:
+        stub = witness_pb2_grpc.WitnessServiceStub(chan)
+        try:
+            return fetch_witnessed(stub, signer)
+        except grpc.RpcError as exc:
+            raise CommandError(
+                f"the witness at {args.witness} did not answer: {exc.code().name}: {exc.details()}"
+            ) from None
+
+
+def _export_witnessed(args: argparse.Namespace) -> int:
+    try:
+        parse_uri(args.signer)
+    except DmpError as exc:
+        raise CommandError(f"--signer: {exc.message}") from None
+    if (args.db is None) == (args.witness is None):
+        raise CommandError("give either --db (the witness's database) or --witness HOST:PORT")
+    if args.witness is not None:
+        heads = _ask_witness(args, args.signer)
+    else:
+        heads = _witnessed_in_db(args.db, args.signer)
+    text = "".join(to_json(head) + "\n" for head in heads)
+    if args.output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"{len(heads)} witnessed heads of {args.signer} written to {args.output}")
+    return 0
+
+
+def _witnessed_in_db(db: str, signer: str) -> list[Witnessed]:
+    engine, _, _ = _open(db)
+    try:
+        table = witnessed_heads_table(new_metadata())
+        if not inspect(engine).has_table(table.name):
+            raise CommandError(f"{db} has no {table.name} table: it witnessed nothing yet")
+        heads: list[Witnessed] = []
+        while True:
+            page = list_witnessed(engine, table, signer, heads[-1].head.tree_size if heads else 0)
+            heads.extend(page)
+            if len(page) < 1000:
+                return heads
+    finally:
+        engine.dispose()
+
+
+def _verdict(report: VerifyReport, witnessed: WitnessReport | None = None) -> str:
     owner = report.source_id or "an unknown source"
     counts = (
         f"{report.events} events, {report.checkpoints_verified} of {report.checkpoints}"
@@ -171,6 +337,10 @@ def _verdict(report: VerifyReport) -> str:
             line += f"; {report.unsigned_events} newer events not yet checkpointed"
     elif report.events:
         line += "; no signed checkpoint yet: run `dmp audit checkpoint`"
+    if witnessed is not None:
+        line += f"; it matches the {witnessed.heads} heads its witness kept" + (
+            f", the largest of {witnessed.largest} events" if witnessed.heads else ""
+        )
     return line + ")"
 
 

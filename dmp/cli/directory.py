@@ -45,6 +45,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         " such a file is refused as possibly damaged (a file that does not exist is always"
         " created). Never erases anything",
     )
+    serve.add_argument(
+        "--audit-checkpoint-every",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="sign an audit checkpoint (and send it to the nodes) as soon as N events were"
+        " added since the last one, besides every minute (default 1000)",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -55,6 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
     os.umask(0o077)
     if args.region_deadline <= 0:
         raise SystemExit("dmp: --region-deadline must be positive")
+    if args.audit_checkpoint_every <= 0:
+        raise SystemExit("dmp: --audit-checkpoint-every must be positive")
     directory = start_directory(
         DirectoryConfig(
             pki_dir=args.pki,
@@ -64,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
             region_deadline=args.region_deadline,
             consul_url=args.consul,
             initialise=args.initialise,
+            audit_checkpoint_every=args.audit_checkpoint_every,
         )
     )
     print(f"directory listening on {host_port(args.listen, directory.port)}", flush=True)

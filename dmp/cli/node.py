@@ -71,6 +71,21 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         " such a file is refused as possibly damaged (a file that does not exist is always"
         " created). Never erases anything",
     )
+    serve.add_argument(
+        "--audit-checkpoint-every",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="sign an audit checkpoint (and send it to the directory) as soon as N events"
+        " were added since the last one, besides every minute (default 1000)",
+    )
+    serve.add_argument(
+        "--accept-missing-audit",
+        action="store_true",
+        help="serve even though the directory witnessed a longer audit log than this"
+        " database holds (records and events lost, e.g. with a -wal file): logged as an"
+        " error, and the directory keeps refusing this node's new audit heads",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -79,6 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Databases, their WAL and anything else this process writes: for its user only.
     os.umask(0o077)
+    if args.audit_checkpoint_every <= 0:
+        raise SystemExit("dmp: --audit-checkpoint-every must be positive")
     config = NodeConfig(
         pki_dir=args.pki,
         region=args.region,
@@ -91,6 +108,8 @@ def _serve(args: argparse.Namespace) -> int:
         advertise=args.advertise,
         access_matrix=args.access_matrix,
         initialise=args.initialise,
+        audit_checkpoint_every=args.audit_checkpoint_every,
+        accept_missing_audit=args.accept_missing_audit,
     )
     node = start_node(config)
     print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)
