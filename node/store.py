@@ -13,8 +13,6 @@ from sqlalchemy import (
     Select,
     Table,
     bindparam,
-    delete,
-    func,
     insert,
     select,
     tuple_,
@@ -40,7 +38,8 @@ from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
 from node.access import readable, readable_key, readable_params, readable_shape
-from node.models import OutboxRow, PatientRow, RecordContentRow, RecordRow
+from node.models import PatientRow, RecordContentRow, RecordRow
+from node.outbox import LocatorOutbox, Pending, announce
 from node.policy import ReadScope
 from node.records import (
     CONFIDENTIALITY_NAMES,
@@ -96,15 +95,6 @@ class _Draft:
     author: Principal
 
 
-@dataclass(frozen=True)
-class FragmentSummary:
-    """What the directory's locator learns about a patient on this node."""
-
-    traits: Traits
-    count: int
-    last_update_us: int
-
-
 class RecordStore:
     """Records of one region, over one database."""
 
@@ -123,6 +113,7 @@ class RecordStore:
         self._clock = clock
         self._on_commit: Callable[[], None] | None = None
         self._list_statements: dict[tuple[Any, ...], Select[Any]] = {}
+        self.outbox = LocatorOutbox(engine)
 
     def on_commit(self, hook: Callable[[], None]) -> None:
         """Call `hook` after each committed record (wakes the locator outbox)."""
@@ -285,10 +276,7 @@ class RecordStore:
             contents.append({"record_id": draft.record_id, "content": draft.content})
             written.append(Written(draft.record_id, draft.record.patient_ins, values))
         insert_pending()
-        patients = sorted({w.patient_ins for w in written})
-        session.execute(
-            insert(OutboxRow), [{"patient_ins": ins, "created_us": now} for ins in patients]
-        )
+        announce(session, (w.patient_ins for w in written), now)
         return written
 
     def _same_or_conflict(self, existing: RecordRow, print_: str) -> record_pb2.Record:
@@ -496,34 +484,13 @@ class RecordStore:
 
     # -- locator --------------------------------------------------------------------------
 
-    def pending_notifications(self, limit: int = 500) -> tuple[int, list[FragmentSummary]]:
-        """Outbox entries to deliver: the highest seq taken, and a summary per patient."""
-        with Session(self._engine) as session:
-            rows = session.execute(
-                select(OutboxRow.seq, OutboxRow.patient_ins).order_by(OutboxRow.seq).limit(limit)
-            ).all()
-            if not rows:
-                return 0, []
-            patients = sorted({ins for _, ins in rows})
-            counts = session.execute(
-                select(RecordRow.patient_ins, func.count(), func.max(RecordRow.created_us))
-                .where(RecordRow.patient_ins.in_(patients))
-                .group_by(RecordRow.patient_ins)
-            ).all()
-            known = {
-                row.ins: row
-                for row in session.scalars(select(PatientRow).where(PatientRow.ins.in_(patients)))
-            }
-        summaries = [
-            FragmentSummary(known[ins].traits() if ins in known else Traits(ins), count, last)
-            for ins, count, last in counts
-        ]
-        return rows[-1][0], summaries
+    def pending_notifications(self, limit: int = 500) -> Pending:
+        """Outbox rows to deliver: their seqs, and a summary per patient (node/outbox.py)."""
+        return self.outbox.pending(limit)
 
-    def acknowledge(self, up_to_seq: int) -> None:
-        """Forget the outbox entries the directory has acknowledged."""
-        with Session(self._writer) as session, session.begin():
-            session.execute(delete(OutboxRow).where(OutboxRow.seq <= up_to_seq))
+    def acknowledge(self, seqs: Sequence[int]) -> None:
+        """Forget the outbox rows the directory acknowledged: exactly those delivered."""
+        self.outbox.acknowledge(seqs)
 
 
 def _merge_traits(session: Session, traits: Traits) -> None:
