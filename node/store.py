@@ -18,6 +18,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,7 +38,9 @@ from dmp.identity import Principal
 from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
+from node import integrity
 from node.access import readable, readable_key, readable_params, readable_shape
+from node.integrity import hash_row, hash_values
 from node.models import PatientRow, RecordContentRow, RecordRow
 from node.outbox import LocatorOutbox, Pending, announce
 from node.policy import ReadScope
@@ -280,6 +283,7 @@ class RecordStore:
         return written
 
     def _same_or_conflict(self, existing: RecordRow, print_: str) -> record_pb2.Record:
+        integrity.check([existing], self.region)
         if existing.fingerprint != print_:
             raise AlreadyExists(
                 f"record {existing.id} already exists with other content or metadata:"
@@ -302,13 +306,16 @@ class RecordStore:
                 raise FailedPrecondition(
                     f"record {previous.id} is already superseded: supersede its latest version"
                 )
+            integrity.check([previous], self.region)  # never re-hash a damaged row
             version = previous.version + 1
             root_id = previous.root_id
             session.execute(
-                update(RecordRow).where(RecordRow.id == previous.id).values(status="superseded")
+                update(RecordRow)
+                .where(RecordRow.id == previous.id)
+                .values(status="superseded", row_hash=hash_row(previous, status="superseded"))
             )
         author = draft.author
-        return dict(
+        values = dict(
             id=draft.record_id,
             patient_ins=record.patient_ins,
             kind=kind_name(record.kind),
@@ -330,11 +337,14 @@ class RecordStore:
             root_id=root_id,
             confidentiality=CONFIDENTIALITY_NAMES.get(record.confidentiality, "normal"),
             hidden_from_patient=record.hidden_from_patient,
+            revealed_us=None,
             content_type=record.content_type.strip(),
             size=len(draft.content),
             sha256=draft.digest,
             fingerprint=draft.fingerprint,
         )
+        values["row_hash"] = hash_values(values)
+        return values
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -347,25 +357,30 @@ class RecordStore:
                 f"record {record_id} not found on node {self.region} among the records this"
                 " access may see"
             )
+        integrity.check([row], self.region)
         return row
 
-    @staticmethod
-    def _masked_roots_stmt(scope: ReadScope) -> Select[Any]:
-        return select(RecordRow.root_id).where(
-            RecordRow.patient_ins == scope.patient_ins, RecordRow.id.in_(sorted(scope.masked))
-        )
-
-    @classmethod
-    def _masked_roots(cls, session: Session, scope: ReadScope) -> frozenset[str]:
-        """The first-version ids of the records the patient masked (all versions masked)."""
+    def _masked_roots(self, connection: Connection, scope: ReadScope) -> frozenset[str]:
+        """The first-version ids of the records the patient masked (all versions masked),
+        from rows whose integrity is checked: a damaged root would unmask versions."""
         if not scope.masked:
             return frozenset()
-        return frozenset(session.scalars(cls._masked_roots_stmt(scope)))
+        rows = list(
+            connection.execute(
+                select(RECORDS).where(
+                    RECORDS.c.patient_ins == scope.patient_ins,
+                    RECORDS.c.id.in_(sorted(scope.masked)),
+                )
+            )
+        )
+        # The caller may not be allowed to know these ids (masked from them): not named.
+        integrity.check(rows, self.region, name_them=False)
+        return frozenset(row.root_id for row in rows)
 
     def get(self, scope: ReadScope, record_id: str) -> record_pb2.Record:
         with Session(self._engine) as session:
             row = self._readable_row(session, scope, record_id)
-            return to_proto(row, self.region, self._masked_roots(session, scope))
+            return to_proto(row, self.region, self._masked_roots(session.connection(), scope))
 
     def content(
         self, scope: ReadScope, record_id: str
@@ -376,7 +391,7 @@ class RecordStore:
             blob = session.scalar(
                 select(RecordContentRow.content).where(RecordContentRow.record_id == row.id)
             )
-            record = to_proto(row, self.region, self._masked_roots(session, scope))
+            record = to_proto(row, self.region, self._masked_roots(session.connection(), scope))
         if blob is None or hashlib.sha256(blob).hexdigest() != record.sha256:
             raise DataLoss(
                 f"content of record {record_id} does not match its SHA-256: restore the node"
@@ -400,8 +415,10 @@ class RecordStore:
             row = session.scalar(select(RecordRow).where(RecordRow.id == record_id))
             if row is None or row.author_identity != writer.uri:
                 raise NotFound(f"record {record_id}: no record of yours with this id on this node")
+            integrity.check([row], self.region)  # never re-hash a damaged row
             if row.revealed_us is None:
                 row.revealed_us = self._clock()
+                row.row_hash = hash_row(row)
             if audit is not None:
                 audit(session, row.patient_ins)
             return to_proto(row, self.region)
@@ -446,11 +463,8 @@ class RecordStore:
         # Core rows on a plain connection: a list is read-only, no ORM object per record.
         with self._engine.connect() as connection:
             rows: list[Any] = list(connection.execute(stmt, params))
-            roots = (
-                frozenset(connection.scalars(self._masked_roots_stmt(scope)))
-                if scope.masked
-                else frozenset()
-            )
+            roots = self._masked_roots(connection, scope)
+        integrity.check(rows, self.region)
         response = node_service_pb2.ListRecordsResponse(
             records=[to_proto(row, self.region, roots) for row in rows[:size]]
         )
