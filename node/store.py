@@ -302,11 +302,11 @@ class RecordStore:
                     f"record.supersedes {record.supersedes!r}: no such record of this patient"
                     " on this node; a new version is written where the previous one is held"
                 )
+            integrity.check([previous], self.region)  # never re-hash a damaged row
             if previous.status != "current":
                 raise FailedPrecondition(
                     f"record {previous.id} is already superseded: supersede its latest version"
                 )
-            integrity.check([previous], self.region)  # never re-hash a damaged row
             version = previous.version + 1
             root_id = previous.root_id
             session.execute(
