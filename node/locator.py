@@ -35,27 +35,30 @@ class OutboxDelivery:
         self._thread.start()
 
     def deliver_once(self) -> int:
-        """Deliver one batch; return how many patients it reported (0: outbox empty)."""
-        up_to, summaries = self._store.pending_notifications()
-        if not summaries:
+        """Deliver one batch; return how many outbox rows it delivered (0: outbox empty)."""
+        seqs, summaries = self._store.pending_notifications()
+        if not seqs:
             return 0
-        request = pb.ReportFragmentsRequest(
-            fragments=[
-                pb.FragmentReport(
-                    patient=s.traits.to_proto(),
-                    record_count=s.count,
-                    last_update=from_us(s.last_update_us),
-                )
-                for s in summaries
-            ]
-        )
-        answer = self._stub.ReportFragments(request, timeout=10)
-        for ins in answer.conflicting_ins:
-            log.error(
-                "directory refused the fragment of INS %s: identity conflict kept for review", ins
+        if summaries:
+            request = pb.ReportFragmentsRequest(
+                fragments=[
+                    pb.FragmentReport(
+                        patient=s.traits.to_proto(),
+                        record_count=s.count,
+                        last_update=from_us(s.last_update_us),
+                    )
+                    for s in summaries
+                ]
             )
-        self._store.acknowledge(up_to)
-        return len(summaries)
+            answer = self._stub.ReportFragments(request, timeout=10)
+            for ins in answer.conflicting_ins:
+                log.error(
+                    "directory refused the fragment of INS %s: identity conflict kept for review",
+                    ins,
+                )
+        # Exactly the rows read: one that committed since, even with a lower seq, stays.
+        self._store.acknowledge(seqs)
+        return len(seqs)
 
     def _run(self) -> None:
         backoff = self._retry

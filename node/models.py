@@ -20,7 +20,8 @@ class NodeBase(DeclarativeBase):
 
 
 class RecordRow(NodeBase):
-    """One record's metadata. Never updated but for `status` when a new version supersedes it."""
+    """One record's metadata. Never updated but for `status` when a new version supersedes it
+    and `revealed_us` when its author reveals it, each time with its `row_hash`."""
 
     __tablename__ = "records"
 
@@ -52,6 +53,8 @@ class RecordRow(NodeBase):
     sha256: Mapped[str] = mapped_column(String(64))
     # SHA-256 of what the writer sent (metadata and content): the idempotency check.
     fingerprint: Mapped[str] = mapped_column(String(64))
+    #: SHA-256 of every column above but seq, checked on every read (node/integrity.py).
+    row_hash: Mapped[str] = mapped_column(String(64))
 
     __table_args__ = (Index(None, "patient_ins", "effective_us", "id"),)
 

@@ -13,13 +13,12 @@ from sqlalchemy import (
     Select,
     Table,
     bindparam,
-    delete,
-    func,
     insert,
     select,
     tuple_,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,8 +39,11 @@ from dmp.identity import Principal
 from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
+from node import integrity
 from node.access import readable, readable_key, readable_params, readable_shape
-from node.models import OutboxRow, PatientRow, RecordContentRow, RecordRow
+from node.integrity import hash_row, hash_values
+from node.models import PatientRow, RecordContentRow, RecordRow
+from node.outbox import LocatorOutbox, Pending, announce
 from node.policy import ReadScope
 from node.records import (
     CONFIDENTIALITY_NAMES,
@@ -108,15 +110,6 @@ class _Draft:
     may_supersede: SupersedeCheck | None
 
 
-@dataclass(frozen=True)
-class FragmentSummary:
-    """What the directory's locator learns about a patient on this node."""
-
-    traits: Traits
-    count: int
-    last_update_us: int
-
-
 class RecordStore:
     """Records of one region, over one database."""
 
@@ -135,6 +128,7 @@ class RecordStore:
         self._clock = clock
         self._on_commit: Callable[[], None] | None = None
         self._list_statements: dict[tuple[Any, ...], Select[Any]] = {}
+        self.outbox = LocatorOutbox(engine)
 
     def on_commit(self, hook: Callable[[], None]) -> None:
         """Call `hook` after each committed record (wakes the locator outbox)."""
@@ -302,10 +296,7 @@ class RecordStore:
             contents.append({"record_id": draft.record_id, "content": draft.content})
             written.append(Written(draft.record_id, draft.record.patient_ins, values))
         insert_pending()
-        patients = sorted({w.patient_ins for w in written})
-        session.execute(
-            insert(OutboxRow), [{"patient_ins": ins, "created_us": now} for ins in patients]
-        )
+        announce(session, (w.patient_ins for w in written), now)
         return written
 
     def _same_or_conflict(self, existing: RecordRow, draft: _Draft) -> record_pb2.Record:
@@ -317,6 +308,7 @@ class RecordStore:
                 f"record.id {draft.record_id!r} cannot be used: choose another id (a new"
                 " UUID), or leave record.id empty and the node assigns one"
             )
+        integrity.check([existing], self.region)
         if existing.fingerprint != draft.fingerprint:
             raise AlreadyExists(
                 f"record {existing.id} already exists with other content or metadata:"
@@ -342,6 +334,7 @@ class RecordStore:
                     " you may supersede on this node; only the author of a record writes its"
                     " new version, on the node that holds it"
                 )
+            integrity.check([previous], self.region)  # never re-hash a damaged row
             if previous.status != "current":
                 raise FailedPrecondition(
                     f"record {previous.id} is already superseded: supersede its latest version"
@@ -349,10 +342,12 @@ class RecordStore:
             version = previous.version + 1
             root_id = previous.root_id
             session.execute(
-                update(RecordRow).where(RecordRow.id == previous.id).values(status="superseded")
+                update(RecordRow)
+                .where(RecordRow.id == previous.id)
+                .values(status="superseded", row_hash=hash_row(previous, status="superseded"))
             )
         author = draft.author
-        return dict(
+        values = dict(
             id=draft.record_id,
             patient_ins=record.patient_ins,
             kind=kind_name(record.kind),
@@ -374,11 +369,14 @@ class RecordStore:
             root_id=root_id,
             confidentiality=CONFIDENTIALITY_NAMES.get(record.confidentiality, "normal"),
             hidden_from_patient=record.hidden_from_patient,
+            revealed_us=None,
             content_type=record.content_type.strip(),
             size=len(draft.content),
             sha256=draft.digest,
             fingerprint=draft.fingerprint,
         )
+        values["row_hash"] = hash_values(values)
+        return values
 
     @staticmethod
     def _may_supersede(draft: _Draft, previous: RecordRow) -> bool:
@@ -397,25 +395,30 @@ class RecordStore:
                 f"record {record_id} not found on node {self.region} among the records this"
                 " access may see"
             )
+        integrity.check([row], self.region)
         return row
 
-    @staticmethod
-    def _masked_roots_stmt(scope: ReadScope) -> Select[Any]:
-        return select(RecordRow.root_id).where(
-            RecordRow.patient_ins == scope.patient_ins, RecordRow.id.in_(sorted(scope.masked))
-        )
-
-    @classmethod
-    def _masked_roots(cls, session: Session, scope: ReadScope) -> frozenset[str]:
-        """The first-version ids of the records the patient masked (all versions masked)."""
+    def _masked_roots(self, connection: Connection, scope: ReadScope) -> frozenset[str]:
+        """The first-version ids of the records the patient masked (all versions masked),
+        from rows whose integrity is checked: a damaged root would unmask versions."""
         if not scope.masked:
             return frozenset()
-        return frozenset(session.scalars(cls._masked_roots_stmt(scope)))
+        rows = list(
+            connection.execute(
+                select(RECORDS).where(
+                    RECORDS.c.patient_ins == scope.patient_ins,
+                    RECORDS.c.id.in_(sorted(scope.masked)),
+                )
+            )
+        )
+        # The caller may not be allowed to know these ids (masked from them): not named.
+        integrity.check(rows, self.region, name_them=False)
+        return frozenset(row.root_id for row in rows)
 
     def get(self, scope: ReadScope, record_id: str) -> record_pb2.Record:
         with Session(self._engine) as session:
             row = self._readable_row(session, scope, record_id)
-            return to_proto(row, self.region, self._masked_roots(session, scope))
+            return to_proto(row, self.region, self._masked_roots(session.connection(), scope))
 
     def content(
         self, scope: ReadScope, record_id: str
@@ -426,7 +429,7 @@ class RecordStore:
             blob = session.scalar(
                 select(RecordContentRow.content).where(RecordContentRow.record_id == row.id)
             )
-            record = to_proto(row, self.region, self._masked_roots(session, scope))
+            record = to_proto(row, self.region, self._masked_roots(session.connection(), scope))
         if blob is None or hashlib.sha256(blob).hexdigest() != record.sha256:
             raise DataLoss(
                 f"content of record {record_id} does not match its SHA-256: restore the node"
@@ -462,8 +465,10 @@ class RecordStore:
             row = session.scalar(mine)
             if row is None:
                 raise not_yours
+            integrity.check([row], self.region)  # never re-hash a damaged row
             if row.revealed_us is None:
                 row.revealed_us = self._clock()
+                row.row_hash = hash_row(row)
             if audit is not None:
                 audit(session, row.patient_ins)
             return to_proto(row, self.region)
@@ -509,11 +514,8 @@ class RecordStore:
         # Core rows on a plain connection: a list is read-only, no ORM object per record.
         with self._engine.connect() as connection:
             rows: list[Any] = list(connection.execute(stmt, params))
-            roots = (
-                frozenset(connection.scalars(self._masked_roots_stmt(scope)))
-                if scope.masked
-                else frozenset()
-            )
+            roots = self._masked_roots(connection, scope)
+        integrity.check(rows, self.region)
         response = node_service_pb2.ListRecordsResponse(
             records=[to_proto(row, self.region, roots) for row in rows[:size]]
         )
@@ -547,34 +549,13 @@ class RecordStore:
 
     # -- locator --------------------------------------------------------------------------
 
-    def pending_notifications(self, limit: int = 500) -> tuple[int, list[FragmentSummary]]:
-        """Outbox entries to deliver: the highest seq taken, and a summary per patient."""
-        with Session(self._engine) as session:
-            rows = session.execute(
-                select(OutboxRow.seq, OutboxRow.patient_ins).order_by(OutboxRow.seq).limit(limit)
-            ).all()
-            if not rows:
-                return 0, []
-            patients = sorted({ins for _, ins in rows})
-            counts = session.execute(
-                select(RecordRow.patient_ins, func.count(), func.max(RecordRow.created_us))
-                .where(RecordRow.patient_ins.in_(patients))
-                .group_by(RecordRow.patient_ins)
-            ).all()
-            known = {
-                row.ins: row
-                for row in session.scalars(select(PatientRow).where(PatientRow.ins.in_(patients)))
-            }
-        summaries = [
-            FragmentSummary(known[ins].traits() if ins in known else Traits(ins), count, last)
-            for ins, count, last in counts
-        ]
-        return rows[-1][0], summaries
+    def pending_notifications(self, limit: int = 500) -> Pending:
+        """Outbox rows to deliver: their seqs, and a summary per patient (node/outbox.py)."""
+        return self.outbox.pending(limit)
 
-    def acknowledge(self, up_to_seq: int) -> None:
-        """Forget the outbox entries the directory has acknowledged."""
-        with Session(self._writer) as session, session.begin():
-            session.execute(delete(OutboxRow).where(OutboxRow.seq <= up_to_seq))
+    def acknowledge(self, seqs: Sequence[int]) -> None:
+        """Forget the outbox rows the directory acknowledged: exactly those delivered."""
+        self.outbox.acknowledge(seqs)
 
 
 def _merge_traits(session: Session, traits: Traits) -> None:

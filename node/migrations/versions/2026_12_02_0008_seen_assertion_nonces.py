@@ -1,7 +1,7 @@
 """seen assertion nonces
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-02 15:45:00
 
 Access assertions are single-use: their nonces are kept here until the assertion expires,
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

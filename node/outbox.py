@@ -1,0 +1,87 @@
+"""The locator outbox: which patients' fragments the directory must hear about.
+
+A write adds one row per patient in its own transaction; delivery reads a batch, reports
+each patient's absolute count, and then forgets exactly the rows it read. Never "every row
+up to the highest seq read": on PostgreSQL a row takes its seq when it is inserted, before
+the lock that orders commits, so a row with a lower seq can commit after the read, and
+deleting by range would drop it unreported (its patient then missing from every view until
+written again in this region).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy.orm import Session
+
+from dmp.db import writer
+from dmp.patients import Traits
+from node.models import OutboxRow, PatientRow, RecordRow
+
+
+@dataclass(frozen=True)
+class FragmentSummary:
+    """What the directory's locator learns about a patient on this node."""
+
+    traits: Traits
+    count: int
+    last_update_us: int
+
+
+class Pending(NamedTuple):
+    """A batch read from the outbox: the rows' seqs and a summary per patient."""
+
+    seqs: tuple[int, ...]
+    summaries: list[FragmentSummary]
+
+
+def announce(session: Session, patients: Iterable[str], now_us: int) -> None:
+    """Add one outbox row per patient, in the transaction of the write that stores them."""
+    rows = [{"patient_ins": ins, "created_us": now_us} for ins in sorted(set(patients))]
+    if rows:
+        session.execute(insert(OutboxRow), rows)
+
+
+class LocatorOutbox:
+    """The outbox of one node's database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._writer = writer(engine)
+
+    def pending(self, limit: int = 500) -> Pending:
+        """The oldest rows to deliver (seqs as read) and each of their patients' counts.
+
+        Counts are read after the rows: a record committed in between is counted now and
+        its own row, not read here, is delivered again later (a report is absolute)."""
+        with Session(self._engine) as session:
+            rows = session.execute(
+                select(OutboxRow.seq, OutboxRow.patient_ins).order_by(OutboxRow.seq).limit(limit)
+            ).all()
+            if not rows:
+                return Pending((), [])
+            patients = sorted({ins for _, ins in rows})
+            counts = session.execute(
+                select(RecordRow.patient_ins, func.count(), func.max(RecordRow.created_us))
+                .where(RecordRow.patient_ins.in_(patients))
+                .group_by(RecordRow.patient_ins)
+            ).all()
+            known = {
+                row.ins: row
+                for row in session.scalars(select(PatientRow).where(PatientRow.ins.in_(patients)))
+            }
+        summaries = [
+            FragmentSummary(known[ins].traits() if ins in known else Traits(ins), count, last)
+            for ins, count, last in counts
+        ]
+        return Pending(tuple(seq for seq, _ in rows), summaries)
+
+    def acknowledge(self, seqs: Sequence[int]) -> None:
+        """Forget the rows that were read and delivered: those, and no other."""
+        if not seqs:
+            return
+        with Session(self._writer) as session, session.begin():
+            session.execute(delete(OutboxRow).where(OutboxRow.seq.in_(list(seqs))))
