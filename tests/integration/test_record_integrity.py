@@ -27,7 +27,17 @@ from dmp.v1 import record_pb2
 from node.app import MIGRATIONS, RunningNode
 from node.policy import Grant, ReadScope
 from node.store import RecordStore
-from tests.federation import DOCTOR, OTHER_DOCTOR, PATIENT, Client, client, draft, running_node
+from tests.federation import (
+    DOCTOR,
+    OTHER_DOCTOR,
+    PATIENT,
+    READ_CONTENT,
+    READ_RECORD,
+    Client,
+    client,
+    draft,
+    running_node,
+)
 
 
 @pytest.fixture
@@ -64,13 +74,20 @@ def put(c: Client, record: record_pb2.Record) -> record_pb2.Record:
 
 def get(c: Client, record_id: str) -> record_pb2.Record:
     return c.node.GetRecord(
-        pb.GetRecordRequest(record_id=record_id), timeout=10, metadata=c.md()
+        pb.GetRecordRequest(record_id=record_id),
+        timeout=10,
+        metadata=c.md(op=READ_RECORD, record_id=record_id),
     ).record
 
 
 def content(c: Client, record_id: str) -> bytes:
     request = pb.GetRecordContentRequest(record_id=record_id)
-    return b"".join(r.chunk for r in c.node.GetRecordContent(request, timeout=10, metadata=c.md()))
+    return b"".join(
+        r.chunk
+        for r in c.node.GetRecordContent(
+            request, timeout=10, metadata=c.md(op=READ_CONTENT, record_id=record_id)
+        )
+    )
 
 
 def listed(c: Client) -> list[str]:
