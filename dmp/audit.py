@@ -88,7 +88,8 @@ from sqlalchemy.orm import Session
 
 from dmp.clock import now_us
 from dmp.db import writer
-from dmp.errors import DataLoss, DmpError, FailedPrecondition, Unauthenticated, Unavailable
+from dmp.errors import DataLoss, DmpError, FailedPrecondition, Unauthenticated
+from dmp.failures import audit_failure
 from dmp.pki import Credentials, load_private_key, principal_from_certificate
 
 __all__ = [
@@ -639,14 +640,6 @@ class LoggedEvent:
     hash_ok: bool
 
 
-def _public_error(exc: BaseException) -> str:
-    """A database error without the statement or its parameters (which hold event data)."""
-    orig = getattr(exc, "orig", None)
-    if orig is not None:
-        return f"{type(orig).__name__}: {str(orig).splitlines()[0] if str(orig) else ''}"
-    return type(exc).__name__
-
-
 #: An event waiting to be committed, the signal that it was, and its seq or error.
 _Waiter = tuple["AuditEvent", threading.Event, list["int | BaseException"]]
 
@@ -768,8 +761,7 @@ class AuditLog:
                 )
             conn.execute(insert(self._events), rows)
         except SQLAlchemyError as exc:
-            log.error("audit append to %s failed: %s", self.source_id, _public_error(exc))
-            raise Unavailable(f"audit trail unavailable: {_public_error(exc)}") from exc
+            raise audit_failure(exc, f"audit append to {self.source_id}") from exc
         return list(range(first, first + len(owned)))
 
     def _next_seq(self, conn: Connection) -> int:
@@ -781,8 +773,8 @@ class AuditLog:
 
     def record(self, event: AuditEvent) -> int:
         """Append ``event`` in a transaction of its own, committed before this returns.
-        Raises ``Unavailable("audit trail unavailable: ...")`` when it cannot be written,
-        whatever the reason: the caller must then not serve the data.
+        Raises ``Unavailable("audit trail unavailable: ...")`` when it cannot be written
+        (``ResourceExhausted`` on a full disk): the caller must then not serve the data.
 
         Concurrent callers share commits (group commit): one thread writes every event
         waiting at that moment in one transaction, so a busy service pays one durable
@@ -814,11 +806,10 @@ class AuditLog:
                 with self._writer.begin() as conn:
                     seqs = self.append_many(conn, [event for event, _, _ in batch])
                 outcomes: list[int | BaseException] = list(seqs)
-            except Unavailable as exc:
+            except DmpError as exc:
                 outcomes = [exc] * len(batch)
             except Exception as exc:
-                log.error("audit record in %s failed: %s", self.source_id, _public_error(exc))
-                failure = Unavailable(f"audit trail unavailable: {_public_error(exc)}")
+                failure = audit_failure(exc, f"audit record in {self.source_id}")
                 outcomes = [failure] * len(batch)
             for (_, done, result), outcome in zip(batch, outcomes, strict=True):
                 result.append(outcome)
