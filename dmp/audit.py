@@ -287,9 +287,16 @@ class AuditEvent:
     status_code: str = "OK"
     request_id: str = ""
     detail: str = ""
+    #: How many identical events this one stands for (dmp/refusals.py); 1 is not encoded,
+    #: so events without repeats hash as they always did.
+    repeat_count: int = 1
 
     def __post_init__(self) -> None:
         put = object.__setattr__
+        if isinstance(self.repeat_count, bool) or not isinstance(self.repeat_count, int):
+            raise ValueError(f"repeat_count {self.repeat_count!r} is not a count")
+        if self.repeat_count < 1:
+            raise ValueError(f"repeat_count {self.repeat_count} must be at least 1")
         for name, limit in _LIMITS.items():
             put(self, name, _clean(getattr(self, name), limit))
         ids = self.participant_object_record_ids
@@ -336,6 +343,8 @@ class AuditEvent:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["participant_object_record_ids"] = list(self.participant_object_record_ids)
+        if self.repeat_count == 1:
+            del out["repeat_count"]
         return out
 
     @classmethod

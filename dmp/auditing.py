@@ -143,6 +143,7 @@ def to_proto(event: AuditEvent) -> audit_pb2.AuditEvent:
         participant_object_patient_ins=event.participant_object_patient_ins,
         participant_object_record_ids=event.participant_object_record_ids,
         request_id=event.request_id,
+        repeat_count=event.repeat_count,
     )
 
 
