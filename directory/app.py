@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import grpc
@@ -19,14 +18,16 @@ from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
 from dmp.assertion import AssertionVerifier
 from dmp.audit import AuditLog
-from dmp.auditing import Auditor, close_log
+from dmp.auditing import Auditor
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery import Discovery
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
 from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
+from dmp.refusals import RefusalTrail
 from dmp.server import FederationServer, ServiceSpec, start_server
 from dmp.signing import SignatureVerifier
+from dmp.streams import StreamLimits
 from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -44,6 +45,10 @@ class DirectoryConfig:
     health_interval: float = 1.0
     #: Seconds between signed checkpoints of the audit trail (and one at shutdown).
     audit_checkpoint_interval: float = 60.0
+    #: Seconds a person's stream may wait on its peer before it is closed (dmp/streams.py).
+    stream_idle_timeout: float = 60.0
+    #: Seconds over which identical refusals are counted into one event (dmp/refusals.py).
+    refusal_window: float = 10.0
 
     def database_url(self) -> str:
         if self.db_url:
@@ -101,6 +106,7 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         signer=credentials,
         checkpoint_interval=config.audit_checkpoint_interval,
     )
+    auditor = Auditor(audit_log, RefusalTrail(audit_log, window=config.refusal_window))
     servicer = DirectoryServicer(
         index,
         discovery,
@@ -110,7 +116,7 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         access,
         directives,
         fanout,
-        Auditor(audit_log),
+        auditor,
     )
 
     def add(server: grpc.Server) -> None:
@@ -122,15 +128,15 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
             revocation=revocation,
             listen=config.listen,
             services=[ServiceSpec(DIRECTORY_SERVICE, add)],
+            stream_limits=StreamLimits(idle_timeout=config.stream_idle_timeout),
+            refusals=auditor.refusals,
         )
     except BaseException:
         discovery.close()
         channels.close()
         raise
     audit_log.start()
-    running.on_stop.extend(
-        [discovery.close, channels.close, partial(close_log, audit_log), engine.dispose]
-    )
+    running.on_stop.extend([discovery.close, channels.close, auditor.close, engine.dispose])
     return RunningDirectory(
         server=running, index=index, discovery=discovery, registry=registry, audit=audit_log
     )

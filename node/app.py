@@ -5,23 +5,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import grpc
 
 from dmp.assertion import AssertionVerifier
 from dmp.audit import AuditLog
-from dmp.auditing import Auditor, close_log
+from dmp.auditing import Auditor
 from dmp.clock import now_us
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
 from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
+from dmp.refusals import RefusalTrail
 from dmp.regions import check_region
 from dmp.server import FederationServer, ServiceSpec, host_port, start_server
 from dmp.signing import SignatureVerifier
+from dmp.streams import StreamLimits
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc
 from node.access import NodeAccess
@@ -56,6 +57,10 @@ class NodeConfig:
     access_matrix: Path | None = None
     #: Seconds between signed checkpoints of the audit trail (and one at shutdown).
     audit_checkpoint_interval: float = 60.0
+    #: Seconds a person's stream may wait on its peer before it is closed (dmp/streams.py).
+    stream_idle_timeout: float = 60.0
+    #: Seconds over which identical refusals are counted into one event (dmp/refusals.py).
+    refusal_window: float = 10.0
     #: Microseconds since the epoch (tests inject a clock to move time).
     clock: Callable[[], int] = now_us
 
@@ -114,7 +119,8 @@ def start_node(config: NodeConfig) -> RunningNode:
         signer=credentials,
         checkpoint_interval=config.audit_checkpoint_interval,
     )
-    servicer = NodeServicer(store, access, Auditor(audit_log))
+    auditor = Auditor(audit_log, RefusalTrail(audit_log, window=config.refusal_window))
+    servicer = NodeServicer(store, access, auditor)
 
     def add(server: grpc.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
@@ -125,10 +131,12 @@ def start_node(config: NodeConfig) -> RunningNode:
         listen=config.listen,
         services=[ServiceSpec(NODE_SERVICE, add)],
         max_content=config.max_content,
+        stream_limits=StreamLimits(idle_timeout=config.stream_idle_timeout),
+        refusals=auditor.refusals,
     )
     address = config.advertise or host_port(config.listen, running.port)
     audit_log.start()
-    running.on_stop.append(partial(close_log, audit_log))  # a last signed checkpoint
+    running.on_stop.append(auditor.close)  # counted refusals, a last signed checkpoint
     running.on_stop.append(engine.dispose)
     delivery = None
     try:
