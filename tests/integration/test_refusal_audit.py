@@ -130,3 +130,16 @@ def test_an_event_without_repeats_is_encoded_as_before() -> None:
     counted = AuditEvent.from_dict({**event.to_dict(), "repeat_count": 7})
     assert counted.repeat_count == 7
     assert AuditEvent.from_json(counted.canonical_bytes()).repeat_count == 7
+
+
+def test_the_patients_history_shows_how_many_calls_an_event_counts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dmp.cli.patient import print_history
+    from dmp.v1 import directory_service_pb2 as dpb
+
+    counted = AuditEvent(
+        event_type="refused", status_code="PERMISSION_DENIED", event_date_time=5, repeat_count=7
+    )
+    print_history(dpb.GetAccessHistoryResponse(events=[to_proto(counted)]))
+    assert "refused x7" in capsys.readouterr().out
