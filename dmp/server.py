@@ -1,6 +1,8 @@
 """What every federation server shares: mutual TLS, the caller's identity from its
-certificate and the CRL (one interceptor), domain errors mapped to status codes in one
-place, one structured log line per call, health and reflection, graceful SIGTERM.
+certificate and the CRL (one interceptor), streams within limits (dmp/streams.py), domain
+errors mapped to status codes in one place and every other failure through
+dmp/failures.py, refusals made here audited (dmp/refusals.py), one structured log line per
+call with its real status, health and reflection, graceful SIGTERM.
 """
 
 from __future__ import annotations
@@ -122,10 +124,14 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         authenticate: Authenticator,
         streams: StreamGate | None = None,
         refusals: RefusalTrail | None = None,
+        unary_workers: int = 32,
     ) -> None:
         self._authenticate = authenticate
         self._streams = streams or StreamGate()
         self._refusals = refusals
+        # Unary calls run as many at once as before the pool grew for streams (the
+        # database pools are sized for that); the rest wait for their turn.
+        self._unary = threading.BoundedSemaphore(unary_workers)
 
     def intercept_service(
         self,
@@ -214,7 +220,8 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 if one_request:
                     with self._streams.admit(principal, context, method, pending=True) as wait:
                         request = wait.first(requests)
-                    return behavior(request, call)
+                    with self._unary:
+                        return behavior(request, call)
                 with self._streams.admit(principal, context, method) as stream:
                     return behavior(stream.requests(requests), call)
             except Exception as exc:
@@ -317,7 +324,7 @@ def start_server(
     threads = max_workers + limits.total
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-        interceptors=[CallInterceptor(Authenticator(revocation), gate, refusals)],
+        interceptors=[CallInterceptor(Authenticator(revocation), gate, refusals, max_workers)],
         options=server_options(max_content),
         maximum_concurrent_rpcs=threads * 8,
     )

@@ -15,7 +15,7 @@ this gate admits, and no more streams are admitted than that:
 - a unary call also holds a thread while it waits for its request message, which a peer
   may hold back: the server reads it as the first message of a stream, so that calls
   waiting for their request are admitted and timed the same way (with limits of their
-  own, twice those of streams per person).
+  own; a service's are not limited).
 
 We measured a synchronous server with 32 workers stopped by about 40 idle streams; an
 asyncio server would hold no thread per stream but means rewriting every servicer, while
@@ -47,20 +47,26 @@ IDLE_BY_NATURE = frozenset({"/grpc.health.v1.Health/Watch"})
 
 @dataclass(frozen=True)
 class StreamLimits:
-    """How many streams a server holds open at once, by class of peer."""
+    """How many streams a server holds open at once, by class of peer.
+
+    Class totals are large beside the limits per person, so that it takes many
+    certificates to deny one class its streams; each needs a thread while open."""
 
     per_patient: int = 2
-    patients: int = 8
+    patients: int = 32
     per_practitioner: int = 4
-    practitioners: int = 16
+    practitioners: int = 64
     services: int = 32
+    #: Unary calls of one person waiting for their request message (each class of people
+    #: also has as many of these in all as it has streams; services are not limited).
+    waiting_per_person: int = 8
     #: Seconds a person's stream may wait on its peer before it is closed.
     idle_timeout: float = 60.0
 
     @property
     def total(self) -> int:
         """Threads that admitted streams and calls waiting for their request may hold."""
-        return 2 * (self.patients + self.practitioners + self.services)
+        return 2 * (self.patients + self.practitioners) + self.services
 
     def of(self, role: Role) -> tuple[str, int, int | None]:
         """The class of a peer: its name, its total and its limit per certificate."""
@@ -171,8 +177,11 @@ class StreamGate:
         normally comes with the call: a call that holds it back holds a thread)."""
         name, total, per_peer = self.limits.of(principal.role)
         if pending:
+            if per_peer is None:  # a service's call: trusted, not counted
+                yield Stream(context, False, False, True)
+                return
             name = f"{name} waiting"
-            per_peer = None if per_peer is None else 2 * per_peer
+            per_peer = self.limits.waiting_per_person
         peer = f"{principal.uri} waiting" if pending else principal.uri
         with self._lock:
             open_in_class = self._by_class.get(name, 0)
