@@ -19,7 +19,7 @@ from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
 from dmp.assertion import AssertionVerifier
 from dmp.audit import AuditLog
-from dmp.auditing import Auditor, close_log
+from dmp.auditing import Auditor
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.dbfile import prepare_sqlite, private_directory
 from dmp.discovery import Discovery
@@ -28,8 +28,10 @@ from dmp.identity import Role
 from dmp.merkle_proofs import LeafSubtrees
 from dmp.nonces import StoredNonces
 from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
+from dmp.refusals import RefusalTrail
 from dmp.server import FederationServer, ServiceSpec, start_server
 from dmp.signing import SignatureVerifier
+from dmp.streams import StreamLimits
 from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc, witness_pb2_grpc
 from dmp.witness import WitnessStore
 from dmp.witness_client import HeadPublisher, WitnessStub
@@ -54,6 +56,10 @@ class DirectoryConfig:
     initialise: bool = False
     #: ... and one as soon as this many events were added since the last one.
     audit_checkpoint_every: int = 1000
+    #: Seconds a person's stream may wait on its peer before it is closed (dmp/streams.py).
+    stream_idle_timeout: float = 60.0
+    #: Seconds over which identical refusals are counted into one event (dmp/refusals.py).
+    refusal_window: float = 10.0
 
     def database_url(self) -> str:
         if self.db_url:
@@ -116,7 +122,7 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         checkpoint_interval=config.audit_checkpoint_interval,
         checkpoint_every=config.audit_checkpoint_every,
     )
-    auditor = Auditor(audit_log)
+    auditor = Auditor(audit_log, RefusalTrail(audit_log, window=config.refusal_window))
     witness = WitnessServicer(
         WitnessStore(engine, witnessed_heads, credentials, ca), auditor, Role.NODE
     )
@@ -156,6 +162,8 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
                 ServiceSpec(DIRECTORY_SERVICE, add),
                 ServiceSpec(WITNESS_SERVICE, add_witness_service(witness)),
             ],
+            stream_limits=StreamLimits(idle_timeout=config.stream_idle_timeout),
+            refusals=auditor.refusals,
         )
     except BaseException:
         discovery.close()
@@ -165,7 +173,7 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
     publisher.start()
     running.on_stop.extend(
         [
-            partial(close_log, audit_log),  # a last signed checkpoint...
+            auditor.close,  # counted refusals, a last signed checkpoint...
             partial(publisher.close, 1.0),  # ... sent to the nodes that can be reached
             discovery.close,
             channels.close,

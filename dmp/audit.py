@@ -85,7 +85,8 @@ from sqlalchemy.orm import Session
 
 from dmp.clock import now_us
 from dmp.db import writer
-from dmp.errors import DataLoss, DmpError, FailedPrecondition, Unauthenticated, Unavailable
+from dmp.errors import DataLoss, DmpError, FailedPrecondition, Unauthenticated
+from dmp.failures import audit_failure
 from dmp.pki import Credentials, load_private_key, principal_from_certificate
 
 __all__ = [
@@ -283,9 +284,16 @@ class AuditEvent:
     status_code: str = "OK"
     request_id: str = ""
     detail: str = ""
+    #: How many identical events this one stands for (dmp/refusals.py); 1 is not encoded,
+    #: so events without repeats hash as they always did.
+    repeat_count: int = 1
 
     def __post_init__(self) -> None:
         put = object.__setattr__
+        if isinstance(self.repeat_count, bool) or not isinstance(self.repeat_count, int):
+            raise ValueError(f"repeat_count {self.repeat_count!r} is not a count")
+        if self.repeat_count < 1:
+            raise ValueError(f"repeat_count {self.repeat_count} must be at least 1")
         for name, limit in _LIMITS.items():
             put(self, name, _clean(getattr(self, name), limit))
         ids = self.participant_object_record_ids
@@ -332,6 +340,8 @@ class AuditEvent:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["participant_object_record_ids"] = list(self.participant_object_record_ids)
+        if self.repeat_count == 1:
+            del out["repeat_count"]
         return out
 
     @classmethod
@@ -636,14 +646,6 @@ class LoggedEvent:
     hash_ok: bool
 
 
-def _public_error(exc: BaseException) -> str:
-    """A database error without the statement or its parameters (which hold event data)."""
-    orig = getattr(exc, "orig", None)
-    if orig is not None:
-        return f"{type(orig).__name__}: {str(orig).splitlines()[0] if str(orig) else ''}"
-    return type(exc).__name__
-
-
 #: An event waiting to be committed, the signal that it was, and its seq or error.
 _Waiter = tuple["AuditEvent", threading.Event, list["int | BaseException"]]
 
@@ -781,8 +783,7 @@ class AuditLog:
                 )
             conn.execute(insert(self._events), rows)
         except SQLAlchemyError as exc:
-            log.error("audit append to %s failed: %s", self.source_id, _public_error(exc))
-            raise Unavailable(f"audit trail unavailable: {_public_error(exc)}") from exc
+            raise audit_failure(exc, f"audit append to {self.source_id}") from exc
         return list(range(first, first + len(owned)))
 
     def _next_seq(self, conn: Connection) -> int:
@@ -794,8 +795,8 @@ class AuditLog:
 
     def record(self, event: AuditEvent) -> int:
         """Append ``event`` in a transaction of its own, committed before this returns.
-        Raises ``Unavailable("audit trail unavailable: ...")`` when it cannot be written,
-        whatever the reason: the caller must then not serve the data.
+        Raises ``Unavailable("audit trail unavailable: ...")`` when it cannot be written
+        (``ResourceExhausted`` on a full disk): the caller must then not serve the data.
 
         Concurrent callers share commits (group commit): one thread writes every event
         waiting at that moment in one transaction, so a busy service pays one durable
@@ -820,9 +821,11 @@ class AuditLog:
         """Append several events in one transaction of their own, committed on return."""
         try:
             with self._writer.begin() as conn:
-                return self.append_many(conn, events)
+                seqs = self._insert(conn, [self._own(event) for event in events])
         except SQLAlchemyError as exc:
-            raise Unavailable(f"audit trail unavailable: {_public_error(exc)}") from exc
+            raise audit_failure(exc, f"audit record in {self.source_id}") from exc
+        self._count(None, seqs)
+        return seqs
 
     def _commit_waiting(self) -> None:
         """Write the waiting events, batch after batch, for as long as the process lives."""
@@ -836,11 +839,10 @@ class AuditLog:
                     seqs = self._insert(conn, [event for event, _, _ in batch])
                 self._count(None, seqs)
                 outcomes: list[int | BaseException] = list(seqs)
-            except Unavailable as exc:
+            except DmpError as exc:
                 outcomes = [exc] * len(batch)
             except Exception as exc:
-                log.error("audit record in %s failed: %s", self.source_id, _public_error(exc))
-                failure = Unavailable(f"audit trail unavailable: {_public_error(exc)}")
+                failure = audit_failure(exc, f"audit record in {self.source_id}")
                 outcomes = [failure] * len(batch)
             for (_, done, result), outcome in zip(batch, outcomes, strict=True):
                 result.append(outcome)

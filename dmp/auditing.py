@@ -8,18 +8,22 @@ written the call fails with UNAVAILABLE rather than serve untraced data.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import grpc
 from sqlalchemy.orm import Session
 
 from dmp.assertion import VerifiedAssertion
-from dmp.audit import AuditEvent, AuditLog, EventType, outcome_for_status
+from dmp.audit import AuditEvent, AuditLog, EventType, Outcome, outcome_for_status
 from dmp.clock import from_us
 from dmp.errors import DmpError
+from dmp.failures import public_failure
 from dmp.identity import Principal, Role
+from dmp.refusals import RefusalTrail
 from dmp.server import CallContext
 from dmp.v1 import audit_pb2
 
@@ -27,6 +31,8 @@ from dmp.v1 import audit_pb2
 REQUEST_ID_KEY = "x-dmp-request-id"
 
 _REFUSALS = {"PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+_log = logging.getLogger("dmp.audit")
 
 
 def request_id_of(context: CallContext) -> str:
@@ -107,15 +113,21 @@ class AuditedCall:
 
 
 class Auditor:
-    def __init__(self, log: AuditLog) -> None:
+    """Audits the calls of one service. Refusals and other errors the caller's request
+    earned go through ``refusals``, which counts identical ones (dmp/refusals.py); a
+    failure of ours is recorded with its real status (dmp/failures.py)."""
+
+    def __init__(self, log: AuditLog, refusals: RefusalTrail | None = None) -> None:
         self.log = log
+        self.refusals = refusals or RefusalTrail(log)
 
     @contextmanager
     def call(
         self, context: CallContext, event_type: EventType, patient_ins: str = ""
     ) -> Iterator[AuditedCall]:
-        """Audit one call: the body records success itself (commit/append); a domain error
-        is recorded here, as a refusal when it is one, then raised again."""
+        """Audit one call: the body records success itself (commit/append); an error is
+        recorded here, as a refusal when it is one, then raised again (anything but a
+        domain error as the DmpError it is answered with)."""
         audited = AuditedCall(
             self.log, event_type, context.principal, request_id_of(context), patient_ins
         )
@@ -126,13 +138,33 @@ class Auditor:
                 status = exc.code.name
                 kind = EventType.REFUSED if status in _REFUSALS else event_type
                 audited.detail = audited.detail or exc.message[:200]
-                self.log.record(audited.event(status, kind))
+                event = audited.event(status, kind)
+                if outcome_for_status(status) is Outcome.MINOR_FAILURE:
+                    self.refusals.record(context.principal, event)
+                else:
+                    self._record_failure(event)
             raise
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError) and not context.is_active():
+                raise  # the peer cancelled its call: nothing failed here
+            error = public_failure(exc, f"{event_type} by {context.principal.uri}")
+            if not audited.recorded:
+                audited.detail = error.message[:200]
+                self._record_failure(audited.event(error.code.name))
+            raise error from exc
 
+    def _record_failure(self, event: AuditEvent) -> None:
+        """Record the event of a failed call; if even that fails (a full disk), the call
+        fails all the same, and the audit log has logged why."""
+        try:
+            self.log.record(event)
+        except DmpError as exc:
+            _log.error("the failure of a call could not be audited either: %s", exc.message)
 
-def close_log(log: AuditLog) -> None:
-    """Stop a service's audit log with a last signed checkpoint (at shutdown)."""
-    log.close()
+    def close(self) -> None:
+        """Write the refusals still counted, then a last signed checkpoint (at shutdown)."""
+        self.refusals.close()
+        self.log.close()
 
 
 def to_proto(event: AuditEvent) -> audit_pb2.AuditEvent:
@@ -153,6 +185,7 @@ def to_proto(event: AuditEvent) -> audit_pb2.AuditEvent:
         participant_object_patient_ins=event.participant_object_patient_ins,
         participant_object_record_ids=event.participant_object_record_ids,
         request_id=event.request_id,
+        repeat_count=event.repeat_count,
     )
 
 

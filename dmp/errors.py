@@ -15,6 +15,9 @@ class DmpError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
+    #: For a failure that is not a domain error (dmp/failures.py): where the service's log
+    #: holds its cause.
+    ref: str = ""
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)

@@ -1,10 +1,13 @@
 """What every federation server shares: mutual TLS, the caller's identity from its
-certificate and the CRL (one interceptor), domain errors mapped to status codes in one
-place, one structured log line per call, health and reflection, graceful SIGTERM.
+certificate and the CRL (one interceptor), streams within limits (dmp/streams.py), domain
+errors mapped to status codes in one place and every other failure through
+dmp/failures.py, refusals made here audited (dmp/refusals.py), one structured log line per
+call with its real status, health and reflection, graceful SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -20,9 +23,12 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dmp.errors import DmpError
+from dmp.errors import DmpError, Unauthenticated
+from dmp.failures import public_failure
 from dmp.identity import Principal
 from dmp.pki import Credentials, RevocationList, certificate_from_pem, principal_from_pem
+from dmp.refusals import RefusalTrail, refusal_event
+from dmp.streams import StreamGate, StreamLimits
 from dmp.tls import DEFAULT_MAX_CONTENT, server_credentials, server_options
 
 log = logging.getLogger("dmp.rpc")
@@ -75,6 +81,16 @@ def error_reason(error: grpc.RpcError) -> str | None:
     return None
 
 
+class RevokedCertificate(Unauthenticated):
+    """The peer's certificate is on the federation CA's revocation list."""
+
+    def __init__(self, principal: Principal) -> None:
+        super().__init__(
+            "this certificate has been revoked by the federation CA: ask for a new one"
+        )
+        self.principal = principal
+
+
 class Authenticator:
     """Who is calling: the principal in the peer certificate, refused when revoked."""
 
@@ -84,30 +100,38 @@ class Authenticator:
     def __call__(self, context: grpc.ServicerContext) -> Principal:
         pems = context.auth_context().get("x509_pem_cert")
         if not pems:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "a federation client certificate is required"
-            )
+            raise Unauthenticated("a federation client certificate is required")
         pem: bytes = pems[0]
         try:
             # Both are cached by PEM: a connection presents the same one for every call.
             revoked = self._revocation.is_revoked(certificate_from_pem(pem))
             principal = principal_from_pem(pem)
         except DmpError as exc:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
-            raise  # unreachable: abort raises
+            raise Unauthenticated(exc.message) from None
         if revoked:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "this certificate has been revoked by the federation CA: ask for a new one",
-            )
+            raise RevokedCertificate(principal)
         return principal
 
 
 class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Authenticates every call, maps domain errors to status codes, logs one line a call."""
+    """Authenticates every call, keeps streams within limits, turns away a person whose
+    calls are refused in a flood, maps every error to its status (domain errors as they
+    say, anything else through dmp/failures.py), logs one line a call with its real code.
+    Refusals made here (no valid certificate, a flood) are audited with ``refusals``."""
 
-    def __init__(self, authenticate: Authenticator) -> None:
+    def __init__(
+        self,
+        authenticate: Authenticator,
+        streams: StreamGate | None = None,
+        refusals: RefusalTrail | None = None,
+        unary_workers: int = 32,
+    ) -> None:
         self._authenticate = authenticate
+        self._streams = streams or StreamGate()
+        self._refusals = refusals
+        # Unary calls run as many at once as before the pool grew for streams (the
+        # database pools are sized for that); the rest wait for their turn.
+        self._unary = threading.BoundedSemaphore(unary_workers)
 
     def intercept_service(
         self,
@@ -118,49 +142,128 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method: str = details.method
+        # Every call is served as request-streaming: grpcio reads a unary request before
+        # any of our code runs, in a worker thread, for as long as the peer holds it back;
+        # read as a stream's first message, its wait is admitted and timed here.
         if handler.unary_unary:
-            return handler._replace(unary_unary=self._wrap(handler.unary_unary, method, False))
+            return handler._replace(
+                request_streaming=True,
+                unary_unary=None,
+                stream_unary=self._wrap(handler.unary_unary, method, one_request=True),
+            )
         if handler.unary_stream:
-            return handler._replace(unary_stream=self._wrap(handler.unary_stream, method, True))
+            return handler._replace(
+                request_streaming=True,
+                unary_stream=None,
+                stream_stream=self._wrap_stream(handler.unary_stream, method, False),
+            )
         if handler.stream_unary:
-            return handler._replace(stream_unary=self._wrap(handler.stream_unary, method, False))
-        return handler._replace(stream_stream=self._wrap(handler.stream_stream, method, True))
+            return handler._replace(stream_unary=self._wrap(handler.stream_unary, method))
+        return handler._replace(
+            stream_stream=self._wrap_stream(handler.stream_stream, method, True)
+        )
+
+    def _caller(self, context: grpc.ServicerContext, method: str) -> Principal:
+        """The authenticated caller, unless refused here (and audited)."""
+        try:
+            principal = self._authenticate(context)
+        except Unauthenticated as exc:
+            self._audit_refusal(getattr(exc, "principal", None), method, exc)
+            raise
+        if self._refusals is not None:
+            flood = self._refusals.flooding(principal)
+            if flood is not None:
+                self._audit_refusal(principal, method, flood)
+                raise flood
+        return principal
+
+    def _audit_refusal(self, who: Principal | None, method: str, error: DmpError) -> None:
+        if self._refusals is not None:
+            event = refusal_event(who, method, error.code.name, error.message)
+            self._refusals.record(who, event)
+
+    def _fail(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        exc: Exception,
+        who: Principal | None,
+    ) -> None:
+        """Abort the call for `exc` (its status is then what the call's log line says)."""
+        if isinstance(exc, DmpError):
+            error = exc
+        else:
+            code = context.code() if hasattr(context, "code") else None
+            if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
+                raise exc  # a handler aborted the call itself: its status stands
+            if isinstance(exc, grpc.RpcError) and not context.is_active():
+                raise exc  # the peer went away
+            error = public_failure(exc, method)
+            if self._refusals is not None:  # a failure no audited call recorded
+                event = refusal_event(who, method, error.code.name, error.message)
+                # If it cannot be written the audit log said why; the caller gets the failure.
+                with contextlib.suppress(DmpError):
+                    self._refusals.record(who, event)
+        abort_with(context, error)
 
     def _wrap(
-        self, behavior: Callable[[Any, Any], Any], method: str, streams: bool
+        self, behavior: Callable[[Any, Any], Any], method: str, one_request: bool = False
     ) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        def unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             caller = "-"
+            principal: Principal | None = None
             try:
-                principal = self._authenticate(context)
+                principal = self._caller(context, method)
                 caller = principal.uri
-                return behavior(request, CallContext(context, principal))
-            except DmpError as exc:
-                abort_with(context, exc)
+                call = CallContext(context, principal)
+                if one_request:
+                    with self._streams.admit(principal, context, method, pending=True) as wait:
+                        request = wait.first(requests)
+                    with self._unary:
+                        return behavior(request, call)
+                with self._streams.admit(principal, context, method) as stream:
+                    return behavior(stream.requests(requests), call)
+            except Exception as exc:
+                self._fail(context, method, exc, principal)
             finally:
                 _log_call(method, caller, context, start)
 
-        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        return unary
+
+    def _wrap_stream(
+        self, behavior: Callable[[Any, Any], Iterator[Any]], method: str, requests: bool
+    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        def streaming(requests_: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             start = time.perf_counter()
             caller = "-"
+            principal: Principal | None = None
             try:
-                principal = self._authenticate(context)
+                principal = self._caller(context, method)
                 caller = principal.uri
-                yield from behavior(request, CallContext(context, principal))
-            except DmpError as exc:
-                abort_with(context, exc)
+                with self._streams.admit(principal, context, method) as stream:
+                    argument = stream.requests(requests_) if requests else stream.first(requests_)
+                    yield from stream.responses(
+                        iter(behavior(argument, CallContext(context, principal)))
+                    )
+            except Exception as exc:
+                self._fail(context, method, exc, principal)
             finally:
                 _log_call(method, caller, context, start)
 
-        return streaming if streams else unary
+        return streaming
 
 
 def _log_call(method: str, caller: str, context: grpc.ServicerContext, start: float) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     code = context.code() if hasattr(context, "code") else None
-    status = code.name if isinstance(code, grpc.StatusCode) else "OK"
+    if isinstance(code, grpc.StatusCode):
+        status = code.name
+    elif hasattr(context, "is_active") and not context.is_active():
+        status = "CANCELLED"  # ended by the peer (or its deadline) before we answered
+    else:
+        status = "OK"
     log.info(
         json.dumps(
             {
@@ -209,13 +312,21 @@ def start_server(
     services: Iterable[ServiceSpec],
     max_content: int = DEFAULT_MAX_CONTENT,
     max_workers: int = 32,
+    stream_limits: StreamLimits | None = None,
+    refusals: RefusalTrail | None = None,
 ) -> FederationServer:
-    """Build, bind and start a mutual-TLS server with health and reflection."""
+    """Build, bind and start a mutual-TLS server with health and reflection.
+
+    ``max_workers`` threads serve unary calls; the pool has one more for each stream the
+    limits admit, so that streams never take a unary call's thread."""
+    limits = stream_limits or StreamLimits()
+    gate = StreamGate(limits)
+    threads = max_workers + limits.total
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        interceptors=[CallInterceptor(Authenticator(revocation))],
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+        interceptors=[CallInterceptor(Authenticator(revocation), gate, refusals, max_workers)],
         options=server_options(max_content),
-        maximum_concurrent_rpcs=max_workers * 8,
+        maximum_concurrent_rpcs=threads * 8,
     )
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     health_servicer = health.HealthServicer()
@@ -233,7 +344,9 @@ def start_server(
     if port == 0:
         raise OSError(f"cannot listen on {listen}: address in use or not available")
     server.start()
-    return FederationServer(server=server, port=port, health=health_servicer)
+    running = FederationServer(server=server, port=port, health=health_servicer)
+    running.on_stop.append(gate.close)
+    return running
 
 
 def run_until_signalled(running: FederationServer, grace: float = 10.0) -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import grpc
 
 from dmp.assertion import AssertionVerifier
 from dmp.audit import AuditLog
-from dmp.auditing import Auditor, close_log
+from dmp.auditing import Auditor
 from dmp.clock import now_us
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.dbfile import prepare_sqlite, private_directory
@@ -29,9 +28,11 @@ from dmp.pki import (
     load_credentials,
     node_tls_name,
 )
+from dmp.refusals import RefusalTrail
 from dmp.regions import check_region
 from dmp.server import FederationServer, ServiceSpec, host_port, start_server
 from dmp.signing import SignatureVerifier
+from dmp.streams import StreamLimits
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc, witness_pb2_grpc
 from dmp.witness import WitnessStore
@@ -74,6 +75,10 @@ class NodeConfig:
     #: Serve even when the directory witnessed a longer audit log than this node holds
     #: (logged as an error; the directory then refuses this node's new heads).
     accept_missing_audit: bool = False
+    #: Seconds a person's stream may wait on its peer before it is closed (dmp/streams.py).
+    stream_idle_timeout: float = 60.0
+    #: Seconds over which identical refusals are counted into one event (dmp/refusals.py).
+    refusal_window: float = 10.0
     #: Microseconds since the epoch (tests inject a clock to move time).
     clock: Callable[[], int] = now_us
     #: Accept an existing empty SQLite file as a new database (refused otherwise).
@@ -147,7 +152,7 @@ def start_node(config: NodeConfig) -> RunningNode:
         checkpoint_interval=config.audit_checkpoint_interval,
         checkpoint_every=config.audit_checkpoint_every,
     )
-    auditor = Auditor(audit_log)
+    auditor = Auditor(audit_log, RefusalTrail(audit_log, window=config.refusal_window))
     subtrees = LeafSubtrees(engine, audit_events)
     publisher = None
     if directory_channel is not None:
@@ -178,10 +183,12 @@ def start_node(config: NodeConfig) -> RunningNode:
             ServiceSpec(WITNESS_SERVICE, add_witness_service(witness)),
         ],
         max_content=config.max_content,
+        stream_limits=StreamLimits(idle_timeout=config.stream_idle_timeout),
+        refusals=auditor.refusals,
     )
     address = config.advertise or host_port(config.listen, running.port)
     audit_log.start()
-    running.on_stop.append(partial(close_log, audit_log))  # a last signed checkpoint
+    running.on_stop.append(auditor.close)  # counted refusals, a last signed checkpoint...
     if publisher is not None and directory_channel is not None:
         publisher.start()
         running.on_stop.append(publisher.close)  # ... sent to the directory if it can be

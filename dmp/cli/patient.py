@@ -261,6 +261,8 @@ def print_history(answer: pb.GetAccessHistoryResponse) -> None:
         what = e.event_type
         if e.participant_object_record_ids:
             what += f" ({len(e.participant_object_record_ids)} records)"
+        if e.repeat_count > 1:  # identical refusals counted into one event
+            what += f" x{e.repeat_count}"
         rows.append(
             (
                 e.event_date_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),

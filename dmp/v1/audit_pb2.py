@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64mp/v1/audit.proto\x12\x06\x64mp.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfa\x03\n\nAuditEvent\x12\x33\n\x0f\x65vent_date_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x19\n\x11\x65vent_action_code\x18\x03 \x01(\t\x12\x1f\n\x17\x65vent_outcome_indicator\x18\x04 \x01(\x05\x12\x13\n\x0bstatus_code\x18\x05 \x01(\t\x12\x16\n\x0epurpose_of_use\x18\x06 \x01(\t\x12\x18\n\x10\x65mergency_reason\x18\x07 \x01(\t\x12\"\n\x1a\x61\x63tive_participant_user_id\x18\x08 \x01(\t\x12$\n\x1c\x61\x63tive_participant_user_name\x18\t \x01(\t\x12\x1f\n\x17\x61\x63tive_participant_role\x18\n \x01(\t\x12\x1c\n\x14relaying_participant\x18\x0b \x01(\t\x12\x17\n\x0f\x61udit_source_id\x18\x0c \x01(\t\x12\x1b\n\x13\x61udit_source_region\x18\r \x01(\t\x12&\n\x1eparticipant_object_patient_ins\x18\x0e \x01(\t\x12%\n\x1dparticipant_object_record_ids\x18\x0f \x03(\t\x12\x12\n\nrequest_id\x18\x10 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64mp/v1/audit.proto\x12\x06\x64mp.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x04\n\nAuditEvent\x12\x33\n\x0f\x65vent_date_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x19\n\x11\x65vent_action_code\x18\x03 \x01(\t\x12\x1f\n\x17\x65vent_outcome_indicator\x18\x04 \x01(\x05\x12\x13\n\x0bstatus_code\x18\x05 \x01(\t\x12\x16\n\x0epurpose_of_use\x18\x06 \x01(\t\x12\x18\n\x10\x65mergency_reason\x18\x07 \x01(\t\x12\"\n\x1a\x61\x63tive_participant_user_id\x18\x08 \x01(\t\x12$\n\x1c\x61\x63tive_participant_user_name\x18\t \x01(\t\x12\x1f\n\x17\x61\x63tive_participant_role\x18\n \x01(\t\x12\x1c\n\x14relaying_participant\x18\x0b \x01(\t\x12\x17\n\x0f\x61udit_source_id\x18\x0c \x01(\t\x12\x1b\n\x13\x61udit_source_region\x18\r \x01(\t\x12&\n\x1eparticipant_object_patient_ins\x18\x0e \x01(\t\x12%\n\x1dparticipant_object_record_ids\x18\x0f \x03(\t\x12\x12\n\nrequest_id\x18\x10 \x01(\t\x12\x14\n\x0crepeat_count\x18\x11 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmp.v1.audit_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUDITEVENT']._serialized_start=64
-  _globals['_AUDITEVENT']._serialized_end=570
+  _globals['_AUDITEVENT']._serialized_end=592
 # @@protoc_insertion_point(module_scope)

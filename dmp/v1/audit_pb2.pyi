@@ -44,6 +44,7 @@ class AuditEvent(_message.Message):
     PARTICIPANT_OBJECT_PATIENT_INS_FIELD_NUMBER: _builtins.int
     PARTICIPANT_OBJECT_RECORD_IDS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REPEAT_COUNT_FIELD_NUMBER: _builtins.int
     event_type: _builtins.str
     """What was done: view, read-record, read-content, write, directive-change,
     access-history...
@@ -74,6 +75,10 @@ class AuditEvent(_message.Message):
     """INS of the patient concerned."""
     request_id: _builtins.str
     """Shared by the directory's event and every node event of one consolidated view."""
+    repeat_count: _builtins.int
+    """How many identical events this one stands for: identical refusals from one peer
+    within a short window are counted into one event. 0 (from older servers) means 1.
+    """
     @_builtins.property
     def event_date_time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -101,10 +106,11 @@ class AuditEvent(_message.Message):
         participant_object_patient_ins: _builtins.str = ...,
         participant_object_record_ids: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        repeat_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_date_time", b"event_date_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_participant_role", b"active_participant_role", "active_participant_user_id", b"active_participant_user_id", "active_participant_user_name", b"active_participant_user_name", "audit_source_id", b"audit_source_id", "audit_source_region", b"audit_source_region", "emergency_reason", b"emergency_reason", "event_action_code", b"event_action_code", "event_date_time", b"event_date_time", "event_outcome_indicator", b"event_outcome_indicator", "event_type", b"event_type", "participant_object_patient_ins", b"participant_object_patient_ins", "participant_object_record_ids", b"participant_object_record_ids", "purpose_of_use", b"purpose_of_use", "relaying_participant", b"relaying_participant", "request_id", b"request_id", "status_code", b"status_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_participant_role", b"active_participant_role", "active_participant_user_id", b"active_participant_user_id", "active_participant_user_name", b"active_participant_user_name", "audit_source_id", b"audit_source_id", "audit_source_region", b"audit_source_region", "emergency_reason", b"emergency_reason", "event_action_code", b"event_action_code", "event_date_time", b"event_date_time", "event_outcome_indicator", b"event_outcome_indicator", "event_type", b"event_type", "participant_object_patient_ins", b"participant_object_patient_ins", "participant_object_record_ids", b"participant_object_record_ids", "purpose_of_use", b"purpose_of_use", "relaying_participant", b"relaying_participant", "repeat_count", b"repeat_count", "request_id", b"request_id", "status_code", b"status_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -296,10 +296,20 @@ def test_an_event_commits_or_rolls_back_with_the_callers_write(audit: Log) -> No
     assert audit.verify().ok
 
 
-def test_record_fails_unavailable_when_the_table_is_gone(audit: Log) -> None:
+def test_record_fails_unavailable_when_the_table_is_gone(
+    audit: Log, caplog: pytest.LogCaptureFixture
+) -> None:
     audit.sql("DROP TABLE audit_events")
-    with pytest.raises(Unavailable, match=r"^audit trail unavailable: .*audit_events"):
+    # The caller is told where the operator finds the cause; the log names it.
+    with pytest.raises(
+        Unavailable, match=r"^audit trail unavailable: .*ref ([0-9a-f]{12})$"
+    ) as err:
         audit.log.record(_event(1))
+    ref = err.value.message.rsplit(" ", 1)[1]
+    assert any(
+        ref in r.getMessage() and "no such table: audit_events" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_record_fails_unavailable_when_the_database_cannot_be_opened(
