@@ -39,6 +39,25 @@ def add_pki(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_service_storage(serve: argparse.ArgumentParser, *, witness: str) -> None:
+    """The options a serving node and directory share about their database and audit log."""
+    serve.add_argument(
+        "--initialise",
+        action="store_true",
+        help="accept an existing empty (0-byte) SQLite file as a new database; without it"
+        " such a file is refused as possibly damaged (a file that does not exist is always"
+        " created). Never erases anything",
+    )
+    serve.add_argument(
+        "--audit-checkpoint-every",
+        type=int,
+        default=1000,
+        metavar="N",
+        help=f"sign an audit checkpoint (and send it to {witness}) as soon as N events were"
+        " added since the last one, besides every minute (default 1000)",
+    )
+
+
 def print_table(rows: Sequence[Sequence[str]]) -> None:
     """Print rows (the first is the header) as aligned columns."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dmp.cli.common import add_pki
+from dmp.cli.common import add_pki, add_service_storage
 from dmp.server import host_port, run_until_signalled
 
 
@@ -38,21 +38,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="find nodes through Consul (passing dmp-node instances) instead of the embedded"
         " registry, e.g. http://127.0.0.1:8500",
     )
-    serve.add_argument(
-        "--initialise",
-        action="store_true",
-        help="accept an existing empty (0-byte) SQLite file as a new database; without it"
-        " such a file is refused as possibly damaged (a file that does not exist is always"
-        " created). Never erases anything",
-    )
-    serve.add_argument(
-        "--audit-checkpoint-every",
-        type=int,
-        default=1000,
-        metavar="N",
-        help="sign an audit checkpoint (and send it to the nodes) as soon as N events were"
-        " added since the last one, besides every minute (default 1000)",
-    )
+    add_service_storage(serve, witness="the nodes")
     serve.set_defaults(handler=_serve)
 
 

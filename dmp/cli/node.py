@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dmp.cli.common import add_pki
+from dmp.cli.common import add_pki, add_service_storage
 from dmp.server import host_port, run_until_signalled
 from dmp.tls import MiB
 
@@ -64,21 +64,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="JSON profession matrix: which kinds and type codes each profession reads"
         " (default: the documented node/access_matrix.json)",
     )
-    serve.add_argument(
-        "--initialise",
-        action="store_true",
-        help="accept an existing empty (0-byte) SQLite file as a new database; without it"
-        " such a file is refused as possibly damaged (a file that does not exist is always"
-        " created). Never erases anything",
-    )
-    serve.add_argument(
-        "--audit-checkpoint-every",
-        type=int,
-        default=1000,
-        metavar="N",
-        help="sign an audit checkpoint (and send it to the directory) as soon as N events"
-        " were added since the last one, besides every minute (default 1000)",
-    )
+    add_service_storage(serve, witness="the directory")
     serve.add_argument(
         "--accept-missing-audit",
         action="store_true",
