@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 
 import grpc
@@ -15,6 +14,7 @@ from directory.fanout import FanOut
 from directory.index import FragmentUpdate, PatientIndex
 from directory.registry import HEARTBEAT_SECONDS, EmbeddedRegistry
 from directory.view import ViewAssembler
+from dmp import tokens
 from dmp.assertion import ASSERTION_KEY, VerifiedAssertion
 from dmp.audit import EventType
 from dmp.auditing import REQUEST_ID_KEY, Auditor, history_events, to_proto
@@ -27,7 +27,7 @@ from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.patients import traits_of
 from dmp.server import CallContext
-from dmp.v1 import access_pb2, directory_service_pb2_grpc
+from dmp.v1 import access_pb2, directory_service_pb2_grpc, page_token_pb2
 from dmp.v1 import directory_service_pb2 as pb
 from dmp.v1 import node_service_pb2 as npb
 from dmp.v1.node_service_pb2_grpc import NodeServiceStub
@@ -254,9 +254,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
             audited.caller(assertion)
             if assertion.subject.role is not Role.PATIENT or assertion.purpose_name != "SELF":
                 raise PermissionDenied("a patient's access history is for the patient only")
-            if request.page_size < 0:
-                raise InvalidArgument("page_size must not be negative")
-            limit = min(request.page_size or 100, MAX_HISTORY)
+            limit = tokens.page_size(request.page_size, 100, MAX_HISTORY)
             metadata = forward_metadata(assertion, signed, audited.request_id)
             node_request = npb.ListAccessEventsRequest(
                 patient_ins=ins, exclude_own=request.exclude_own, page_size=limit
@@ -290,17 +288,14 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         with self._auditor.call(context, EventType.READ_RECORD) as audited:
             audited.detail = "identity conflict review"
             access.check_operator(context.principal)
-            if request.page_size < 0:
-                raise InvalidArgument("page_size must not be negative")
-            size = min(request.page_size or 50, MAX_CONFLICT_PAGE)
+            size = tokens.page_size(request.page_size, 50, MAX_CONFLICT_PAGE)
+            query_print = tokens.query_fingerprint(request)
             after = 0
             if request.page_token:
-                try:
-                    after = int(base64.urlsafe_b64decode(request.page_token.encode()).decode())
-                except ValueError:
-                    raise InvalidArgument(
-                        "page_token is malformed: pass the next_page_token unchanged"
-                    ) from None
+                cursor = tokens.decode(
+                    request.page_token, page_token_pb2.ConflictCursor, query_print
+                )
+                after = cursor.seq
             conflicts = self._index.conflicts(after, size + 1)
             # Identity traits were read: one event in each patient's trail.
             audited.commit_each([c.ins for c in conflicts[:size]])
@@ -317,7 +312,9 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
             ]
         )
         if len(conflicts) > size:
-            response.next_page_token = base64.urlsafe_b64encode(
-                str(conflicts[size - 1].seq).encode()
-            ).decode()
+            response.next_page_token = tokens.encode(
+                page_token_pb2.ConflictCursor(
+                    seq=conflicts[size - 1].seq, query_fingerprint=query_print
+                )
+            )
         return response

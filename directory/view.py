@@ -16,7 +16,6 @@ from directory.fanout import FanOut, answered
 from directory.index import PatientIndex
 from dmp import tokens
 from dmp.clock import from_us, to_us
-from dmp.errors import InvalidArgument
 from dmp.fields import check_time
 from dmp.ins import normalize_ins
 from dmp.v1 import directory_service_pb2 as dpb
@@ -58,9 +57,7 @@ class ViewAssembler:
     ) -> dpb.GetConsolidatedViewResponse:
         """Assemble one page. The caller's right to see the patient is checked before."""
         patient = normalize_ins(request.patient_ins, "patient_ins")
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = tokens.page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         for name in ("since", "until"):
             if request.HasField(name):
                 check_time(getattr(request, name), name)

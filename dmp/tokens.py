@@ -27,6 +27,13 @@ def query_fingerprint(request: Message) -> bytes:
     return hashlib.sha256(query.SerializeToString(deterministic=True)).digest()[:8]
 
 
+def page_size(requested: int, default: int, maximum: int) -> int:
+    """The size of one page: `default` when unset, at most `maximum`; negative refused."""
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative")
+    return min(requested or default, maximum)
+
+
 def encode(cursor: Message) -> str:
     return base64.urlsafe_b64encode(cursor.SerializeToString()).decode().rstrip("=")
 

@@ -6,10 +6,11 @@ from collections.abc import Callable, Iterator
 
 from sqlalchemy.orm import Session
 
+from dmp import tokens
 from dmp.assertion import PURPOSE_NAMES
 from dmp.audit import EventType
 from dmp.auditing import AuditedCall, Auditor, history_events, to_proto
-from dmp.errors import InvalidArgument, PermissionDenied
+from dmp.errors import PermissionDenied
 from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.server import CallContext
@@ -168,9 +169,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 or (PURPOSE_NAMES.get(assertion.purpose) != PURPOSE_NAMES[access_pb2.PURPOSE_SELF])
             ):
                 raise PermissionDenied("a patient's access history is for the patient only")
-            if request.page_size < 0:
-                raise InvalidArgument("page_size must not be negative")
-            limit = min(request.page_size or 100, MAX_EVENTS)
+            limit = tokens.page_size(request.page_size, 100, MAX_EVENTS)
             events = history_events(
                 self._auditor.log, patient, exclude_own=request.exclude_own, limit=limit
             )

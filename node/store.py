@@ -476,9 +476,7 @@ class RecordStore:
     def list_records(
         self, scope: ReadScope, request: node_service_pb2.ListRecordsRequest
     ) -> node_service_pb2.ListRecordsResponse:
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = tokens.page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         query_print = tokens.query_fingerprint(request)
         after: tuple[int, str] | None = None
         if request.page_token:

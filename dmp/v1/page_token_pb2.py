@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64mp/v1/page_token.proto\x12\x06\x64mp.v1\"W\n\x0cRecordCursor\x12\x19\n\x11\x65\x66\x66\x65\x63tive_time_us\x18\x01 \x01(\x03\x12\x11\n\trecord_id\x18\x02 \x01(\t\x12\x19\n\x11query_fingerprint\x18\x03 \x01(\x0c\"N\n\nViewCursor\x12%\n\x07regions\x18\x01 \x03(\x0b\x32\x14.dmp.v1.RegionCursor\x12\x19\n\x11query_fingerprint\x18\x02 \x01(\x0c\"_\n\x0cRegionCursor\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x19\n\x11\x65\x66\x66\x65\x63tive_time_us\x18\x02 \x01(\x03\x12\x11\n\trecord_id\x18\x03 \x01(\t\x12\x11\n\texhausted\x18\x04 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64mp/v1/page_token.proto\x12\x06\x64mp.v1\"W\n\x0cRecordCursor\x12\x19\n\x11\x65\x66\x66\x65\x63tive_time_us\x18\x01 \x01(\x03\x12\x11\n\trecord_id\x18\x02 \x01(\t\x12\x19\n\x11query_fingerprint\x18\x03 \x01(\x0c\"N\n\nViewCursor\x12%\n\x07regions\x18\x01 \x03(\x0b\x32\x14.dmp.v1.RegionCursor\x12\x19\n\x11query_fingerprint\x18\x02 \x01(\x0c\"_\n\x0cRegionCursor\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x19\n\x11\x65\x66\x66\x65\x63tive_time_us\x18\x02 \x01(\x03\x12\x11\n\trecord_id\x18\x03 \x01(\t\x12\x11\n\texhausted\x18\x04 \x01(\x08\"8\n\x0e\x43onflictCursor\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x19\n\x11query_fingerprint\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,4 +37,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VIEWCURSOR']._serialized_end=202
   _globals['_REGIONCURSOR']._serialized_start=204
   _globals['_REGIONCURSOR']._serialized_end=299
+  _globals['_CONFLICTCURSOR']._serialized_start=301
+  _globals['_CONFLICTCURSOR']._serialized_end=357
 # @@protoc_insertion_point(module_scope)

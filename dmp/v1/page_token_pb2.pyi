@@ -109,3 +109,29 @@ class RegionCursor(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegionCursor: _TypeAlias = RegionCursor  # noqa: Y015
+
+@_typing.final
+class ConflictCursor(_message.Message):
+    """The inside of a ListIdentityConflicts page token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    QUERY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Sequence number of the last identity conflict returned."""
+    query_fingerprint: _builtins.bytes
+    """Fingerprint of the request's filters: a token is valid only for the same query."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        query_fingerprint: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query_fingerprint", b"query_fingerprint", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConflictCursor: _TypeAlias = ConflictCursor  # noqa: Y015

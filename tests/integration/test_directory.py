@@ -273,6 +273,20 @@ def test_identity_conflict_is_refused_and_kept_for_review(federation: Federation
     assert [c.proposed.birth_family_name for c in conflicts] == ["MARTIN", "DUPONT"]
     assert conflicts[1].reported_by == "urn:dmp:node:53"
     assert conflicts[0].stored.birth_family_name == "DUPONT"
+    # Paged one at a time, through an opaque token, the same two in the same order.
+    first = operator.ListIdentityConflicts(dpb.ListIdentityConflictsRequest(page_size=1), timeout=5)
+    second = operator.ListIdentityConflicts(
+        dpb.ListIdentityConflictsRequest(page_size=1, page_token=first.next_page_token), timeout=5
+    )
+    assert [c.proposed for c in (*first.conflicts, *second.conflicts)] == [
+        c.proposed for c in conflicts
+    ]
+    assert first.next_page_token and not second.next_page_token
+    with pytest.raises(grpc.RpcError) as bad_token:
+        operator.ListIdentityConflicts(
+            dpb.ListIdentityConflictsRequest(page_token="Mg=="), timeout=5
+        )
+    assert bad_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     patient = federation.doctor.GetPatient(dpb.GetPatientRequest(ins=ins), timeout=5)
     assert list(patient.fragments) == []
     with pytest.raises(grpc.RpcError) as denied:
