@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -17,49 +17,36 @@ from directory.models import audit_checkpoints, audit_events, seen_nonces, witne
 from directory.registry import EmbeddedRegistry
 from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
-from dmp.assertion import AssertionVerifier
 from dmp.audit import AuditLog
-from dmp.auditing import Auditor
-from dmp.db import make_engine, sqlite_url, upgrade
-from dmp.dbfile import prepare_sqlite, private_directory
+from dmp.db import sqlite_url
+from dmp.dbfile import private_directory
 from dmp.discovery import Discovery
 from dmp.errors import FailedPrecondition
+from dmp.foundation import ServiceSettings, ServiceTables, open_foundation
 from dmp.identity import Role
-from dmp.merkle_proofs import LeafSubtrees
-from dmp.nonces import StoredNonces
-from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
-from dmp.refusals import RefusalTrail
-from dmp.server import FederationServer, ServiceSpec, start_server
-from dmp.signing import SignatureVerifier
-from dmp.streams import StreamLimits
+from dmp.pki import load_credentials
+from dmp.server import FederationServer, ServiceSpec
 from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc, witness_pb2_grpc
-from dmp.witness import WitnessStore
 from dmp.witness_client import HeadPublisher, WitnessStub
-from dmp.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+TABLES = ServiceTables(
+    MIGRATIONS,
+    "alembic_version_directory",
+    audit_events,
+    audit_checkpoints,
+    seen_nonces,
+    witnessed_heads,
+)
 DIRECTORY_SERVICE = directory_service_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
 
 
 @dataclass
-class DirectoryConfig:
+class DirectoryConfig(ServiceSettings):
     pki_dir: Path
-    listen: str = "127.0.0.1:0"
-    db_url: str | None = None
-    data_dir: Path = field(default_factory=lambda: Path("data"))
     region_deadline: float = DEFAULT_REGION_DEADLINE
     consul_url: str | None = None
     health_interval: float = 1.0
-    #: Seconds between signed checkpoints of the audit trail (and one at shutdown).
-    audit_checkpoint_interval: float = 60.0
-    #: Accept an existing empty SQLite file as a new database (refused otherwise).
-    initialise: bool = False
-    #: ... and one as soon as this many events were added since the last one.
-    audit_checkpoint_every: int = 1000
-    #: Seconds a person's stream may wait on its peer before it is closed (dmp/streams.py).
-    stream_idle_timeout: float = 60.0
-    #: Seconds over which identical refusals are counted into one event (dmp/refusals.py).
-    refusal_window: float = 10.0
 
     def database_url(self) -> str:
         if self.db_url:
@@ -89,10 +76,10 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
     credentials = load_credentials(config.pki_dir, "directory")
     if credentials.principal.role is not Role.DIRECTORY:
         raise FailedPrecondition("directory.pem does not name urn:dmp:directory")
-    url = config.database_url()
-    prepare_sqlite(url, initialise=config.initialise)
-    engine = make_engine(url)
-    upgrade(engine, MIGRATIONS, "alembic_version_directory")
+    base = open_foundation(
+        credentials, config.pki_dir, config.database_url(), config, TABLES, witness_of=Role.NODE
+    )
+    engine, audit_log, auditor = base.engine, base.audit_log, base.auditor
     index = PatientIndex(engine)
     channels = NodeChannels(credentials)
     registry: EmbeddedRegistry | None = None
@@ -107,25 +94,8 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
     discovery.start()
     fanout = FanOut(discovery, channels, config.region_deadline)
     assembler = ViewAssembler(index, fanout)
-    ca = certificate_from_pem(credentials.ca_pem)
-    revocation = RevocationList(config.pki_dir / CRL_FILE, ca)
-    signatures = SignatureVerifier(ca, revocation)
-    directives = DirectiveStore(engine, signatures)
-    nonces = StoredNonces(engine, seen_nonces)
-    access = DirectoryAccess(AssertionVerifier(signatures, nonces=nonces), directives)
-    audit_log = AuditLog(
-        engine,
-        audit_events,
-        audit_checkpoints,
-        source_id=credentials.principal.uri,
-        signer=credentials,
-        checkpoint_interval=config.audit_checkpoint_interval,
-        checkpoint_every=config.audit_checkpoint_every,
-    )
-    auditor = Auditor(audit_log, RefusalTrail(audit_log, window=config.refusal_window))
-    witness = WitnessServicer(
-        WitnessStore(engine, witnessed_heads, credentials, ca), auditor, Role.NODE
-    )
+    directives = DirectiveStore(engine, base.signatures)
+    access = DirectoryAccess(base.assertions, directives)
 
     def node_witnesses() -> dict[str, WitnessStub]:
         """Every node the directory routes to witnesses the directory's audit heads."""
@@ -137,7 +107,7 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
             if route.healthy
         }
 
-    publisher = HeadPublisher(audit_log, engine, LeafSubtrees(engine, audit_events), node_witnesses)
+    publisher = HeadPublisher(audit_log, engine, base.subtrees, node_witnesses)
     servicer = DirectoryServicer(
         index,
         discovery,
@@ -154,27 +124,15 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
         directory_service_pb2_grpc.add_DirectoryServiceServicer_to_server(servicer, server)
 
     try:
-        running = start_server(
-            credentials=credentials,
-            revocation=revocation,
-            listen=config.listen,
-            services=[
-                ServiceSpec(DIRECTORY_SERVICE, add),
-                ServiceSpec(WITNESS_SERVICE, add_witness_service(witness)),
-            ],
-            stream_limits=StreamLimits(idle_timeout=config.stream_idle_timeout),
-            refusals=auditor.refusals,
-        )
+        running = base.serve(config, [ServiceSpec(DIRECTORY_SERVICE, add)])
     except BaseException:
         discovery.close()
         channels.close()
         raise
-    audit_log.start()
     publisher.start()
     running.on_stop.extend(
         [
-            auditor.close,  # counted refusals, a last signed checkpoint...
-            partial(publisher.close, 1.0),  # ... sent to the nodes that can be reached
+            partial(publisher.close, 1.0),  # the last checkpoint, to the nodes reachable
             discovery.close,
             channels.close,
             engine.dispose,

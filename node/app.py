@@ -4,40 +4,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from dmp.assertion import AssertionVerifier
 from dmp.audit import AuditLog
-from dmp.auditing import Auditor
 from dmp.clock import now_us
-from dmp.db import make_engine, sqlite_url, upgrade
-from dmp.dbfile import prepare_sqlite, private_directory
+from dmp.db import sqlite_url
+from dmp.dbfile import private_directory
 from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
+from dmp.foundation import ServiceSettings, ServiceTables, open_foundation
 from dmp.identity import Role
 from dmp.merkle_proofs import LeafSubtrees
-from dmp.nonces import StoredNonces
 from dmp.pki import (
-    CRL_FILE,
-    RevocationList,
     certificate_dns_names,
     certificate_from_pem,
     load_credentials,
     node_tls_name,
 )
-from dmp.refusals import RefusalTrail
 from dmp.regions import check_region
-from dmp.server import FederationServer, ServiceSpec, host_port, start_server
-from dmp.signing import SignatureVerifier
-from dmp.streams import StreamLimits
+from dmp.server import FederationServer, ServiceSpec, host_port
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc, witness_pb2_grpc
-from dmp.witness import WitnessStore
 from dmp.witness_client import HeadPublisher, compare_with_witnessed, fetch_witnessed
-from dmp.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 from node.access import NodeAccess
 from node.directives import DirectiveCache
 from node.locator import OutboxDelivery
@@ -49,16 +40,21 @@ from node.store import RecordStore
 log = logging.getLogger("dmp.node")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+TABLES = ServiceTables(
+    MIGRATIONS,
+    "alembic_version_node",
+    audit_events,
+    audit_checkpoints,
+    seen_nonces,
+    witnessed_heads,
+)
 NODE_SERVICE = node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
 
 
 @dataclass
-class NodeConfig:
+class NodeConfig(ServiceSettings):
     pki_dir: Path
     region: str
-    listen: str = "127.0.0.1:0"
-    db_url: str | None = None
-    data_dir: Path = field(default_factory=lambda: Path("data"))
     max_content: int = DEFAULT_MAX_CONTENT
     #: host:port of the directory (embedded discovery and the locator outbox).
     directory: str | None = None
@@ -68,21 +64,11 @@ class NodeConfig:
     advertise: str | None = None
     #: JSON profession matrix (default: node/access_matrix.json).
     access_matrix: Path | None = None
-    #: Seconds between signed checkpoints of the audit trail (and one at shutdown).
-    audit_checkpoint_interval: float = 60.0
-    #: ... and one as soon as this many events were added since the last one.
-    audit_checkpoint_every: int = 1000
     #: Serve even when the directory witnessed a longer audit log than this node holds
     #: (logged as an error; the directory then refuses this node's new heads).
     accept_missing_audit: bool = False
-    #: Seconds a person's stream may wait on its peer before it is closed (dmp/streams.py).
-    stream_idle_timeout: float = 60.0
-    #: Seconds over which identical refusals are counted into one event (dmp/refusals.py).
-    refusal_window: float = 10.0
     #: Microseconds since the epoch (tests inject a clock to move time).
     clock: Callable[[], int] = now_us
-    #: Accept an existing empty SQLite file as a new database (refused otherwise).
-    initialise: bool = False
 
     def database_url(self) -> str:
         if self.db_url:
@@ -126,72 +112,47 @@ def start_node(config: NodeConfig) -> RunningNode:
             f" region's node (certificates issued before region names lack it): reissue it"
             f" with `dmp pki issue node --region {region} --pki DIR` (keeping its --host names)"
         )
-    url = config.database_url()
-    prepare_sqlite(url, initialise=config.initialise)
-    engine = make_engine(url)
-    upgrade(engine, MIGRATIONS, "alembic_version_node")
+    base = open_foundation(
+        credentials,
+        config.pki_dir,
+        config.database_url(),
+        config,
+        TABLES,
+        witness_of=Role.DIRECTORY,
+        region=region,
+    )
+    engine, audit_log, auditor = base.engine, base.audit_log, base.auditor
     store = RecordStore(engine, region, max_content=config.max_content, clock=config.clock)
-    ca = certificate_from_pem(credentials.ca_pem)
-    revocation = RevocationList(config.pki_dir / CRL_FILE, ca)
-    signatures = SignatureVerifier(ca, revocation)
     directory_channel = secure_channel(config.directory, credentials) if config.directory else None
     if directory_channel is None:
         log.warning("no --directory: patient directives are not known to this node")
     access = NodeAccess(
-        AssertionVerifier(signatures, nonces=StoredNonces(engine, seen_nonces)),
-        DirectiveCache(signatures, directory_channel),
+        base.assertions,
+        DirectiveCache(base.signatures, directory_channel),
         AccessMatrix.load(config.access_matrix) if config.access_matrix else AccessMatrix.load(),
     )
-    audit_log = AuditLog(
-        engine,
-        audit_events,
-        audit_checkpoints,
-        source_id=me.uri,
-        region=region,
-        signer=credentials,
-        checkpoint_interval=config.audit_checkpoint_interval,
-        checkpoint_every=config.audit_checkpoint_every,
-    )
-    auditor = Auditor(audit_log, RefusalTrail(audit_log, window=config.refusal_window))
-    subtrees = LeafSubtrees(engine, audit_events)
     publisher = None
     if directory_channel is not None:
         directory_stub = witness_pb2_grpc.WitnessServiceStub(directory_channel)
         try:
-            _compare_with_directory(directory_stub, audit_log, subtrees, config)
+            _compare_with_directory(directory_stub, audit_log, base.subtrees, config)
         except BaseException:
             directory_channel.close()
             engine.dispose()
             raise
         publisher = HeadPublisher(
-            audit_log, engine, subtrees, lambda: {"the directory": directory_stub}
+            audit_log, engine, base.subtrees, lambda: {"the directory": directory_stub}
         )
-    witness = WitnessServicer(
-        WitnessStore(engine, witnessed_heads, credentials, ca), auditor, Role.DIRECTORY
-    )
     servicer = NodeServicer(store, access, auditor)
 
     def add(server: grpc.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
 
-    running = start_server(
-        credentials=credentials,
-        revocation=revocation,
-        listen=config.listen,
-        services=[
-            ServiceSpec(NODE_SERVICE, add),
-            ServiceSpec(WITNESS_SERVICE, add_witness_service(witness)),
-        ],
-        max_content=config.max_content,
-        stream_limits=StreamLimits(idle_timeout=config.stream_idle_timeout),
-        refusals=auditor.refusals,
-    )
+    running = base.serve(config, [ServiceSpec(NODE_SERVICE, add)], max_content=config.max_content)
     address = config.advertise or host_port(config.listen, running.port)
-    audit_log.start()
-    running.on_stop.append(auditor.close)  # counted refusals, a last signed checkpoint...
     if publisher is not None and directory_channel is not None:
         publisher.start()
-        running.on_stop.append(publisher.close)  # ... sent to the directory if it can be
+        running.on_stop.append(publisher.close)  # the last checkpoint, to the directory
         running.on_stop.append(directory_channel.close)
     running.on_stop.append(engine.dispose)
     delivery = None
