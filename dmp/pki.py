@@ -24,42 +24,76 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
-import functools
 import ipaddress
 import logging
-import os
-import re
-import tempfile
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dmp.certificates import (
+    _CLOCK_SKEW,
+    _HOSTNAME,
+    _LOCK_FILE,
+    _SERVICE_ROLES,
+    CA_COMMON_NAME,
+    CA_FILE,
+    CA_KEY_FILE,
+    CRL_DAYS,
+    CRL_FILE,
+    DEFAULT_HOSTS,
+    NODE_NAME_DOMAIN,
+    ORGANIZATION,
+    PERSON_DAYS,
+    SERVICE_DAYS,
+    _as_utc,
+    _authority_key_identifier,
+    _ca_public_key,
+    _canonical_identity,
+    _cert_pem,
+    _key_pem,
+    _load_cert_file,
+    _read_file,
+    _utc_now,
+    _write_private,
+    _write_public,
+    certificate_dns_names,
+    certificate_from_pem,
+    generate_key,
+    load_private_key,
+    node_tls_name,
+    principal_from_certificate,
+    principal_from_pem,
+)
+from dmp.credentials import Credentials, load_credentials
 from dmp.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from dmp.identity import (
-    URN_PREFIX,
     Principal,
     Role,
     check_profession,
     check_rpps,
-    parse_identity,
     parse_uri,
 )
 from dmp.ins import normalize_ins
 from dmp.regions import check_region
+from dmp.revocation import RevocationList
 
 __all__ = [
     "CA_COMMON_NAME",
+    "CA_FILE",
+    "CA_KEY_FILE",
+    "CRL_DAYS",
+    "CRL_FILE",
     "DEFAULT_HOSTS",
+    "NODE_NAME_DOMAIN",
     "ORGANIZATION",
+    "PERSON_DAYS",
+    "SERVICE_DAYS",
     "Credentials",
     "IssuedIdentity",
     "Pki",
@@ -75,234 +109,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("dmp.pki")
-
-CA_COMMON_NAME = "DMP federation root CA"
-ORGANIZATION = "DMP federation"
-DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
-#: The DNS domain of the names that say which region a node serves (never resolved: a
-#: reserved private-use top-level domain, so no public name can collide).
-NODE_NAME_DOMAIN = "dmp.internal"
-
-CA_FILE = "ca.pem"
-CA_KEY_FILE = "ca.key"
-CRL_FILE = "crl.pem"
-_LOCK_FILE = ".pki.lock"
-
-SERVICE_DAYS = 825
-PERSON_DAYS = 365
-CRL_DAYS = 30
-# Certificates start a little in the past so that a peer whose clock is slightly behind
-# does not see a brand-new certificate as "not yet valid".
-_CLOCK_SKEW = timedelta(minutes=5)
-
-_SERVICE_ROLES = (Role.NODE, Role.DIRECTORY)
-_HOSTNAME = re.compile(
-    r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
-)
-
-
-# --------------------------------------------------------------------------- keys, files
-
-
-def node_tls_name(region: str) -> str:
-    """The DNS name in node R's certificate only: the TLS target the directory checks."""
-    return f"node-{region}.{NODE_NAME_DOMAIN}"
-
-
-def certificate_dns_names(cert: x509.Certificate) -> list[str]:
-    """The DNS names of a certificate's SubjectAltName (none if it has none)."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
-        return []
-    return [str(name) for name in san.get_values_for_type(x509.DNSName)]
-
-
-def generate_key() -> ec.EllipticCurvePrivateKey:
-    """A new ECDSA P-256 private key."""
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def load_private_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
-    """An unencrypted PEM private key, which must be ECDSA P-256; InvalidArgument otherwise."""
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgument(f"not an unencrypted PEM private key: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise InvalidArgument("the private key is not an ECDSA P-256 key")
-    return key
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write a file by replacing it: a temporary file in the same directory, created with
-    mode 0600 (so a private key is never readable by others, not even half-written), then
-    chmod to ``mode``, fsync and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    _write_atomic(path, data, 0o600)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    _write_atomic(path, data, 0o644)
-
-
-def _read_file(path: Path, what: str, remedy: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise FailedPrecondition(f"{what} {path} is missing: {remedy}") from None
-    except OSError as exc:
-        raise FailedPrecondition(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def _load_cert_file(path: Path, what: str, remedy: str) -> x509.Certificate:
-    data = _read_file(path, what, remedy)
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise FailedPrecondition(f"{what} {path} is not a PEM certificate") from None
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _ca_public_key(ca_cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
-    key = ca_cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise FailedPrecondition("the federation CA certificate does not hold an ECDSA key")
-    return key
-
-
-def _authority_key_identifier(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
-    try:
-        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(_ca_public_key(ca_cert))
-    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-
-
-# --------------------------------------------------------------------------- identities
-
-
-def _first_attribute(name: x509.Name, oid: x509.ObjectIdentifier) -> str:
-    for attribute in name.get_attributes_for_oid(oid):
-        value = attribute.value
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    return ""
-
-
-def principal_from_certificate(cert: x509.Certificate) -> Principal:
-    """The federation identity a certificate was issued to.
-
-    Role and key come from the single ``urn:dmp:`` URI of the SubjectAltName, the name from
-    the subject's CN (empty when the CN is just the identity, as for services issued without
-    a name), the profession from the subject's TITLE (practitioners only). Raises
-    Unauthenticated if the certificate names no valid federation identity.
-    """
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise Unauthenticated(
-            "the certificate has no SubjectAltName: it is not a federation certificate"
-        ) from None
-    except ValueError as exc:
-        raise Unauthenticated(f"the certificate has malformed extensions: {exc}") from None
-    uris = [
-        uri
-        for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
-        if uri.startswith(URN_PREFIX)
-    ]
-    if len(uris) != 1:
-        raise Unauthenticated(
-            "a federation certificate carries exactly one urn:dmp: URI in its SubjectAltName,"
-            f" this one carries {len(uris)}"
-        )
-    try:
-        role, key = parse_uri(uris[0])
-    except InvalidArgument as exc:
-        raise Unauthenticated(f"invalid federation identity in certificate: {exc}") from None
-    name = _first_attribute(cert.subject, NameOID.COMMON_NAME)
-    profession = ""
-    if role is Role.PRACTITIONER:
-        profession = _first_attribute(cert.subject, NameOID.TITLE)
-        try:
-            check_profession(profession)
-        except InvalidArgument as exc:
-            raise Unauthenticated(
-                f"practitioner certificate without a valid profession: {exc}"
-            ) from None
-    if name == Principal(role=role, key=key).identity:
-        name = ""
-    return Principal(role=role, key=key, name=name, profession=profession)
-
-
-@functools.lru_cache(maxsize=4096)
-def certificate_from_pem(pem: bytes) -> x509.Certificate:
-    """A certificate from PEM (cached); Unauthenticated if it is not one."""
-    try:
-        return x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        raise Unauthenticated("the peer certificate is not a PEM X.509 certificate") from None
-
-
-@functools.lru_cache(maxsize=4096)
-def principal_from_pem(pem: bytes) -> Principal:
-    """The principal of a PEM certificate (cached: called on every RPC with the peer cert)."""
-    return principal_from_certificate(certificate_from_pem(pem))
-
-
-def _issue_command(identity: str, pki_dir: Path) -> str:
-    """The `dmp pki issue ...` command that creates the files of an identity."""
-    try:
-        role, key = parse_identity(identity)
-    except InvalidArgument:
-        return f"`dmp pki issue ... --pki {pki_dir}`"
-    if role is Role.NODE:
-        args = f"node --region {key}"
-    elif role is Role.DIRECTORY:
-        args = "directory"
-    elif role is Role.PRACTITIONER:
-        args = f'practitioner --rpps {key} --profession PROFESSION --name "NAME"'
-    else:
-        args = f'patient --ins {key} --name "NAME"'
-    return f"`dmp pki issue {args} --pki {pki_dir}`"
-
-
-def _canonical_identity(identity: str) -> str:
-    role, key = parse_identity(identity)
-    return Principal(role=role, key=key).identity
 
 
 def _check_principal(principal: Principal) -> Principal:
@@ -744,199 +550,3 @@ class Pki:
                 )
             )
         return sorted(found, key=lambda issued: issued.identity)
-
-
-# --------------------------------------------------------------------------- revocation
-
-
-class RevocationList:
-    """The revoked serials of the federation CRL, kept in memory and refreshed on change.
-
-    ``is_revoked`` is cheap: at most once per ``check_interval`` seconds it stats the file
-    and re-reads it only if its inode, mtime or size changed. A CRL that is missing,
-    unreadable or not signed by the CA is ignored with a warning and the last good set is
-    kept; at construction it raises FailedPrecondition. Thread-safe.
-    """
-
-    def __init__(
-        self, crl_path: Path, ca_cert: x509.Certificate, *, check_interval: float = 1.0
-    ) -> None:
-        self._path = Path(crl_path)
-        self._ca_cert = ca_cert
-        self._ca_key = _ca_public_key(ca_cert)
-        self._interval = check_interval
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None
-        self._serials: dict[int, datetime]
-        try:
-            self._stamp, self._serials = self._read()
-        except _BadCrl as exc:
-            raise FailedPrecondition(str(exc)) from None
-        self._next_check = time.monotonic() + check_interval
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def revoked_serials(self) -> frozenset[int]:
-        return frozenset(self._serials)
-
-    def is_revoked(self, cert: x509.Certificate) -> bool:
-        self._maybe_refresh()
-        return cert.serial_number in self._serials
-
-    def revoked_at(self, cert: x509.Certificate) -> datetime | None:
-        """When the CA revoked `cert` (the CRL entry's revocation date), None if it did not:
-        what a certificate signed before then stays valid (a patient's directives)."""
-        self._maybe_refresh()
-        return self._serials.get(cert.serial_number)
-
-    def reload(self) -> bool:
-        """Re-read the CRL now, whether or not it changed; True if it was read and good."""
-        with self._lock:
-            return self._refresh(force=True)
-
-    def _maybe_refresh(self) -> None:
-        if time.monotonic() < self._next_check:
-            return
-        # Another thread already refreshing: keep answering from the current set.
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
-            if time.monotonic() >= self._next_check:
-                self._refresh(force=False)
-        finally:
-            self._lock.release()
-
-    def _refresh(self, *, force: bool) -> bool:
-        """Re-read if forced or the file changed; called with the lock held."""
-        self._next_check = time.monotonic() + self._interval
-        try:
-            stamp = self._stat()
-        except _BadCrl as exc:
-            if force or self._stamp is not None:
-                log.warning("%s; keeping the last good revocation list", exc)
-            self._stamp = None
-            return False
-        if not force and stamp == self._stamp:
-            return True
-        try:
-            stamp, serials = self._read()
-        except _BadCrl as exc:
-            # Remember the bad file so the warning is logged once, not at every check.
-            self._stamp = stamp
-            log.warning("%s; keeping the last good revocation list", exc)
-            return False
-        if serials != self._serials:
-            log.info("revocation list %s: %d revoked certificate(s)", self._path, len(serials))
-        self._stamp, self._serials = stamp, serials
-        return True
-
-    def _stat(self) -> tuple[int, int, int]:
-        try:
-            st = os.stat(self._path)
-        except OSError as exc:
-            raise _BadCrl(f"CRL {self._path} cannot be read: {exc.strerror}") from None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def _read(self) -> tuple[tuple[int, int, int], dict[int, datetime]]:
-        try:
-            with open(self._path, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read()
-        except OSError as exc:
-            raise _BadCrl(f"CRL {self._path} cannot be read: {exc.strerror}") from None
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        try:
-            crl = x509.load_pem_x509_crl(data)
-        except ValueError:
-            raise _BadCrl(f"CRL {self._path} is not a PEM CRL") from None
-        try:
-            valid = crl.issuer == self._ca_cert.subject and crl.is_signature_valid(self._ca_key)
-        except (InvalidSignature, ValueError, TypeError):
-            valid = False
-        if not valid:
-            raise _BadCrl(f"CRL {self._path} is not signed by the federation CA")
-        next_update = crl.next_update_utc
-        if next_update is not None and next_update < _utc_now():
-            log.warning(
-                "CRL %s is stale (next update was due %s): re-sign it with the CA",
-                self._path,
-                next_update,
-            )
-        return stamp, {entry.serial_number: entry.revocation_date_utc for entry in crl}
-
-
-class _BadCrl(Exception):
-    pass
-
-
-# --------------------------------------------------------------------------- credentials
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What a process needs for mutual TLS: the CA, its certificate and key, who it is."""
-
-    ca_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes
-    principal: Principal
-
-
-def load_credentials(pki_dir: Path, identity: str) -> Credentials:
-    """Read DIR/ca.pem and DIR/<identity>.pem/.key and check they belong together.
-
-    Needs neither the CA key nor the CRL, so a node's directory can hold only its own
-    files. FailedPrecondition names a missing or wrong file and the command that makes it.
-    """
-    pki_dir = Path(pki_dir)
-    canonical = _canonical_identity(identity)
-    issue = _issue_command(canonical, pki_dir)
-    ca_path = pki_dir / CA_FILE
-    cert_path = pki_dir / f"{canonical}.pem"
-    key_path = pki_dir / f"{canonical}.key"
-    ca_pem = _read_file(
-        ca_path,
-        "CA certificate",
-        f"copy it from the federation PKI or run `dmp pki init --pki {pki_dir}`",
-    )
-    cert_pem = _read_file(cert_path, "certificate", f"run {issue}")
-    key_pem = _read_file(key_path, "private key", f"run {issue}")
-    try:
-        ca_cert = x509.load_pem_x509_certificate(ca_pem)
-    except ValueError:
-        raise FailedPrecondition(f"CA certificate {ca_path} is not a PEM certificate") from None
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
-        raise FailedPrecondition(f"certificate {cert_path} is not a PEM certificate") from None
-    try:
-        key = load_private_key(key_pem)
-    except InvalidArgument as exc:
-        raise FailedPrecondition(f"private key {key_path}: {exc}") from None
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        raise FailedPrecondition(
-            f"certificate {cert_path} was not issued by the CA in {ca_path}:"
-            f" re-issue it with {issue}"
-        ) from None
-    cert_key = cert.public_key()
-    if (
-        not isinstance(cert_key, ec.EllipticCurvePublicKey)
-        or cert_key.public_numbers() != key.public_key().public_numbers()
-    ):
-        raise FailedPrecondition(
-            f"private key {key_path} does not match certificate {cert_path}: re-issue with {issue}"
-        )
-    try:
-        principal = principal_from_certificate(cert)
-    except Unauthenticated as exc:
-        raise FailedPrecondition(f"certificate {cert_path}: {exc}") from None
-    if principal.identity != canonical:
-        raise FailedPrecondition(
-            f"certificate {cert_path} was issued to {principal.uri}, not to {canonical}"
-        )
-    return Credentials(ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, principal=principal)
