@@ -85,7 +85,7 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
     registry: EmbeddedRegistry | None = None
     discovery: Discovery
     if config.consul_url:
-        from dmp.discovery.consul import ConsulDiscovery
+        from dmp.discovery.consul_discovery import ConsulDiscovery
 
         discovery = ConsulDiscovery(config.consul_url, verify=channels.problems)
     else:

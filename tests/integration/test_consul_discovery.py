@@ -18,7 +18,8 @@ import consul
 import pytest
 
 from dmp.discovery import NODE_SERVICE_NAME, Announcer, Discovery, NodeRoute
-from dmp.discovery.consul import ConsulAnnouncer, ConsulDiscovery, parse_consul_url
+from dmp.discovery.consul import ConsulAnnouncer, parse_consul_url
+from dmp.discovery.consul_discovery import ConsulDiscovery
 from dmp.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tests.fake_consul import FakeConsul, free_port
 
