@@ -39,10 +39,10 @@ from dmp.witness import WitnessStore
 from dmp.witness_client import HeadPublisher, compare_with_witnessed, fetch_witnessed
 from dmp.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 from node.access import NodeAccess
+from node.access_matrix import load_matrix
 from node.directives import DirectiveCache
 from node.locator import OutboxDelivery
 from node.models import audit_checkpoints, audit_events, seen_nonces, witnessed_heads
-from node.policy import AccessMatrix
 from node.servicer import NodeServicer
 from node.store import RecordStore
 
@@ -140,7 +140,7 @@ def start_node(config: NodeConfig) -> RunningNode:
     access = NodeAccess(
         AssertionVerifier(signatures, nonces=StoredNonces(engine, seen_nonces)),
         DirectiveCache(signatures, directory_channel),
-        AccessMatrix.load(config.access_matrix) if config.access_matrix else AccessMatrix.load(),
+        load_matrix(config.access_matrix) if config.access_matrix else load_matrix(),
     )
     audit_log = AuditLog(
         engine,

@@ -43,13 +43,14 @@ from dmp.errors import InvalidArgument
 from dmp.identity import Principal, Role
 from dmp.ins import make_ins
 from dmp.pki import CRL_FILE, Pki, RevocationList, certificate_from_pem, load_credentials
+from dmp.policy import HIDDEN_FROM_PATIENT_US
 from dmp.signing import SignatureVerifier, Signer
 from dmp.tls import secure_channel
 from dmp.v1 import access_pb2, directory_service_pb2_grpc, node_service_pb2_grpc, record_pb2
 from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import node_service_pb2 as npb
+from node.access_matrix import DEFAULT_MATRIX_PATH
 from node.app import RunningNode
-from node.policy import DEFAULT_MATRIX_PATH, HIDDEN_FROM_PATIENT_US
 from tests.federation import (
     DOCTOR,
     LOOKUP,
