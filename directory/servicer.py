@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import grpc
 
-from directory import access
 from directory.access import DirectoryAccess
 from directory.channels import NodeChannels
 from directory.directives import DirectiveStore
@@ -14,14 +13,14 @@ from directory.fanout import FanOut
 from directory.index import FragmentUpdate, PatientIndex
 from directory.registry import HEARTBEAT_SECONDS, EmbeddedRegistry
 from directory.view import ViewAssembler
-from dmp import tokens
+from dmp import policy, tokens
 from dmp.assertion import ASSERTION_KEY, VerifiedAssertion
 from dmp.audit import EventType
 from dmp.auditing import REQUEST_ID_KEY, Auditor, history_events, to_proto
 from dmp.clock import from_us, now_us, to_us
 from dmp.directives import DIRECTIVES_KEY, NO_DIRECTIVES_KEY
 from dmp.discovery import Discovery
-from dmp.errors import DmpError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from dmp.errors import DmpError, FailedPrecondition, InvalidArgument, NotFound
 from dmp.fields import check_count, check_time
 from dmp.identity import Role
 from dmp.ins import normalize_ins
@@ -97,7 +96,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     ) -> pb.RegisterPatientResponse:
         with self._auditor.call(context, EventType.WRITE, request.patient.ins) as audited:
             audited.detail = "patient identity registered"
-            access.check_register(context.principal)
+            policy.check_register(context.principal)
             traits, created = self._index.register(
                 request.patient, context.principal.uri, audit=audited.append
             )
@@ -121,7 +120,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     def ReportFragments(
         self, request: pb.ReportFragmentsRequest, context: CallContext
     ) -> pb.ReportFragmentsResponse:
-        region = access.check_node(context.principal)
+        region = policy.check_node(context.principal)
         latest = now_us() + REPORT_CLOCK_SKEW_US
         updates = []
         for i, report in enumerate(request.fragments):
@@ -144,7 +143,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     def RegisterNode(
         self, request: pb.RegisterNodeRequest, context: CallContext
     ) -> pb.RegisterNodeResponse:
-        region = access.check_node(context.principal)
+        region = policy.check_node(context.principal)
         if self._registry is None:
             raise FailedPrecondition(
                 "this directory finds nodes through Consul: start the node with --consul"
@@ -226,7 +225,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
                 if context.principal.role is Role.NODE
                 else "patient directives"
             )
-            access.check_own_directives(context.principal, ins)
+            policy.check_own_directives(context.principal, ins)
             _, signed = self._directives.current(ins)
             audited.commit()
         if signed is None:
@@ -238,8 +237,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     ) -> pb.SetDirectivesResponse:
         caller = context.principal
         with self._auditor.call(context, EventType.DIRECTIVE_CHANGE, caller.key) as audited:
-            if caller.role is not Role.PATIENT:
-                raise PermissionDenied("only the patient sets their directives")
+            policy.check_sets_directives(caller)
             stored = self._directives.replace(request.directives, caller.key, audit=audited.append)
         return pb.SetDirectivesResponse(version=stored.version)
 
@@ -252,8 +250,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
                 context, access_pb2.OPERATION_ACCESS_HISTORY, ins
             )
             audited.caller(assertion)
-            if assertion.subject.role is not Role.PATIENT or assertion.purpose_name != "SELF":
-                raise PermissionDenied("a patient's access history is for the patient only")
+            policy.check_history(assertion)
             limit = tokens.page_size(request.page_size, 100, MAX_HISTORY)
             metadata = forward_metadata(assertion, signed, audited.request_id)
             node_request = npb.ListAccessEventsRequest(
@@ -287,7 +284,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
     ) -> pb.ListIdentityConflictsResponse:
         with self._auditor.call(context, EventType.READ_RECORD) as audited:
             audited.detail = "identity conflict review"
-            access.check_operator(context.principal)
+            policy.check_operator(context.principal)
             size = tokens.page_size(request.page_size, 50, MAX_CONFLICT_PAGE)
             query_print = tokens.query_fingerprint(request)
             after = 0

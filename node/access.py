@@ -3,36 +3,23 @@
 A read must carry a valid access assertion signed by the person it is for (the
 professional or the patient), checked here whatever the transport certificate: the
 directory's certificate alone reads nothing. The transport is either that person or the
-directory relaying for them. The patient's directives and the profession matrix then give
-the ReadScope, which `readable` turns into the WHERE clause of every record query.
+directory relaying for them. The access policy (dmp/policy.py) then gives the ReadScope,
+which node/scoping.py turns into the WHERE clause of every record query.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-from sqlalchemy import Select, bindparam, false, or_, select
-from sqlalchemy.orm import aliased
 
 from dmp.assertion import AssertionVerifier, Operation, VerifiedAssertion
 from dmp.clock import now_us
 from dmp.errors import PermissionDenied
 from dmp.identity import Principal, Role
+from dmp.policy import AccessMatrix, ReadScope, check_write, decide_read, may_supersede
 from dmp.server import CallContext
 from node.directives import DirectiveCache
 from node.models import RecordRow
-from node.policy import (
-    HIDDEN_FROM_PATIENT_US,
-    AccessMatrix,
-    ReadScope,
-    check_write,
-    decide_read,
-    may_supersede,
-)
-
-S = TypeVar("S", bound=Select[Any])
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,57 +92,3 @@ class NodeAccess:
 
     def now(self) -> int:
         return self._clock()
-
-
-def readable(stmt: S, scope: ReadScope, now: int) -> S:
-    """Scope a query on records to what the scope allows: no code path can forget it."""
-    return readable_shape(stmt, scope).params(readable_params(scope, now))
-
-
-def readable_key(scope: ReadScope) -> tuple[Any, ...]:
-    """What readable_shape depends on: scopes with equal keys share one statement."""
-    hidden = scope.hidden_masked
-    return (scope.patient_view, scope.grant, hidden, scope.subject.uri if hidden else "")
-
-
-def readable_params(scope: ReadScope, now: int) -> dict[str, Any]:
-    """The values of a readable_shape statement for this scope, at this time."""
-    return {
-        "scope_patient_ins": scope.patient_ins,
-        "scope_hidden_before_us": now - HIDDEN_FROM_PATIENT_US,
-    }
-
-
-def readable_shape(stmt: S, scope: ReadScope) -> S:
-    """readable() with the patient and the time left as bind parameters (readable_params):
-    a statement built once serves every call with the same readable_key."""
-    stmt = stmt.where(RecordRow.patient_ins == bindparam("scope_patient_ins"))
-    if scope.patient_view:
-        return stmt.where(
-            or_(
-                RecordRow.hidden_from_patient.is_(False),
-                RecordRow.revealed_us.is_not(None),
-                RecordRow.created_us <= bindparam("scope_hidden_before_us"),
-            )
-        )
-    if scope.grant is None:
-        return stmt.where(false())
-    allowed = []
-    if scope.grant.kinds:
-        allowed.append(RecordRow.kind.in_(sorted(scope.grant.kinds)))
-    if scope.grant.type_codes:
-        allowed.append(RecordRow.type_code.in_(sorted(scope.grant.type_codes)))
-    stmt = stmt.where(or_(*allowed))
-    if scope.hidden_masked:
-        masked = aliased(RecordRow)
-        masked_roots = select(masked.root_id).where(
-            masked.patient_ins == bindparam("scope_patient_ins"),
-            masked.id.in_(sorted(scope.hidden_masked)),
-        )
-        stmt = stmt.where(
-            or_(
-                RecordRow.root_id.not_in(masked_roots),
-                RecordRow.author_identity == scope.subject.uri,
-            )
-        )
-    return stmt

@@ -30,10 +30,10 @@ from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc, witness_pb2_grpc
 from dmp.witness_client import HeadPublisher, compare_with_witnessed, fetch_witnessed
 from node.access import NodeAccess
+from node.access_matrix import load_matrix
 from node.directives import DirectiveCache
 from node.locator import OutboxDelivery
 from node.models import audit_checkpoints, audit_events, seen_nonces, witnessed_heads
-from node.policy import AccessMatrix
 from node.servicer import NodeServicer
 from node.store import RecordStore
 
@@ -129,7 +129,7 @@ def start_node(config: NodeConfig) -> RunningNode:
     access = NodeAccess(
         base.assertions,
         DirectiveCache(base.signatures, directory_channel),
-        AccessMatrix.load(config.access_matrix) if config.access_matrix else AccessMatrix.load(),
+        load_matrix(config.access_matrix) if config.access_matrix else load_matrix(),
     )
     publisher = None
     if directory_channel is not None:

@@ -7,12 +7,10 @@ from collections.abc import Callable, Iterator
 from sqlalchemy.orm import Session
 
 from dmp import tokens
-from dmp.assertion import PURPOSE_NAMES
 from dmp.audit import EventType
 from dmp.auditing import AuditedCall, Auditor, history_events, to_proto
-from dmp.errors import PermissionDenied
-from dmp.identity import Role
 from dmp.ins import normalize_ins
+from dmp.policy import check_history
 from dmp.server import CallContext
 from dmp.v1 import access_pb2, node_service_pb2_grpc, patient_pb2, record_pb2
 from dmp.v1 import node_service_pb2 as pb
@@ -162,13 +160,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
             patient = normalize_ins(request.patient_ins, "patient_ins")
             caller, _ = self._access.reader(context, access_pb2.OPERATION_ACCESS_HISTORY, patient)
             audited.caller(caller.assertion)
-            assertion = caller.assertion
-            if (
-                assertion is None
-                or caller.subject.role is not Role.PATIENT
-                or (PURPOSE_NAMES.get(assertion.purpose) != PURPOSE_NAMES[access_pb2.PURPOSE_SELF])
-            ):
-                raise PermissionDenied("a patient's access history is for the patient only")
+            check_history(caller.assertion)
             limit = tokens.page_size(request.page_size, 100, MAX_EVENTS)
             events = history_events(
                 self._auditor.log, patient, exclude_own=request.exclude_own, limit=limit

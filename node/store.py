@@ -37,14 +37,13 @@ from dmp.errors import (
 from dmp.fields import check_time
 from dmp.identity import Principal
 from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
+from dmp.policy import ReadScope
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
 from node import integrity
-from node.access import readable, readable_key, readable_params, readable_shape
 from node.integrity import hash_row, hash_values
 from node.models import PatientRow, RecordContentRow, RecordRow
 from node.outbox import LocatorOutbox, Pending, announce
-from node.policy import ReadScope
 from node.records import (
     CONFIDENTIALITY_NAMES,
     LOINC,
@@ -55,6 +54,7 @@ from node.records import (
     to_proto,
     validate_draft,
 )
+from node.scoping import readable, readable_key, readable_params, readable_shape
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -72,7 +72,7 @@ WriteAudit = Callable[[Session, list["Written"]], None]
 WriteCheck = Callable[[record_pb2.Record], None]
 
 
-#: Whether the writer may replace this stored record with a new version (node/policy.py).
+#: Whether the writer may replace this stored record with a new version (dmp/policy.py).
 SupersedeCheck = Callable[[RecordRow], bool]
 
 

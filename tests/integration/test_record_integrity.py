@@ -22,10 +22,10 @@ from sqlalchemy import Engine, text
 from dmp.db import make_engine, upgrade
 from dmp.errors import DataLoss
 from dmp.identity import Principal, Role
+from dmp.policy import Grant, ReadScope
 from dmp.v1 import node_service_pb2 as pb
 from dmp.v1 import record_pb2
 from node.app import MIGRATIONS, RunningNode
-from node.policy import Grant, ReadScope
 from node.store import RecordStore
 from tests.federation import (
     DOCTOR,

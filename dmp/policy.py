@@ -1,0 +1,199 @@
+"""The access policy of the federation: every access decision, as plain functions.
+
+Both services ask it: the node for each read and write, the directory before it looks a
+patient up or fans out. It decides from plain values (the verified access assertion, the
+patient's signed directives, the profession matrix, the writer's identity) and answers
+with a ReadScope, a refusal, or yes/no. No transport and no SQL here: the record
+repository turns a ReadScope into the WHERE clause of its queries (node/scoping.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from dmp.directives import PatientDirectives
+from dmp.errors import FailedPrecondition, PermissionDenied
+from dmp.identity import Principal, Role
+
+#: A record hidden from the patient becomes visible on its own after this long.
+HIDDEN_FROM_PATIENT_US = 30 * 24 * 3600 * 1_000_000
+PATIENT_NOTE = "patient-note"
+#: The purpose of a patient's own access, and of a professional's emergency access.
+SELF = "SELF"
+EMERGENCY = "EMERGENCY"
+
+
+class Asserted(Protocol):
+    """What the policy reads of a verified access assertion: who, for which patient, why."""
+
+    @property
+    def subject(self) -> Principal: ...
+
+    @property
+    def patient_ins(self) -> str: ...
+
+    @property
+    def purpose_name(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Grant:
+    kinds: frozenset[str]
+    type_codes: frozenset[str]
+
+
+class AccessMatrix:
+    """Which kinds and type codes each profession reads (loaded by node/access_matrix.py)."""
+
+    def __init__(self, grants: dict[str, Grant]) -> None:
+        self.grants = grants
+
+    def grant(self, profession: str) -> Grant:
+        return self.grants.get(profession, Grant(frozenset(), frozenset()))
+
+
+@dataclass(frozen=True)
+class ReadScope:
+    """What one call may see of one patient's records."""
+
+    subject: Principal
+    patient_ins: str
+    #: For professionals: kinds and type codes readable (a record matching either).
+    grant: Grant | None
+    #: Masked record ids hidden from this professional, unless they wrote them.
+    hidden_masked: frozenset[str]
+    #: The patient's own view: hidden-until-revealed records are left out.
+    patient_view: bool
+    masked: frozenset[str]
+
+
+def refuse_reader(assertion: Asserted, directives: PatientDirectives) -> None:
+    """May the assertion's subject read this patient's record at all? The refusals the
+    directory applies before any lookup, and each node again before it reads."""
+    subject = assertion.subject
+    if subject.role is Role.PATIENT:
+        if subject.key != assertion.patient_ins:
+            raise PermissionDenied("a patient reads only their own record")
+        return
+    if subject.role is not Role.PRACTITIONER:
+        raise PermissionDenied(f"{subject.uri} may not read records")
+    refuse_professional(subject, directives, emergency=assertion.purpose_name == EMERGENCY)
+
+
+def decide_read(
+    assertion: Asserted, directives: PatientDirectives, matrix: AccessMatrix
+) -> ReadScope:
+    """May the assertion's subject read this patient's records, and which? Refusals say why."""
+    refuse_reader(assertion, directives)
+    subject = assertion.subject
+    if subject.role is Role.PATIENT:
+        return ReadScope(
+            subject, assertion.patient_ins, None, frozenset(), True, directives.masked_record_ids
+        )
+    grant = matrix.grant(subject.profession)
+    if not grant.kinds and not grant.type_codes:
+        raise PermissionDenied(f"the profession {subject.profession!r} reads no record kind")
+    treating = directives.treating_rpps == subject.key
+    hidden = frozenset() if treating else directives.masked_record_ids
+    return ReadScope(
+        subject, assertion.patient_ins, grant, hidden, False, directives.masked_record_ids
+    )
+
+
+def refuse_professional(
+    professional: Principal, directives: PatientDirectives, *, emergency: bool = False
+) -> None:
+    """The patient's refusals of a professional: a block, an opposition, and for an
+    emergency access a refusal of emergency access."""
+    if professional.key in directives.blocked_rpps:
+        raise PermissionDenied("the patient has blocked this professional's access to their record")
+    if directives.opposed:
+        raise PermissionDenied("the patient opposes access to their record by professionals")
+    if emergency and directives.emergency_refused:
+        raise PermissionDenied("the patient refuses emergency access to their record")
+
+
+def check_write(writer: Principal, kind: str, directives: PatientDirectives) -> None:
+    """Professionals write clinical records; a patient writes their own notes only."""
+    if writer.role is Role.PATIENT:
+        if writer.key != directives.patient_ins or kind != PATIENT_NOTE:
+            raise PermissionDenied(
+                "a patient writes only notes (kind patient-note) in their own record"
+            )
+    elif writer.role is Role.PRACTITIONER:
+        if kind == PATIENT_NOTE:
+            raise PermissionDenied("patient notes are written by the patient")
+        refuse_professional(writer, directives)
+    else:
+        raise PermissionDenied(f"{writer.uri} may not write records: only professionals write")
+    if directives.closed:
+        raise FailedPrecondition("the patient's record is closed: nothing new is written")
+
+
+def may_supersede(
+    writer: Principal, author_identity: str, kind: str, type_code: str, matrix: AccessMatrix
+) -> bool:
+    """May `writer` replace this record with a new version (CSP R1111-51)?
+
+    Only the record's author writes its new version: a record written by someone else, a
+    record masked from the writer or hidden from the patient by its author is never
+    retired by another; a patient's authored records are their own notes. A professional
+    supersedes only within what their profession reads (the author keeps reading their
+    own masked records, so masking never stops the author correcting a record).
+    """
+    if author_identity != writer.uri:
+        return False
+    if writer.role is Role.PATIENT:
+        return kind == PATIENT_NOTE
+    if writer.role is not Role.PRACTITIONER:
+        return False
+    grant = matrix.grant(writer.profession)
+    return kind in grant.kinds or type_code in grant.type_codes
+
+
+def check_history(assertion: Asserted | None) -> None:
+    """A patient's access history is read by the patient, for themselves, only."""
+    if (
+        assertion is None
+        or assertion.subject.role is not Role.PATIENT
+        or assertion.purpose_name != SELF
+    ):
+        raise PermissionDenied("a patient's access history is for the patient only")
+
+
+# -- the directory's own calls ----------------------------------------------------------------
+
+
+def check_register(caller: Principal) -> None:
+    if caller.role is not Role.PRACTITIONER:
+        raise PermissionDenied("only professionals register patient identities")
+
+
+def check_node(caller: Principal) -> str:
+    """Node-only calls; returns the region of the calling node's certificate."""
+    if caller.role is not Role.NODE:
+        raise PermissionDenied("only a regional node may make this call")
+    return caller.key
+
+
+def check_operator(caller: Principal) -> None:
+    if caller.role is not Role.DIRECTORY:
+        raise PermissionDenied(
+            "identity conflicts are for the national operator (directory identity)"
+        )
+
+
+def check_own_directives(caller: Principal, patient_ins: str) -> None:
+    """A patient reads and changes their own directives; nodes read them."""
+    if caller.role is Role.NODE:
+        return
+    if caller.role is Role.PATIENT and caller.key == patient_ins:
+        return
+    raise PermissionDenied("only the patient (and the nodes) read a patient's directives")
+
+
+def check_sets_directives(caller: Principal) -> None:
+    """Directives are set by the patient, with their own certificate."""
+    if caller.role is not Role.PATIENT:
+        raise PermissionDenied("only the patient sets their directives")
