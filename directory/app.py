@@ -18,24 +18,24 @@ from directory.registry import EmbeddedRegistry
 from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
 from dmp.assertion import AssertionVerifier
-from dmp.audit import AuditLog
-from dmp.auditing import Auditor
+from dmp.audit.calls import Auditor
+from dmp.audit.log import AuditLog
+from dmp.audit.merkle_proofs import LeafSubtrees
+from dmp.audit.refusals import RefusalTrail
+from dmp.audit.witness import WitnessStore
+from dmp.audit.witness_client import HeadPublisher, WitnessStub
+from dmp.audit.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.dbfile import prepare_sqlite, private_directory
 from dmp.discovery import Discovery
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
-from dmp.merkle_proofs import LeafSubtrees
 from dmp.nonces import StoredNonces
 from dmp.pki import CRL_FILE, RevocationList, certificate_from_pem, load_credentials
-from dmp.refusals import RefusalTrail
 from dmp.server import FederationServer, ServiceSpec, start_server
 from dmp.signing import SignatureVerifier
 from dmp.streams import StreamLimits
 from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc, witness_pb2_grpc
-from dmp.witness import WitnessStore
-from dmp.witness_client import HeadPublisher, WitnessStub
-from dmp.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DIRECTORY_SERVICE = directory_service_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name

@@ -8,11 +8,11 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from dmp.audit import audit_tables
+from dmp.audit.tables import audit_tables
+from dmp.audit.witness import witnessed_heads_table
 from dmp.db import new_metadata
 from dmp.nonces import nonce_table
 from dmp.patients import TraitColumns
-from dmp.witness import witnessed_heads_table
 
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
 

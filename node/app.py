@@ -10,15 +10,19 @@ from pathlib import Path
 import grpc
 
 from dmp.assertion import AssertionVerifier
-from dmp.audit import AuditLog
-from dmp.auditing import Auditor
+from dmp.audit.calls import Auditor
+from dmp.audit.log import AuditLog
+from dmp.audit.merkle_proofs import LeafSubtrees
+from dmp.audit.refusals import RefusalTrail
+from dmp.audit.witness import WitnessStore
+from dmp.audit.witness_client import HeadPublisher, compare_with_witnessed, fetch_witnessed
+from dmp.audit.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 from dmp.clock import now_us
 from dmp.db import make_engine, sqlite_url, upgrade
 from dmp.dbfile import prepare_sqlite, private_directory
 from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
 from dmp.identity import Role
-from dmp.merkle_proofs import LeafSubtrees
 from dmp.nonces import StoredNonces
 from dmp.pki import (
     CRL_FILE,
@@ -28,16 +32,12 @@ from dmp.pki import (
     load_credentials,
     node_tls_name,
 )
-from dmp.refusals import RefusalTrail
 from dmp.regions import check_region
 from dmp.server import FederationServer, ServiceSpec, host_port, start_server
 from dmp.signing import SignatureVerifier
 from dmp.streams import StreamLimits
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc, witness_pb2_grpc
-from dmp.witness import WitnessStore
-from dmp.witness_client import HeadPublisher, compare_with_witnessed, fetch_witnessed
-from dmp.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 from node.access import NodeAccess
 from node.directives import DirectiveCache
 from node.locator import OutboxDelivery

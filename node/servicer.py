@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from sqlalchemy.orm import Session
 
 from dmp.assertion import PURPOSE_NAMES
-from dmp.audit import EventType
-from dmp.auditing import AuditedCall, Auditor, history_events, to_proto
+from dmp.audit.calls import AuditedCall, Auditor, history_events, to_proto
+from dmp.audit.events import EventType
 from dmp.errors import InvalidArgument, PermissionDenied
 from dmp.identity import Role
 from dmp.ins import normalize_ins

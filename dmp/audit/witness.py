@@ -42,12 +42,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from dmp.audit import Checkpoint, verify_checkpoint
+from dmp.audit.checkpoints import Checkpoint, verify_checkpoint
+from dmp.audit.merkle_proofs import verify_consistency
 from dmp.clock import from_us, now_us, to_us
 from dmp.db import writer
 from dmp.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from dmp.identity import Principal
-from dmp.merkle_proofs import verify_consistency
 from dmp.pki import Credentials, load_private_key, principal_from_certificate
 from dmp.v1 import witness_pb2 as wpb
 

@@ -18,12 +18,13 @@ import grpc
 from sqlalchemy.orm import Session
 
 from dmp.assertion import VerifiedAssertion
-from dmp.audit import AuditEvent, AuditLog, EventType, Outcome, outcome_for_status
+from dmp.audit.events import AuditEvent, EventType, Outcome, outcome_for_status
+from dmp.audit.log import AuditLog
+from dmp.audit.refusals import RefusalTrail
 from dmp.clock import from_us
 from dmp.errors import DmpError
 from dmp.failures import public_failure
 from dmp.identity import Principal, Role
-from dmp.refusals import RefusalTrail
 from dmp.server import CallContext
 from dmp.v1 import audit_pb2
 
