@@ -26,6 +26,7 @@ from dmp.fields import check_count, check_time
 from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.patients import traits_of
+from dmp.purposes import Purpose
 from dmp.server import CallContext
 from dmp.v1 import access_pb2, directory_service_pb2_grpc
 from dmp.v1 import directory_service_pb2 as pb
@@ -252,7 +253,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
                 context, access_pb2.OPERATION_ACCESS_HISTORY, ins
             )
             audited.caller(assertion)
-            if assertion.subject.role is not Role.PATIENT or assertion.purpose_name != "SELF":
+            if assertion.subject.role is not Role.PATIENT or assertion.purpose_name != Purpose.SELF:
                 raise PermissionDenied("a patient's access history is for the patient only")
             if request.page_size < 0:
                 raise InvalidArgument("page_size must not be negative")

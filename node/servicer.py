@@ -6,12 +6,12 @@ from collections.abc import Callable, Iterator
 
 from sqlalchemy.orm import Session
 
-from dmp.assertion import PURPOSE_NAMES
 from dmp.audit.calls import AuditedCall, Auditor, history_events, to_proto
 from dmp.audit.events import EventType
 from dmp.errors import InvalidArgument, PermissionDenied
 from dmp.identity import Role
 from dmp.ins import normalize_ins
+from dmp.purposes import Purpose
 from dmp.server import CallContext
 from dmp.v1 import access_pb2, node_service_pb2_grpc, patient_pb2, record_pb2
 from dmp.v1 import node_service_pb2 as pb
@@ -165,7 +165,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
             if (
                 assertion is None
                 or caller.subject.role is not Role.PATIENT
-                or (PURPOSE_NAMES.get(assertion.purpose) != PURPOSE_NAMES[access_pb2.PURPOSE_SELF])
+                or assertion.purpose != Purpose.SELF.wire
             ):
                 raise PermissionDenied("a patient's access history is for the patient only")
             if request.page_size < 0:
