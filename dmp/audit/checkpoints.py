@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from dmp.audit.events import iso_instant
 from dmp.clock import now_us
 from dmp.errors import Unauthenticated
-from dmp.pki import Credentials, load_private_key, principal_from_certificate
+from dmp.pki import Credentials, principal_from_certificate
+from dmp.signing import Signer
 
 CHECKPOINT_CONTEXT: Final = "dmp-audit-checkpoint"
 
@@ -51,13 +52,12 @@ def sign_checkpoint(
     signed_at_us: int | None = None,
     source_id: str | None = None,
 ) -> Checkpoint:
-    """Sign a tree head with the signer's ECDSA P-256 key (SHA-256, DER signature). The
-    source is the signer's own identity unless given."""
+    """Sign a tree head with the signer's ECDSA P-256 key (SHA-256, DER signature), as
+    every signed statement of the federation is (:class:`dmp.signing.Signer`). The source
+    is the signer's own identity unless given."""
     source = source_id if source_id is not None else signer.principal.uri
     at = signed_at_us if signed_at_us is not None else now_us()
-    key = load_private_key(signer.key_pem)
-    message = checkpoint_message(source, tree_size, root_hash, at)
-    signature = key.sign(message, ec.ECDSA(hashes.SHA256()))
+    signature = Signer(signer).sign(checkpoint_message(source, tree_size, root_hash, at))
     return Checkpoint(source, tree_size, root_hash, at, signature, signer.cert_pem)
 
 

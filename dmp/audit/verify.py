@@ -251,9 +251,9 @@ class _Verifier:
                     )
 
     def run(self, conn: Connection, t: Table) -> None:
-        # The hot loop: locals only, the frontier inlined (MerkleFrontier.append).
+        # The hot loop: locals only.
         tree = MerkleFrontier()
-        stack: list[bytes] = tree._stack
+        append = tree.append
         intact = True  # no gap so far: positions are tree indices
         expected = 1
         previous_time = 0
@@ -283,7 +283,6 @@ class _Verifier:
                         continue
                     self._deleted(expected, seq, previous_time, when)
                     if intact:
-                        tree.size = expected - 1
                         self.settle(expected - 1, tree.root())
                         intact = False
                     expected = seq
@@ -314,16 +313,9 @@ class _Verifier:
                             f" {_describe(event_json)}",
                         )
                     )
-                if intact:
-                    h = leaf
-                    n = seq - 1  # leaves already in the tree
-                    while n & 1:
-                        h = sha256(b"\x01" + stack.pop() + h).digest()
-                        n >>= 1
-                    stack.append(h)
+                if intact:  # no gap: the tree holds events 1..seq - 1
+                    append(leaf)
                 if seq >= next_checkpoint:
-                    if intact:
-                        tree.size = seq
                     self.settle(seq, tree.root() if intact else None)
                     next_checkpoint = self.pending[0] if self.pending is not None else no_more
         self.finish(expected - 1)
