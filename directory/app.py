@@ -58,7 +58,7 @@ class DirectoryConfig:
     audit_checkpoint_every: int = 1000
     #: Seconds a person's stream may wait on its peer before it is closed (dmp/streams.py).
     stream_idle_timeout: float = 60.0
-    #: Seconds over which identical refusals are counted into one event (dmp/refusals.py).
+    #: Seconds over which identical refusals are counted into one event (dmp/audit/refusals.py).
     refusal_window: float = 10.0
 
     def database_url(self) -> str:

@@ -1,7 +1,7 @@
 """What every federation server shares: mutual TLS, the caller's identity from its
 certificate and the CRL (one interceptor), streams within limits (dmp/streams.py), domain
 errors mapped to status codes in one place and every other failure through
-dmp/failures.py, refusals made here audited (dmp/refusals.py), one structured log line per
+dmp/failures.py, refusals made here audited (dmp/audit/refusals.py), one structured log line per
 call with its real status, health and reflection, graceful SIGTERM.
 """
 

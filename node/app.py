@@ -77,7 +77,7 @@ class NodeConfig:
     accept_missing_audit: bool = False
     #: Seconds a person's stream may wait on its peer before it is closed (dmp/streams.py).
     stream_idle_timeout: float = 60.0
-    #: Seconds over which identical refusals are counted into one event (dmp/refusals.py).
+    #: Seconds over which identical refusals are counted into one event (dmp/audit/refusals.py).
     refusal_window: float = 10.0
     #: Microseconds since the epoch (tests inject a clock to move time).
     clock: Callable[[], int] = now_us

@@ -86,10 +86,10 @@ class PatientRow(TraitColumns, NodeBase):
     ins: Mapped[str] = mapped_column(String(15), primary_key=True)
 
 
-#: The node's tamper-evident audit trail (dmp/audit.py).
+#: The node's tamper-evident audit trail (dmp/audit/).
 audit_events, audit_checkpoints = audit_tables(NodeBase.metadata)
 
 #: Nonces of the access assertions already used, until they expire (dmp/nonces.py).
 seen_nonces = nonce_table(NodeBase.metadata)
-#: The directory's audit tree heads this node witnessed (dmp/witness.py).
+#: The directory's audit tree heads this node witnessed (dmp/audit/witness.py).
 witnessed_heads = witnessed_heads_table(NodeBase.metadata)

@@ -1,5 +1,5 @@
 """Auditing the calls of a service: one event per access to patient data, allowed or
-refused, recorded where it happened (dmp/audit.py is the log itself).
+refused, recorded where it happened (dmp/audit/log.py is the log itself).
 
 A read records its event, committed, before returning data; a write appends its event in
 the same transaction as the record; a refusal is recorded as well. If the event cannot be
@@ -115,7 +115,7 @@ class AuditedCall:
 
 class Auditor:
     """Audits the calls of one service. Refusals and other errors the caller's request
-    earned go through ``refusals``, which counts identical ones (dmp/refusals.py); a
+    earned go through ``refusals``, which counts identical ones (dmp/audit/refusals.py); a
     failure of ours is recorded with its real status (dmp/failures.py)."""
 
     def __init__(self, log: AuditLog, refusals: RefusalTrail | None = None) -> None:

@@ -167,7 +167,7 @@ class AuditEvent:
     status_code: str = "OK"
     request_id: str = ""
     detail: str = ""
-    #: How many identical events this one stands for (dmp/refusals.py); 1 is not encoded,
+    #: How many identical events this one stands for (dmp/audit/refusals.py); 1 is not encoded,
     #: so events without repeats hash as they always did.
     repeat_count: int = 1
 

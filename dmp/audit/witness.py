@@ -10,8 +10,8 @@ FAILED_PRECONDITION, a head smaller than or inconsistent with one it holds: a lo
 tail was cut, or which was rewritten, can no longer be presented as the same log.
 
 ``dmp audit verify --witness`` (or ``--witnessed FILE``, from ``dmp audit witnessed
-export``) then checks a log against those heads (dmp/witness_check.py), and a node checks
-itself against the latest one at start-up (dmp/witness_client.py).
+export``) then checks a log against those heads (dmp/audit/witness_check.py), and a node checks
+itself against the latest one at start-up (dmp/audit/witness_client.py).
 """
 
 from __future__ import annotations
