@@ -17,19 +17,20 @@ import grpc
 
 from dmp.assertion import sign_assertion
 from dmp.pki import Credentials, load_credentials
+from dmp.purposes import Purpose
 from dmp.signing import Signer
 from dmp.tls import secure_channel
 from dmp.v1 import access_pb2
 
 Metadata = Sequence[tuple[str, str | bytes]]
-Purpose = Literal["CARE", "EMERGENCY", "SELF"]
+PurposeName = Literal["CARE", "EMERGENCY", "SELF"]
 #: What the call does: a view or list of records, a patient lookup, or a write (writes and
 #: registrations are authorized by the writer's certificate and carry no assertion).
 Call = Literal["VIEW", "LOOKUP", "WRITE"]
 
 
 def patient_call_metadata(
-    pki_dir: Path, identity: str, ins: str | None, call: Call, purpose: Purpose = "CARE"
+    pki_dir: Path, identity: str, ins: str | None, call: Call, purpose: PurposeName = "CARE"
 ) -> Metadata:
     """The metadata of one client call made as `identity` about patient `ins` (None for a
     call that spans many patients, such as an ingest stream), for `purpose`: a fresh access
@@ -42,18 +43,13 @@ def patient_call_metadata(
     """
     if ins is None or call == "WRITE":
         return ()
-    reason = "benchmark" if purpose == "EMERGENCY" else ""
+    reason = "benchmark" if purpose == Purpose.EMERGENCY else ""
     return sign_assertion(
-        _signer(pki_dir, identity), ins, _PURPOSES[purpose], reason, operation=_OPERATIONS[call]
+        _signer(pki_dir, identity), ins, Purpose(purpose).wire, reason, operation=_OPERATIONS[call]
     )
 
 
 _OPERATIONS = {"VIEW": access_pb2.OPERATION_VIEW, "LOOKUP": access_pb2.OPERATION_LOOKUP}
-_PURPOSES = {
-    "CARE": access_pb2.PURPOSE_CARE,
-    "EMERGENCY": access_pb2.PURPOSE_EMERGENCY,
-    "SELF": access_pb2.PURPOSE_SELF,
-}
 
 
 @functools.cache

@@ -17,7 +17,8 @@ from directory.models import audit_checkpoints, audit_events, seen_nonces, witne
 from directory.registry import EmbeddedRegistry
 from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
-from dmp.audit import AuditLog
+from dmp.audit.log import AuditLog
+from dmp.audit.witness_client import HeadPublisher, WitnessStub
 from dmp.db import sqlite_url
 from dmp.dbfile import private_directory
 from dmp.discovery import Discovery
@@ -27,7 +28,6 @@ from dmp.identity import Role
 from dmp.pki import load_credentials
 from dmp.server import FederationServer, ServiceSpec
 from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc, witness_pb2_grpc
-from dmp.witness_client import HeadPublisher, WitnessStub
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 TABLES = ServiceTables(

@@ -8,11 +8,11 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from dmp.audit import audit_tables
+from dmp.audit.tables import audit_tables
+from dmp.audit.witness import witnessed_heads_table
 from dmp.db import new_metadata
 from dmp.nonces import nonce_table
 from dmp.patients import TraitColumns
-from dmp.witness import witnessed_heads_table
 
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -74,10 +74,10 @@ class DirectivesRow(DirectoryBase):
     updated_us: Mapped[int] = mapped_column(BigInteger)
 
 
-#: The directory's tamper-evident audit trail (dmp/audit.py).
+#: The directory's tamper-evident audit trail (dmp/audit/).
 audit_events, audit_checkpoints = audit_tables(DirectoryBase.metadata)
 
 #: Nonces of the access assertions already used, until they expire (dmp/nonces.py).
 seen_nonces = nonce_table(DirectoryBase.metadata)
-#: The nodes' audit tree heads the directory witnessed (dmp/witness.py).
+#: The nodes' audit tree heads the directory witnessed (dmp/audit/witness.py).
 witnessed_heads = witnessed_heads_table(DirectoryBase.metadata)

@@ -15,8 +15,8 @@ from directory.registry import HEARTBEAT_SECONDS, EmbeddedRegistry
 from directory.view import ViewAssembler
 from dmp import policy, tokens
 from dmp.assertion import ASSERTION_KEY, VerifiedAssertion
-from dmp.audit import EventType
-from dmp.auditing import REQUEST_ID_KEY, Auditor, history_events, to_proto
+from dmp.audit.calls import REQUEST_ID_KEY, Auditor, history_events, to_proto
+from dmp.audit.events import EventType
 from dmp.clock import from_us, now_us, to_us
 from dmp.directives import DIRECTIVES_KEY, NO_DIRECTIVES_KEY
 from dmp.discovery import Discovery

@@ -24,6 +24,7 @@ from dmp.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from dmp.identity import Principal, Role
 from dmp.ins import normalize_ins
 from dmp.nonces import MAX_NONCE_BYTES, MemoryNonces, NonceLedger
+from dmp.purposes import Purpose
 from dmp.signing import SignatureVerifier, Signer
 from dmp.v1 import access_pb2
 
@@ -48,13 +49,6 @@ OPERATION_NAMES = {
 #: Operations that name the one record they read.
 RECORD_OPERATIONS = frozenset({access_pb2.OPERATION_READ_RECORD, access_pb2.OPERATION_READ_CONTENT})
 
-Purpose = access_pb2.Purpose
-PURPOSE_NAMES = {
-    access_pb2.PURPOSE_CARE: "CARE",
-    access_pb2.PURPOSE_EMERGENCY: "EMERGENCY",
-    access_pb2.PURPOSE_SELF: "SELF",
-}
-
 Metadata = Sequence[tuple[str, str | bytes]]
 
 
@@ -78,10 +72,10 @@ def sign_assertion(
         raise InvalidArgument("record_id is given for record reads, and for them only")
     if purpose is None:
         if signer.principal.role is Role.PATIENT:
-            purpose = access_pb2.PURPOSE_SELF
+            purpose = Purpose.SELF.wire
         else:
-            purpose = access_pb2.PURPOSE_EMERGENCY if reason else access_pb2.PURPOSE_CARE
-    if purpose == access_pb2.PURPOSE_EMERGENCY and not reason.strip():
+            purpose = (Purpose.EMERGENCY if reason else Purpose.CARE).wire
+    if purpose == Purpose.EMERGENCY.wire and not reason.strip():
         raise InvalidArgument("an emergency access needs a reason")
     issued = now_us()
     assertion = access_pb2.AccessAssertion(
@@ -119,11 +113,11 @@ class VerifiedAssertion:
 
     @property
     def purpose_name(self) -> str:
-        return PURPOSE_NAMES[self.purpose]
+        return str(Purpose.of_wire(self.purpose) or "")
 
     @property
     def emergency(self) -> bool:
-        return self.purpose == access_pb2.PURPOSE_EMERGENCY
+        return self.purpose == Purpose.EMERGENCY.wire
 
 
 def assertion_bytes(metadata: Metadata) -> bytes | None:
@@ -187,11 +181,11 @@ class AssertionVerifier:
                 f" s before this server's time {_iso(now)}: sign a new one; if you just did,"
                 " check your clock"
             )
-        if assertion.purpose not in PURPOSE_NAMES:
+        if Purpose.of_wire(assertion.purpose) is None:
             raise Unauthenticated("the access assertion has no purpose")
-        if assertion.purpose == access_pb2.PURPOSE_EMERGENCY and not assertion.reason.strip():
+        if assertion.purpose == Purpose.EMERGENCY.wire and not assertion.reason.strip():
             raise Unauthenticated("an emergency access assertion needs a reason")
-        if (assertion.purpose == access_pb2.PURPOSE_SELF) != (signer.role is Role.PATIENT):
+        if (assertion.purpose == Purpose.SELF.wire) != (signer.role is Role.PATIENT):
             raise Unauthenticated("patients sign SELF assertions; professionals CARE or EMERGENCY")
         try:
             patient = normalize_ins(assertion.patient_ins, "assertion.patient_ins")

@@ -16,21 +16,21 @@ from cryptography import x509
 from sqlalchemy import Engine, Table
 
 from dmp.assertion import AssertionVerifier
-from dmp.audit import AuditLog
-from dmp.auditing import Auditor
+from dmp.audit.calls import Auditor
+from dmp.audit.log import AuditLog
+from dmp.audit.merkle_proofs import LeafSubtrees
+from dmp.audit.refusals import RefusalTrail
+from dmp.audit.witness import WitnessStore
+from dmp.audit.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 from dmp.db import make_engine, upgrade
 from dmp.dbfile import prepare_sqlite
 from dmp.identity import Role
-from dmp.merkle_proofs import LeafSubtrees
 from dmp.nonces import StoredNonces
 from dmp.pki import CRL_FILE, Credentials, RevocationList, certificate_from_pem
-from dmp.refusals import RefusalTrail
 from dmp.server import FederationServer, ServiceSpec, start_server
 from dmp.signing import SignatureVerifier
 from dmp.streams import StreamLimits
 from dmp.tls import DEFAULT_MAX_CONTENT
-from dmp.witness import WitnessStore
-from dmp.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
 
 
 @dataclass(kw_only=True)
@@ -46,7 +46,7 @@ class ServiceSettings:
     audit_checkpoint_every: int = 1000
     #: Seconds a person's stream may wait on its peer before it is closed (dmp/streams.py).
     stream_idle_timeout: float = 60.0
-    #: Seconds over which identical refusals are counted into one event (dmp/refusals.py).
+    #: Seconds over which identical refusals are counted into one event (dmp/audit/refusals.py).
     refusal_window: float = 10.0
     #: Accept an existing empty SQLite file as a new database (refused otherwise).
     initialise: bool = False

@@ -1,7 +1,7 @@
 """What every federation server shares: mutual TLS, the caller's identity from its
 certificate and the CRL (one interceptor), streams within limits (dmp/streams.py), domain
 errors mapped to status codes in one place and every other failure through
-dmp/failures.py, refusals made here audited (dmp/refusals.py), one structured log line per
+dmp/failures.py, refusals made here audited (dmp/audit/refusals.py), one structured log line per
 call with its real status, health and reflection, graceful SIGTERM.
 """
 
@@ -23,11 +23,11 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dmp.audit.refusals import RefusalTrail, refusal_event
 from dmp.errors import DmpError, Unauthenticated
 from dmp.failures import public_failure
 from dmp.identity import Principal
 from dmp.pki import Credentials, RevocationList, certificate_from_pem, principal_from_pem
-from dmp.refusals import RefusalTrail, refusal_event
 from dmp.streams import StreamGate, StreamLimits
 from dmp.tls import DEFAULT_MAX_CONTENT, server_credentials, server_options
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import grpc
 
-from dmp.audit import AuditLog
+from dmp.audit.log import AuditLog
+from dmp.audit.merkle_proofs import LeafSubtrees
+from dmp.audit.witness_client import HeadPublisher, compare_with_witnessed, fetch_witnessed
 from dmp.clock import now_us
 from dmp.db import sqlite_url
 from dmp.dbfile import private_directory
@@ -17,7 +19,6 @@ from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
 from dmp.foundation import ServiceSettings, ServiceTables, open_foundation
 from dmp.identity import Role
-from dmp.merkle_proofs import LeafSubtrees
 from dmp.pki import (
     certificate_dns_names,
     certificate_from_pem,
@@ -28,7 +29,6 @@ from dmp.regions import check_region
 from dmp.server import FederationServer, ServiceSpec, host_port
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc, witness_pb2_grpc
-from dmp.witness_client import HeadPublisher, compare_with_witnessed, fetch_witnessed
 from node.access import NodeAccess
 from node.access_matrix import load_matrix
 from node.directives import DirectiveCache

@@ -5,11 +5,11 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from dmp.audit import audit_tables
+from dmp.audit.tables import audit_tables
+from dmp.audit.witness import witnessed_heads_table
 from dmp.db import new_metadata
 from dmp.nonces import nonce_table
 from dmp.patients import TraitColumns
-from dmp.witness import witnessed_heads_table
 
 # SQLite gives an INTEGER PRIMARY KEY its rowid; BIGINT would not autoincrement there.
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
@@ -86,10 +86,10 @@ class PatientRow(TraitColumns, NodeBase):
     ins: Mapped[str] = mapped_column(String(15), primary_key=True)
 
 
-#: The node's tamper-evident audit trail (dmp/audit.py).
+#: The node's tamper-evident audit trail (dmp/audit/).
 audit_events, audit_checkpoints = audit_tables(NodeBase.metadata)
 
 #: Nonces of the access assertions already used, until they expire (dmp/nonces.py).
 seen_nonces = nonce_table(NodeBase.metadata)
-#: The directory's audit tree heads this node witnessed (dmp/witness.py).
+#: The directory's audit tree heads this node witnessed (dmp/audit/witness.py).
 witnessed_heads = witnessed_heads_table(NodeBase.metadata)

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from sqlalchemy.orm import Session
 
 from dmp import tokens
-from dmp.audit import EventType
-from dmp.auditing import AuditedCall, Auditor, history_events, to_proto
+from dmp.audit.calls import AuditedCall, Auditor, history_events, to_proto
+from dmp.audit.events import EventType
 from dmp.ins import normalize_ins
 from dmp.policy import check_history
 from dmp.server import CallContext

@@ -22,14 +22,13 @@ from sqlalchemy import Engine, Table, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from dmp.audit import (
-    AuditLog,
-    VerifyReport,
-    audit_tables,
-    export_events,
-    log_owner,
-    verify_log,
-)
+from dmp.audit.fhir import export_events
+from dmp.audit.log import AuditLog
+from dmp.audit.tables import audit_tables
+from dmp.audit.verify import VerifyReport, log_owner, verify_log
+from dmp.audit.witness import Witnessed, list_witnessed, witnessed_heads_table
+from dmp.audit.witness_check import WitnessReport, check_witnessed, read_witnessed, to_json
+from dmp.audit.witness_client import fetch_witnessed
 from dmp.cli.common import (
     PKI_ENV,
     CommandError,
@@ -43,9 +42,6 @@ from dmp.db import make_engine, new_metadata, sqlite_url
 from dmp.errors import DmpError
 from dmp.identity import Principal, parse_uri
 from dmp.v1 import witness_pb2_grpc
-from dmp.witness import Witnessed, list_witnessed, witnessed_heads_table
-from dmp.witness_check import WitnessReport, check_witnessed, read_witnessed, to_json
-from dmp.witness_client import fetch_witnessed
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

@@ -20,6 +20,7 @@ from dmp.errors import InvalidArgument
 from dmp.identity import Role, check_rpps, parse_identity
 from dmp.patients import SEX_VALUES
 from dmp.pki import Credentials
+from dmp.purposes import Purpose
 from dmp.signing import Signer
 from dmp.v1 import access_pb2, directory_service_pb2_grpc, patient_pb2
 from dmp.v1 import directory_service_pb2 as pb
@@ -256,7 +257,7 @@ def print_history(answer: pb.GetAccessHistoryResponse) -> None:
     rows = [("WHEN (UTC)", "WHO", "PROFESSION", "WHERE", "WHAT", "WHY", "OUTCOME")]
     for e in answer.events:
         why = e.purpose_of_use or "-"
-        if e.purpose_of_use == "EMERGENCY":
+        if e.purpose_of_use == Purpose.EMERGENCY:
             why = f"EMERGENCY: {e.emergency_reason}"
         what = e.event_type
         if e.participant_object_record_ids:

@@ -17,7 +17,10 @@ import pytest
 from sqlalchemy import Column, Integer, String, Table, insert
 from sqlalchemy.orm import Session
 
-from dmp.audit import AuditEvent, AuditLog, EventType, audit_tables, verify_log
+from dmp.audit.events import AuditEvent, EventType
+from dmp.audit.log import AuditLog
+from dmp.audit.tables import audit_tables
+from dmp.audit.verify import verify_log
 from dmp.db import make_engine, new_metadata, writer
 from dmp.ins import make_ins
 from dmp.pki import Pki, load_credentials

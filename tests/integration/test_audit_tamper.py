@@ -19,24 +19,19 @@ import pytest
 from sqlalchemy import Column, Engine, Integer, MetaData, Table, func, insert, select
 from sqlalchemy.orm import Session
 
-from dmp.audit import (
-    AuditEvent,
-    AuditLog,
-    EventType,
-    Purpose,
-    VerifyReport,
-    audit_tables,
-    event_leaf_hash,
-    outcome_for_status,
-    sign_checkpoint,
-    verify_log,
-)
+from dmp.audit.checkpoints import sign_checkpoint
+from dmp.audit.events import AuditEvent, EventType, outcome_for_status
+from dmp.audit.log import AuditLog
+from dmp.audit.merkle import event_leaf_hash
+from dmp.audit.tables import audit_tables
+from dmp.audit.verify import VerifyReport, verify_log
 from dmp.cli import audit as audit_cli
 from dmp.cli.common import CommandError
 from dmp.db import make_engine, new_metadata, sqlite_url, writer
 from dmp.errors import DataLoss, Unavailable
 from dmp.ins import make_ins
 from dmp.pki import Credentials, Pki, load_credentials
+from dmp.purposes import Purpose
 
 NODE = "urn:dmp:node:11"
 DOCTOR = "urn:dmp:practitioner:10000000001"

@@ -17,7 +17,7 @@ import pytest
 
 from directory.app import RunningDirectory
 from dmp.assertion import sign_assertion
-from dmp.audit import AuditEvent
+from dmp.audit.events import AuditEvent
 from dmp.v1 import access_pb2, record_pb2
 from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import node_service_pb2 as npb
@@ -312,7 +312,8 @@ def test_concurrent_records_share_commits_and_keep_the_log_whole(
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from dmp.audit import AuditLog, verify_log
+    from dmp.audit.log import AuditLog
+    from dmp.audit.verify import verify_log
     from dmp.db import make_engine, upgrade
     from dmp.pki import load_credentials
     from node.app import MIGRATIONS

@@ -20,22 +20,19 @@ from sqlalchemy.orm import Session
 
 from directory.app import RunningDirectory
 from directory.models import witnessed_heads as directory_witnessed
-from dmp.audit import (
-    AuditEvent,
-    AuditLog,
-    EventType,
-    audit_tables,
-    event_leaf_hash,
-    sign_checkpoint,
-)
+from dmp.audit.checkpoints import sign_checkpoint
+from dmp.audit.events import AuditEvent, EventType
+from dmp.audit.log import AuditLog
+from dmp.audit.merkle import event_leaf_hash
+from dmp.audit.merkle_proofs import LeafSubtrees
+from dmp.audit.tables import audit_tables
+from dmp.audit.witness import head_to_proto, list_witnessed
 from dmp.cli import audit as audit_cli
 from dmp.db import make_engine, new_metadata, writer
 from dmp.errors import FailedPrecondition
-from dmp.merkle_proofs import LeafSubtrees
 from dmp.pki import load_credentials
 from dmp.v1 import witness_pb2 as wpb
 from dmp.v1 import witness_pb2_grpc
-from dmp.witness import head_to_proto, list_witnessed
 from node.app import RunningNode
 from node.models import witnessed_heads as node_witnessed
 from tests.federation import (

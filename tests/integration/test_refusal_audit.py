@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dmp.audit import AuditEvent
-from dmp.auditing import to_proto
+from dmp.audit.calls import to_proto
+from dmp.audit.events import AuditEvent
 from dmp.identity import Principal, Role
 from dmp.pki import Pki, load_credentials
 from dmp.tls import secure_channel

@@ -17,7 +17,7 @@ import pytest
 
 from directory.app import RunningDirectory
 from dmp.assertion import Metadata, sign_assertion
-from dmp.audit import EventType
+from dmp.audit.events import EventType
 from dmp.cli.patient import changed
 from dmp.directives import PatientDirectives, from_proto, sign_directives
 from dmp.ins import make_ins

@@ -13,32 +13,25 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from dmp.audit import (
-    DCM,
+from dmp.audit.checkpoints import sign_checkpoint, verify_checkpoint
+from dmp.audit.events import DCM, EVENT_TYPES, AuditEvent, EventType, Outcome, outcome_for_status
+from dmp.audit.fhir import export_events, fhir_audit_event
+from dmp.audit.log import AuditLog
+from dmp.audit.merkle import (
     EMPTY_ROOT,
-    EVENT_TYPES,
-    AuditEvent,
-    AuditLog,
-    EventType,
     MerkleFrontier,
-    Outcome,
-    Purpose,
-    audit_tables,
     event_leaf_hash,
-    export_events,
-    fhir_audit_event,
     leaf_hash,
     merkle_root,
     node_hash,
-    outcome_for_status,
-    sign_checkpoint,
-    verify_checkpoint,
-    verify_log,
 )
+from dmp.audit.tables import audit_tables
+from dmp.audit.verify import verify_log
 from dmp.db import make_engine, new_metadata, sqlite_url
 from dmp.errors import FailedPrecondition
 from dmp.ins import make_ins
 from dmp.pki import Credentials, Pki, load_credentials
+from dmp.purposes import Purpose
 
 INS = make_ins("1850275123456")
 DOCTOR = "urn:dmp:practitioner:10000000001"

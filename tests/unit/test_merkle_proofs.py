@@ -7,8 +7,8 @@ import hashlib
 
 import pytest
 
-from dmp.audit import leaf_hash, merkle_root, node_hash
-from dmp.merkle_proofs import consistency_proof, verify_consistency
+from dmp.audit.merkle import leaf_hash, merkle_root, node_hash
+from dmp.audit.merkle_proofs import consistency_proof, verify_consistency
 
 LEAVES = [leaf_hash(f"entry {i}".encode()) for i in range(70)]
 

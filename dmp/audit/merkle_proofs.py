@@ -21,7 +21,7 @@ from typing import Final
 
 from sqlalchemy import Engine, Table, select
 
-from dmp.audit import EMPTY_ROOT, merkle_root, node_hash
+from dmp.audit.merkle import EMPTY_ROOT, merkle_root, node_hash
 from dmp.errors import DataLoss
 
 __all__ = ["BLOCK", "LeafSubtrees", "consistency_proof", "verify_consistency"]

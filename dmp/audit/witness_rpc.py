@@ -8,14 +8,14 @@ from typing import Final
 
 import grpc
 
-from dmp.audit import EventType
-from dmp.auditing import Auditor
+from dmp.audit.calls import Auditor
+from dmp.audit.events import EventType
+from dmp.audit.witness import WitnessStore, head_from_proto, witnessed_to_proto
 from dmp.errors import DmpError, InvalidArgument, PermissionDenied
 from dmp.identity import Role, parse_uri
 from dmp.server import CallContext
 from dmp.v1 import witness_pb2 as wpb
 from dmp.v1 import witness_pb2_grpc
-from dmp.witness import WitnessStore, head_from_proto, witnessed_to_proto
 
 WITNESS_SERVICE: Final = wpb.DESCRIPTOR.services_by_name["WitnessService"].full_name
 MAX_PAGE: Final = 1000

@@ -10,8 +10,8 @@ FAILED_PRECONDITION, a head smaller than or inconsistent with one it holds: a lo
 tail was cut, or which was rewritten, can no longer be presented as the same log.
 
 ``dmp audit verify --witness`` (or ``--witnessed FILE``, from ``dmp audit witnessed
-export``) then checks a log against those heads (dmp/witness_check.py), and a node checks
-itself against the latest one at start-up (dmp/witness_client.py).
+export``) then checks a log against those heads (dmp/audit/witness_check.py), and a node checks
+itself against the latest one at start-up (dmp/audit/witness_client.py).
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from dmp.audit import Checkpoint, verify_checkpoint
+from dmp.audit.checkpoints import Checkpoint, verify_checkpoint
+from dmp.audit.merkle_proofs import verify_consistency
 from dmp.clock import from_us, now_us, to_us
 from dmp.db import writer
 from dmp.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from dmp.identity import Principal
-from dmp.merkle_proofs import verify_consistency
 from dmp.pki import Credentials, load_private_key, principal_from_certificate
 from dmp.v1 import witness_pb2 as wpb
 

@@ -16,12 +16,13 @@ from typing import Final
 import grpc
 from sqlalchemy import Engine, func, select
 
-from dmp.audit import AuditLog, Checkpoint
+from dmp.audit.checkpoints import Checkpoint
+from dmp.audit.log import AuditLog
+from dmp.audit.merkle_proofs import LeafSubtrees
+from dmp.audit.witness import Witnessed, head_to_proto, iso_us, witnessed_from_proto
 from dmp.errors import DataLoss
-from dmp.merkle_proofs import LeafSubtrees
 from dmp.v1 import witness_pb2 as wpb
 from dmp.v1 import witness_pb2_grpc
-from dmp.witness import Witnessed, head_to_proto, iso_us, witnessed_from_proto
 
 log = logging.getLogger("dmp.witness")
 

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dmp.audit import AuditEvent, AuditLog, EventType, outcome_for_status
+from dmp.audit.events import AuditEvent, EventType, outcome_for_status
+from dmp.audit.log import AuditLog
 from dmp.errors import DmpError, ResourceExhausted
 from dmp.identity import Principal, Role
 

@@ -1,5 +1,5 @@
 """Auditing the calls of a service: one event per access to patient data, allowed or
-refused, recorded where it happened (dmp/audit.py is the log itself).
+refused, recorded where it happened (dmp/audit/log.py is the log itself).
 
 A read records its event, committed, before returning data; a write appends its event in
 the same transaction as the record; a refusal is recorded as well. If the event cannot be
@@ -18,12 +18,13 @@ import grpc
 from sqlalchemy.orm import Session
 
 from dmp.assertion import VerifiedAssertion
-from dmp.audit import AuditEvent, AuditLog, EventType, Outcome, outcome_for_status
+from dmp.audit.events import AuditEvent, EventType, Outcome, outcome_for_status
+from dmp.audit.log import AuditLog
+from dmp.audit.refusals import RefusalTrail
 from dmp.clock import from_us
 from dmp.errors import DmpError
 from dmp.failures import public_failure
 from dmp.identity import Principal, Role
-from dmp.refusals import RefusalTrail
 from dmp.server import CallContext
 from dmp.v1 import audit_pb2
 
@@ -114,7 +115,7 @@ class AuditedCall:
 
 class Auditor:
     """Audits the calls of one service. Refusals and other errors the caller's request
-    earned go through ``refusals``, which counts identical ones (dmp/refusals.py); a
+    earned go through ``refusals``, which counts identical ones (dmp/audit/refusals.py); a
     failure of ours is recorded with its real status (dmp/failures.py)."""
 
     def __init__(self, log: AuditLog, refusals: RefusalTrail | None = None) -> None:

@@ -20,10 +20,10 @@ from typing import Final, Literal
 from cryptography import x509
 from sqlalchemy import Engine, Table, func, select
 
-from dmp.audit import Checkpoint, verify_checkpoint
+from dmp.audit.checkpoints import Checkpoint, verify_checkpoint
+from dmp.audit.merkle_proofs import LeafSubtrees
+from dmp.audit.witness import Witnessed, iso_us, verify_cosignature
 from dmp.errors import DataLoss
-from dmp.merkle_proofs import LeafSubtrees
-from dmp.witness import Witnessed, iso_us, verify_cosignature
 
 __all__ = ["WitnessProblem", "WitnessReport", "check_witnessed", "read_witnessed", "to_json"]
 

@@ -1,0 +1,401 @@
+"""The append-only audit log of one service and its group commit."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    Engine,
+    Table,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.event import listen
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from dmp.audit.checkpoints import Checkpoint, sign_checkpoint
+from dmp.audit.events import AuditEvent
+from dmp.audit.merkle import MerkleFrontier, event_leaf_hash
+from dmp.db import writer
+from dmp.errors import DataLoss, DmpError, FailedPrecondition
+from dmp.failures import audit_failure
+from dmp.pki import Credentials
+
+log = logging.getLogger("dmp.audit")
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """An event as read back from the log, with its position and whether its stored leaf
+    hash still matches it."""
+
+    seq: int
+    event: AuditEvent
+    hash_ok: bool
+
+
+#: An event waiting to be committed, the signal that it was, and its seq or error.
+_Waiter = tuple["AuditEvent", threading.Event, list["int | BaseException"]]
+
+
+class AuditLog:
+    """The append-only audit log of one service over its database.
+
+    ``append`` writes in the caller's transaction (a write and its event commit together);
+    ``record`` commits the event on its own before returning, so that a read serves data
+    only once its trace is durable, and raises :class:`Unavailable` if it cannot. There is
+    no way to update or delete an event through this class.
+
+    With a ``signer`` (the service's own credentials, whose identity must be ``source_id``)
+    ``checkpoint`` signs the current tree head (and calls each of ``on_checkpoint``);
+    ``start`` takes one every ``checkpoint_interval`` seconds when events were added and as
+    soon as ``checkpoint_every`` events were, ``close`` a last one.
+
+    Appends are serialized by the database: on SQLite by the write lock (callers pass a
+    transaction of :func:`dmp.db.writer`), on PostgreSQL by a transaction-scoped advisory
+    lock (READ COMMITTED, the default isolation), so ``seq`` has no gaps and follows commit
+    order even across processes (directory replicas share one log).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        events_table: Table,
+        checkpoints_table: Table,
+        *,
+        source_id: str,
+        region: str = "",
+        signer: Credentials | None = None,
+        checkpoint_interval: float = 60.0,
+        checkpoint_every: int = 1000,
+    ) -> None:
+        if signer is not None and signer.principal.uri != source_id:
+            raise FailedPrecondition(
+                f"the audit log of {source_id} cannot be signed by {signer.principal.uri}"
+            )
+        if checkpoint_interval <= 0 or checkpoint_every <= 0:
+            raise ValueError("checkpoint_interval and checkpoint_every must be positive")
+        self._engine = engine
+        self._writer = writer(engine)
+        self._events = events_table
+        self._checkpoints = checkpoints_table
+        self.source_id = source_id
+        self.region = region
+        self._signer = signer
+        self._interval, self._every = checkpoint_interval, checkpoint_every
+        self._due = threading.Event()  # checkpoint_every events since the last checkpoint
+        self.on_checkpoint: list[Callable[[Checkpoint], None]] = []
+        self._lock_key = int.from_bytes(
+            hashlib.sha256(f"dmp-audit:{events_table.name}".encode()).digest()[:8],
+            "big",
+            signed=True,
+        )
+        # Tree state, advanced from the table by checkpoint() (appends never touch it: a
+        # rolled-back append leaves nothing behind, and other processes' appends count).
+        self._tree_lock = threading.Lock()
+        self._tree = MerkleFrontier()
+        self._last_checkpoint = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Group commit of record(): the waiting events and the thread writing them.
+        self._queue: list[_Waiter] = []
+        self._queue_ready = threading.Condition()
+        self._committer: threading.Thread | None = None
+
+    @property
+    def events_table(self) -> Table:
+        return self._events
+
+    @property
+    def checkpoints_table(self) -> Table:
+        return self._checkpoints
+
+    # -- appending
+
+    def _own(self, event: AuditEvent) -> AuditEvent:
+        source = event.audit_source_id or self.source_id
+        region = event.audit_source_region or self.region
+        if source != self.source_id:
+            raise ValueError(
+                f"an event of {event.audit_source_id} does not belong in the log of"
+                f" {self.source_id}"
+            )
+        if (source, region) == (event.audit_source_id, event.audit_source_region):
+            return event
+        values = event.to_dict()
+        values["audit_source_id"] = source
+        values["audit_source_region"] = region
+        return AuditEvent.from_dict(values)
+
+    def append(self, session_or_connection: Session | Connection, event: AuditEvent) -> int:
+        """Append ``event`` in the caller's transaction and return its seq. Nothing is kept
+        if that transaction rolls back. Raises Unavailable if the database refuses."""
+        return self.append_many(session_or_connection, [event])[0]
+
+    def append_many(
+        self, session_or_connection: Session | Connection, events: Iterable[AuditEvent]
+    ) -> list[int]:
+        """Append several events in the caller's transaction (one INSERT); their seqs."""
+        seqs = self._insert(session_or_connection, [self._own(event) for event in events])
+        self._count(session_or_connection, seqs)
+        return seqs
+
+    def _count(self, target: Session | Connection | None, seqs: list[int]) -> None:
+        """Wake the checkpoint thread once ``checkpoint_every`` events are committed."""
+        if not seqs or seqs[-1] - self._last_checkpoint < self._every:
+            return
+        if isinstance(target, Session):  # after the caller's commit, which a checkpoint reads
+            listen(target, "after_commit", lambda _: self._due.set(), once=True)
+        else:
+            self._due.set()
+
+    def _insert(self, target: Session | Connection, owned: list[AuditEvent]) -> list[int]:
+        if not owned:
+            return []
+        try:
+            conn = target.connection() if isinstance(target, Session) else target
+            first = self._next_seq(conn)
+            rows = []
+            for offset, event in enumerate(owned):
+                seq = first + offset
+                data = event.canonical_bytes()
+                rows.append(
+                    {
+                        "seq": seq,
+                        "event_json": data.decode("utf-8"),
+                        "leaf_hash": event_leaf_hash(seq, data),
+                        "event_date_time": event.event_date_time,
+                        "participant_object_patient_ins": event.participant_object_patient_ins,
+                        "request_id": event.request_id,
+                    }
+                )
+            conn.execute(insert(self._events), rows)
+        except SQLAlchemyError as exc:
+            raise audit_failure(exc, f"audit append to {self.source_id}") from exc
+        return list(range(first, first + len(owned)))
+
+    def _next_seq(self, conn: Connection) -> int:
+        if conn.dialect.name == "postgresql":
+            # Held until the caller's transaction ends: the next appender reads our seq.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": self._lock_key})
+        last = conn.execute(select(func.max(self._events.c.seq))).scalar()
+        return int(last or 0) + 1
+
+    def record(self, event: AuditEvent) -> int:
+        """Append ``event`` in a transaction of its own, committed before this returns.
+        Raises ``Unavailable("audit trail unavailable: ...")`` when it cannot be written
+        (``ResourceExhausted`` on a full disk): the caller must then not serve the data.
+
+        Concurrent callers share commits (group commit): one thread writes every event
+        waiting at that moment in one transaction, so a busy service pays one durable
+        commit for many reads instead of one each."""
+        owned = self._own(event)
+        waiter: _Waiter = (owned, threading.Event(), [])
+        with self._queue_ready:
+            self._queue.append(waiter)
+            if self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._commit_waiting, name="audit-commit", daemon=True
+                )
+                self._committer.start()
+            self._queue_ready.notify()
+        waiter[1].wait()
+        outcome = waiter[2][0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def record_many(self, events: Sequence[AuditEvent]) -> list[int]:
+        """Append several events in one transaction of their own, committed on return."""
+        try:
+            with self._writer.begin() as conn:
+                seqs = self._insert(conn, [self._own(event) for event in events])
+        except SQLAlchemyError as exc:
+            raise audit_failure(exc, f"audit record in {self.source_id}") from exc
+        self._count(None, seqs)
+        return seqs
+
+    def _commit_waiting(self) -> None:
+        """Write the waiting events, batch after batch, for as long as the process lives."""
+        while True:
+            with self._queue_ready:
+                while not self._queue:
+                    self._queue_ready.wait()
+                batch, self._queue = self._queue, []
+            try:
+                with self._writer.begin() as conn:
+                    seqs = self._insert(conn, [event for event, _, _ in batch])
+                self._count(None, seqs)
+                outcomes: list[int | BaseException] = list(seqs)
+            except DmpError as exc:
+                outcomes = [exc] * len(batch)
+            except Exception as exc:
+                failure = audit_failure(exc, f"audit record in {self.source_id}")
+                outcomes = [failure] * len(batch)
+            for (_, done, result), outcome in zip(batch, outcomes, strict=True):
+                result.append(outcome)
+                done.set()
+
+    # -- reading
+
+    def events_for_patient(
+        self,
+        ins: str,
+        *,
+        since_us: int | None = None,
+        limit: int = 100,
+        before_seq: int | None = None,
+    ) -> list[LoggedEvent]:
+        """The events about patient ``ins`` (as stored: pass the normalized INS), newest
+        first; page on with ``before_seq`` = the seq of the last one returned."""
+        if not 1 <= limit <= 10_000:
+            raise ValueError("limit must be between 1 and 10000")
+        t = self._events
+        query = select(t.c.seq, t.c.event_json, t.c.leaf_hash).where(
+            t.c.participant_object_patient_ins == ins
+        )
+        if since_us is not None:
+            query = query.where(t.c.event_date_time >= since_us)
+        if before_seq is not None:
+            query = query.where(t.c.seq < before_seq)
+        query = query.order_by(t.c.seq.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        found: list[LoggedEvent] = []
+        for seq, event_json, leaf in rows:
+            hash_ok = event_leaf_hash(seq, event_json.encode("utf-8")) == bytes(leaf)
+            try:
+                event = AuditEvent.from_json(event_json)
+            except (ValueError, TypeError):
+                # Only a tampered row reads so: say so, and keep serving the others.
+                log.error(
+                    "audit event %d of %s is not a valid event: run `dmp audit verify`",
+                    seq,
+                    self.source_id,
+                )
+                continue
+            found.append(LoggedEvent(seq=seq, event=event, hash_ok=hash_ok))
+        return found
+
+    def size(self) -> int:
+        """How many events the log holds (its largest seq)."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.max(self._events.c.seq))).scalar() or 0)
+
+    # -- checkpoints
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign and store the current tree head; None if no event was added since the
+        last checkpoint (or another process just signed the same size). Raises DataLoss if
+        the log has a gap (a deleted event): it is then not signed again until verified."""
+        signer = self._signer
+        if signer is None:
+            raise FailedPrecondition(f"the audit log of {self.source_id} has no signing key")
+        with self._tree_lock:
+            self._catch_up()
+            size = self._tree.size
+            if size == 0 or size <= self._last_checkpoint:
+                return None
+            checkpoint = sign_checkpoint(signer, size, self._tree.root(), source_id=self.source_id)
+            try:
+                with self._writer.begin() as conn:
+                    conn.execute(
+                        insert(self._checkpoints).values(
+                            tree_size=checkpoint.tree_size,
+                            root_hash=checkpoint.root_hash,
+                            signed_at_us=checkpoint.signed_at_us,
+                            signature=checkpoint.signature,
+                            signer_cert_pem=checkpoint.signer_cert_pem.decode("ascii"),
+                        )
+                    )
+            except IntegrityError:
+                log.info("audit checkpoint at %d already signed by another process", size)
+                self._last_checkpoint = size
+                return None
+            self._last_checkpoint = size
+        log.info(
+            "audit checkpoint of %s: %d events, root %s",
+            self.source_id,
+            size,
+            checkpoint.root_hash.hex(),
+        )
+        for listener in self.on_checkpoint:
+            listener(checkpoint)
+        return checkpoint
+
+    def _catch_up(self) -> None:
+        """Add to the tree the events committed since it was last advanced (all of them the
+        first time: one pass over the leaf hashes), checking the root against the latest
+        checkpoint stored when the tree reaches its size."""
+        t, c = self._events, self._checkpoints
+        tree = self._tree
+        with self._engine.connect() as conn:
+            latest = conn.execute(
+                select(c.c.tree_size, c.c.root_hash).order_by(c.c.tree_size.desc()).limit(1)
+            ).first()
+            latest_size = int(latest[0]) if latest is not None else 0
+            latest_root = bytes(latest[1]) if latest is not None else b""
+            self._last_checkpoint = max(self._last_checkpoint, latest_size)
+            rows = conn.execution_options(yield_per=10_000).execute(
+                select(t.c.seq, t.c.leaf_hash).where(t.c.seq > tree.size).order_by(t.c.seq)
+            )
+            for seq, leaf in rows:
+                if seq != tree.size + 1:
+                    raise DataLoss(
+                        f"the audit log of {self.source_id} has no event {tree.size + 1}"
+                        f" (next is {seq}): it was tampered with; run `dmp audit verify`"
+                    )
+                tree.append(bytes(leaf))
+                if tree.size == latest_size and tree.root() != latest_root:
+                    log.error(
+                        "audit log of %s: events 1..%d no longer match their signed"
+                        " checkpoint; run `dmp audit verify`",
+                        self.source_id,
+                        latest_size,
+                    )
+
+    def start(self) -> None:
+        """Take a checkpoint every ``checkpoint_interval`` seconds in a daemon thread."""
+        if self._signer is None:
+            raise FailedPrecondition(f"the audit log of {self.source_id} has no signing key")
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"audit-checkpoint {self.source_id}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._due.wait(self._interval)
+            self._due.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.checkpoint()
+            except Exception:
+                log.exception("audit checkpoint of %s failed", self.source_id)
+
+    def close(self) -> Checkpoint | None:
+        """Stop the checkpoint thread and sign a last checkpoint (errors are logged)."""
+        self._stop.set()
+        self._due.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        if self._signer is None:
+            return None
+        try:
+            return self.checkpoint()
+        except Exception:
+            log.exception("final audit checkpoint of %s failed", self.source_id)
+            return None
