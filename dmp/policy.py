@@ -15,13 +15,14 @@ from typing import Protocol
 from dmp.directives import PatientDirectives
 from dmp.errors import FailedPrecondition, PermissionDenied
 from dmp.identity import Principal, Role
+from dmp.purposes import Purpose
 
 #: A record hidden from the patient becomes visible on its own after this long.
 HIDDEN_FROM_PATIENT_US = 30 * 24 * 3600 * 1_000_000
 PATIENT_NOTE = "patient-note"
 #: The purpose of a patient's own access, and of a professional's emergency access.
-SELF = "SELF"
-EMERGENCY = "EMERGENCY"
+SELF = Purpose.SELF.value
+EMERGENCY = Purpose.EMERGENCY.value
 
 
 class Asserted(Protocol):
