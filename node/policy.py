@@ -15,7 +15,7 @@ from dmp.assertion import VerifiedAssertion
 from dmp.directives import PatientDirectives
 from dmp.errors import FailedPrecondition, PermissionDenied
 from dmp.identity import PROFESSIONS, Principal, Role
-from node.records import KIND_VALUES
+from dmp.records import KIND_VALUES
 
 DEFAULT_MATRIX_PATH = Path(__file__).with_name("access_matrix.json")
 #: A record hidden from the patient becomes visible on its own after this long.

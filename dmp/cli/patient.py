@@ -20,10 +20,10 @@ from dmp.errors import InvalidArgument
 from dmp.identity import Role, check_rpps, parse_identity
 from dmp.patients import SEX_VALUES
 from dmp.pki import Credentials
+from dmp.records import check_record_id
 from dmp.signing import Signer
 from dmp.v1 import access_pb2, directory_service_pb2_grpc, patient_pb2
 from dmp.v1 import directory_service_pb2 as pb
-from node.records import check_record_id
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

@@ -19,9 +19,9 @@ from dmp.cli.common import (
     parse_date,
     print_table,
 )
+from dmp.records import KIND_NAMES, kind_value
 from dmp.v1 import access_pb2, directory_service_pb2_grpc, record_pb2
 from dmp.v1 import directory_service_pb2 as pb
-from node.records import KIND_NAMES, kind_value
 
 STATE_NAMES = {
     pb.REGION_STATE_ANSWERED: "answered",

@@ -22,10 +22,10 @@ from dmp.cli.common import (
     credentials,
     parse_date,
 )
+from dmp.records import KIND_NAMES, kind_value
 from dmp.v1 import access_pb2, directory_service_pb2_grpc, node_service_pb2_grpc, record_pb2
 from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import node_service_pb2 as pb
-from node.records import KIND_NAMES, kind_value
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
