@@ -72,7 +72,7 @@ class Assertions:
         the identity's own, SELF or CARE) with its `reason`."""
         if emergency is not None:
             if self.signer.principal.role is not Role.PRACTITIONER:
-                raise EmergencyNotAllowed("--emergency is for professionals")
+                raise EmergencyNotAllowed("emergency (break-the-glass) access is for professionals")
             purpose, reason = access_pb2.PURPOSE_EMERGENCY, emergency
         return sign_assertion(
             self.signer, patient_ins, purpose, reason, operation=operation, record_id=record_id

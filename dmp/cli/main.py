@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 import grpc
 
 from dmp.cli.common import CommandError
+from dmp.client import EmergencyNotAllowed
 from dmp.errors import DmpError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except EmergencyNotAllowed:
+        print("dmp: --emergency is for professionals", file=sys.stderr)
+        return 1
     except (DmpError, CommandError) as exc:
         print(f"dmp: {exc}", file=sys.stderr)
         return 1
