@@ -15,11 +15,10 @@ from typing import Literal
 
 import grpc
 
-from dmp.assertion import sign_assertion
+from dmp.client import Assertions, open_channel
 from dmp.pki import Credentials, load_credentials
 from dmp.purposes import Purpose
 from dmp.signing import Signer
-from dmp.tls import secure_channel
 from dmp.v1 import access_pb2
 
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -34,7 +33,7 @@ def patient_call_metadata(
 ) -> Metadata:
     """The metadata of one client call made as `identity` about patient `ins` (None for a
     call that spans many patients, such as an ingest stream), for `purpose`: a fresh access
-    assertion signed with the identity's own key for that `call` (dmp/assertion.py; one
+    assertion signed with the identity's own key for that `call` (dmp/client.py; one
     per call, nonces are single-use, each assertion allows one operation), nothing for a
     write or a call about no single patient.
 
@@ -44,8 +43,8 @@ def patient_call_metadata(
     if ins is None or call == "WRITE":
         return ()
     reason = "benchmark" if purpose == Purpose.EMERGENCY else ""
-    return sign_assertion(
-        _signer(pki_dir, identity), ins, Purpose(purpose).wire, reason, operation=_OPERATIONS[call]
+    return _assertions(pki_dir, identity).sign(
+        ins, operation=_OPERATIONS[call], purpose=Purpose(purpose).wire, reason=reason
     )
 
 
@@ -53,8 +52,8 @@ _OPERATIONS = {"VIEW": access_pb2.OPERATION_VIEW, "LOOKUP": access_pb2.OPERATION
 
 
 @functools.cache
-def _signer(pki_dir: Path, identity: str) -> Signer:
-    return Signer(credentials(pki_dir, identity))
+def _assertions(pki_dir: Path, identity: str) -> Assertions:
+    return Assertions(Signer(credentials(pki_dir, identity)))
 
 
 @functools.cache
@@ -65,7 +64,7 @@ def credentials(pki_dir: Path, identity: str) -> Credentials:
 
 def channel(address: str, pki_dir: Path, identity: str) -> grpc.Channel:
     """A mutual-TLS channel as the federation's own clients open it."""
-    return secure_channel(address, credentials(pki_dir, identity))
+    return open_channel(address, credentials(pki_dir, identity))
 
 
 def wait_ready(channel: grpc.Channel, timeout: float = 30.0) -> None:

@@ -25,6 +25,7 @@ from dmp.fields import check_count, check_time
 from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.patients import traits_of
+from dmp.regions import REGION_STATE_NAMES
 from dmp.server import CallContext
 from dmp.v1 import access_pb2, directory_service_pb2_grpc, page_token_pb2
 from dmp.v1 import directory_service_pb2 as pb
@@ -35,13 +36,6 @@ MAX_CONFLICT_PAGE = 1000
 #: How far ahead of the directory's clock a node's report may be dated.
 REPORT_CLOCK_SKEW_US = 5 * 60 * 1_000_000
 MAX_HISTORY = 1000
-STATE_WORDS = {
-    pb.REGION_STATE_ANSWERED: "answered",
-    pb.REGION_STATE_UNAVAILABLE: "unavailable",
-    pb.REGION_STATE_DEADLINE_EXCEEDED: "deadline-exceeded",
-    pb.REGION_STATE_REFUSED: "refused",
-    pb.REGION_STATE_FAILED: "failed",
-}
 
 
 def relayed_error(region: str, exc: grpc.RpcError) -> DmpError:
@@ -176,7 +170,8 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
                 time_remaining=context.time_remaining(),
             )
             audited.detail = "regions " + ", ".join(
-                f"{s.region}:{STATE_WORDS.get(s.state, '?')}" for s in view.regions
+                f"{s.region}:{REGION_STATE_NAMES.get(s.state, '?').replace(' ', '-')}"
+                for s in view.regions
             )
             audited.commit([r.id for r in view.records])
         return view

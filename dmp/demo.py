@@ -20,25 +20,18 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import IO
 
 import grpc
 
 from dmp import synth
-from dmp.cli.common import assertion
+from dmp.client import DirectoryClient, NodeClient
 from dmp.pki import Pki, load_credentials
+from dmp.printing import print_history, print_view
 from dmp.regions import region_name
-from dmp.tls import secure_channel
-from dmp.v1 import (
-    access_pb2,
-    directory_service_pb2_grpc,
-    node_service_pb2,
-    node_service_pb2_grpc,
-    record_pb2,
-)
 from dmp.v1 import directory_service_pb2 as dpb
+from dmp.v1 import record_pb2
 
 log = logging.getLogger("dmp.demo")
 
@@ -233,18 +226,17 @@ def load_patients(
     doctors = [f"practitioner-{rpps}" for rpps, profession, _ in people if profession == "doctor"]
     pharmacists = [f"practitioner-{rpps}" for rpps, p, _ in people if p == "pharmacist"] or doctors
     writers = {who: load_credentials(pki_dir, who) for who in {*doctors, *pharmacists}}
-    channels = {
-        (who, region): secure_channel(address, creds)
+    nodes_as = {
+        (who, region): NodeClient(address, creds)
         for who, creds in writers.items()
         for region, address in nodes.items()
     }
-    directory_channel = secure_channel(directory, writers[doctors[0]])
-    stub = directory_service_pb2_grpc.DirectoryServiceStub(directory_channel)
+    directory_client = DirectoryClient(directory, writers[doctors[0]])
     placement = spread(patients, list(nodes))
     expected: dict[str, dict[str, int]] = {}
     try:
         for patient in patients:
-            stub.RegisterPatient(dpb.RegisterPatientRequest(patient=patient.to_proto()), timeout=10)
+            directory_client.register_patient(patient.to_proto(), timeout=10)
 
         def write(patient: synth.SyntheticPatient) -> None:
             records = synth.records_for(
@@ -254,41 +246,30 @@ def load_patients(
                 dispensing = record.kind == record_pb2.RECORD_KIND_DISPENSATION
                 team = pharmacists if dispensing else doctors
                 who = team[(n + len(patient.ins)) % len(team)]
-                node = node_service_pb2_grpc.NodeServiceStub(channels[(who, record.region)])
-                request = node_service_pb2.PutRecordRequest(
-                    record=record.to_proto(str(uuid.uuid4())),
-                    content=record.content,
+                nodes_as[(who, record.region)].put_record(
+                    record.to_proto(str(uuid.uuid4())),
+                    record.content,
                     patient=patient.to_proto(),
+                    timeout=30,
                 )
-                node.PutRecord(request, timeout=30)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(write, patients))
         for patient in patients:
             expected[patient.ins] = {region: per_region for region in placement[patient.ins]}
     finally:
-        for channel in (*channels.values(), directory_channel):
-            channel.close()
+        for client in (*nodes_as.values(), directory_client):
+            client.close()
     return expected
 
 
 def _print_view(
     pki_dir: Path, directory: str, identity: str, ins: str, emergency: str | None = None
 ) -> None:
-    from dmp.cli.query import fetch, print_view
-
-    creds = load_credentials(pki_dir, identity)
-    with secure_channel(directory, creds) as channel:
-        stub = directory_service_pb2_grpc.DirectoryServiceStub(channel)
+    with DirectoryClient(directory, load_credentials(pki_dir, identity)) as client:
         request = dpb.GetConsolidatedViewRequest(patient_ins=ins, page_size=100)
-        records, regions = fetch(
-            stub,
-            request,
-            500,
-            10.0,
-            lambda: assertion(creds, ins, emergency, operation=access_pb2.OPERATION_VIEW),
-        )
-    print_view(records, regions)
+        view = client.view(request, limit=500, timeout=10.0, emergency=emergency)
+    print_view(view.records, view.regions)
 
 
 def run_demo(
@@ -352,15 +333,10 @@ def run_demo(
         )
         print()
         print(f"== {first.display_name} reads who accessed their record (dmp patient history)")
-        from dmp.cli.patient import fetch_history, print_history
-
-        print_history(
-            fetch_history(
-                load_credentials(pki_dir, f"patient-{first.ins}"),
-                federation.directory.address,
-                first.ins,
-            )
-        )
+        with DirectoryClient(
+            federation.directory.address, load_credentials(pki_dir, f"patient-{first.ins}")
+        ) as patient_client:
+            print_history(patient_client.access_history(first.ins))
         victim = DEMO_REGIONS[1]
         print()
         print(f"== region {victim} ({region_name(victim)}) stops; the same view, partial:")
@@ -394,14 +370,12 @@ def run_demo(
 
 
 def _wait_routed(federation: Federation, identity: str, regions: set[str]) -> None:
-    with secure_channel(
+    with DirectoryClient(
         federation.directory.address, load_credentials(federation.pki_dir, identity)
-    ) as channel:
-        stub = directory_service_pb2_grpc.DirectoryServiceStub(channel)
+    ) as client:
 
         def routed() -> bool:
-            nodes = stub.ListNodes(dpb.ListNodesRequest(), timeout=5).nodes
-            return {n.region for n in nodes if n.healthy} >= regions
+            return {n.region for n in client.list_nodes(timeout=5) if n.healthy} >= regions
 
         wait_until(routed, f"the directory to route to regions {sorted(regions)}")
 
@@ -411,25 +385,16 @@ def _wait_located(
 ) -> None:
     """Until a doctor's view of each patient shows every record loaded, region by region
     (the directory shows no one its locator's counts)."""
-    from dmp.cli.query import fetch
-
     creds = load_credentials(federation.pki_dir, identity)
-    with secure_channel(federation.directory.address, creds) as channel:
-        stub = directory_service_pb2_grpc.DirectoryServiceStub(channel)
+    with DirectoryClient(federation.directory.address, creds) as client:
         pending = dict(expected)
 
         def located() -> bool:
             for ins, counts in list(pending.items()):
                 request = dpb.GetConsolidatedViewRequest(patient_ins=ins, page_size=1000)
-                records, _ = fetch(
-                    stub,
-                    request,
-                    10_000,
-                    10.0,
-                    partial(assertion, creds, ins, operation=access_pb2.OPERATION_VIEW),
-                )
+                view = client.view(request, limit=10_000, timeout=10.0)
                 seen: dict[str, int] = {}
-                for record in records:
+                for record in view.records:
                     seen[record.region] = seen.get(record.region, 0) + 1
                 if seen != counts:
                     return False

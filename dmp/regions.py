@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dmp.errors import InvalidArgument
+from dmp.v1 import directory_service_pb2 as pb
 
 REGIONS: dict[str, str] = {
     "01": "Guadeloupe",
@@ -38,3 +39,14 @@ def check_region(code: str) -> str:
 
 def region_name(code: str) -> str:
     return REGIONS.get(code, code)
+
+
+#: What each region's state in a consolidated view is called, in the directory's audit
+#: detail (spaces as dashes) and wherever a person reads it.
+REGION_STATE_NAMES: dict[pb.RegionState.ValueType, str] = {
+    pb.REGION_STATE_ANSWERED: "answered",
+    pb.REGION_STATE_UNAVAILABLE: "unavailable",
+    pb.REGION_STATE_DEADLINE_EXCEEDED: "deadline exceeded",
+    pb.REGION_STATE_REFUSED: "refused",
+    pb.REGION_STATE_FAILED: "failed",
+}

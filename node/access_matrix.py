@@ -8,7 +8,7 @@ from pathlib import Path
 from dmp.errors import FailedPrecondition
 from dmp.identity import PROFESSIONS
 from dmp.policy import AccessMatrix, Grant
-from node.records import KIND_VALUES
+from dmp.records import KIND_VALUES
 
 DEFAULT_MATRIX_PATH = Path(__file__).with_name("access_matrix.json")
 

@@ -11,11 +11,11 @@ from dmp.audit.calls import AuditedCall, Auditor, history_events, to_proto
 from dmp.audit.events import EventType
 from dmp.ins import normalize_ins
 from dmp.policy import check_history
+from dmp.records import kind_name
 from dmp.server import CallContext
 from dmp.v1 import access_pb2, node_service_pb2_grpc, patient_pb2, record_pb2
 from dmp.v1 import node_service_pb2 as pb
 from node.access import NodeAccess
-from node.records import kind_name
 from node.store import RecordStore, WriteAudit, WriteCheck, Written
 
 MAX_EVENTS = 1000

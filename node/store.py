@@ -38,22 +38,21 @@ from dmp.fields import check_time
 from dmp.identity import Principal
 from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
 from dmp.policy import ReadScope
+from dmp.records import (
+    CONFIDENTIALITY_NAMES,
+    LOINC,
+    check_record_id,
+    kind_name,
+    status_name,
+    validate_draft,
+)
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
 from node import integrity
 from node.integrity import hash_row, hash_values
 from node.models import PatientRow, RecordContentRow, RecordRow
 from node.outbox import LocatorOutbox, Pending, announce
-from node.records import (
-    CONFIDENTIALITY_NAMES,
-    LOINC,
-    check_record_id,
-    fingerprint,
-    kind_name,
-    status_name,
-    to_proto,
-    validate_draft,
-)
+from node.records import fingerprint, to_proto
 from node.scoping import readable, readable_key, readable_params, readable_shape
 
 DEFAULT_PAGE_SIZE = 50

@@ -15,11 +15,11 @@ from typing import Any
 import grpc
 
 from directory.app import DirectoryConfig, RunningDirectory, start_directory
-from dmp.assertion import Metadata, sign_assertion
+from dmp.assertion import Metadata
+from dmp.client import Assertions, DirectoryClient, NodeClient
 from dmp.ins import make_ins
 from dmp.pki import Pki, load_credentials
 from dmp.signing import Signer
-from dmp.tls import secure_channel
 from dmp.v1 import (
     access_pb2,
     directory_service_pb2_grpc,
@@ -100,13 +100,12 @@ class Client:
     ) -> Metadata:
         """A fresh access assertion for one call about patient `ins`: operation `op` (a
         list or view by default), on `record_id` for a record read."""
-        return sign_assertion(
-            self.signer,
+        return Assertions(self.signer).sign(
             ins,
-            purpose,  # type: ignore[arg-type]
-            reason,
             operation=op,  # type: ignore[arg-type]
             record_id=record_id,
+            purpose=purpose,  # type: ignore[arg-type]
+            reason=reason,
         )
 
     def close(self) -> None:
@@ -114,14 +113,10 @@ class Client:
 
 
 def client(pki_dir: Path, identity: str, port: int) -> Client:
-    creds = load_credentials(pki_dir, identity)
-    channel = secure_channel(f"127.0.0.1:{port}", creds)
-    return Client(
-        channel,
-        node_service_pb2_grpc.NodeServiceStub(channel),
-        directory_service_pb2_grpc.DirectoryServiceStub(channel),
-        Signer(creds),
-    )
+    """Raw stubs over the typed client's channel, for tests that shape their own calls."""
+    directory = DirectoryClient(f"127.0.0.1:{port}", load_credentials(pki_dir, identity))
+    node = NodeClient("", directory.credentials, channel=directory.channel, signer=directory.signer)
+    return Client(directory.channel, node.stub, directory.stub, directory.signer)
 
 
 def draft(
@@ -195,6 +190,7 @@ class AutoSign:
     def __init__(self, stub: object, signer: Signer) -> None:
         self._stub = stub
         self.signer = signer
+        self._assertions = Assertions(signer)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self._stub, name)
@@ -205,11 +201,8 @@ class AutoSign:
                 operation = RPC_OPERATIONS.get(name)
                 if ins and operation is not None:
                     record_id = getattr(request, "record_id", "")
-                    kwargs["metadata"] = sign_assertion(
-                        self.signer,
-                        ins,
-                        operation=operation,
-                        record_id=record_id,
+                    kwargs["metadata"] = self._assertions.sign(
+                        ins, operation=operation, record_id=record_id
                     )
             return method(request, **kwargs)
 
@@ -218,10 +211,8 @@ class AutoSign:
 
 def directory_stub(pki_dir: Path, identity: str, port: int) -> tuple[grpc.Channel, Any]:
     """A channel to the directory and a stub that signs assertions as `identity`."""
-    creds = load_credentials(pki_dir, identity)
-    channel = secure_channel(f"127.0.0.1:{port}", creds)
-    stub = directory_service_pb2_grpc.DirectoryServiceStub(channel)
-    return channel, AutoSign(stub, Signer(creds))
+    directory = DirectoryClient(f"127.0.0.1:{port}", load_credentials(pki_dir, identity))
+    return directory.channel, AutoSign(directory.stub, directory.signer)
 
 
 def identity_of(

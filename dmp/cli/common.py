@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 import grpc
 
-from dmp.assertion import sign_assertion
+from dmp.client import DirectoryClient, NodeClient, open_channel
 from dmp.errors import InvalidArgument
-from dmp.identity import Role, parse_identity
+from dmp.identity import parse_identity
 from dmp.pki import Credentials, load_credentials
-from dmp.signing import Signer
-from dmp.tls import secure_channel
-from dmp.v1 import access_pb2
 
 
 class CommandError(Exception):
@@ -58,15 +54,6 @@ def add_service_storage(serve: argparse.ArgumentParser, *, witness: str) -> None
     )
 
 
-def print_table(rows: Sequence[Sequence[str]]) -> None:
-    """Print rows (the first is the header) as aligned columns."""
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-
-
 def add_identity(parser: argparse.ArgumentParser) -> None:
     add_pki(parser)
     parser.add_argument(
@@ -91,33 +78,18 @@ def add_emergency(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def assertion(
-    creds: Credentials,
-    patient_ins: str,
-    emergency: str | None = None,
-    *,
-    operation: access_pb2.Operation.ValueType,
-    record_id: str = "",
-) -> tuple[tuple[str, bytes], ...]:
-    """Metadata with a fresh access assertion signed with our own key, for one call: it
-    allows `operation` only (on `record_id`, for a record read)."""
-    signer = Signer(creds)
-    if emergency is not None:
-        if signer.principal.role is not Role.PRACTITIONER:
-            raise CommandError("--emergency is for professionals")
-        return sign_assertion(
-            signer,
-            patient_ins,
-            access_pb2.PURPOSE_EMERGENCY,
-            emergency,
-            operation=operation,
-            record_id=record_id,
-        )
-    return sign_assertion(signer, patient_ins, operation=operation, record_id=record_id)
-
-
 def channel(target: str, creds: Credentials) -> grpc.Channel:
-    return secure_channel(target, creds)
+    return open_channel(target, creds)
+
+
+def directory_client(args: argparse.Namespace) -> DirectoryClient:
+    """The directory (--directory), as the command's identity (--as)."""
+    return DirectoryClient(args.directory, credentials(args))
+
+
+def node_client(args: argparse.Namespace) -> NodeClient:
+    """A node (--node), as the command's identity (--as)."""
+    return NodeClient(args.node, credentials(args))
 
 
 def parse_date(value: str) -> datetime:

@@ -6,21 +6,32 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 
 import grpc
 
 from dmp.cli.common import CommandError
+from dmp.client import EmergencyNotAllowed
 from dmp.errors import DmpError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from dmp.cli import audit, demo, directory, node, patient, pki, query, record
+#: Where the services' own commands come from (entry points of that group: `dmp node` and
+#: `dmp directory`, declared in pyproject.toml), so that the library never imports them.
+SERVICE_COMMANDS = "dmp.commands"
 
+
+def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from dmp.cli import audit, demo, patient, pki, query, record
+
+    services = {entry.name: entry for entry in entry_points(group=SERVICE_COMMANDS)}
     pki.register(sub)
-    node.register(sub)
-    directory.register(sub)
+    for name in ("node", "directory"):
+        if name in services:
+            services.pop(name).load()(sub)
+    for entry in sorted(services.values(), key=lambda e: e.name):
+        entry.load()(sub)
     record.register(sub)
     query.register(sub)
     patient.register(sub)
@@ -50,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except EmergencyNotAllowed:
+        print("dmp: --emergency is for professionals", file=sys.stderr)
+        return 1
     except (DmpError, CommandError) as exc:
         print(f"dmp: {exc}", file=sys.stderr)
         return 1

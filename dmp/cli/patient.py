@@ -10,21 +10,19 @@ from dmp.cli.common import (
     CommandError,
     add_identity,
     add_pki,
-    assertion,
-    channel,
     credentials,
-    print_table,
+    directory_client,
 )
-from dmp.directives import PatientDirectives, from_proto, sign_directives
+from dmp.client import DirectoryClient
+from dmp.directives import PatientDirectives
 from dmp.errors import InvalidArgument
 from dmp.identity import Role, check_rpps, parse_identity
 from dmp.patients import SEX_VALUES
 from dmp.pki import Credentials
-from dmp.purposes import Purpose
-from dmp.signing import Signer
-from dmp.v1 import access_pb2, directory_service_pb2_grpc, patient_pb2
+from dmp.printing import print_history, print_view
+from dmp.records import check_record_id
+from dmp.v1 import access_pb2, patient_pb2
 from dmp.v1 import directory_service_pb2 as pb
-from node.records import check_record_id
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -59,9 +57,8 @@ def _register(args: argparse.Namespace) -> int:
         sex=SEX_VALUES[args.sex],
         birthplace_code=args.birthplace,
     )
-    with channel(args.directory, credentials(args)) as ch:
-        stub = directory_service_pb2_grpc.DirectoryServiceStub(ch)
-        answer = stub.RegisterPatient(pb.RegisterPatientRequest(patient=identity), timeout=10)
+    with directory_client(args) as directory:
+        answer = directory.register_patient(identity, timeout=10)
     verb = "registered" if answer.created else "already registered, identity confirmed"
     print(f"{answer.patient.ins}: {verb}")
     return 0
@@ -125,13 +122,6 @@ def _own_ins(args: argparse.Namespace) -> str:
     if role is not Role.PATIENT:
         raise CommandError("these commands are the patient's own: use --as patient-<INS>")
     return key
-
-
-def _current(stub: directory_service_pb2_grpc.DirectoryServiceStub, ins: str) -> PatientDirectives:
-    answer = stub.GetDirectives(pb.GetDirectivesRequest(patient_ins=ins), timeout=10)
-    if not answer.HasField("directives"):
-        return PatientDirectives(ins)
-    return from_proto(access_pb2.Directives.FromString(answer.directives.directives))
 
 
 def changed(directives: PatientDirectives, change: str, target: str) -> PatientDirectives:
@@ -202,86 +192,34 @@ def describe(d: PatientDirectives) -> str:
 
 def _directive(args: argparse.Namespace) -> int:
     ins = _own_ins(args)
-    creds = credentials(args)
-    with channel(args.directory, creds) as ch:
-        stub = directory_service_pb2_grpc.DirectoryServiceStub(ch)
-        new = changed(_current(stub, ins), args.change, args.target)
-        signed = sign_directives(Signer(creds), new)
-        stub.SetDirectives(pb.SetDirectivesRequest(directives=signed), timeout=10)
+    with directory_client(args) as directory:
+        new = changed(directory.directives(ins), args.change, args.target)
+        directory.set_directives(new)
     print(describe(new))
     return 0
 
 
 def _show_directives(args: argparse.Namespace) -> int:
     ins = _own_ins(args)
-    with channel(args.directory, credentials(args)) as ch:
-        print(describe(_current(directory_service_pb2_grpc.DirectoryServiceStub(ch), ins)))
+    with directory_client(args) as directory:
+        print(describe(directory.directives(ins)))
     return 0
 
 
 def _view(args: argparse.Namespace) -> int:
-    from dmp.cli.query import fetch, print_view
-
     ins = _own_ins(args)
-    creds = credentials(args)
-    with channel(args.directory, creds) as ch:
-        stub = directory_service_pb2_grpc.DirectoryServiceStub(ch)
+    with directory_client(args) as directory:
         request = pb.GetConsolidatedViewRequest(patient_ins=ins, page_size=200)
-        records, regions = fetch(
-            stub,
-            request,
-            args.limit,
-            10.0,
-            lambda: assertion(creds, ins, operation=access_pb2.OPERATION_VIEW),
-        )
-    print_view(records, regions)
+        view = directory.view(request, limit=args.limit, timeout=10.0)
+    print_view(view.records, view.regions)
     return 0
 
 
 def fetch_history(
     creds: Credentials, directory: str, ins: str, *, exclude_own: bool = False, limit: int = 100
 ) -> pb.GetAccessHistoryResponse:
-    with channel(directory, creds) as ch:
-        stub = directory_service_pb2_grpc.DirectoryServiceStub(ch)
-        answer: pb.GetAccessHistoryResponse = stub.GetAccessHistory(
-            pb.GetAccessHistoryRequest(patient_ins=ins, exclude_own=exclude_own, page_size=limit),
-            timeout=10,
-            metadata=assertion(creds, ins, operation=access_pb2.OPERATION_ACCESS_HISTORY),
-        )
-    return answer
-
-
-def print_history(answer: pb.GetAccessHistoryResponse) -> None:
-    from dmp.cli.query import STATE_NAMES as REGION_STATES
-
-    rows = [("WHEN (UTC)", "WHO", "PROFESSION", "WHERE", "WHAT", "WHY", "OUTCOME")]
-    for e in answer.events:
-        why = e.purpose_of_use or "-"
-        if e.purpose_of_use == Purpose.EMERGENCY:
-            why = f"EMERGENCY: {e.emergency_reason}"
-        what = e.event_type
-        if e.participant_object_record_ids:
-            what += f" ({len(e.participant_object_record_ids)} records)"
-        if e.repeat_count > 1:  # identical refusals counted into one event
-            what += f" x{e.repeat_count}"
-        rows.append(
-            (
-                e.event_date_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
-                e.active_participant_user_name or e.active_participant_user_id,
-                e.active_participant_role or "-",
-                f"region {e.audit_source_region}" if e.audit_source_region else "directory",
-                what,
-                why,
-                e.status_code,
-            )
-        )
-    if answer.events:
-        print_table(rows)
-    else:
-        print("no access recorded")
-    for status in answer.regions:
-        if status.state != pb.REGION_STATE_ANSWERED:
-            print(f"region {status.region}: {REGION_STATES.get(status.state)}: {status.message}")
+    with DirectoryClient(directory, creds) as client:
+        return client.access_history(ins, exclude_own=exclude_own, limit=limit, timeout=10)
 
 
 def _history(args: argparse.Namespace) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
-from dmp.cli.common import add_pki, print_table
+from dmp.cli.common import add_pki
 from dmp.identity import PROFESSIONS, Principal
 from dmp.pki import DEFAULT_HOSTS, Pki
+from dmp.printing import print_table
 from dmp.regions import REGIONS
 
 _DESCRIPTION = """\

@@ -4,32 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from dmp.assertion import Metadata
 from dmp.cli.common import (
     add_emergency,
     add_identity,
-    assertion,
-    channel,
-    credentials,
+    directory_client,
     parse_date,
-    print_table,
 )
-from dmp.v1 import access_pb2, directory_service_pb2_grpc, record_pb2
+from dmp.client import view_request
+from dmp.printing import print_view
+from dmp.records import KIND_NAMES, kind_value
+from dmp.regions import REGION_STATE_NAMES
 from dmp.v1 import directory_service_pb2 as pb
-from node.records import KIND_NAMES, kind_value
-
-STATE_NAMES = {
-    pb.REGION_STATE_ANSWERED: "answered",
-    pb.REGION_STATE_UNAVAILABLE: "unavailable",
-    pb.REGION_STATE_DEADLINE_EXCEEDED: "deadline exceeded",
-    pb.REGION_STATE_REFUSED: "refused",
-    pb.REGION_STATE_FAILED: "failed",
-}
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -61,59 +50,23 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def build_request(args: argparse.Namespace) -> pb.GetConsolidatedViewRequest:
-    request = pb.GetConsolidatedViewRequest(
-        patient_ins=args.patient,
+    return view_request(
+        args.patient,
+        kinds=[kind_value(kind) for kind in args.kind or ()],
         type_codes=args.type_code or [],
+        since=parse_date(args.since) if args.since else None,
+        until=parse_date(args.until) if args.until else None,
         include_superseded=args.include_superseded,
         page_size=min(args.limit, 200),
     )
-    for kind in args.kind or ():
-        request.kinds.append(kind_value(kind))
-    if args.since:
-        request.since.FromDatetime(parse_date(args.since))
-    if args.until:
-        request.until.FromDatetime(parse_date(args.until))
-    return request
-
-
-def fetch(
-    stub: directory_service_pb2_grpc.DirectoryServiceStub,
-    request: pb.GetConsolidatedViewRequest,
-    limit: int,
-    timeout: float,
-    sign: Callable[[], Metadata],
-) -> tuple[list[record_pb2.Record], dict[str, pb.RegionStatus]]:
-    """Every page up to `limit` records (a fresh assertion from `sign` for each); the
-    regions' statuses of the first page, updated by later pages."""
-    records: list[record_pb2.Record] = []
-    regions: dict[str, pb.RegionStatus] = {}
-    while True:
-        page = stub.GetConsolidatedView(request, timeout=timeout, metadata=sign())
-        records.extend(page.records)
-        for status in page.regions:
-            known = regions.get(status.region)
-            if known is None or known.state == pb.REGION_STATE_ANSWERED:
-                count = (known.record_count if known else 0) + status.record_count
-                regions[status.region] = status
-                status.record_count = count
-        if not page.next_page_token or len(records) >= limit:
-            return records[:limit], regions
-        request.page_token = page.next_page_token
 
 
 def run(args: argparse.Namespace) -> int:
-    creds = credentials(args)
-    with channel(args.directory, creds) as ch:
-        stub = directory_service_pb2_grpc.DirectoryServiceStub(ch)
-        records, regions = fetch(
-            stub,
-            build_request(args),
-            args.limit,
-            args.timeout,
-            lambda: assertion(
-                creds, args.patient, args.emergency, operation=access_pb2.OPERATION_VIEW
-            ),
+    with directory_client(args) as directory:
+        view = directory.view(
+            build_request(args), limit=args.limit, timeout=args.timeout, emergency=args.emergency
         )
+    records, regions = view.records, view.regions
     if args.json:
         print(
             json.dumps(
@@ -123,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                     "regions": [
                         {
                             "region": s.region,
-                            "state": STATE_NAMES.get(s.state, "unknown"),
+                            "state": REGION_STATE_NAMES.get(s.state, "unknown"),
                             "records": s.record_count,
                             "message": s.message,
                         }
@@ -137,31 +90,3 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print_view(records, regions)
     return 0
-
-
-def print_view(records: list[record_pb2.Record], regions: dict[str, pb.RegionStatus]) -> None:
-    rows = [("DATE", "REGION", "KIND", "TYPE", "TITLE", "AUTHOR")]
-    rows += [
-        (
-            r.effective_time.ToDatetime().date().isoformat(),
-            r.region,
-            KIND_NAMES.get(r.kind, "?"),
-            r.type_code.code,
-            r.title + (" [masked]" if r.masked else ""),
-            r.author.name or r.author.identity,
-        )
-        for r in records
-    ]
-    if records:
-        print_table(rows)
-    else:
-        print("no records")
-    print()
-    for status in sorted(regions.values(), key=lambda s: s.region):
-        state = STATE_NAMES.get(status.state, "unknown")
-        detail = (
-            f" ({status.record_count} records)"
-            if status.state == pb.REGION_STATE_ANSWERED
-            else f": {status.message}"
-        )
-        print(f"region {status.region}: {state}{detail}")

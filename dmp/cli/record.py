@@ -17,15 +17,15 @@ from dmp.cli.common import (
     CommandError,
     add_emergency,
     add_identity,
-    assertion,
-    channel,
-    credentials,
+    directory_client,
+    node_client,
     parse_date,
 )
-from dmp.v1 import access_pb2, directory_service_pb2_grpc, node_service_pb2_grpc, record_pb2
+from dmp.client import DirectoryClient, NodeClient
+from dmp.records import KIND_NAMES, kind_value
 from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import node_service_pb2 as pb
-from node.records import KIND_NAMES, kind_value
+from dmp.v1 import record_pb2
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -107,40 +107,29 @@ def _put(args: argparse.Namespace) -> int:
     )
     if args.effective:
         record.effective_time.FromDatetime(parse_date(args.effective))
-    creds = credentials(args)
-    with channel(args.node, creds) as ch:
-        stub = node_service_pb2_grpc.NodeServiceStub(ch)
-        stored = stub.PutRecord(pb.PutRecordRequest(record=record, content=content), timeout=60)
-    print(stored.record.id)
+    with node_client(args) as node:
+        stored = node.put_record(record, content, timeout=60)
+    print(stored.id)
     return 0
 
 
 def _get(args: argparse.Namespace) -> int:
     if args.directory and not args.region:
         raise CommandError("--directory needs --region: the region holding the record")
-    creds = credentials(args)
     digest = hashlib.sha256()
     expected = ""
     size = 0
-    metadata = assertion(
-        creds,
-        args.patient,
-        args.emergency,
-        operation=access_pb2.OPERATION_READ_CONTENT,
-        record_id=args.record,
-    )
-    with channel(args.node or args.directory, creds) as ch:
-        chunks: Iterable[pb.GetRecordContentResponse | dpb.FetchRecordContentResponse]
-        if args.node:
-            chunks = node_service_pb2_grpc.NodeServiceStub(ch).GetRecordContent(
-                pb.GetRecordContentRequest(record_id=args.record), timeout=120, metadata=metadata
-            )
-        else:
-            chunks = directory_service_pb2_grpc.DirectoryServiceStub(ch).FetchRecordContent(
-                dpb.FetchRecordContentRequest(record_id=args.record, region=args.region),
-                timeout=120,
-                metadata=metadata,
-            )
+    client: NodeClient | DirectoryClient
+    chunks: Iterable[pb.GetRecordContentResponse | dpb.FetchRecordContentResponse]
+    if args.node:
+        client = node_client(args)
+        chunks = client.content(args.record, args.patient, emergency=args.emergency, timeout=120)
+    else:
+        client = directory_client(args)
+        chunks = client.fetch_content(
+            args.record, args.region, args.patient, emergency=args.emergency, timeout=120
+        )
+    with client:
         out = args.out.open("wb") if args.out else sys.stdout.buffer
         try:
             for response in chunks:
@@ -160,9 +149,8 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _reveal(args: argparse.Namespace) -> int:
-    with channel(args.node, credentials(args)) as ch:
-        stub = node_service_pb2_grpc.NodeServiceStub(ch)
-        stub.RevealRecord(pb.RevealRecordRequest(record_id=args.record), timeout=30)
+    with node_client(args) as node:
+        node.reveal(args.record, timeout=30)
     print(f"{args.record}: now visible to the patient")
     return 0
 
@@ -173,26 +161,14 @@ def _list(args: argparse.Namespace) -> int:
         request.kinds.append(kind_value(kind))
     if args.since:
         request.since.FromDatetime(parse_date(args.since))
-    creds = credentials(args)
-    with channel(args.node, creds) as ch:
-        stub = node_service_pb2_grpc.NodeServiceStub(ch)
-        while True:
-            page = stub.ListRecords(
-                request,
-                timeout=30,
-                metadata=assertion(
-                    creds, args.patient, args.emergency, operation=access_pb2.OPERATION_VIEW
-                ),
-            )
-            for r in page.records:
-                if args.json:
-                    print(json.dumps(MessageToDict(r), ensure_ascii=False))
-                else:
-                    when = r.effective_time.ToDatetime().date().isoformat()
-                    print(
-                        f"{r.id}  {when}  {KIND_NAMES[r.kind]:<13} {r.type_code.code:<8}"
-                        f" {r.title}  ({r.author.name})"
-                    )
-            if not page.next_page_token:
-                return 0
-            request.page_token = page.next_page_token
+    with node_client(args) as node:
+        for r in node.list_records(request, emergency=args.emergency, timeout=30):
+            if args.json:
+                print(json.dumps(MessageToDict(r), ensure_ascii=False))
+            else:
+                when = r.effective_time.ToDatetime().date().isoformat()
+                print(
+                    f"{r.id}  {when}  {KIND_NAMES[r.kind]:<13} {r.type_code.code:<8}"
+                    f" {r.title}  ({r.author.name})"
+                )
+    return 0

@@ -135,7 +135,7 @@ def test_an_event_without_repeats_is_encoded_as_before() -> None:
 def test_the_patients_history_shows_how_many_calls_an_event_counts(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from dmp.cli.patient import print_history
+    from dmp.printing import print_history
     from dmp.v1 import directory_service_pb2 as dpb
 
     counted = AuditEvent(

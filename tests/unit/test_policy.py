@@ -34,8 +34,8 @@ from dmp.policy import (
     may_supersede,
     refuse_reader,
 )
+from dmp.records import kind_name
 from node.access_matrix import load_matrix
-from node.records import kind_name
 from tests.access_rules import (
     ALREADY_EXISTS,
     DENTIST,
