@@ -28,20 +28,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.federation import (
-    BenchFederation,
-    BenchIdentities,
-    FederationPlan,
-    Floor,
-    ViewPlan,
-    measure_delay,
-    measure_rss,
-    measure_saturation,
-    measure_views,
-)
+from bench.federation import BenchFederation, BenchIdentities, FederationPlan, ViewPlan
 from bench.ingest import IngestPlan, measure_ingest
 from bench.report import ROOT, document, git_state, machine, say, table, write_json
 from bench.stats import Results
+from bench.views import Floor, measure_delay, measure_rss, measure_saturation, measure_views
 from dmp.regions import METROPOLITAN
 
 SECTIONS = ("a", "b", "c", "d", "e", "f")
