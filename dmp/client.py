@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import TypeAlias
+from typing import Self, TypeAlias
 
 import grpc
 
@@ -114,7 +114,7 @@ class _Client:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> _Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -171,9 +171,6 @@ class DirectoryClient(_Client):
     ) -> None:
         super().__init__(target, credentials, channel=channel, signer=signer)
         self.stub = directory_service_pb2_grpc.DirectoryServiceStub(self.channel)
-
-    def __enter__(self) -> DirectoryClient:
-        return self
 
     def register_patient(
         self, identity: patient_pb2.PatientIdentity, *, timeout: float = 10
@@ -304,9 +301,6 @@ class NodeClient(_Client):
     ) -> None:
         super().__init__(target, credentials, channel=channel, signer=signer)
         self.stub = node_service_pb2_grpc.NodeServiceStub(self.channel)
-
-    def __enter__(self) -> NodeClient:
-        return self
 
     def put_record(
         self,
