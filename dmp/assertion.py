@@ -45,9 +45,21 @@ OPERATION_NAMES = {
     access_pb2.OPERATION_READ_RECORD: "a read of one record",
     access_pb2.OPERATION_READ_CONTENT: "a read of one record's content",
     access_pb2.OPERATION_ACCESS_HISTORY: "a read of the access history",
+    access_pb2.OPERATION_FIND_PRESCRIPTIONS: "a search of the patient's prescriptions",
+    access_pb2.OPERATION_READ_PRESCRIPTION: "a read of one prescription",
+    access_pb2.OPERATION_DISPENSE: "a dispensing of one prescription",
+    access_pb2.OPERATION_CANCEL_PRESCRIPTION: "a cancellation of one prescription",
 }
-#: Operations that name the one record they read.
-RECORD_OPERATIONS = frozenset({access_pb2.OPERATION_READ_RECORD, access_pb2.OPERATION_READ_CONTENT})
+#: Operations that name the one record (or prescription) they act on, in record_id.
+RECORD_OPERATIONS = frozenset(
+    {
+        access_pb2.OPERATION_READ_RECORD,
+        access_pb2.OPERATION_READ_CONTENT,
+        access_pb2.OPERATION_READ_PRESCRIPTION,
+        access_pb2.OPERATION_DISPENSE,
+        access_pb2.OPERATION_CANCEL_PRESCRIPTION,
+    }
+)
 
 Metadata = Sequence[tuple[str, str | bytes]]
 

@@ -72,6 +72,14 @@ class _OperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operation.V
     """Who accessed the record: the directory's GetAccessHistory and a node's
     ListAccessEvents (called directly or relayed by the directory).
     """
+    OPERATION_FIND_PRESCRIPTIONS: _Operation.ValueType  # 6
+    """A patient's prescriptions: FindPrescriptions at the directory or a node."""
+    OPERATION_READ_PRESCRIPTION: _Operation.ValueType  # 7
+    """The one prescription named by record_id (the prescription id): GetPrescription."""
+    OPERATION_DISPENSE: _Operation.ValueType  # 8
+    """Claim, release or dispense the one prescription named by record_id."""
+    OPERATION_CANCEL_PRESCRIPTION: _Operation.ValueType  # 9
+    """Cancel the one prescription named by record_id (its prescriber)."""
 
 class Operation(_Operation, metaclass=_OperationEnumTypeWrapper):
     """What an access assertion allows: one kind of call. Every server refuses an assertion
@@ -96,6 +104,14 @@ OPERATION_ACCESS_HISTORY: Operation.ValueType  # 5
 """Who accessed the record: the directory's GetAccessHistory and a node's
 ListAccessEvents (called directly or relayed by the directory).
 """
+OPERATION_FIND_PRESCRIPTIONS: Operation.ValueType  # 6
+"""A patient's prescriptions: FindPrescriptions at the directory or a node."""
+OPERATION_READ_PRESCRIPTION: Operation.ValueType  # 7
+"""The one prescription named by record_id (the prescription id): GetPrescription."""
+OPERATION_DISPENSE: Operation.ValueType  # 8
+"""Claim, release or dispense the one prescription named by record_id."""
+OPERATION_CANCEL_PRESCRIPTION: Operation.ValueType  # 9
+"""Cancel the one prescription named by record_id (its prescriber)."""
 Global___Operation: _TypeAlias = Operation  # noqa: Y015
 
 class _RecordState:
@@ -163,7 +179,8 @@ class AccessAssertion(_message.Message):
     operation: Global___Operation.ValueType
     """The one kind of call this assertion allows; UNSPECIFIED is refused."""
     record_id: _builtins.str
-    """The record this assertion allows reading, for READ_RECORD and READ_CONTENT (required
+    """The record this assertion allows reading, for READ_RECORD and READ_CONTENT, or the
+    prescription id for READ_PRESCRIPTION, DISPENSE and CANCEL_PRESCRIPTION (required
     there); empty for the other operations.
     """
     @_builtins.property
