@@ -9,7 +9,9 @@ again.
 from __future__ import annotations
 
 from directory.directives import DirectiveStore
+from directory.relay import Metadata, forward_metadata
 from dmp.assertion import AssertionVerifier, Operation, VerifiedAssertion
+from dmp.audit.calls import AuditedCall
 from dmp.directives import PatientDirectives
 from dmp.errors import PermissionDenied
 from dmp.policy import refuse_reader
@@ -38,3 +40,17 @@ class DirectoryAccess:
         directives, signed = self._directives.current(assertion.patient_ins)
         refuse_reader(assertion, directives)
         return assertion, directives, signed
+
+    def relay(
+        self,
+        context: CallContext,
+        audited: AuditedCall,
+        operation: Operation.ValueType,
+        patient_ins: str | None = None,
+        record_id: str | None = None,
+    ) -> Metadata:
+        """Check a read, name its caller in the call's audit, and give what travels with
+        it to the nodes (directory/relay.py)."""
+        assertion, _, signed = self.reader(context, operation, patient_ins, record_id)
+        audited.caller(assertion)
+        return forward_metadata(assertion, signed, audited.request_id)

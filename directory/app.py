@@ -15,6 +15,7 @@ from directory.fanout import FanOut
 from directory.index import PatientIndex
 from directory.models import audit_checkpoints, audit_events, seen_nonces, witnessed_heads
 from directory.registry import EmbeddedRegistry
+from directory.service import DirectoryService
 from directory.servicer import DirectoryServicer
 from directory.view import DEFAULT_REGION_DEADLINE, ViewAssembler
 from dmp.audit.log import AuditLog
@@ -109,15 +110,18 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
 
     publisher = HeadPublisher(audit_log, engine, base.subtrees, node_witnesses)
     servicer = DirectoryServicer(
-        index,
-        discovery,
-        registry,
-        channels,
-        assembler,
-        access,
-        directives,
-        fanout,
-        auditor,
+        DirectoryService(
+            engine,
+            index,
+            discovery,
+            registry,
+            channels,
+            assembler,
+            access,
+            directives,
+            fanout,
+            auditor,
+        )
     )
 
     def add(server: grpc.Server) -> None:

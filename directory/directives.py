@@ -3,14 +3,11 @@ patient and to nodes, enforced before fanning out."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from sqlalchemy import Engine, bindparam, select
 from sqlalchemy.orm import Session
 
 from directory.models import DirectivesRow
 from dmp.clock import now_us
-from dmp.db import writer
 from dmp.directives import PatientDirectives, verify_directives
 from dmp.errors import FailedPrecondition
 from dmp.signing import SignatureVerifier
@@ -22,7 +19,6 @@ _SIGNED = select(DirectivesRow.signed).where(DirectivesRow.ins == bindparam("ins
 class DirectiveStore:
     def __init__(self, engine: Engine, signatures: SignatureVerifier) -> None:
         self._engine = engine
-        self._writer = writer(engine)
         self._signatures = signatures
 
     def current(self, ins: str) -> tuple[PatientDirectives, bytes | None]:
@@ -34,34 +30,35 @@ class DirectiveStore:
         message = access_pb2.SignedDirectives.FromString(signed)
         return verify_directives(self._signatures, message, ins), signed
 
-    def replace(
-        self,
-        signed: access_pb2.SignedDirectives,
-        patient_ins: str,
-        audit: Callable[[Session], None] | None = None,
+    def verify_new(
+        self, signed: access_pb2.SignedDirectives, patient_ins: str
     ) -> PatientDirectives:
-        """Store a new version signed by the patient; it must follow the current one."""
-        directives = verify_directives(self._signatures, signed, patient_ins, new=True)
-        with Session(self._writer) as session, session.begin():
-            row = session.get(DirectivesRow, patient_ins)
-            current = row.version if row is not None else 0
-            if directives.version != current + 1:
-                raise FailedPrecondition(
-                    f"directives version {directives.version} does not follow the current"
-                    f" version {current}: fetch the current directives and change them again"
+        """Directives a patient signed to replace their current ones."""
+        return verify_directives(self._signatures, signed, patient_ins, new=True)
+
+    def store(
+        self,
+        session: Session,
+        signed: access_pb2.SignedDirectives,
+        directives: PatientDirectives,
+    ) -> None:
+        """Store a new version in the session's transaction; it must follow the current one."""
+        row = session.get(DirectivesRow, directives.patient_ins)
+        current = row.version if row is not None else 0
+        if directives.version != current + 1:
+            raise FailedPrecondition(
+                f"directives version {directives.version} does not follow the current"
+                f" version {current}: fetch the current directives and change them again"
+            )
+        blob = signed.SerializeToString()
+        if row is None:
+            session.add(
+                DirectivesRow(
+                    ins=directives.patient_ins,
+                    version=directives.version,
+                    signed=blob,
+                    updated_us=now_us(),
                 )
-            blob = signed.SerializeToString()
-            if row is None:
-                session.add(
-                    DirectivesRow(
-                        ins=patient_ins,
-                        version=directives.version,
-                        signed=blob,
-                        updated_us=now_us(),
-                    )
-                )
-            else:
-                row.version, row.signed, row.updated_us = directives.version, blob, now_us()
-            if audit is not None:
-                audit(session)
-        return directives
+            )
+        else:
+            row.version, row.signed, row.updated_us = directives.version, blob, now_us()

@@ -7,16 +7,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from sqlalchemy import Engine, bindparam, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from directory.models import FragmentRow, IdentityConflictRow, PatientRow
 from dmp.clock import now_us
 from dmp.db import writer
-from dmp.errors import FailedPrecondition, NotFound
+from dmp.errors import NotFound
 from dmp.ins import normalize_ins
-from dmp.patients import IDENTITY_CONFLICT, Traits, conflict_message, traits_of
-from dmp.v1 import patient_pb2
+from dmp.patients import Traits
 
 _PATIENT = select(
     PatientRow.birth_family_name,
@@ -62,32 +60,12 @@ class PatientIndex:
         self._writer = writer(engine)
         self._clock = clock
 
-    def register(
-        self,
-        identity: patient_pb2.PatientIdentity,
-        reported_by: str,
-        audit: Callable[[Session], None] | None = None,
-    ) -> tuple[Traits, bool]:
-        """Store or confirm an identity. Contradicting traits: refused and kept for review."""
-        traits = traits_of(identity, "patient", require_all=True)
-        for _attempt in range(2):
-            try:
-                with Session(self._writer) as session, session.begin():
-                    outcome = self._merge(session, traits, reported_by)
-                    if audit is not None and not isinstance(outcome, list):
-                        audit(session)
-            except IntegrityError:
-                continue  # a concurrent registration of the same INS: look again
-            if isinstance(outcome, list):
-                raise FailedPrecondition(
-                    conflict_message(traits.ins, outcome), reason=IDENTITY_CONFLICT
-                )
-            return outcome
-        raise FailedPrecondition(f"INS {traits.ins} is being registered concurrently: retry")
-
-    def _merge(
+    def merge(
         self, session: Session, traits: Traits, reported_by: str
     ) -> tuple[Traits, bool] | list[str]:
+        """Store or confirm an identity in the session's transaction: the identity and
+        whether it is new, or the traits that contradict the stored ones (the proposal is
+        kept for review)."""
         row = session.get(PatientRow, traits.ins)
         if row is None:
             session.add(
@@ -155,7 +133,7 @@ class PatientIndex:
         row = session.get(PatientRow, traits.ins)
         if row is None:
             return []
-        outcome = self._merge(session, traits, reported_by)
+        outcome = self.merge(session, traits, reported_by)
         return outcome if isinstance(outcome, list) else []
 
     def conflicts(self, after_seq: int, limit: int) -> list[Conflict]:

@@ -22,6 +22,7 @@ from dmp.audit.merkle_proofs import LeafSubtrees
 from dmp.audit.refusals import RefusalTrail
 from dmp.audit.witness import WitnessStore
 from dmp.audit.witness_rpc import WITNESS_SERVICE, WitnessServicer, add_witness_service
+from dmp.audit.witness_service import Witnessing
 from dmp.db import make_engine, upgrade
 from dmp.dbfile import prepare_sqlite
 from dmp.identity import Role
@@ -137,7 +138,12 @@ def open_foundation(
     )
     auditor = Auditor(audit_log, RefusalTrail(audit_log, window=settings.refusal_window))
     witness = WitnessServicer(
-        WitnessStore(engine, tables.witnessed_heads, credentials, ca), auditor, witness_of
+        Witnessing(
+            engine,
+            WitnessStore(engine, tables.witnessed_heads, credentials, ca),
+            auditor,
+            witness_of,
+        )
     )
     return Foundation(
         credentials=credentials,

@@ -198,3 +198,31 @@ def check_sets_directives(caller: Principal) -> None:
     """Directives are set by the patient, with their own certificate."""
     if caller.role is not Role.PATIENT:
         raise PermissionDenied("only the patient sets their directives")
+
+
+#: Who may read witnessed audit heads: the federation's services (no personal data is in a
+#: head, but its sizes tell how busy a service is).
+WITNESS_READERS = frozenset({Role.NODE, Role.DIRECTORY})
+
+
+def check_witness_submitter(caller: Principal, submitters: Role) -> None:
+    """A witness keeps the heads of the services of one role."""
+    if caller.role is not submitters:
+        raise PermissionDenied(
+            f"this service witnesses the audit heads of the {submitters.value}"
+            f" identities only, not of {caller.uri}"
+        )
+
+
+def check_own_head(caller: Principal, signer: str) -> None:
+    """A service sends the heads of its own audit log only."""
+    if signer != caller.uri:
+        raise PermissionDenied(
+            f"{caller.uri} sent a tree head of {signer or 'no signer'}: a service"
+            " sends only the heads of its own audit log"
+        )
+
+
+def check_witness_reader(caller: Principal) -> None:
+    if caller.role not in WITNESS_READERS:
+        raise PermissionDenied("witnessed audit heads are for the federation's services")

@@ -19,7 +19,6 @@ from dmp.identity import Principal, Role
 from dmp.policy import AccessMatrix, ReadScope, check_write, decide_read, may_supersede
 from dmp.server import CallContext
 from node.directives import DirectiveCache
-from node.models import RecordRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +78,11 @@ class NodeAccess:
         check_write(writer, kind, self._directives.get(patient_ins, fail_closed=False))
         return Caller(writer, writer)
 
-    def superseder(self, context: CallContext) -> Callable[[RecordRow], bool]:
-        """Whether the calling writer may replace a stored record with a new version."""
-        writer = context.principal
-
-        def check(previous: RecordRow) -> bool:
-            return may_supersede(
-                writer, previous.author_identity, previous.kind, previous.type_code, self._matrix
-            )
-
-        return check
+    def may_supersede(
+        self, writer: Principal, author_identity: str, kind: str, type_code: str
+    ) -> bool:
+        """Whether the writer may replace a stored record with a new version."""
+        return may_supersede(writer, author_identity, kind, type_code, self._matrix)
 
     def now(self) -> int:
         return self._clock()

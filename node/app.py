@@ -34,6 +34,7 @@ from node.access_matrix import load_matrix
 from node.directives import DirectiveCache
 from node.locator import OutboxDelivery
 from node.models import audit_checkpoints, audit_events, seen_nonces, witnessed_heads
+from node.service import RecordService
 from node.servicer import NodeServicer
 from node.store import RecordStore
 
@@ -143,7 +144,7 @@ def start_node(config: NodeConfig) -> RunningNode:
         publisher = HeadPublisher(
             audit_log, engine, base.subtrees, lambda: {"the directory": directory_stub}
         )
-    servicer = NodeServicer(store, access, auditor)
+    servicer = NodeServicer(RecordService(engine, store, access, auditor))
 
     def add(server: grpc.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)

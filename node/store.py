@@ -1,10 +1,11 @@
-"""The node's use cases on records: put, get, read content, list. One transaction each."""
+"""The node's record repository: validates, writes in the caller's unit of work, reads within
+a read scope. It knows nothing of who may do what (dmp/policy.py) or of audit."""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,16 +20,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dmp import tokens
 from dmp.clock import now_us, to_us
-from dmp.db import writer
 from dmp.errors import (
     AlreadyExists,
     DataLoss,
-    DmpError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -63,18 +61,6 @@ RECORDS: Table = RecordRow.__table__  # type: ignore[assignment]
 CONTENTS: Table = RecordContentRow.__table__  # type: ignore[assignment]
 
 
-#: Appends the trace of stored records in the transaction that stores them.
-WriteAudit = Callable[[Session, list["Written"]], None]
-
-
-#: The access check of a write, given the validated record (node/access.py).
-WriteCheck = Callable[[record_pb2.Record], None]
-
-
-#: Whether the writer may replace this stored record with a new version (dmp/policy.py).
-SupersedeCheck = Callable[[RecordRow], bool]
-
-
 @dataclass(frozen=True, slots=True)
 class Written:
     """A record a write stored (or found already stored, for a retry)."""
@@ -96,7 +82,7 @@ class Written:
 
 
 @dataclass(frozen=True, slots=True)
-class _Draft:
+class Draft:
     """A validated record ready to insert."""
 
     record: record_pb2.Record
@@ -106,7 +92,6 @@ class _Draft:
     fingerprint: str
     record_id: str
     author: Principal
-    may_supersede: SupersedeCheck | None
 
 
 class RecordStore:
@@ -121,7 +106,6 @@ class RecordStore:
         clock: Callable[[], int] = now_us,
     ) -> None:
         self._engine = engine
-        self._writer = writer(engine)
         self.region = region
         self.max_content = max_content
         self._clock = clock
@@ -135,107 +119,20 @@ class RecordStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def put(
-        self,
-        writer: Principal,
-        record: record_pb2.Record,
-        content: bytes,
-        patient: patient_pb2.PatientIdentity | None = None,
-        audit: WriteAudit | None = None,
-        check: WriteCheck | None = None,
-        supersede: SupersedeCheck | None = None,
-    ) -> record_pb2.Record:
-        """Store a record durably; idempotent on its id. The writer is checked before;
-        `audit` appends the write's trace in the same transaction; `supersede` decides
-        whether the writer may retire the version a new one supersedes."""
-        draft = self._prepare(writer, record, content, patient, check, supersede)
-        for attempt in range(2):
-            try:
-                with Session(self._writer) as session, session.begin():
-                    written = self._write(session, [draft])
-                    if audit is not None:
-                        audit(session, written)
-                    stored = written[0].record(self.region)
-                break
-            except IntegrityError:
-                # A concurrent write won a race (PostgreSQL): the same record id (answer as
-                # a retry), or the same new patient's identity row (write again, once).
-                with Session(self._engine) as session:
-                    existing = session.scalar(
-                        select(RecordRow).where(RecordRow.id == draft.record_id)
-                    )
-                if existing is not None:
-                    return self._same_or_conflict(existing, draft)
-                if attempt == 1:
-                    raise
-        self._notify()
-        return stored
-
-    def put_many(
-        self,
-        writer: Principal,
-        items: Iterable[tuple[record_pb2.Record, bytes, patient_pb2.PatientIdentity | None]],
-        *,
-        audit: WriteAudit | None = None,
-        check: WriteCheck | None = None,
-        supersede: SupersedeCheck | None = None,
-        batch_records: int = 1000,
-        batch_bytes: int = 64 * 1024 * 1024,
-    ) -> int:
-        """Store a stream of records, one transaction per batch; return how many. Each batch
-        is durable when the next starts; a failure names the item and how many were stored
-        before it (puts are idempotent: sending the whole stream again is safe)."""
-        stored = 0
-        batch: list[_Draft] = []
-        size = 0
-
-        def flush() -> None:
-            nonlocal stored, batch, size
-            if batch:
-                with Session(self._writer) as session, session.begin():
-                    written = self._write(session, batch)
-                    if audit is not None:
-                        audit(session, written)
-                stored += len(batch)
-                batch, size = [], 0
-                self._notify()
-
-        stream = iter(items)
-        index = 0
-        while True:
-            try:
-                item = next(stream, None)  # the stream may check each record as it comes
-                if item is None:
-                    break
-                record, content, patient = item
-                batch.append(self._prepare(writer, record, content, patient, check, supersede))
-            except DmpError as exc:
-                flush()
-                exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
-                raise
-            index += 1
-            size += len(content)
-            if len(batch) >= batch_records or size >= batch_bytes:
-                flush()
-        flush()
-        return stored
-
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """After each committed write (wakes the locator outbox)."""
         if self._on_commit is not None:
             self._on_commit()
 
-    def _prepare(
+    def prepare(
         self,
         writer: Principal,
         record: record_pb2.Record,
         content: bytes,
         patient: patient_pb2.PatientIdentity | None,
-        check: WriteCheck | None,
-        supersede: SupersedeCheck | None,
-    ) -> _Draft:
+    ) -> Draft:
+        """Validate a record to write (nothing of who may write it: the use case asks)."""
         validate_draft(record)
-        if check is not None:
-            check(record)
         traits = None
         if patient is not None and patient.ins:
             traits = traits_of(patient, "patient")
@@ -247,7 +144,7 @@ class RecordStore:
                 f" {self.max_content} bytes per record"
             )
         digest = hashlib.sha256(content).hexdigest()
-        return _Draft(
+        return Draft(
             record=record,
             content=content,
             traits=traits if traits is not None and not traits.empty else None,
@@ -255,10 +152,23 @@ class RecordStore:
             fingerprint=fingerprint(record, digest, writer.uri),
             record_id=record.id or str(uuid.uuid4()),
             author=writer,
-            may_supersede=supersede,
         )
 
-    def _write(self, session: Session, drafts: Sequence[_Draft]) -> list[Written]:
+    def find(self, record_id: str) -> RecordRow | None:
+        """The stored row of an id, whoever wrote it (to answer a write's retry)."""
+        with Session(self._engine) as session:
+            return session.scalar(select(RecordRow).where(RecordRow.id == record_id))
+
+    def versions_to_retire(self, session: Session, drafts: Sequence[Draft]) -> dict[str, RecordRow]:
+        """The stored rows the drafts supersede, by id, in the write's transaction."""
+        ids = sorted({d.record.supersedes for d in drafts if d.record.supersedes})
+        if not ids:
+            return {}
+        return {
+            row.id: row for row in session.scalars(select(RecordRow).where(RecordRow.id.in_(ids)))
+        }
+
+    def write(self, session: Session, drafts: Sequence[Draft]) -> list[Written]:
         """Insert the drafts in the session's transaction (one INSERT per table for a batch);
         same id and same content is a retry, same id and other content is refused."""
         ids = [d.record_id for d in drafts]
@@ -281,7 +191,7 @@ class RecordStore:
         for draft in drafts:
             found = known.get(draft.record_id)
             if found is not None:
-                self._same_or_conflict(found, draft)
+                self.same_or_conflict(found, draft)
                 written.append(Written(found.id, found.patient_ins, found))
                 continue
             if draft.traits is not None and draft.traits not in merged:
@@ -298,7 +208,7 @@ class RecordStore:
         announce(session, (w.patient_ins for w in written), now)
         return written
 
-    def _same_or_conflict(self, existing: RecordRow, draft: _Draft) -> record_pb2.Record:
+    def same_or_conflict(self, existing: RecordRow, draft: Draft) -> record_pb2.Record:
         """A retry of the same put answers the stored record; anything else is refused. A
         caller learns nothing of a record it did not write: the same answer whoever holds
         the id, and no mention of its patient or content."""
@@ -315,7 +225,7 @@ class RecordStore:
             )
         return to_proto(existing, self.region)
 
-    def _new_row(self, session: Session, draft: _Draft, created: int) -> dict[str, Any]:
+    def _new_row(self, session: Session, draft: Draft, created: int) -> dict[str, Any]:
         record = draft.record
         version = 1
         root_id = draft.record_id
@@ -323,16 +233,8 @@ class RecordStore:
             previous = session.scalar(select(RecordRow).where(RecordRow.id == record.supersedes))
             # One answer whether the record is missing, another patient's, or not the
             # writer's to replace: a refusal tells nothing of records one may not read.
-            if (
-                previous is None
-                or previous.patient_ins != record.patient_ins
-                or not self._may_supersede(draft, previous)
-            ):
-                raise FailedPrecondition(
-                    f"record.supersedes {record.supersedes!r}: no such record of this patient that"
-                    " you may supersede on this node; only the author of a record writes its"
-                    " new version, on the node that holds it"
-                )
+            if previous is None or previous.patient_ins != record.patient_ins:
+                raise cannot_supersede(record)
             integrity.check([previous], self.region)  # never re-hash a damaged row
             if previous.status != "current":
                 raise FailedPrecondition(
@@ -376,12 +278,6 @@ class RecordStore:
         )
         values["row_hash"] = hash_values(values)
         return values
-
-    @staticmethod
-    def _may_supersede(draft: _Draft, previous: RecordRow) -> bool:
-        if draft.may_supersede is not None:
-            return draft.may_supersede(previous)
-        return previous.author_identity == draft.author.uri
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -440,37 +336,32 @@ class RecordStore:
         for offset in range(0, len(blob), CHUNK_SIZE):
             yield (record if offset == 0 else None), blob[offset : offset + CHUNK_SIZE]
 
-    def reveal(
-        self,
-        writer: Principal,
-        record_id: str,
-        audit: Callable[[Session, str], None] | None = None,
-        check: Callable[[str, str], None] | None = None,
-    ) -> record_pb2.Record:
-        """The author makes a record hidden from the patient visible to them; `check(kind,
-        patient_ins)` applies the patient's directives to the author first."""
+    def authored(self, author_uri: str, record_id: str) -> RecordRow:
+        """A record its author wrote on this node; the same NotFound for any other id."""
         check_record_id(record_id)
-        mine = select(RecordRow).where(
-            RecordRow.id == record_id, RecordRow.author_identity == writer.uri
+        with Session(self._engine) as session:
+            row = session.scalar(self._authored(author_uri, record_id))
+        if row is None:
+            raise _not_yours(record_id)
+        return row
+
+    def reveal(self, session: Session, author_uri: str, record_id: str) -> record_pb2.Record:
+        """Make a record hidden from the patient visible to them, in the session's
+        transaction; revealing twice keeps the first time."""
+        row = session.scalar(self._authored(author_uri, record_id))
+        if row is None:
+            raise _not_yours(record_id)
+        integrity.check([row], self.region)  # never re-hash a damaged row
+        if row.revealed_us is None:
+            row.revealed_us = self._clock()
+            row.row_hash = hash_row(row)
+        return to_proto(row, self.region)
+
+    @staticmethod
+    def _authored(author_uri: str, record_id: str) -> Select[RecordRow]:
+        return select(RecordRow).where(
+            RecordRow.id == record_id, RecordRow.author_identity == author_uri
         )
-        not_yours = NotFound(f"record {record_id}: no record of yours with this id on this node")
-        if check is not None:
-            with Session(self._engine) as session:
-                found = session.scalar(mine)
-                if found is None:
-                    raise not_yours
-                check(found.kind, found.patient_ins)
-        with Session(self._writer) as session, session.begin():
-            row = session.scalar(mine)
-            if row is None:
-                raise not_yours
-            integrity.check([row], self.region)  # never re-hash a damaged row
-            if row.revealed_us is None:
-                row.revealed_us = self._clock()
-                row.row_hash = hash_row(row)
-            if audit is not None:
-                audit(session, row.patient_ins)
-            return to_proto(row, self.region)
 
     def list_records(
         self, scope: ReadScope, request: node_service_pb2.ListRecordsRequest
@@ -553,6 +444,20 @@ class RecordStore:
     def acknowledge(self, seqs: Sequence[int]) -> None:
         """Forget the outbox rows the directory acknowledged: exactly those delivered."""
         self.outbox.acknowledge(seqs)
+
+
+def cannot_supersede(record: record_pb2.Record) -> FailedPrecondition:
+    """One answer whether the record is missing, another patient's, or not the writer's to
+    replace: a refusal tells nothing of records one may not read."""
+    return FailedPrecondition(
+        f"record.supersedes {record.supersedes!r}: no such record of this patient that"
+        " you may supersede on this node; only the author of a record writes its"
+        " new version, on the node that holds it"
+    )
+
+
+def _not_yours(record_id: str) -> NotFound:
+    return NotFound(f"record {record_id}: no record of yours with this id on this node")
 
 
 def _merge_traits(session: Session, traits: Traits) -> None:

@@ -45,9 +45,7 @@ from sqlalchemy.engine import Connection
 from dmp.audit.checkpoints import Checkpoint, verify_checkpoint
 from dmp.audit.merkle_proofs import verify_consistency
 from dmp.clock import from_us, now_us, to_us
-from dmp.db import writer
-from dmp.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
-from dmp.identity import Principal
+from dmp.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from dmp.pki import Credentials, load_private_key, principal_from_certificate
 from dmp.v1 import witness_pb2 as wpb
 
@@ -215,50 +213,47 @@ class WitnessStore:
         self, engine: Engine, table: Table, credentials: Credentials, ca_cert: x509.Certificate
     ) -> None:
         self._engine = engine
-        self._writer = writer(engine)
         self._table = table
         self._credentials = credentials
         self._ca = ca_cert
 
-    def accept(
-        self, head: Checkpoint, proof_from: int, proof: Sequence[bytes], caller: Principal
-    ) -> tuple[Witnessed, bool]:
-        """Keep ``head`` (sent by ``caller``) if it extends the latest head held for its
-        signer, as ``proof`` shows; return the latest head and whether it was already held."""
-        if head.source_id != caller.uri:
-            raise PermissionDenied(
-                f"{caller.uri} sent a tree head of {head.source_id or 'no signer'}: a service"
-                " sends only the heads of its own audit log"
-            )
+    def check(self, head: Checkpoint, proof: Sequence[bytes]) -> None:
+        """A head and proof well formed, the head signed by its signer's certificate."""
         if len(proof) > MAX_PROOF or any(len(h) != 32 for h in proof):
             raise InvalidArgument("consistency_proof holds at most 64 hashes of 32 bytes")
         why = verify_checkpoint(head, self._ca)
         if why:
             raise InvalidArgument(f"the tree head does not verify: {why}")
-        with self._writer.begin() as conn:
-            if conn.dialect.name == "postgresql":  # one head of a signer at a time
-                key = int.from_bytes(
-                    hashlib.sha256(f"dmp-witness:{head.source_id}".encode()).digest()[:8],
-                    "big",
-                    signed=True,
+
+    def accept(
+        self, conn: Connection, head: Checkpoint, proof_from: int, proof: Sequence[bytes]
+    ) -> tuple[Witnessed, bool]:
+        """Keep ``head`` (checked) in the caller's transaction if it extends the latest head
+        held for its signer, as ``proof`` shows; return the latest head and whether it was
+        already held."""
+        if conn.dialect.name == "postgresql":  # one head of a signer at a time
+            key = int.from_bytes(
+                hashlib.sha256(f"dmp-witness:{head.source_id}".encode()).digest()[:8],
+                "big",
+                signed=True,
+            )
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        latest = self._latest(conn, head.source_id)
+        same = self._at(conn, head.source_id, head.tree_size)
+        if same is not None:
+            if same.head.root_hash != head.root_hash:
+                raise FailedPrecondition(
+                    f"{_describe(head)} is not the one witnessed at that size for"
+                    f" {head.source_id} ({_describe(same.head)}, another root): the log"
+                    " was rewritten",
+                    reason="INCONSISTENT_TREE_HEAD",
                 )
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
-            latest = self._latest(conn, head.source_id)
-            same = self._at(conn, head.source_id, head.tree_size)
-            if same is not None:
-                if same.head.root_hash != head.root_hash:
-                    raise FailedPrecondition(
-                        f"{_describe(head)} is not the one witnessed at that size for"
-                        f" {head.source_id} ({_describe(same.head)}, another root): the log"
-                        " was rewritten",
-                        reason="INCONSISTENT_TREE_HEAD",
-                    )
-                assert latest is not None
-                return latest, True
-            if latest is not None:
-                self._check_extends(latest.head, head, proof_from, proof)
-            witnessed = cosign(self._credentials, head)
-            conn.execute(insert(self._table).values(**_row(witnessed)))
+            assert latest is not None
+            return latest, True
+        if latest is not None:
+            self._check_extends(latest.head, head, proof_from, proof)
+        witnessed = cosign(self._credentials, head)
+        conn.execute(insert(self._table).values(**_row(witnessed)))
         return witnessed, False
 
     def _check_extends(

@@ -18,8 +18,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 
-from dmp.db import make_engine, upgrade
+from dmp.db import make_engine, upgrade, writer
 from dmp.errors import DataLoss
 from dmp.identity import Principal, Role
 from dmp.policy import Grant, ReadScope
@@ -289,11 +290,16 @@ def test_a_damaged_masked_record_stops_reads_without_naming_it(db_url: str) -> N
     upgrade(engine, MIGRATIONS, "alembic_version_node")
     store = RecordStore(engine, "11")
     author = Principal(Role.PRACTITIONER, DOCTOR, "Dr Claire MARTIN", "doctor")
-    store.put(author, draft(record_id="masked-v1"), b"x")
+
+    def put(record: record_pb2.Record) -> None:  # the repository alone, in a transaction
+        with Session(writer(engine)) as session, session.begin():
+            store.write(session, [store.prepare(author, record, b"x", None)])
+
+    put(draft(record_id="masked-v1"))
     second = draft(record_id="masked-v2")
     second.supersedes = "masked-v1"
-    store.put(author, second, b"x")
-    store.put(author, draft(record_id="plain"), b"x")
+    put(second)
+    put(draft(record_id="plain"))
     reader = Principal(Role.PRACTITIONER, OTHER_DOCTOR, "Dr Paul DURAND", "doctor")
     grant = Grant(frozenset({"document"}), frozenset())
     masked = frozenset({"masked-v1"})

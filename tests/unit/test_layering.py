@@ -53,3 +53,42 @@ def test_the_node_never_imports_the_directory() -> None:
 
 def test_the_directory_never_imports_the_node() -> None:
     assert offenders("directory", {"node"}) == []
+
+
+#: The repositories: they read and write rows within a scope or a session they are given,
+#: and know nothing of who may do what or of audit (the use cases do).
+REPOSITORIES = ("node/store.py", "directory/index.py", "directory/directives.py")
+#: What a repository may not import: the audit, the access wiring, the use-case layer.
+NOT_FOR_REPOSITORIES = (
+    "dmp.audit",
+    "dmp.unit_of_work",
+    "dmp.server",
+    "node.access",
+    "node.service",
+    "directory.access",
+    "directory.service",
+)
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_repositories_know_nothing_of_access_or_audit() -> None:
+    found = {
+        module: sorted(
+            name
+            for name in imported_modules(ROOT / module)
+            if name.startswith(NOT_FOR_REPOSITORIES)
+        )
+        for module in REPOSITORIES
+    }
+    assert imported_modules(ROOT / "node/store.py")  # the walk sees the repository's imports
+    assert {module: names for module, names in found.items() if names} == {}

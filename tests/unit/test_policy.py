@@ -27,8 +27,11 @@ from dmp.policy import (
     check_node,
     check_operator,
     check_own_directives,
+    check_own_head,
     check_register,
     check_sets_directives,
+    check_witness_reader,
+    check_witness_submitter,
     check_write,
     decide_read,
     may_supersede,
@@ -383,6 +386,30 @@ def test_the_directory_calls_check_who_calls() -> None:
         partial(check_operator, doc),
         partial(check_sets_directives, doc),
         *(partial(check_own_directives, who, INS) for who in (doc, them, operator)),
+    ]
+    for refusal in refusals:
+        with pytest.raises(PermissionDenied):
+            refusal()
+
+
+def test_witnesses_keep_and_show_the_heads_of_services_only() -> None:
+    node, other, directory = (
+        Principal(Role.NODE, "53"),
+        Principal(Role.NODE, "11"),
+        Principal(Role.DIRECTORY),
+    )
+    check_witness_submitter(node, Role.NODE)
+    check_witness_submitter(directory, Role.DIRECTORY)
+    check_own_head(node, node.uri)
+    check_witness_reader(node)
+    check_witness_reader(directory)
+    refusals: list[Callable[[], object]] = [
+        partial(check_witness_submitter, directory, Role.NODE),
+        partial(check_witness_submitter, practitioner(DOCTOR), Role.NODE),
+        partial(check_own_head, node, other.uri),
+        partial(check_own_head, node, ""),
+        partial(check_witness_reader, practitioner(DOCTOR)),
+        partial(check_witness_reader, patient()),
     ]
     for refusal in refusals:
         with pytest.raises(PermissionDenied):

@@ -1,0 +1,244 @@
+"""The node's use cases on records: each audits its call, checks access through the policy
+(node/access.py asks dmp/policy.py), then works through the record repository, a write in
+one unit of work with its audit event and outbox entry.
+
+The servicer (node/servicer.py) unpacks a request, calls one of these, packs the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+
+from dmp import tokens
+from dmp.audit.calls import AuditedCall, Auditor, history_events
+from dmp.audit.events import AuditEvent, EventType
+from dmp.errors import DmpError
+from dmp.identity import Principal
+from dmp.ins import normalize_ins
+from dmp.policy import ReadScope, check_history
+from dmp.records import kind_name
+from dmp.server import CallContext
+from dmp.unit_of_work import UnitOfWork
+from dmp.v1 import access_pb2, node_service_pb2, record_pb2
+from node.access import NodeAccess
+from node.models import RecordRow
+from node.store import Draft, RecordStore, Written, cannot_supersede
+
+MAX_EVENTS = 1000
+#: An ingest stream commits a batch at this many records or bytes, whichever comes first.
+BATCH_RECORDS = 1000
+BATCH_BYTES = 64 * 1024 * 1024
+
+
+class RecordService:
+    """What a node does with records, for the person each call is for."""
+
+    def __init__(
+        self, engine: Engine, records: RecordStore, access: NodeAccess, auditor: Auditor
+    ) -> None:
+        self._engine = engine
+        self._records = records
+        self._access = access
+        self._auditor = auditor
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def put_record(
+        self, context: CallContext, put: node_service_pb2.PutRecordRequest
+    ) -> record_pb2.Record:
+        """Store one record durably; idempotent on its id."""
+        with self._auditor.call(context, EventType.WRITE, put.record.patient_ins) as audited:
+            draft = self._draft(context, put)
+            try:
+                written = self._write(context.principal, audited, [draft])
+            except IntegrityError:
+                # A concurrent write won a race (PostgreSQL): the same record id (answer as
+                # a retry), or the same new patient's identity row (write again, once).
+                existing = self._records.find(draft.record_id)
+                if existing is None:
+                    written = self._write(context.principal, audited, [draft])
+                else:
+                    record = self._records.same_or_conflict(existing, draft)
+                    audited.commit([record.id])
+                    return record
+            return written[0].record(self._records.region)
+
+    def ingest_records(
+        self, context: CallContext, puts: Iterable[node_service_pb2.PutRecordRequest]
+    ) -> int:
+        """Store a stream of records, one unit of work per batch; return how many. Each batch
+        is durable when the next starts; a failure names the item and how many were stored
+        before it (puts are idempotent: sending the whole stream again is safe)."""
+        with self._auditor.call(context, EventType.WRITE) as audited:
+            stored = 0
+            batch: list[Draft] = []
+            size = 0
+            for index, put in enumerate(puts):
+                audited.patient_ins = put.record.patient_ins  # a refusal names its patient
+                try:
+                    batch.append(self._draft(context, put))
+                except DmpError as exc:
+                    stored += self._flush(context.principal, audited, batch)
+                    exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
+                    raise
+                size += len(put.content)
+                if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
+                    stored += self._flush(context.principal, audited, batch)
+                    batch, size = [], 0
+            stored += self._flush(context.principal, audited, batch)
+            return stored
+
+    def reveal_record(self, context: CallContext, record_id: str) -> record_pb2.Record:
+        """The author makes a record hidden from the patient visible to them. Revealing is a
+        write: the patient's directives apply to the author."""
+        with self._auditor.call(context, EventType.WRITE) as audited:
+            audited.record_ids = (record_id,)
+            audited.detail = "revealed to the patient"
+            writer = context.principal
+            found = self._records.authored(writer.uri, record_id)
+            audited.patient_ins = found.patient_ins
+            self._access.writer(context, found.kind, found.patient_ins)
+            with self._unit(audited) as uow:
+                record = self._records.reveal(uow.session, writer.uri, record_id)
+                uow.audit()
+                uow.commit()
+            return record
+
+    def _draft(self, context: CallContext, put: node_service_pb2.PutRecordRequest) -> Draft:
+        """A validated record the writer may write, as their role and the patient's
+        directives allow."""
+        patient = put.patient if put.HasField("patient") else None
+        draft = self._records.prepare(context.principal, put.record, put.content, patient)
+        self._access.writer(context, kind_name(put.record.kind), put.record.patient_ins)
+        return draft
+
+    def _flush(self, writer: Principal, audited: AuditedCall, batch: list[Draft]) -> int:
+        if not batch:
+            return 0
+        self._write(writer, audited, batch)
+        return len(batch)
+
+    def _write(
+        self, writer: Principal, audited: AuditedCall, drafts: Sequence[Draft]
+    ) -> list[Written]:
+        """In one unit of work: the supersede checks, the records, their outbox entry and
+        one audit event per patient."""
+        with self._unit(audited) as uow:
+            previous = self._records.versions_to_retire(uow.session, drafts)
+            self._check_supersede(writer, drafts, previous)
+            written = self._records.write(uow.session, drafts)
+            if len(written) == 1 and written[0].supersedes:
+                audited.detail = f"supersedes {written[0].supersedes}"
+            for patient_ins, ids in _ids_by_patient(written).items():
+                uow.audit(ids, patient_ins)
+            uow.commit()
+        return written
+
+    def _check_supersede(
+        self, writer: Principal, drafts: Sequence[Draft], previous: dict[str, RecordRow]
+    ) -> None:
+        """Only who may replace a record writes its new version (dmp/policy.py); one answer
+        whether the record is missing, another patient's or not theirs (the store answers
+        for missing ones)."""
+        in_batch = {d.record_id: d for d in drafts}
+        for draft in drafts:
+            replaced = draft.record.supersedes
+            if not replaced:
+                continue
+            row = previous.get(replaced)
+            if row is not None:
+                allowed = row.patient_ins == draft.record.patient_ins and (
+                    self._access.may_supersede(writer, row.author_identity, row.kind, row.type_code)
+                )
+            elif replaced in in_batch:  # written by this writer, earlier in this batch
+                earlier = in_batch[replaced].record
+                allowed = earlier.patient_ins == draft.record.patient_ins and (
+                    self._access.may_supersede(
+                        writer, writer.uri, kind_name(earlier.kind), earlier.type_code.code
+                    )
+                )
+            else:
+                continue  # the store refuses a missing one, with the same answer
+            if not allowed:
+                raise cannot_supersede(draft.record)
+
+    def _unit(self, audited: AuditedCall) -> UnitOfWork:
+        return UnitOfWork(self._engine, audited, on_commit=self._records.notify)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get_record(self, context: CallContext, record_id: str) -> record_pb2.Record:
+        with self._auditor.call(context, EventType.READ_RECORD) as audited:
+            audited.record_ids = (record_id,)
+            scope = self._reader(
+                context, audited, access_pb2.OPERATION_READ_RECORD, record_id=record_id
+            )
+            record = self._records.get(scope, record_id)
+            audited.commit([record.id])
+            return record
+
+    def record_content(
+        self, context: CallContext, record_id: str
+    ) -> Iterator[tuple[record_pb2.Record | None, bytes]]:
+        """The record then its content in chunks; the read is audited before the first."""
+        with self._auditor.call(context, EventType.READ_CONTENT) as audited:
+            audited.record_ids = (record_id,)
+            scope = self._reader(
+                context, audited, access_pb2.OPERATION_READ_CONTENT, record_id=record_id
+            )
+            chunks = self._records.content(scope, record_id)
+            first = next(chunks)
+            audited.commit([record_id])
+        yield first
+        yield from chunks
+
+    def list_records(
+        self, context: CallContext, request: node_service_pb2.ListRecordsRequest
+    ) -> node_service_pb2.ListRecordsResponse:
+        with self._auditor.call(context, EventType.VIEW, request.patient_ins) as audited:
+            patient = normalize_ins(request.patient_ins, "patient_ins")
+            scope = self._reader(context, audited, access_pb2.OPERATION_VIEW, patient)
+            response = self._records.list_records(scope, request)
+            audited.commit([r.id for r in response.records])
+            return response
+
+    def access_events(
+        self, context: CallContext, request: node_service_pb2.ListAccessEventsRequest
+    ) -> list[AuditEvent]:
+        """The patient's access history at this node: for the patient only."""
+        with self._auditor.call(context, EventType.ACCESS_HISTORY, request.patient_ins) as audited:
+            patient = normalize_ins(request.patient_ins, "patient_ins")
+            self._reader(context, audited, access_pb2.OPERATION_ACCESS_HISTORY, patient)
+            check_history(audited.assertion)
+            limit = tokens.page_size(request.page_size, 100, MAX_EVENTS)
+            events = history_events(
+                self._auditor.log, patient, exclude_own=request.exclude_own, limit=limit
+            )
+            audited.commit()
+            return events
+
+    def _reader(
+        self,
+        context: CallContext,
+        audited: AuditedCall,
+        operation: access_pb2.Operation.ValueType,
+        patient_ins: str | None = None,
+        record_id: str | None = None,
+    ) -> ReadScope:
+        caller, scope = self._access.reader(context, operation, patient_ins, record_id)
+        audited.caller(caller.assertion)
+        return scope
+
+
+def _ids_by_patient(written: Sequence[Written]) -> dict[str, list[str]]:
+    """The ids each patient's audit event names: new records and the versions they retired."""
+    patients: dict[str, list[str]] = {}
+    for record in written:
+        ids = patients.setdefault(record.patient_ins, [])
+        ids.append(record.id)
+        if record.supersedes:
+            ids.append(record.supersedes)
+    return patients
