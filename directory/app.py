@@ -24,10 +24,10 @@ from dmp.db import sqlite_url
 from dmp.dbfile import private_directory
 from dmp.discovery import Discovery
 from dmp.errors import FailedPrecondition
-from dmp.foundation import ServiceSettings, ServiceTables, open_foundation
+from dmp.foundation import RunningService, ServiceSettings, ServiceTables, open_foundation
 from dmp.identity import Role
 from dmp.pki import load_credentials
-from dmp.server import FederationServer, ServiceSpec
+from dmp.server import ServiceSpec
 from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc, witness_pb2_grpc
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -57,20 +57,12 @@ class DirectoryConfig(ServiceSettings):
 
 
 @dataclass
-class RunningDirectory:
-    server: FederationServer
+class RunningDirectory(RunningService):
     index: PatientIndex
     discovery: Discovery
     registry: EmbeddedRegistry | None
     audit: AuditLog
     witness_publisher: HeadPublisher | None = None
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    def stop(self, grace: float | None = 5.0) -> None:
-        self.server.stop(grace)
 
 
 def start_directory(config: DirectoryConfig) -> RunningDirectory:

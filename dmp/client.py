@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Self, TypeAlias
+from typing import Any, ClassVar, Self, TypeAlias
 
 import grpc
 
@@ -80,7 +80,11 @@ class Assertions:
 
 
 class _Client:
-    """A channel and the signer of the identity a client acts for."""
+    """A channel, the signer of the identity a client acts for, and the service's stub."""
+
+    #: The generated stub of the service a client calls.
+    _stub_type: ClassVar[type[Any]]
+    stub: Any
 
     def __init__(
         self,
@@ -94,6 +98,7 @@ class _Client:
         self.signer = signer or Signer(credentials)
         self.assertions = Assertions(self.signer)
         self.channel = channel if channel is not None else open_channel(target, credentials)
+        self.stub = self._stub_type(self.channel)
 
     def assertion(
         self,
@@ -161,16 +166,8 @@ def view_request(
 class DirectoryClient(_Client):
     """The national directory, as one identity."""
 
-    def __init__(
-        self,
-        target: str,
-        credentials: Credentials,
-        *,
-        channel: grpc.Channel | None = None,
-        signer: Signer | None = None,
-    ) -> None:
-        super().__init__(target, credentials, channel=channel, signer=signer)
-        self.stub = directory_service_pb2_grpc.DirectoryServiceStub(self.channel)
+    _stub_type = directory_service_pb2_grpc.DirectoryServiceStub
+    stub: directory_service_pb2_grpc.DirectoryServiceStub
 
     def register_patient(
         self, identity: patient_pb2.PatientIdentity, *, timeout: float = 10
@@ -291,16 +288,8 @@ class DirectoryClient(_Client):
 class NodeClient(_Client):
     """A regional record node, as one identity."""
 
-    def __init__(
-        self,
-        target: str,
-        credentials: Credentials,
-        *,
-        channel: grpc.Channel | None = None,
-        signer: Signer | None = None,
-    ) -> None:
-        super().__init__(target, credentials, channel=channel, signer=signer)
-        self.stub = node_service_pb2_grpc.NodeServiceStub(self.channel)
+    _stub_type = node_service_pb2_grpc.NodeServiceStub
+    stub: node_service_pb2_grpc.NodeServiceStub
 
     def put_record(
         self,

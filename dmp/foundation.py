@@ -53,6 +53,20 @@ class ServiceSettings:
     initialise: bool = False
 
 
+@dataclass
+class RunningService:
+    """A started server: its port, and how to stop it (in the order its stop hooks say)."""
+
+    server: FederationServer
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        self.server.stop(grace)
+
+
 @dataclass(frozen=True)
 class ServiceTables:
     """The tables of one service's schema that the foundation works on."""

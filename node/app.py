@@ -17,7 +17,7 @@ from dmp.db import sqlite_url
 from dmp.dbfile import private_directory
 from dmp.discovery.embedded import EmbeddedAnnouncer
 from dmp.errors import FailedPrecondition
-from dmp.foundation import ServiceSettings, ServiceTables, open_foundation
+from dmp.foundation import RunningService, ServiceSettings, ServiceTables, open_foundation
 from dmp.identity import Role
 from dmp.pki import (
     certificate_dns_names,
@@ -26,7 +26,7 @@ from dmp.pki import (
     node_tls_name,
 )
 from dmp.regions import check_region
-from dmp.server import FederationServer, ServiceSpec, host_port
+from dmp.server import ServiceSpec, host_port
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc, witness_pb2_grpc
 from node.access import NodeAccess
@@ -79,20 +79,12 @@ class NodeConfig(ServiceSettings):
 
 
 @dataclass
-class RunningNode:
-    server: FederationServer
+class RunningNode(RunningService):
     store: RecordStore
     region: str
     delivery: OutboxDelivery | None = None
     audit: AuditLog | None = None
     witness_publisher: HeadPublisher | None = None
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    def stop(self, grace: float | None = 5.0) -> None:
-        self.server.stop(grace)
 
 
 def start_node(config: NodeConfig) -> RunningNode:
