@@ -1,6 +1,6 @@
 """The access rules as tables: who sees which records, under which directives.
 
-One table, two tests: tests/integration/test_access_policy.py runs each row over mutual TLS
+One table, two tests: tests/integration/test_access_policy_*.py run each row over mutual TLS
 against a directory and four nodes; tests/unit/test_policy.py runs each row against the
 pure policy (dmp/policy.py), with no server.
 """

@@ -1,4 +1,9 @@
-"""Fixtures for integration tests: one PKI per session, databases per test."""
+"""Fixtures for integration tests: one PKI per session, databases per test.
+
+The access-policy modules (test_access_policy_*.py) share `fed`, a federation of their own
+per module (tests/integration/access_federation.py), and `target`, a patient with two
+records in it. Other modules that name a fixture `fed` define their own, which wins.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.federation import make_pki
+from tests.integration.access_federation import Fed, K, Target, record, running_access_federation
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +50,21 @@ def db_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
     yield make
     for database in made:
         cluster.drop_database(database)
+
+
+# -- the access-policy federation -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
+    with running_access_federation(tmp_path_factory.mktemp("access-policy")) as federation:
+        yield federation
+
+
+@pytest.fixture(scope="module")
+def target(fed: Fed) -> Target:
+    ins = fed.new_patient()
+    doc = fed.put("11", record(ins, f"target-doc-{ins}"))
+    rx = fed.put("53", record(ins, f"target-rx-{ins}", K.RECORD_KIND_PRESCRIPTION, "57833-6"))
+    fed.wait_fragments(ins, {"11": 1, "53": 1})
+    return Target(ins, doc, rx)

@@ -1,6 +1,6 @@
 """The access policy (dmp/policy.py) against the rules table, with no server.
 
-The rows are those tests/integration/test_access_policy.py runs over mutual TLS
+The rows are those tests/integration/test_access_policy_*.py run over mutual TLS
 (tests/access_rules.py); here each is asked of the pure policy. Which records a ReadScope
 lets through is what node/scoping.py says in SQL, restated below as `shown`.
 """
