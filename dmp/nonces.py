@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from sqlalchemy import BigInteger, Column, Engine, Index, LargeBinary, MetaData, Table, delete
@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dmp.clock import now_us
 from dmp.db import writer
 from dmp.errors import Unavailable
+from dmp.group_commit import GroupCommit
 
 log = logging.getLogger("dmp.nonces")
 
@@ -76,9 +77,6 @@ class MemoryNonces:
             return True
 
 
-_Waiter = tuple[bytes, int, threading.Event, list[bool | BaseException]]
-
-
 class StoredNonces:
     """Nonces in the service's database: a replay is refused across restarts and replicas."""
 
@@ -97,47 +95,17 @@ class StoredNonces:
         self._next_purge = 0
         dialect = engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self._queue: list[_Waiter] = []
-        self._ready = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._commits: GroupCommit[tuple[bytes, int], bool] = GroupCommit(
+            "nonce-commit", self._insert_batch, _unavailable, max_batch=_BATCH
+        )
 
     def first_time(self, nonce: bytes, keep_until_us: int, now: int) -> bool:
         """Raises Unavailable when the database cannot say (the call must then fail)."""
-        waiter: _Waiter = (nonce, keep_until_us, threading.Event(), [])
-        with self._ready:
-            self._queue.append(waiter)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="nonce-commit", daemon=True)
-                self._thread.start()
-            self._ready.notify()
-        waiter[2].wait()
-        outcome = waiter[3][0]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
+        return self._commits.submit((nonce, keep_until_us))
 
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue:
-                    self._ready.wait()
-                batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
-            try:
-                outcomes: list[bool | BaseException] = list(self._insert_batch(batch))
-            except SQLAlchemyError as exc:
-                log.error("recording assertion nonces failed: %s", type(exc).__name__)
-                failure = Unavailable(
-                    "cannot record the access assertion's nonce (the service's database does"
-                    " not answer): retry shortly with a new assertion"
-                )
-                outcomes = [failure] * len(batch)
-            for (_, _, done, result), outcome in zip(batch, outcomes, strict=True):
-                result.append(outcome)
-                done.set()
-
-    def _insert_batch(self, batch: list[_Waiter]) -> list[bool]:
+    def _insert_batch(self, batch: Sequence[tuple[bytes, int]]) -> list[bool | BaseException]:
         rows: dict[bytes, int] = {}
-        for nonce, keep_until, _, _ in batch:
+        for nonce, keep_until in batch:
             rows.setdefault(nonce, keep_until)
         stmt = (
             self._insert(self._table)
@@ -152,8 +120,18 @@ class StoredNonces:
                 self._next_purge = now + self._purge_every_us
             inserted = {bytes(n) for n in conn.execute(stmt).scalars()}
         # Within one batch the first waiter of a nonce gets it; any other is a replay.
-        outcomes = []
-        for nonce, _, _, _ in batch:
+        outcomes: list[bool | BaseException] = []
+        for nonce, _ in batch:
             outcomes.append(nonce in inserted)
             inserted.discard(nonce)
         return outcomes
+
+
+def _unavailable(exc: Exception) -> BaseException:
+    if not isinstance(exc, SQLAlchemyError):
+        return exc
+    log.error("recording assertion nonces failed: %s", type(exc).__name__)
+    return Unavailable(
+        "cannot record the access assertion's nonce (the service's database does"
+        " not answer): retry shortly with a new assertion"
+    )

@@ -27,6 +27,7 @@ from dmp.audit.merkle import MerkleFrontier, event_leaf_hash
 from dmp.db import writer
 from dmp.errors import DataLoss, DmpError, FailedPrecondition
 from dmp.failures import audit_failure
+from dmp.group_commit import GroupCommit
 from dmp.pki import Credentials
 
 log = logging.getLogger("dmp.audit")
@@ -43,7 +44,6 @@ class LoggedEvent:
 
 
 #: An event waiting to be committed, the signal that it was, and its seq or error.
-_Waiter = tuple["AuditEvent", threading.Event, list["int | BaseException"]]
 
 
 class AuditLog:
@@ -105,10 +105,10 @@ class AuditLog:
         self._last_checkpoint = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Group commit of record(): the waiting events and the thread writing them.
-        self._queue: list[_Waiter] = []
-        self._queue_ready = threading.Condition()
-        self._committer: threading.Thread | None = None
+        # Group commit of record() (dmp/group_commit.py).
+        self._commits: GroupCommit[AuditEvent, int] = GroupCommit(
+            "audit-commit", self._commit_batch, self._failure
+        )
 
     @property
     def events_table(self) -> Table:
@@ -197,21 +197,7 @@ class AuditLog:
         Concurrent callers share commits (group commit): one thread writes every event
         waiting at that moment in one transaction, so a busy service pays one durable
         commit for many reads instead of one each."""
-        owned = self._own(event)
-        waiter: _Waiter = (owned, threading.Event(), [])
-        with self._queue_ready:
-            self._queue.append(waiter)
-            if self._committer is None:
-                self._committer = threading.Thread(
-                    target=self._commit_waiting, name="audit-commit", daemon=True
-                )
-                self._committer.start()
-            self._queue_ready.notify()
-        waiter[1].wait()
-        outcome = waiter[2][0]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
+        return self._commits.submit(self._own(event))
 
     def record_many(self, events: Sequence[AuditEvent]) -> list[int]:
         """Append several events in one transaction of their own, committed on return."""
@@ -223,26 +209,18 @@ class AuditLog:
         self._count(None, seqs)
         return seqs
 
-    def _commit_waiting(self) -> None:
-        """Write the waiting events, batch after batch, for as long as the process lives."""
-        while True:
-            with self._queue_ready:
-                while not self._queue:
-                    self._queue_ready.wait()
-                batch, self._queue = self._queue, []
-            try:
-                with self._writer.begin() as conn:
-                    seqs = self._insert(conn, [event for event, _, _ in batch])
-                self._count(None, seqs)
-                outcomes: list[int | BaseException] = list(seqs)
-            except DmpError as exc:
-                outcomes = [exc] * len(batch)
-            except Exception as exc:
-                failure = audit_failure(exc, f"audit record in {self.source_id}")
-                outcomes = [failure] * len(batch)
-            for (_, done, result), outcome in zip(batch, outcomes, strict=True):
-                result.append(outcome)
-                done.set()
+    def _commit_batch(self, events: Sequence[AuditEvent]) -> list[int | BaseException]:
+        """Write one batch of waiting events in one transaction (group commit)."""
+        try:
+            with self._writer.begin() as conn:
+                seqs = self._insert(conn, list(events))
+        except DmpError as exc:
+            return [exc] * len(events)
+        self._count(None, seqs)
+        return list(seqs)
+
+    def _failure(self, exc: Exception) -> BaseException:
+        return audit_failure(exc, f"audit record in {self.source_id}")
 
     # -- reading
 
