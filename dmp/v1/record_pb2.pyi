@@ -208,6 +208,7 @@ class Record(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     REVEALED_TIME_FIELD_NUMBER: _builtins.int
+    PRESCRIPTION_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, unique in the federation. Chosen by the writer (any string of 1 to 64
     letters, digits, '-', '_' or '.') or assigned by the node (a UUID) when empty.
@@ -246,6 +247,11 @@ class Record(_message.Message):
     """Lower-case hex SHA-256 of the content (output only)."""
     region: _builtins.str
     """Region code (INSEE) of the node that holds the record (output only)."""
+    prescription_id: _builtins.str
+    """For the records a node writes from e-prescription (kind prescription or
+    dispensation, PrescriptionService): the id of the prescription the record is, or
+    dispenses (output only; empty for every other record).
+    """
     @_builtins.property
     def type_code(self) -> Global___Coding:
         """Type of the record, a LOINC code for documents."""
@@ -291,10 +297,11 @@ class Record(_message.Message):
         sha256: _builtins.str = ...,
         region: _builtins.str = ...,
         revealed_time: _timestamp_pb2.Timestamp | None = ...,
+        prescription_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "created_time", b"created_time", "effective_time", b"effective_time", "revealed_time", b"revealed_time", "type_code", b"type_code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "confidentiality", b"confidentiality", "content_type", b"content_type", "created_time", b"created_time", "effective_time", b"effective_time", "hidden_from_patient", b"hidden_from_patient", "id", b"id", "kind", b"kind", "masked", b"masked", "organization", b"organization", "patient_ins", b"patient_ins", "region", b"region", "revealed_time", b"revealed_time", "sha256", b"sha256", "size", b"size", "status", b"status", "supersedes", b"supersedes", "title", b"title", "type_code", b"type_code", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "confidentiality", b"confidentiality", "content_type", b"content_type", "created_time", b"created_time", "effective_time", b"effective_time", "hidden_from_patient", b"hidden_from_patient", "id", b"id", "kind", b"kind", "masked", b"masked", "organization", b"organization", "patient_ins", b"patient_ins", "prescription_id", b"prescription_id", "region", b"region", "revealed_time", b"revealed_time", "sha256", b"sha256", "size", b"size", "status", b"status", "supersedes", b"supersedes", "title", b"title", "type_code", b"type_code", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
