@@ -19,7 +19,13 @@ from dmp.pki import Pki, load_credentials
 from dmp.prescriptions import build_prescription, new_prescription_id, parse_line, sign_prescription
 from dmp.server import error_reason
 from dmp.signing import Signer
-from dmp.v1 import access_pb2, node_service_pb2, node_service_pb2_grpc, prescription_pb2_grpc
+from dmp.v1 import (
+    access_pb2,
+    node_service_pb2,
+    node_service_pb2_grpc,
+    prescription_pb2_grpc,
+    record_pb2,
+)
 from dmp.v1 import prescription_pb2 as P
 from node.app import RunningNode
 from tests.federation import (
@@ -225,7 +231,7 @@ class Actor:
         answer = self.stub.FindPrescriptions(request, timeout=30, metadata=self.md(FIND, ins=ins))
         return list(answer.prescriptions)
 
-    def records_of(self, ins: str = PATIENT) -> list[object]:
+    def records_of(self, ins: str = PATIENT) -> list[record_pb2.Record]:
         request = node_service_pb2.ListRecordsRequest(patient_ins=ins)
         metadata = self._assertions.sign(ins, operation=access_pb2.OPERATION_VIEW)
         return list(self.records.ListRecords(request, timeout=30, metadata=metadata).records)
