@@ -93,11 +93,22 @@ class NodeAccess:
         return assertion
 
     def directives(
-        self, context: CallContext, patient_ins: str, *, fail_closed: bool = True
+        self,
+        context: CallContext,
+        patient_ins: str,
+        *,
+        fail_closed: bool = True,
+        relayed: bool = True,
     ) -> PatientDirectives:
-        """The patient's directives (those the directory relays with its call, if any)."""
-        relayed = context.invocation_metadata() if context.principal.role is Role.DIRECTORY else ()
-        return self._directives.get(patient_ins, relayed, fail_closed=fail_closed)
+        """The patient's directives: those the directory relays with its call when
+        `relayed` (the call's assertion named this patient, so the directory knew whose
+        directives to send), else from the directory's own answer for this patient."""
+        carried = (
+            context.invocation_metadata()
+            if relayed and context.principal.role is Role.DIRECTORY
+            else ()
+        )
+        return self._directives.get(patient_ins, carried, fail_closed=fail_closed)
 
     @property
     def matrix(self) -> AccessMatrix:

@@ -25,10 +25,11 @@ from dataclasses import replace
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
-from dmp.assertion import VerifiedAssertion
+from dmp.assertion import CLOCK_SKEW_US, VerifiedAssertion
 from dmp.audit.calls import AuditedCall, Auditor
 from dmp.audit.events import EventType
-from dmp.clock import from_us, now_us
+from dmp.clock import from_us, now_us, to_us
+from dmp.directives import PatientDirectives
 from dmp.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -124,6 +125,10 @@ class PrescriptionService:
                     f" this one is signed by {signer.uri}"
                 )
             self._check_region(prescription.id)
+            if to_us(prescription.authored_time) > self._clock() + CLOCK_SKEW_US:
+                raise InvalidArgument(
+                    "prescription.authored_time is in the future: check the prescriber's clock"
+                )
             directives = self._access.directives(
                 context, prescription.patient_ins, fail_closed=False
             )
@@ -193,7 +198,7 @@ class PrescriptionService:
             row, given = self._store.with_dispensations(prescription_id)
             bound = self._bind(audited, assertion, row, prescription_id)
             assert row is not None
-            directives = self._access.directives(context, row.patient_ins)
+            directives = self._directives(context, assertion, row.patient_ins)
             check_prescription_reader(bound, directives, row.prescriber_rpps, self._access.matrix)
             stored = self._stored(row, given, bound.subject.uri)
             audited.commit([prescription_id])
@@ -371,7 +376,7 @@ class PrescriptionService:
             row = self._store.find(prescription_id)
             bound = self._bind(audited, assertion, row, prescription_id)
             assert row is not None
-            directives = self._access.directives(context, row.patient_ins)
+            directives = self._directives(context, assertion, row.patient_ins)
             check_canceller(bound, directives, row.prescriber_rpps)
             audited.detail = f"reason: {reason}" if reason else ""
             with self._unit(audited) as uow:
@@ -454,8 +459,18 @@ class PrescriptionService:
         row = self._store.find(prescription_id)
         bound = self._bind(audited, assertion, row, prescription_id)
         assert row is not None
-        check_dispenser(bound, self._access.directives(context, row.patient_ins))
+        check_dispenser(bound, self._directives(context, assertion, row.patient_ins))
         return bound
+
+    def _directives(
+        self, context: CallContext, assertion: VerifiedAssertion, patient_ins: str
+    ) -> PatientDirectives:
+        """The prescription's patient's directives. When the assertion named no patient
+        (a scanned id), the directory relaying the call could not know whose directives
+        to send along: this node asks for this patient's instead."""
+        return self._access.directives(
+            context, patient_ins, relayed=assertion.patient_ins == patient_ins
+        )
 
     def _locked(
         self, uow: UnitOfWork, prescription_id: str

@@ -164,8 +164,7 @@ class Actor:
             lines=[parse_line(line) for line in lines],
             renewals=renewals,
             min_interval_days=interval,
-            now=datetime.now(UTC),
-            **kwargs,  # type: ignore[arg-type]
+            **{"now": datetime.now(UTC), **kwargs},  # type: ignore[arg-type]
         )
         return sign_prescription(prescription, self.signer)
 

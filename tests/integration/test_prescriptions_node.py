@@ -26,8 +26,9 @@ from dmp.prescriptions import (
 )
 from dmp.revocation import RevocationList
 from dmp.signing import SignatureVerifier
+from dmp.v1 import node_service_pb2, record_pb2
 from dmp.v1 import prescription_pb2 as P
-from tests.federation import DOCTOR, NURSE, OTHER_DOCTOR, OTHER_PATIENT, PATIENT
+from tests.federation import DOCTOR, NURSE, OTHER_DOCTOR, OTHER_PATIENT, PATIENT, draft
 from tests.integration.prescription_helpers import (
     DENTIST,
     DISPENSE,
@@ -44,7 +45,6 @@ from tests.integration.prescription_helpers import (
     rx_node,
 )
 
-S = P
 PD = grpc.StatusCode.PERMISSION_DENIED
 FP = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -429,3 +429,21 @@ def test_a_patients_prescriptions_newest_first(
     assert [rx_id(s) for s in active] == [older]
     answer = refusal(lambda: actor(patient(OTHER_PATIENT)).find(PATIENT))
     assert answer.code == PD
+
+
+def test_a_prescription_authored_in_the_future_is_refused(doctor: Actor) -> None:
+    answer = refusal(lambda: doctor.prescribe(now=datetime.now(UTC) + timedelta(hours=1)))
+    assert answer.code == grpc.StatusCode.INVALID_ARGUMENT and "future" in answer.message
+
+
+def test_a_writer_cannot_link_a_record_to_a_prescription(doctor: Actor) -> None:
+    """Record.prescription_id is the node's to set, for the records it writes."""
+    rx = rx_id(doctor.prescribe())
+    record = draft(kind=record_pb2.RECORD_KIND_DISPENSATION, code="60593-1")
+    record.prescription_id = rx
+    stored = doctor.records.PutRecord(
+        node_service_pb2.PutRecordRequest(record=record, content=b"x"), timeout=10
+    ).record
+    assert stored.prescription_id == ""
+    linked = [r for r in doctor.records_of() if r.prescription_id == rx]
+    assert [r.kind for r in linked] == [record_pb2.RECORD_KIND_PRESCRIPTION]
