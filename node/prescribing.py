@@ -219,6 +219,8 @@ class PrescriptionService:
             )
             audited.caller(assertion)
             wanted = set(statuses) or set(DISPENSABLE_STATUSES)
+            if P.PRESCRIPTION_STATUS_UNSPECIFIED in wanted:  # in a filter: any status
+                wanted = set(STATUS_NAMES)
             for value in wanted:
                 if value not in STATUS_NAMES:
                     raise InvalidArgument(f"statuses: {value} is not a known prescription status")

@@ -427,6 +427,10 @@ def test_a_patients_prescriptions_newest_first(
     assert [rx_id(s) for s in me.find(statuses=[P.PRESCRIPTION_STATUS_CANCELLED])] == [gone]
     active = me.find(statuses=[P.PRESCRIPTION_STATUS_ACTIVE])
     assert [rx_id(s) for s in active] == [older]
+    every = me.find(statuses=[P.PRESCRIPTION_STATUS_UNSPECIFIED])
+    assert [rx_id(s) for s in every] == [gone, newer, older]
+    unknown = refusal(lambda: me.find(statuses=[42]))
+    assert unknown.code == grpc.StatusCode.INVALID_ARGUMENT
     answer = refusal(lambda: actor(patient(OTHER_PATIENT)).find(PATIENT))
     assert answer.code == PD
 
