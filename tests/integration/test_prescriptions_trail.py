@@ -108,6 +108,7 @@ def test_records_and_history_of_a_prescription(fed: Fed) -> None:
     first, second = fed.actor(practitioner(PHARMACISTS[0])), fed.actor(practitioner(PHARMACISTS[1]))
     try:
         rx = rx_id(doctor.prescribe(patient=ins, renewals=0))
+        assert [rx_id(s) for s in first.find(ins)] == [rx]
         first.get(rx)
         first.claim(rx)
         first.release(rx)
@@ -146,6 +147,7 @@ def test_records_and_history_of_a_prescription(fed: Fed) -> None:
     steps = {(e.event_type, e.status_code) for e in history}
     for step in (
         ("prescription-create", "OK"),
+        ("prescription-find", "OK"),
         ("prescription-read", "OK"),
         ("prescription-claim", "OK"),
         ("prescription-release", "OK"),
