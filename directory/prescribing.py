@@ -2,12 +2,13 @@
 that holds it, and a patient's prescriptions found across the regions.
 
 A prescription id names the region of its node (dmp/prescriptions.py), so every act on one
-(create, get, claim, release, dispense, cancel) goes straight to that node with the
-caller's own signed assertion: the node is authoritative for the prescription's state and
-applies every rule itself; its answer, refusals included (status, message and ErrorInfo
-reason), reaches the caller unchanged. FindPrescriptions asks every region holding the
-patient's records at once, as the consolidated view does (directory/fanout.py), and
-answers one status per region.
+(get, claim, release, dispense, cancel) goes straight to that node with the caller's own
+signed assertion: the node is authoritative for the prescription's state and applies every
+rule itself; its answer, refusals included (status, message and ErrorInfo reason), reaches
+the caller unchanged. A prescription itself is written at that node with the prescriber's
+own certificate (the node checks its caller is the signer): the directory says where.
+FindPrescriptions asks every region holding the patient's records at once, as the
+consolidated view does (directory/fanout.py), and answers one status per region.
 
 Each call is audited here as the directory's relayed reads are; the node audits it again
 where it happened.
@@ -19,7 +20,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
-from cryptography import x509
 from google.protobuf.message import DecodeError, Message
 
 from directory.access import DirectoryAccess
@@ -27,14 +27,12 @@ from directory.channels import NodeChannels
 from directory.fanout import FanOut
 from directory.index import PatientIndex
 from directory.relay import passed_on, routed_address
-from dmp.audit.calls import REQUEST_ID_KEY, Auditor
+from dmp.audit.calls import Auditor
 from dmp.audit.events import EventType
 from dmp.clock import to_us
 from dmp.discovery import Discovery
-from dmp.errors import InvalidArgument, PermissionDenied
+from dmp.errors import FailedPrecondition, InvalidArgument
 from dmp.ins import normalize_ins
-from dmp.pki import principal_from_certificate
-from dmp.errors import DmpError
 from dmp.prescriptions import prescription_region
 from dmp.regions import REGION_STATE_NAMES
 from dmp.server import CallContext
@@ -43,15 +41,17 @@ from dmp.v1 import prescription_pb2 as pb
 from dmp.v1.prescription_pb2_grpc import PrescriptionServiceStub
 
 Answer = TypeVar("Answer", bound=Message)
+#: Why the directory refuses CreatePrescription (ErrorInfo reason).
+WRITE_AT_THE_NODE = "WRITE_AT_THE_NODE"
 
 #: How each relayed act is audited at the directory, and how its event names it.
 _ACTS: dict[str, tuple[EventType, str]] = {
-    "CreatePrescription": (EventType.WRITE, "prescription stored"),
-    "GetPrescription": (EventType.READ_RECORD, "prescription read"),
-    "ClaimPrescription": (EventType.WRITE, "prescription claimed"),
-    "ReleasePrescription": (EventType.WRITE, "prescription released"),
-    "DispensePrescription": (EventType.WRITE, "prescription dispensed"),
-    "CancelPrescription": (EventType.WRITE, "prescription cancelled"),
+    "CreatePrescription": (EventType.PRESCRIPTION_CREATE, "prescription stored"),
+    "GetPrescription": (EventType.PRESCRIPTION_READ, "prescription read"),
+    "ClaimPrescription": (EventType.PRESCRIPTION_CLAIM, "prescription claimed"),
+    "ReleasePrescription": (EventType.PRESCRIPTION_RELEASE, "prescription released"),
+    "DispensePrescription": (EventType.PRESCRIPTION_DISPENSE, "prescription dispensed"),
+    "CancelPrescription": (EventType.PRESCRIPTION_CANCEL, "prescription cancelled"),
 }
 
 
@@ -60,14 +60,6 @@ def _patient_of(stored: pb.StoredPrescription) -> str:
     try:
         return pb.Prescription.FromString(stored.signed.prescription).patient_ins
     except DecodeError:
-        return ""
-
-
-def _signer_uri(certificate_der: bytes) -> str:
-    """Whom a certificate (DER) names ("" if it names nobody); checked by the node."""
-    try:
-        return principal_from_certificate(x509.load_der_x509_certificate(certificate_der)).uri
-    except (ValueError, DmpError):
         return ""
 
 
@@ -103,61 +95,58 @@ class PrescriptionRelay:
     def create(
         self, context: CallContext, request: pb.CreatePrescriptionRequest
     ) -> pb.CreatePrescriptionResponse:
-        """A prescription its prescriber signed, stored at the node its id names. Relayed
-        for the prescriber only (the connected caller must be its signer); the node checks
-        the signature, the prescriber and the rest."""
+        """Not here: a prescription is stored at the node its id names, with the
+        prescriber's own certificate (the node checks that its caller is the signer, so a
+        copy relayed under the directory's certificate would be refused there). The refusal
+        names that node's address, for the prescriber's software to call it directly."""
         event_type, detail = _ACTS["CreatePrescription"]
         with self._auditor.call(context, event_type) as audited:
             try:
                 prescription = pb.Prescription.FromString(request.signed.prescription)
             except DecodeError:
-                raise InvalidArgument("signed.prescription is not a serialized Prescription")
+                raise InvalidArgument(
+                    "signed.prescription is not a serialized Prescription"
+                ) from None
             audited.record_ids = (prescription.id,)
-            audited.patient_ins = prescription.patient_ins
-            if _signer_uri(request.signed.certificate) != context.principal.uri:
-                raise PermissionDenied(
-                    "a prescription is stored by its prescriber: sign it with the certificate"
-                    " you connect with"
-                )
-            region = prescription_region(prescription.id)
-            audited.detail = f"{detail}, relayed to region {region}"
-            # No assertion to forward: the signed act is the prescriber's own statement.
-            metadata = ((REQUEST_ID_KEY, audited.request_id),)
-            answer = self._call(
-                region,
-                lambda stub: stub.CreatePrescription(
-                    request, timeout=context.time_remaining(), metadata=metadata
-                ),
+            region = prescription_region(prescription.id, "prescription.id")
+            audited.detail = f"{detail}: refused, to be written at region {region}'s node"
+            route = self._discovery.routes().get(region)
+            where = f" at {route.address}" if route is not None else ""
+            raise FailedPrecondition(
+                f"a prescription is stored at the node of its region ({region}{where}) with"
+                " the prescriber's own certificate, not through the directory:"
+                " dmp prescription create --node HOST:PORT",
+                reason=WRITE_AT_THE_NODE,
             )
-            audited.commit()
-            return answer
 
     def get(
         self, context: CallContext, request: pb.GetPrescriptionRequest
     ) -> pb.GetPrescriptionResponse:
-        return self._act(
+        answer: pb.GetPrescriptionResponse = self._act(
             context,
             "GetPrescription",
             access_pb2.OPERATION_READ_PRESCRIPTION,
             request.prescription_id,
             lambda stub, md, timeout: stub.GetPrescription(request, metadata=md, timeout=timeout),
         )
+        return answer
 
     def claim(
         self, context: CallContext, request: pb.ClaimPrescriptionRequest
     ) -> pb.ClaimPrescriptionResponse:
-        return self._act(
+        answer: pb.ClaimPrescriptionResponse = self._act(
             context,
             "ClaimPrescription",
             access_pb2.OPERATION_DISPENSE,
             request.prescription_id,
             lambda stub, md, timeout: stub.ClaimPrescription(request, metadata=md, timeout=timeout),
         )
+        return answer
 
     def release(
         self, context: CallContext, request: pb.ReleasePrescriptionRequest
     ) -> pb.ReleasePrescriptionResponse:
-        return self._act(
+        answer: pb.ReleasePrescriptionResponse = self._act(
             context,
             "ReleasePrescription",
             access_pb2.OPERATION_DISPENSE,
@@ -166,11 +155,12 @@ class PrescriptionRelay:
                 request, metadata=md, timeout=timeout
             ),
         )
+        return answer
 
     def dispense(
         self, context: CallContext, request: pb.DispensePrescriptionRequest
     ) -> pb.DispensePrescriptionResponse:
-        return self._act(
+        answer: pb.DispensePrescriptionResponse = self._act(
             context,
             "DispensePrescription",
             access_pb2.OPERATION_DISPENSE,
@@ -179,11 +169,12 @@ class PrescriptionRelay:
                 request, metadata=md, timeout=timeout
             ),
         )
+        return answer
 
     def cancel(
         self, context: CallContext, request: pb.CancelPrescriptionRequest
     ) -> pb.CancelPrescriptionResponse:
-        return self._act(
+        answer: pb.CancelPrescriptionResponse = self._act(
             context,
             "CancelPrescription",
             access_pb2.OPERATION_CANCEL_PRESCRIPTION,
@@ -192,6 +183,7 @@ class PrescriptionRelay:
                 request, metadata=md, timeout=timeout
             ),
         )
+        return answer
 
     def _act(
         self,
@@ -209,9 +201,7 @@ class PrescriptionRelay:
             region = prescription_region(prescription_id)
             audited.detail = f"{detail}, relayed to region {region}"
             metadata = self._access.relay_act(context, audited, operation, prescription_id)
-            answer = self._call(
-                region, lambda stub: send(stub, metadata, context.time_remaining())
-            )
+            answer = self._call(region, lambda stub: send(stub, metadata, context.time_remaining()))
             stored = getattr(answer, "prescription", None)
             if not audited.patient_ins and isinstance(stored, pb.StoredPrescription):
                 audited.patient_ins = _patient_of(stored)
@@ -234,7 +224,8 @@ class PrescriptionRelay:
         """The patient's prescriptions from every region holding their records, asked in
         parallel, newest first, with one status per region (a region down is named, the
         others answer)."""
-        with self._auditor.call(context, EventType.VIEW, request.patient_ins) as audited:
+        event_type = EventType.PRESCRIPTION_FIND
+        with self._auditor.call(context, event_type, request.patient_ins) as audited:
             ins = normalize_ins(request.patient_ins, "patient_ins")
             metadata = self._access.relay(
                 context, audited, access_pb2.OPERATION_FIND_PRESCRIPTIONS, ins
@@ -271,4 +262,3 @@ class PrescriptionRelay:
             )
             audited.commit([_newest_first(s)[1] for s in found])
             return response
-
