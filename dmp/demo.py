@@ -1,6 +1,7 @@
 """A whole federation on one machine: PKI, directory and regional nodes as separate
 processes on free ports, synthetic patients spread over the regions, a doctor's
-consolidated view, then a region that stops and the partial answer that names it.
+consolidated view, an e-prescription written in one region and dispensed in another
+(dmp/prescription_demo.py), then a region that stops and the partial answer that names it.
 
 The pieces (process handling, loading synthetic patients) serve the tests and the
 benchmarks as well.
@@ -28,6 +29,7 @@ import grpc
 from dmp import synth
 from dmp.client import DirectoryClient, NodeClient
 from dmp.pki import Pki, load_credentials
+from dmp.prescription_demo import run_scene
 from dmp.printing import print_history, print_view
 from dmp.regions import region_name
 from dmp.v1 import directory_service_pb2 as dpb
@@ -337,6 +339,14 @@ def run_demo(
             federation.directory.address, load_credentials(pki_dir, f"patient-{first.ins}")
         ) as patient_client:
             print_history(patient_client.access_history(first.ins))
+        print()
+        run_scene(
+            pki_dir,
+            federation.directory.address,
+            {r: n.address for r, n in federation.nodes.items()},
+            first.ins,
+            first.display_name,
+        )
         victim = DEMO_REGIONS[1]
         print()
         print(f"== region {victim} ({region_name(victim)}) stops; the same view, partial:")

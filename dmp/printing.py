@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from dmp.prescriptions import STATUS_NAMES
+from dmp.prescriptions import CIP13_SYSTEM, STATUS_NAMES, SUBSTANCE_SYSTEM, UCD_SYSTEM
 from dmp.records import KIND_NAMES
 from dmp.regions import REGION_STATE_NAMES
 from dmp.v1 import directory_service_pb2 as pb
@@ -96,16 +96,21 @@ def _day(stamp: Timestamp) -> str:
     return stamp.ToDatetime().date().isoformat()
 
 
+#: How a medication's code system is named when it has no display.
+_SYSTEM_NAMES = {CIP13_SYSTEM: "CIP 13", UCD_SYSTEM: "UCD", SUBSTANCE_SYSTEM: "substance"}
+
+
 def medication_text(medication: rx_pb2.Medication) -> str:
     code = medication.code
-    name = code.display or "(no display)"
-    return f"{name} [{code.code}]" if code.code else name
+    if not code.display:
+        return f"{_SYSTEM_NAMES.get(code.system, code.system)} {code.code}"
+    return f"{code.display} [{code.code}]" if code.code else code.display
 
 
 def line_text(line: rx_pb2.PrescriptionLine) -> str:
     """How a prescription line reads: product, quantity, and how to take it."""
     how = ", ".join(part for part in (line.dose, line.route, line.frequency, line.duration) if part)
-    unit = f" {line.unit}" if line.unit else ""
+    unit = f" x {line.unit}" if line.unit else ""
     text = f"{medication_text(line.medication)}: {line.quantity}{unit} per dispensing"
     if how:
         text += f"; {how}"
