@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from directory.prescribing import WRITE_AT_THE_NODE
+from dmp.cli.patient import changed
 from dmp.client import DirectoryClient
 from dmp.pki import load_credentials
 from dmp.prescription_client import federation_verifier
@@ -26,7 +27,7 @@ from dmp.prescriptions import (
     verify_prescription,
 )
 from dmp.v1 import prescription_pb2 as pb
-from tests.federation import DOCTOR
+from tests.federation import DOCTOR, wait_for
 from tests.integration.prescription_federation import (
     DOC,
     RxFed,
@@ -170,3 +171,45 @@ def test_the_directory_audits_each_relay_and_the_node_names_the_relay(fed: RxFed
 def names_no_holder(details: str) -> bool:
     """Who holds a prescription is not said to another pharmacy."""
     return all(name not in details for name in (pharmacy("84"), "Pharmacien 84"))
+
+
+def test_a_retry_through_the_directory_answers_the_first_dispensing(fed: RxFed) -> None:
+    ins = fed.new_patient(("11",))
+    pid = prescription_id(fed.prescribe(ins, region="11", renewals=1))
+    client = fed.rx(pharmacist("84"))
+    first, _ = client.dispense(pid, lines(2), pharmacy=pharmacy("84"), key="caisse-84-0001")
+    again, after = client.dispense(pid, lines(2), pharmacy=pharmacy("84"), key="caisse-84-0001")
+    assert again == first
+    assert len(after.state.dispensations) == 1
+    assert after.state.status == pb.PRESCRIPTION_STATUS_PARTIALLY_DISPENSED
+    # The renewal is the next dispensing; none remains after it.
+    assert after.state.renewals_remaining == 0
+
+
+def test_the_patients_block_applies_with_or_without_the_ins(fed: RxFed) -> None:
+    """Given the INS, the directory refuses a blocked pharmacist itself, at once; with a
+    scanned id only, the owning node does (it takes the patient from the prescription and
+    sees a directive change within its staleness bound), and its refusal comes back as it
+    gave it."""
+    ins = fed.new_patient(("11",))
+    pid = prescription_id(fed.prescribe(ins, region="11"))
+    blocked_rpps = pharmacist("53").split("-", 1)[1]
+    with DirectoryClient(fed.address(), load_credentials(fed.pki_dir, f"patient-{ins}")) as me:
+        me.set_directives(changed(me.directives(ins), "block", blocked_rpps))
+    blocked = fed.rx(pharmacist("53"))
+    with_ins = refusal(lambda: blocked.get(pid, patient_ins=ins))
+
+    def refused_without_ins() -> bool:
+        try:
+            blocked.get(pid)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.PERMISSION_DENIED
+        return False
+
+    wait_for(refused_without_ins, "node 11 to apply the block (staleness bound 5 s)")
+    without = refusal(lambda: blocked.get(pid))
+    assert with_ins.code == without.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "blocked" in with_ins.details and "blocked" in without.details
+    # Another pharmacist still reads it, and the patient reads their own.
+    assert prescription_id(fed.rx(pharmacist("84")).get(pid)) == pid
+    assert prescription_id(fed.rx(f"patient-{ins}").get(pid)) == pid
