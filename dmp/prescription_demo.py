@@ -16,8 +16,8 @@ import grpc
 from dmp.client import DirectoryClient
 from dmp.pki import Pki, load_credentials
 from dmp.prescription_client import PrescriptionClient, federation_verifier
-from dmp.prescriptions import STATUS_NAMES, parse_line, verify_prescription
-from dmp.printing import dispensation_text, print_history, print_prescription
+from dmp.prescriptions import parse_line, verify_prescription
+from dmp.printing import dispensation_text, print_history, print_prescription, state_text
 from dmp.regions import region_name
 from dmp.server import error_reason
 from dmp.v1 import directory_service_pb2 as dpb
@@ -108,10 +108,7 @@ def run_scene(
             prescription_id, _all_remaining(stored), pharmacy=pharmacist[3]
         )
     print(f"dispensed: {dispensation_text(dispensation)}")
-    print(
-        f"now {STATUS_NAMES.get(after.state.status, '?')},"
-        f" {after.state.renewals_remaining} renewal(s) left after the next dispensing"
-    )
+    print(f"now {state_text(after)}")
     print()
     print(f"== the same day, {other[2]} ({other[3]}) tries to dispense {prescription_id} too")
     with PrescriptionClient(directory, load_credentials(pki_dir, _identity(other))) as second:

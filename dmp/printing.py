@@ -156,21 +156,32 @@ def print_prescription(
         print(f"  line {index}       {line_text(line)}{tail}")
     for dispensation in state.dispensations:
         print(f"  dispensed    {dispensation_text(dispensation)}")
-    if state.status in (
-        rx_pb2.PRESCRIPTION_STATUS_ACTIVE,
-        rx_pb2.PRESCRIPTION_STATUS_PARTIALLY_DISPENSED,
-    ):
-        after = (
-            f"; next dispensing from {_when(state.next_dispensing_after)}"
-            if state.HasField("next_dispensing_after")
-            else ""
-        )
-        print(
-            f"  remains      {state.renewals_remaining} renewal(s) after the next dispensing{after}"
-        )
+    print(f"  next         {state_text(stored)}")
     if state.HasField("held_until"):
         who = "you" if state.held_by_caller else "another pharmacy"
         print(f"  held         by {who} until {_when(state.held_until)}")
+
+
+def state_text(stored: rx_pb2.StoredPrescription) -> str:
+    """Where a prescription stands and what its next dispensing allows, in one line."""
+    state = stored.state
+    status = STATUS_NAMES.get(state.status, "unknown")
+    if state.status not in (
+        rx_pb2.PRESCRIPTION_STATUS_ACTIVE,
+        rx_pb2.PRESCRIPTION_STATUS_PARTIALLY_DISPENSED,
+    ):
+        return f"{status}: nothing more to dispense"
+    done = len(state.dispensations)
+    which = "first dispensing" if done == 0 else f"renewal {done}"
+    left = ", ".join(f"line {r.line} x{r.quantity}" for r in state.remaining) or "nothing"
+    when = (
+        f" from {_when(state.next_dispensing_after)}"
+        if state.HasField("next_dispensing_after")
+        else ""
+    )
+    return (
+        f"{status}; next: {which} ({left}){when}, then {state.renewals_remaining} more renewal(s)"
+    )
 
 
 def dispensation_text(dispensation: rx_pb2.Dispensation) -> str:

@@ -21,7 +21,7 @@ from dmp.prescriptions import (
     status_value,
     verify_prescription,
 )
-from dmp.printing import print_prescription, print_prescriptions
+from dmp.printing import print_prescription, print_prescriptions, state_text
 from dmp.regions import check_region
 from dmp.v1 import prescription_pb2 as pb
 from dmp.v1 import record_pb2
@@ -231,15 +231,6 @@ def _find(args: argparse.Namespace) -> int:
     return 0
 
 
-def _state_line(stored: pb.StoredPrescription) -> str:
-    state = stored.state
-    left = ", ".join(f"line {r.line}: {r.quantity}" for r in state.remaining) or "nothing"
-    return (
-        f"{STATUS_NAMES.get(state.status, 'unknown')}; left at the next dispensing: {left};"
-        f" renewals after it: {state.renewals_remaining}"
-    )
-
-
 def _claim(args: argparse.Namespace) -> int:
     with _client(args) as client:
         stored = client.claim(
@@ -253,7 +244,7 @@ def _claim(args: argparse.Namespace) -> int:
 def _release(args: argparse.Namespace) -> int:
     with _client(args) as client:
         stored = client.release(args.id, patient_ins=args.patient)
-    print(f"{args.id}: released; {_state_line(stored)}")
+    print(f"{args.id}: released; {state_text(stored)}")
     return 0
 
 
@@ -305,12 +296,12 @@ def _dispense(args: argparse.Namespace) -> int:
         if dispensation.dispensing == 0
         else (f"renewal {dispensation.dispensing}")
     )
-    print(f"{args.id}: dispensed ({which}, {dispensation.id}); {_state_line(stored)}")
+    print(f"{args.id}: dispensed ({which}, {dispensation.id}); {state_text(stored)}")
     return 0
 
 
 def _cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
         stored = client.cancel(args.id, args.reason, patient_ins=args.patient)
-    print(f"{args.id}: cancelled; {_state_line(stored)}")
+    print(f"{args.id}: cancelled; {state_text(stored)}")
     return 0

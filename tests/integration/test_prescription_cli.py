@@ -74,7 +74,7 @@ def test_create_writes_a_png_qr_code_and_show_verifies_the_signature(
     assert "status       active" in out
     assert "line 0" in out and "-> 2 left at the next dispensing" in out
     assert "line 1" in out and "-> 1 left at the next dispensing" in out
-    assert "remains      1 renewal(s) after the next dispensing" in out
+    assert "next         active; next: first dispensing (line 0 x2, line 1 x1), then 1 more" in out
 
 
 def test_create_writes_an_svg_qr_code(
@@ -113,6 +113,7 @@ def test_find_dispense_and_a_refusal_as_one_dmp_line(
     )  # fmt: skip
     assert code == 0, err
     assert out.startswith(f"{pid}: dispensed (first dispensing")
+    assert "partially-dispensed; next: renewal 1 (line 0 x2, line 1 x1) from " in out
 
     code, out, err = dmp(
         capsys, fed, "prescription", "dispense", pid, "--as", pharmacist("53"),
