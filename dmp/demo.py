@@ -29,6 +29,8 @@ import grpc
 from dmp import synth
 from dmp.client import DirectoryClient, NodeClient
 from dmp.pki import Pki, load_credentials
+from dmp.prescription_demo import DOCTOR as RX_DOCTOR
+from dmp.prescription_demo import PHARMACIST as RX_PHARMACIST
 from dmp.prescription_demo import run_scene
 from dmp.printing import print_history, print_view
 from dmp.regions import region_name
@@ -446,6 +448,15 @@ def _print_commands(
         "Write a record to a node:",
         f"  dmp record put --as {identity} --node {first_node.address} --patient {ins} \\",
         '      --kind document --type-code 11488-4 --title "Compte rendu" --file report.pdf',
+        "E-prescription: write one at node 11 (its id, and its QR code), then as a pharmacist:",
+        f"  dmp prescription create --as practitioner-{RX_DOCTOR[0]} --node {first_node.address}"
+        f" --patient {ins} \\",
+        '      --line "3400935955838|1|1 comprimé|3 fois par jour|7 jours" --renewals 1'
+        " --qr rx.png",
+        f"  dmp prescription show ID --as practitioner-{RX_PHARMACIST[0]} --directory {directory}",
+        f"  dmp prescription dispense ID --as practitioner-{RX_PHARMACIST[0]}"
+        f' --directory {directory} --pharmacy "{RX_PHARMACIST[3]}"',
+        f"  dmp prescription find --as patient-{ins} --directory {directory} --patient {ins}",
         "Make a region hang, query again (named as not answering within 2 s), resume it:",
         f"  kill -STOP {hung.pid}; dmp query --as {identity} --directory {directory}"
         f" --patient {ins}; kill -CONT {hung.pid}",

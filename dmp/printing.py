@@ -156,7 +156,7 @@ def print_prescription(
         print(f"  line {index}       {line_text(line)}{tail}")
     for dispensation in state.dispensations:
         print(f"  dispensed    {dispensation_text(dispensation)}")
-    print(f"  next         {state_text(stored)}")
+    print(f"  next         {next_text(stored)}")
     if state.HasField("held_until"):
         who = "you" if state.held_by_caller else "another pharmacy"
         print(f"  held         by {who} until {_when(state.held_until)}")
@@ -164,13 +164,23 @@ def print_prescription(
 
 def state_text(stored: rx_pb2.StoredPrescription) -> str:
     """Where a prescription stands and what its next dispensing allows, in one line."""
+    status = STATUS_NAMES.get(stored.state.status, "unknown")
+    if stored.state.status not in (
+        rx_pb2.PRESCRIPTION_STATUS_ACTIVE,
+        rx_pb2.PRESCRIPTION_STATUS_PARTIALLY_DISPENSED,
+    ):
+        return f"{status}: {next_text(stored)}"
+    return f"{status}; next: {next_text(stored)}"
+
+
+def next_text(stored: rx_pb2.StoredPrescription) -> str:
+    """What the next dispensing of a prescription allows, and from when."""
     state = stored.state
-    status = STATUS_NAMES.get(state.status, "unknown")
     if state.status not in (
         rx_pb2.PRESCRIPTION_STATUS_ACTIVE,
         rx_pb2.PRESCRIPTION_STATUS_PARTIALLY_DISPENSED,
     ):
-        return f"{status}: nothing more to dispense"
+        return "nothing more to dispense"
     done = len(state.dispensations)
     which = "first dispensing" if done == 0 else f"renewal {done}"
     left = ", ".join(f"line {r.line} x{r.quantity}" for r in state.remaining) or "nothing"
@@ -179,9 +189,7 @@ def state_text(stored: rx_pb2.StoredPrescription) -> str:
         if state.HasField("next_dispensing_after")
         else ""
     )
-    return (
-        f"{status}; next: {which} ({left}){when}, then {state.renewals_remaining} more renewal(s)"
-    )
+    return f"{which} ({left}){when}, then {state.renewals_remaining} more renewal(s)"
 
 
 def dispensation_text(dispensation: rx_pb2.Dispensation) -> str:

@@ -74,7 +74,7 @@ def test_create_writes_a_png_qr_code_and_show_verifies_the_signature(
     assert "status       active" in out
     assert "line 0" in out and "-> 2 left at the next dispensing" in out
     assert "line 1" in out and "-> 1 left at the next dispensing" in out
-    assert "next         active; next: first dispensing (line 0 x2, line 1 x1), then 1 more" in out
+    assert "next         first dispensing (line 0 x2, line 1 x1), then 1 more" in out
 
 
 def test_create_writes_an_svg_qr_code(
