@@ -66,6 +66,7 @@ from dmp.prescriptions import (
     DISPENSATION_TYPE,
     PRESCRIPTION_TYPE,
     STATUS_NAMES,
+    WRONG_REGION,
     prescription_region,
     verify_prescription,
 )
@@ -81,7 +82,6 @@ from node.prescription_store import PrescriptionStore, payload_digest, progress_
 from node.store import RecordStore
 
 MAX_PHARMACY = 200
-WRONG_REGION = "WRONG_REGION"
 
 
 def _prescription(row: PrescriptionRow) -> tuple[P.SignedPrescription, P.Prescription]:

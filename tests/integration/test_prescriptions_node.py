@@ -451,3 +451,31 @@ def test_a_writer_cannot_link_a_record_to_a_prescription(doctor: Actor) -> None:
     assert stored.prescription_id == ""
     linked = [r for r in doctor.records_of() if r.prescription_id == rx]
     assert [r.kind for r in linked] == [record_pb2.RECORD_KIND_PRESCRIPTION]
+
+
+def test_the_directory_relays_a_pharmacists_own_assertion(
+    actor: Callable[[str], Actor], doctor: Actor, pharmacists: list[Actor]
+) -> None:
+    """The directory carries the pharmacist's signed assertion; its certificate alone
+    dispenses nothing."""
+    rx = rx_id(doctor.prescribe())
+    directory = actor("directory")
+    request = P.DispensePrescriptionRequest(
+        dispensation=P.Dispensation(
+            prescription_id=rx,
+            lines=[P.DispensedLine(line=0, quantity=2), P.DispensedLine(line=1, quantity=1)],
+            pharmacy="Pharmacie de la Gare",
+            idempotency_key="relayed-0000001",
+        )
+    )
+    alone = refusal(
+        lambda: directory.stub.DispensePrescription(
+            request, timeout=30, metadata=directory.md(DISPENSE, rx)
+        )
+    )
+    assert alone.code == grpc.StatusCode.UNAUTHENTICATED
+    relayed = directory.stub.DispensePrescription(
+        request, timeout=30, metadata=pharmacists[0].md(DISPENSE, rx)
+    )
+    assert relayed.dispensation.pharmacist_rpps == PHARMACISTS[0]
+    assert relayed.prescription.state.status == P.PRESCRIPTION_STATUS_COMPLETED
