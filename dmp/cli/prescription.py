@@ -282,12 +282,14 @@ def dispensed_lines(
 def _dispense(args: argparse.Namespace) -> int:
     with _client(args) as client:
         remaining = None
+        current = None
         if not args.line:
-            stored = client.get(args.id, patient_ins=args.patient)
-            remaining = {r.line: r.quantity for r in stored.state.remaining}
+            current = client.get(args.id, patient_ins=args.patient)
+            remaining = {r.line: r.quantity for r in current.state.remaining}
         lines = dispensed_lines(args.line, args.substitute, args.not_delivered, remaining)
         if not lines:
-            raise CommandError(f"{args.id}: nothing left to dispense")
+            where = state_text(current) if current is not None else "nothing to dispense"
+            raise CommandError(f"{args.id}: {where}")
         dispensation, stored = client.dispense(
             args.id, lines, pharmacy=args.pharmacy, key=args.key, patient_ins=args.patient
         )
@@ -303,5 +305,5 @@ def _dispense(args: argparse.Namespace) -> int:
 def _cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
         stored = client.cancel(args.id, args.reason, patient_ins=args.patient)
-    print(f"{args.id}: cancelled; {state_text(stored)}")
+    print(f"{args.id}: {state_text(stored)}")
     return 0

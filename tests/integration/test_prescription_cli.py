@@ -135,3 +135,31 @@ def test_a_malformed_line_is_one_dmp_line(fed: RxFed, capsys: pytest.CaptureFixt
     )  # fmt: skip
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("dmp: ")
+
+
+def test_cancel_then_dispense_says_it_is_cancelled(
+    fed: RxFed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ins = fed.new_patient(("11",))
+    code, out, err = create(capsys, fed, ins)
+    assert code == 0, err
+    pid = out.strip()
+    code, out, err = dmp(
+        capsys, fed, "prescription", "cancel", pid, "--as", DOC, "--directory", fed.address(),
+        "--reason", "erreur de saisie",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.strip() == f"{pid}: cancelled: nothing more to dispense"
+    code, out, err = dmp(
+        capsys, fed, "prescription", "dispense", pid, "--as", pharmacist("84"),
+        "--directory", fed.address(), "--pharmacy", pharmacy("84"),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert err.strip() == f"dmp: {pid}: cancelled: nothing more to dispense"
+    # With the lines given, the node itself refuses, with its reason.
+    code, out, err = dmp(
+        capsys, fed, "prescription", "dispense", pid, "--as", pharmacist("84"),
+        "--directory", fed.address(), "--pharmacy", pharmacy("84"), "--line", "0:1",
+    )  # fmt: skip
+    assert code == 1
+    assert err.startswith("dmp: FAILED_PRECONDITION CANCELLED: ")
