@@ -197,6 +197,14 @@ class Gateway:
             headers=headers,
         )
 
+    async def transaction(self, request: Request) -> Response:
+        raise FhirError(
+            405,
+            "not-supported",
+            "transaction and batch Bundles (IHE ITI-65) are not supported yet: this gateway"
+            " is read only (see /metadata)",
+        )
+
     async def search_audit(self, request: Request) -> Response:
         query = request.query_params
         params.check_known(query, ("patient.identifier", "patient", "_count"))
@@ -278,6 +286,7 @@ def build_app(federation: Federation, *, max_body: int) -> ASGIApp:
     gateway = Gateway(federation, max_body=max_body)
     get = ["GET"]
     routes = [
+        Route("/", gateway.transaction, methods=["POST"]),
         Route("/metadata", gateway.metadata, methods=get),
         Route("/Patient", gateway.search_patient, methods=get),
         Route("/Patient/{ins}", gateway.read_patient, methods=get),
