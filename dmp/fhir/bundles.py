@@ -11,8 +11,10 @@ import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from dmp.fhir.errors import issue, operation_outcome
+from dmp.fhir.systems import REGION_SYSTEM
 from dmp.regions import REGION_STATE_NAMES, region_name
 from dmp.v1 import directory_service_pb2 as dpb
 
@@ -42,7 +44,13 @@ def regions_outcome(regions: Iterable[dpb.RegionStatus]) -> Resource | None:
         text = f"region {status.region} ({region_name(status.region)}): {state}"
         if status.message:
             text += f": {status.message}"
-        issues.append(issue(code, text, severity="warning", expression=f"region:{status.region}"))
+        region = {
+            "system": REGION_SYSTEM,
+            "code": status.region,
+            "display": region_name(status.region),
+        }
+        details = {"coding": [region], "text": state}
+        issues.append(issue(code, text, severity="warning", details=details))
     if not issues:
         return None
     out = operation_outcome(issues)
@@ -98,8 +106,6 @@ def searchset(
 
 def query_url(base: str, path: str, params: Mapping[str, str | list[str]]) -> str:
     """``base/path?params`` with every value encoded (repeated parameters kept)."""
-    from urllib.parse import urlencode
-
     pairs: list[tuple[str, str]] = []
     for key, value in params.items():
         for one in value if isinstance(value, list) else [value]:

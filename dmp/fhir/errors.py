@@ -76,9 +76,13 @@ def issue(
     *,
     severity: str = "error",
     expression: str | None = None,
+    details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One OperationOutcome issue."""
-    out: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": diagnostics}
+    out: dict[str, Any] = {"severity": severity, "code": code}
+    if details:
+        out["details"] = details
+    out["diagnostics"] = diagnostics
     if expression:
         out["expression"] = [expression]
     return out

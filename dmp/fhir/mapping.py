@@ -272,7 +272,9 @@ def immunization(record: record_pb2.Record, _content_url: str) -> Resource:
     # The vaccine's code is in the content; the record's metadata names it in its title.
     resource["vaccineCode"] = {"text": record.title}
     resource["patient"] = patient_reference(record.patient_ins)
-    resource["occurrenceDateTime"] = _effective(record) or "1900-01-01"
+    effective = _effective(record)
+    if effective:  # always, from a node (created_time at least); required by R4
+        resource["occurrenceDateTime"] = effective
     if record.HasField("created_time"):
         resource["recorded"] = instant(record.created_time)
     if record.author.identity:
@@ -309,11 +311,3 @@ NATURAL: Final[dict[int, Mapper]] = {
 def natural_resource(record: record_pb2.Record, content_url: str) -> Resource:
     """A record as the resource a FHIR client expects for its kind."""
     return NATURAL.get(record.kind, document_reference)(record, content_url)
-
-
-#: What each kind becomes, for the CapabilityStatement.
-def resource_type_of(kind: int) -> str:
-    mapper = NATURAL.get(kind)
-    return (
-        "DocumentReference" if mapper is None else mapper(record_pb2.Record(), "")["resourceType"]
-    )

@@ -26,6 +26,8 @@ PROFESSION_SYSTEM: Final = "urn:dmp:profession"
 #: Our record kinds (document, prescription...), as DocumentReference.category.
 RECORD_KIND_SYSTEM: Final = "urn:dmp:record-kind"
 LOINC_SYSTEM: Final = "http://loinc.org"
+#: Regions by INSEE code (which regions did not answer a view).
+REGION_SYSTEM: Final = "urn:dmp:region"
 
 FR_CORE_PATIENT_INS: Final = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-ins"
 FR_CORE_IDENTIFIER_TYPE: Final = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203"

@@ -206,6 +206,9 @@ def test_a_region_down_makes_views_partial_and_its_content_a_503(
     [issue] = outcome_issues(outcome["resource"])
     assert issue["severity"] == "warning"
     assert issue["diagnostics"].startswith("region 53 (Bretagne): ")
+    assert issue["details"]["coding"] == [
+        {"system": "urn:dmp:region", "code": "53", "display": "Bretagne"}
+    ]
     everything = get(gateway, f"Patient/{PATIENT}/$everything").json()
     validate(everything)
     assert [e["search"]["mode"] for e in everything["entry"]].count("outcome") == 1
