@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from dmp.fhir.errors import issue, operation_outcome
+from dmp.fhir.errors import issue
 from dmp.fhir.systems import REGION_SYSTEM
 from dmp.regions import REGION_STATE_NAMES, region_name
 from dmp.v1 import directory_service_pb2 as dpb
@@ -53,9 +53,7 @@ def regions_outcome(regions: Iterable[dpb.RegionStatus]) -> Resource | None:
         issues.append(issue(code, text, severity="warning", details=details))
     if not issues:
         return None
-    out = operation_outcome(issues)
-    out["id"] = str(uuid.uuid4())
-    return out
+    return {"resourceType": "OperationOutcome", "id": str(uuid.uuid4()), "issue": issues}
 
 
 def searchset(
@@ -110,5 +108,5 @@ def query_url(base: str, path: str, params: Mapping[str, str | list[str]]) -> st
     for key, value in params.items():
         for one in value if isinstance(value, list) else [value]:
             pairs.append((key, one))
-    query = urlencode(pairs, safe=":|,")
+    query = urlencode(pairs, safe=":|,/")
     return f"{base}/{path}" + (f"?{query}" if query else "")

@@ -111,7 +111,8 @@ def from_rpc(exc: grpc.RpcError, *, region: str | None = None) -> FhirError:
         return FhirError(
             503,
             "transient",
-            f"region {region} ({name}) is unavailable: {details}; retry later",
+            f"region {region} ({name}) is unavailable: {details}"
+            + ("" if "retry later" in details else "; retry later"),
         )
     if code == grpc.StatusCode.UNAVAILABLE and region is None:
         details = f"the federation cannot be reached: {details}; retry later"

@@ -88,7 +88,6 @@ def patient(identity: patient_pb2.PatientIdentity) -> Resource:
         "resourceType": "Patient",
         "id": identity.ins,
         "meta": {"profile": [FR_CORE_PATIENT_INS]},
-        "identifier": [identifier],
     }
     if identity.birthplace_code:
         code = identity.birthplace_code
@@ -100,6 +99,7 @@ def patient(identity: patient_pb2.PatientIdentity) -> Resource:
                 },
             }
         ]
+    resource["identifier"] = [identifier]
     name: Resource = {"use": "official"}
     if identity.birth_family_name:
         name["family"] = identity.birth_family_name

@@ -73,8 +73,8 @@ def patient_ins(params: QueryParams, *names: str, required: bool = True) -> str 
 def ins_value(name: str, ins: str) -> str:
     try:
         return normalize_ins(ins, name)
-    except InvalidArgument as exc:
-        raise bad_parameter(name, exc.message) from None
+    except InvalidArgument as exc:  # its message names the parameter already
+        raise FhirError(400, "invalid", exc.message, expression=name) from None
 
 
 def count(params: QueryParams) -> int:
