@@ -16,11 +16,15 @@ from dataclasses import dataclass
 import grpc
 
 from dmp.client import DirectoryClient, view_request
+from dmp.errors import DmpError
 from dmp.fhir.errors import FhirError, from_rpc
-from dmp.fhir.mapping import fhir_id
+from dmp.fhir.mapping import fhir_id, parse_binary_id
 from dmp.fhir.params import DateRange
 from dmp.identity import Role
+from dmp.ins import normalize_ins
 from dmp.pki import Credentials
+from dmp.records import check_record_id
+from dmp.regions import check_region
 from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import patient_pb2, record_pb2
 
@@ -119,8 +123,21 @@ class Federation:
         return page
 
     def locate(self, key: str) -> Location:
-        """Where the record of FHIR id ``key`` lives. A patient's gateway finds their own
-        records in their view; a professional's knows those it listed."""
+        """Where the content of Binary id ``key`` lives: said by the id itself (REGION.INS.ID,
+        :func:`binary_id`), else remembered from a listing; a patient's gateway also finds
+        their own records in their view."""
+        located = parse_binary_id(key)
+        if located is not None:
+            region, ins, record_id = located
+            try:
+                check_region(region)
+                ins = normalize_ins(ins)
+                check_record_id(record_id)
+            except DmpError as exc:
+                raise FhirError(
+                    400, "invalid", f"Binary id: {exc.message}", expression="id"
+                ) from None
+            return Location(record_id, region, ins)
         known = self.locations.get(key)
         if known is not None:
             return known

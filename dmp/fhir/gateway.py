@@ -28,7 +28,7 @@ from dmp.fhir.bundles import query_url, regions_outcome, searchset
 from dmp.fhir.capability import capability_statement
 from dmp.fhir.errors import FhirError, from_domain, from_rpc
 from dmp.fhir.federation import Federation
-from dmp.fhir.mapping import Resource, document_reference, fhir_id, natural_resource, patient
+from dmp.fhir.mapping import Resource, binary_id, document_reference, natural_resource, patient
 from dmp.v1 import record_pb2
 
 log = logging.getLogger("dmp.fhir")
@@ -55,7 +55,7 @@ def _base(request: Request) -> str:
 
 
 def _content_url(base: str, record: record_pb2.Record) -> str:
-    return f"{base}/Binary/{fhir_id(record.id)}"
+    return f"{base}/Binary/{binary_id(record)}"
 
 
 class Gateway:

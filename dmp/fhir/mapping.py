@@ -64,6 +64,27 @@ def fhir_id(record_id: str) -> str:
     return "h" + hashlib.sha256(record_id.encode()).hexdigest()[:40]
 
 
+def binary_id(record: record_pb2.Record) -> str:
+    """The FHIR id of a record's content (its Binary): ``REGION.INS.RECORD-ID``, which says
+    where to fetch it, so that an attachment URL stays readable by any gateway, after a
+    restart too. The locator grants nothing: the node decides every read for the caller's
+    own signed assertion. An id too long for FHIR falls back to the record's FHIR id, which
+    the gateway that listed it remembers."""
+    located = f"{record.region}.{record.patient_ins}.{record.id}"
+    if record.region and _FHIR_ID.match(located):
+        return located
+    return fhir_id(record.id)
+
+
+def parse_binary_id(key: str) -> tuple[str, str, str] | None:
+    """(region, INS, record id) of a located Binary id; None for any other id."""
+    region, dot, rest = key.partition(".")
+    ins, dot2, record_id = rest.partition(".")
+    if not (dot and dot2 and len(region) == 2 and len(ins) == 15 and record_id):
+        return None
+    return region, ins, record_id
+
+
 def instant(stamp: Timestamp) -> str:
     """A protobuf Timestamp as a FHIR instant (UTC, microseconds)."""
     return stamp.ToDatetime().strftime("%Y-%m-%dT%H:%M:%S.%fZ")

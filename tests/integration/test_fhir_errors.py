@@ -130,6 +130,18 @@ def test_unknown_things_are_404_and_writes_are_not_there_yet(gateway: Gateway) -
     assert issue["code"] == "not-found" and "/metadata" in issue["diagnostics"]
     [issue] = refused(get(gateway, "Binary/never-listed"), 404)
     assert "DocumentReference" in issue["diagnostics"]
+    [issue] = refused(get(gateway, f"Binary/99.{PATIENT}.some-record"), 400)
+    assert issue["expression"] == ["id"] and "region" in issue["diagnostics"]
+
+
+def test_a_forged_content_locator_reads_nothing(gateway: Gateway, fed: FhirFed) -> None:
+    """The locator in a Binary id grants nothing: the record's node checks the caller's
+    assertion, which names another patient here."""
+    region, record, _ = fed.by_title("Lettre de sortie")
+    answer = get(gateway, f"Binary/{region}.{OTHER_PATIENT}.{record.id}")
+    [issue] = refused(answer, answer.status_code)
+    assert answer.status_code in (403, 404)
+    assert record.title not in answer.text and "Sortie" not in answer.text
     [issue] = refused(requests.post(f"{gateway.base}/", json={}, timeout=10), 405)
     assert issue["code"] == "not-supported"
 
@@ -212,6 +224,7 @@ def test_a_region_down_makes_views_partial_and_its_content_a_503(
     everything = get(gateway, f"Patient/{PATIENT}/$everything").json()
     validate(everything)
     assert [e["search"]["mode"] for e in everything["entry"]].count("outcome") == 1
-    [issue] = refused(get(gateway, f"Binary/{record.id}"), 503)
-    assert issue["code"] == "transient"
-    assert "region 53 (Bretagne)" in issue["diagnostics"]
+    for path in (f"Binary/{record.id}", f"Binary/53.{PATIENT}.{record.id}"):
+        [issue] = refused(get(gateway, path), 503)
+        assert issue["code"] == "transient"
+        assert "region 53 (Bretagne)" in issue["diagnostics"]

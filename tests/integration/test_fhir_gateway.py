@@ -164,6 +164,26 @@ def test_every_content_is_read_byte_identical_at_its_attachment_url(
     assert len(largest[2]) > 300_000  # streamed in several chunks from the node
 
 
+def test_an_attachment_url_is_read_by_a_gateway_that_never_listed_it(
+    gateway: Gateway, fed: FhirFed
+) -> None:
+    """The URL says where the content lives: kept by hospital software, it stays readable
+    after the gateway restarts, or from another gateway of the same professional."""
+    bundle = get(gateway, "DocumentReference", **{"patient.identifier": PATIENT}).json()
+    urls = {
+        e["resource"]["identifier"][0]["value"]: e["resource"]["content"][0]["attachment"]["url"]
+        for e in bundle["entry"]
+    }
+    fresh = fed.gateway(DOC)
+    for record_id, url in urls.items():
+        region, _, content = fed.written[record_id]
+        path = url.removeprefix(gateway.base + "/")
+        assert path == f"Binary/{region}.{PATIENT}.{record_id}"
+        answer = get(fresh, path)
+        assert answer.status_code == 200 and answer.content == content
+    fresh.stop()
+
+
 def test_filters_by_type_date_and_status(gateway: Gateway, fed: FhirFed) -> None:
     patient = f"{INS_SYSTEM}|{PATIENT}"
     by_type = get(
