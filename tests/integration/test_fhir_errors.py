@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from dmp.pki import Pki
-from tests.federation import OTHER_PATIENT, PATIENT
+from tests.federation import OTHER_PATIENT, PATIENT, wait_for
 from tests.integration.fhir_federation import (
     DOC,
     INS_SYSTEM,
@@ -123,6 +123,23 @@ def test_refusals_say_nothing_of_whether_the_patient_exists(fed: FhirFed) -> Non
 def test_a_professional_may_not_read_a_patients_access_history(gateway: Gateway) -> None:
     [issue] = refused(get(gateway, "AuditEvent", **{"patient.identifier": PATIENT}), 403)
     assert issue["code"] == "forbidden"
+
+
+def test_a_revoked_gateway_identity_is_a_401(fed: FhirFed) -> None:
+    """The federation refuses a revoked certificate: the gateway says 401, naming why."""
+    rpps = "10000000077"
+    fed.pki.issue_practitioner(rpps, "doctor", "Dr Rene REVOQUE")
+    revoked = fed.gateway(f"practitioner-{rpps}")
+    params = {"patient.identifier": PATIENT}
+    assert get(revoked, "DocumentReference", **params).status_code == 200
+    fed.pki.revoke(f"practitioner-{rpps}")
+
+    def refused_now() -> bool:
+        return get(revoked, "DocumentReference", **params).status_code == 401
+
+    wait_for(refused_now, "the directory to refuse the revoked certificate")
+    [issue] = refused(get(revoked, "DocumentReference", **params), 401)
+    assert issue["code"] == "login" and "revoked" in issue["diagnostics"]
 
 
 def test_unknown_things_are_404_and_writes_are_not_there_yet(gateway: Gateway) -> None:
