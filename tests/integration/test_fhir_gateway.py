@@ -294,3 +294,23 @@ def test_the_gateway_stops_cleanly(fed: FhirFed, tmp_path: Path) -> None:
     assert get(extra, "metadata").status_code == 200
     extra.stop()
     assert extra.process.returncode == 0
+
+
+def test_the_validator_refuses_what_r4_refuses() -> None:
+    """The independent check has teeth: an unknown element, a wrong type, a missing
+    required element are each refused by fhirclient's R4 models."""
+    from fhirclient.models.fhirabstractbase import FHIRValidationError
+
+    good: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "content": [{"attachment": {"contentType": "text/plain", "size": 3}}],
+    }
+    validate(good)
+    for broken in (
+        {**good, "sha256": "ab"},
+        {**good, "content": [{"attachment": {"size": "three"}}]},
+        {key: value for key, value in good.items() if key != "content"},
+    ):
+        with pytest.raises(FHIRValidationError):
+            validate(broken)
