@@ -184,6 +184,9 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read(gateway: Gateway) -> N
 
 def test_tls_requires_a_federation_client_certificate(fed: FhirFed, tmp_path: Path) -> None:
     cert, key = gateway_server_cert(fed.pki_dir, tmp_path)
+    gone = "10000000078"  # a federation certificate, revoked before the gateway starts
+    fed.pki.issue_practitioner(gone, "doctor", "Dr Ex PARTI")
+    fed.pki.revoke(f"practitioner-{gone}")
     secure = fed.gateway(DOC, "--tls", "--tls-cert", str(cert), "--tls-key", str(key))
     url = f"{secure.base}/metadata"
     ca = str(fed.pki_dir / "ca.pem")
@@ -207,6 +210,13 @@ def test_tls_requires_a_federation_client_certificate(fed: FhirFed, tmp_path: Pa
             verify=ca,
             timeout=10,
         )
+    # A revoked federation certificate: refused (the CRL is checked for the leaf).
+    revoked = (
+        str(fed.pki_dir / f"practitioner-{gone}.pem"),
+        str(fed.pki_dir / f"practitioner-{gone}.key"),
+    )
+    with pytest.raises(requests.exceptions.RequestException):
+        requests.get(url, cert=revoked, verify=ca, timeout=10)
     # Plain HTTP to the HTTPS port gets nothing either.
     with pytest.raises(requests.exceptions.RequestException):
         requests.get(url.replace("https://", "http://"), timeout=10).raise_for_status()

@@ -9,6 +9,8 @@ Bundle is validated with fhirclient's R4 models (tests/integration/fhir_federati
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,8 @@ def test_every_content_is_read_byte_identical_at_its_attachment_url(
         assert answer.content == content
         assert answer.headers["content-type"].split(";")[0] == record.content_type
         assert sha256(answer.content) == attachment.extension[0].valueString
+        digest = base64.b64encode(hashlib.sha256(content).digest()).decode()
+        assert answer.headers["repr-digest"] == f"sha-256=:{digest}:"
     largest = max(fed.written.values(), key=lambda w: len(w[2]))
     assert len(largest[2]) > 300_000  # streamed in several chunks from the node
 
@@ -242,6 +246,12 @@ def test_everything_gives_each_record_as_its_natural_resource(
     assert by_type["Immunization"]["status"] == "completed"
     assert by_type["Observation"]["status"] == "final"
     assert by_type["Condition"]["subject"]["identifier"]["value"] == PATIENT
+    own = requests.get(
+        f"{fed.gateway(f'patient-{PATIENT}').base}/Patient/{PATIENT}/$everything", timeout=30
+    )
+    assert own.status_code == 200
+    validate(own.json())
+    assert len(own.json()["entry"]) >= len(RECORDS)  # the patient sees their own record
     paged = list(
         fhir_client.FHIRClient(settings={"app_id": "h", "api_base": gateway.base})
         .server.request_json(f"Patient/{PATIENT}/$everything?_count=4")
