@@ -105,6 +105,20 @@ def test_the_patient_is_found_by_ins_as_fr_core(
     assert validate(read.json()).id == PATIENT
 
 
+def test_a_patient_the_directory_does_not_know_is_an_empty_search(gateway: Gateway) -> None:
+    from dmp.ins import make_ins
+
+    nobody = make_ins("1990175999991")
+    answer = get(gateway, "Patient", identifier=f"{INS_SYSTEM}|{nobody}")
+    assert answer.status_code == 200
+    bundle = answer.json()
+    validate(bundle)
+    assert bundle["total"] == 0 and "entry" not in bundle
+    read = get(gateway, f"Patient/{nobody}")
+    assert read.status_code == 404
+    assert validate(read.json()).issue[0].code == "not-found"
+
+
 def test_documents_are_searched_and_paged_through_next(
     smart: fhir_client.FHIRClient, fed: FhirFed
 ) -> None:
