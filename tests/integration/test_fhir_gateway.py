@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -313,11 +313,26 @@ def test_the_patient_reads_their_access_history_as_audit_events(fed: FhirFed) ->
     assert read.status_code == 200 and read.content == content
 
 
-def test_the_gateway_stops_cleanly(fed: FhirFed, tmp_path: Path) -> None:
+def test_the_gateway_logs_each_request_without_naming_the_patient(fed: FhirFed) -> None:
     extra = fed.gateway(DOC)
     assert get(extra, "metadata").status_code == 200
+    assert get(extra, f"Patient/{PATIENT}/$everything").status_code == 200
+    assert get(extra, "DocumentReference", **{"patient.identifier": "1"}).status_code == 400
     extra.stop()
-    assert extra.process.returncode == 0
+    assert extra.process.returncode == 0  # SIGTERM: a clean stop
+    assert extra.log_path is not None
+    log = extra.log_path.read_text()
+    lines = [
+        json.loads(line.split(" dmp.fhir ", 1)[1])
+        for line in log.splitlines()
+        if " dmp.fhir " in line
+    ]
+    assert [(line["method"], line["resource"], line["status"]) for line in lines] == [
+        ("GET", "/metadata", 200),
+        ("GET", "/Patient/*/$everything", 200),
+        ("GET", "/DocumentReference", 400),
+    ]
+    assert PATIENT not in log
 
 
 def test_the_validator_refuses_what_r4_refuses() -> None:
