@@ -194,6 +194,13 @@ def test_tls_requires_a_federation_client_certificate(fed: FhirFed, tmp_path: Pa
     answer = requests.get(url, cert=doctor, verify=ca, timeout=10)
     assert answer.status_code == 200
     validate(answer.json())
+    later = "10000000079"
+    fed.pki.issue_practitioner(later, "nurse", "Marc BIENTOT")
+    soon_revoked = (
+        str(fed.pki_dir / f"practitioner-{later}.pem"),
+        str(fed.pki_dir / f"practitioner-{later}.key"),
+    )
+    assert requests.get(url, cert=soon_revoked, verify=ca, timeout=10).status_code == 200
     # No certificate: refused at TLS (after the TLS 1.3 handshake: the request fails).
     with pytest.raises(requests.exceptions.RequestException):
         requests.get(url, verify=ca, timeout=10)
@@ -217,6 +224,10 @@ def test_tls_requires_a_federation_client_certificate(fed: FhirFed, tmp_path: Pa
     )
     with pytest.raises(requests.exceptions.RequestException):
         requests.get(url, cert=revoked, verify=ca, timeout=10)
+    # Revoked while the gateway runs: refused from the next connection on.
+    fed.pki.revoke(f"practitioner-{later}")
+    with pytest.raises(requests.exceptions.RequestException):
+        requests.get(url, cert=soon_revoked, verify=ca, timeout=10)
     # Plain HTTP to the HTTPS port gets nothing either.
     with pytest.raises(requests.exceptions.RequestException):
         requests.get(url.replace("https://", "http://"), timeout=10).raise_for_status()
