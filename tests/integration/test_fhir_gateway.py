@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,9 @@ from fhirclient.models.bundle import Bundle
 from fhirclient.models.documentreference import DocumentReference
 from fhirclient.models.patient import Patient
 
-from tests.federation import DOCTOR, PATIENT
+from dmp.client import NodeClient
+from dmp.pki import load_credentials
+from tests.federation import DOCTOR, OTHER_PATIENT, PATIENT, draft, identity_of, wait_for
 from tests.integration.fhir_federation import (
     DOC,
     INS_SYSTEM,
@@ -180,6 +183,31 @@ def test_every_content_is_read_byte_identical_at_its_attachment_url(
         assert answer.headers["repr-digest"] == f"sha-256=:{digest}:"
     largest = max(fed.written.values(), key=lambda w: len(w[2]))
     assert len(largest[2]) > 300_000  # streamed in several chunks from the node
+
+
+def test_a_large_content_streams_through_byte_identical(
+    smart: fhir_client.FHIRClient, fed: FhirFed
+) -> None:
+    """6 MiB: beyond gRPC's default 4 MiB message, relayed in chunks, streamed over HTTP."""
+    content = os.urandom(6 * 1024 * 1024)
+    record = draft(OTHER_PATIENT, title="Imagerie : scanner thoracique")
+    record.content_type = "application/dicom"
+    creds = load_credentials(fed.pki_dir, DOC)
+    with NodeClient(f"127.0.0.1:{fed.nodes['11'].port}", creds) as node:
+        node.put_record(record, content, patient=identity_of(OTHER_PATIENT, "LEROY", ("MARIE",)))
+    search = DocumentReference.where(struct={"patient.identifier": f"{INS_SYSTEM}|{OTHER_PATIENT}"})
+
+    def listed() -> list[Any]:
+        return list(search.perform_resources_iter(smart.server))
+
+    wait_for(lambda: len(listed()) == 1, "the large record in the view")
+    [document] = listed()
+    attachment = document.content[0].attachment
+    assert attachment.size == len(content) and attachment.contentType == "application/dicom"
+    with smart.server.session.get(attachment.url, stream=True, timeout=60) as answer:
+        assert answer.status_code == 200
+        received = b"".join(answer.iter_content(chunk_size=256 * 1024))
+    assert received == content
 
 
 def test_an_attachment_url_is_read_by_a_gateway_that_never_listed_it(
