@@ -27,7 +27,8 @@ def capability_statement(base: str, identity: str) -> dict[str, Any]:
             "profile": "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-ins",
             "interaction": [{"code": "read"}, {"code": "search-type"}],
             "searchParam": [
-                _search("identifier", "token", f"the INS-NIR: {INS_SYSTEM}|<INS> (required)")
+                _search("identifier", "token", f"the INS-NIR: {INS_SYSTEM}|<INS> (or _id)"),
+                _search("_id", "token", "the INS itself, the Patient's id"),
             ],
             "operation": [
                 {
@@ -50,6 +51,8 @@ def capability_statement(base: str, identity: str) -> dict[str, Any]:
             "searchParam": [
                 _PATIENT_PARAM,
                 _search("patient", "reference", "Patient/<INS>, instead of patient.identifier"),
+                _search("subject.identifier", "token", "the same as patient.identifier"),
+                _search("subject", "reference", "the same as patient"),
                 _search("type", "token", "LOINC type code(s), comma for or"),
                 _search("category", "token", "record kind(s): urn:dmp:record-kind|document..."),
                 _search(
@@ -72,7 +75,11 @@ def capability_statement(base: str, identity: str) -> dict[str, Any]:
             "type": "AuditEvent",
             "interaction": [{"code": "search-type"}],
             "documentation": "the patient's own access history (a patient's gateway only)",
-            "searchParam": [_PATIENT_PARAM, _COUNT],
+            "searchParam": [
+                _PATIENT_PARAM,
+                _search("patient", "reference", "Patient/<INS>, instead of patient.identifier"),
+                _COUNT,
+            ],
         },
     ]
     for structured in ("AllergyIntolerance", "Condition", "Immunization", "Observation"):
