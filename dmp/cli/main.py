@@ -23,7 +23,7 @@ SERVICE_COMMANDS = "dmp.commands"
 
 
 def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from dmp.cli import audit, demo, patient, pki, query, record
+    from dmp.cli import audit, demo, fhir, patient, pki, query, record
 
     services = {entry.name: entry for entry in entry_points(group=SERVICE_COMMANDS)}
     pki.register(sub)
@@ -36,6 +36,7 @@ def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     query.register(sub)
     patient.register(sub)
     audit.register(sub)
+    fhir.register(sub)
     demo.register(sub)
 
 
