@@ -246,6 +246,18 @@ def test_bytes_that_are_no_prescription_are_refused(
         verify_prescription(signed, verifier)
 
 
+def test_an_act_naming_its_patient_by_an_ins_spelled_otherwise_is_refused(
+    signers: dict[str, Signer], verifier: SignatureVerifier
+) -> None:
+    """The signed INS is the one the node stores, finds and audits under: never spaced
+    or lower case, else the patient neither finds the act nor sees its dispensings."""
+    built = prescription(signers["doctor"].principal, patient_ins=" ".join(INS))
+    assert built.patient_ins == INS
+    built.patient_ins = INS[:5] + " " + INS[5:]
+    with pytest.raises(InvalidArgument, match="must be written as " + INS):
+        verify_prescription(sign_prescription(built, signers["doctor"]), verifier)
+
+
 def test_an_unsigned_prescription_is_refused(
     signers: dict[str, Signer], verifier: SignatureVerifier
 ) -> None:

@@ -1,0 +1,81 @@
+"""E-prescription at its node under attack, over real mutual TLS, on SQLite and PostgreSQL:
+what a careless or hostile caller sends (an INS spelled otherwise, a dispensing that gives
+nothing, an idempotency key reused for another dispensing) never costs the patient a
+dispensing nor hides a prescription from them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dmp.v1 import prescription_pb2 as P
+from tests.federation import DOCTOR, PATIENT
+from tests.integration.prescription_helpers import (
+    PHARMACISTS,
+    Actor,
+    Clock,
+    make_rx_pki,
+    patient,
+    practitioner,
+    rx_id,
+    rx_node,
+)
+
+
+@pytest.fixture(scope="module")
+def rx_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("rx-attack-pki")
+    make_rx_pki(directory)
+    return directory
+
+
+@pytest.fixture
+def node(rx_pki: Path, db_url: str) -> Iterator[tuple[int, Clock]]:
+    with rx_node(rx_pki, db_url) as (running, clock):
+        yield running.port, clock
+
+
+@pytest.fixture
+def actor(rx_pki: Path, node: tuple[int, Clock]) -> Iterator[Callable[[str], Actor]]:
+    made: dict[str, Actor] = {}
+
+    def make(identity: str) -> Actor:
+        if identity not in made:
+            made[identity] = Actor(rx_pki, identity, node[0])
+        return made[identity]
+
+    yield make
+    for one in made.values():
+        one.close()
+
+
+@pytest.fixture
+def doctor(actor: Callable[[str], Actor]) -> Actor:
+    return actor(practitioner(DOCTOR))
+
+
+@pytest.fixture
+def pharmacists(actor: Callable[[str], Actor]) -> list[Actor]:
+    return [actor(practitioner(rpps)) for rpps in PHARMACISTS]
+
+
+def spaced(ins: str) -> str:
+    """The INS as printed on a card: groups separated by spaces."""
+    return " ".join((ins[0], ins[1:3], ins[3:5], ins[5:7], ins[7:10], ins[10:13], ins[13:]))
+
+
+def test_an_ins_typed_with_spaces_is_the_patients_own(
+    actor: Callable[[str], Actor], doctor: Actor, pharmacists: list[Actor]
+) -> None:
+    """A prescriber typing the INS as printed (with spaces) writes the patient's own
+    prescription: the patient finds it, reads it naming themselves, and sees it held under
+    their INS; a node never stores an act under an INS spelled otherwise."""
+    stored = doctor.prescribe(patient=spaced(PATIENT))
+    rx = rx_id(stored)
+    assert P.Prescription.FromString(stored.signed.prescription).patient_ins == PATIENT
+    me = actor(patient(PATIENT))
+    assert [rx_id(found) for found in me.find()] == [rx]
+    assert rx_id(me.get(rx, ins=PATIENT)) == rx
+    assert rx_id(pharmacists[0].dispense(rx, ins=PATIENT).prescription) == rx
