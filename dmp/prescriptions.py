@@ -260,7 +260,7 @@ def build_prescription(
     before = dispense_before or add_months(now, DEFAULT_VALIDITY_MONTHS)
     prescription = prescription_pb2.Prescription(
         id=prescription_id,
-        patient_ins=patient_ins,
+        patient_ins=normalize_ins(patient_ins, "prescription.patient_ins"),
         prescriber=prescription_pb2.Prescriber(
             rpps=prescriber.key,
             name=prescriber.name,
@@ -284,7 +284,13 @@ def build_prescription(
 def validate_prescription(prescription: prescription_pb2.Prescription) -> None:
     """Refuse, naming the field, a prescription that no node stores as it is."""
     prescription_region(prescription.id, "prescription.id")
-    normalize_ins(prescription.patient_ins, "prescription.patient_ins")
+    ins = normalize_ins(prescription.patient_ins, "prescription.patient_ins")
+    if ins != prescription.patient_ins:
+        raise InvalidArgument(
+            f"prescription.patient_ins {prescription.patient_ins!r} must be written as {ins}"
+            " (no spaces, upper case): the patient's prescriptions are found, read and"
+            " audited under that INS"
+        )
     prescriber = prescription.prescriber
     check_rpps(prescriber.rpps)
     if prescriber.profession not in PRESCRIBING_PROFESSIONS:
