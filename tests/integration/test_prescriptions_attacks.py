@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from dmp.v1 import prescription_pb2 as P
@@ -19,6 +20,7 @@ from tests.integration.prescription_helpers import (
     make_rx_pki,
     patient,
     practitioner,
+    refusal,
     rx_id,
     rx_node,
 )
@@ -79,3 +81,21 @@ def test_an_ins_typed_with_spaces_is_the_patients_own(
     assert [rx_id(found) for found in me.find()] == [rx]
     assert rx_id(me.get(rx, ins=PATIENT)) == rx
     assert rx_id(pharmacists[0].dispense(rx, ins=PATIENT).prescription) == rx
+
+
+def test_a_dispensing_that_gives_nothing_costs_no_dispensing(
+    doctor: Actor, pharmacists: list[Actor]
+) -> None:
+    """Every line not delivered (out of stock) is no dispensing: the prescription stays
+    whole for the next pharmacy."""
+    rx = rx_id(doctor.prescribe())
+    nothing = [
+        P.DispensedLine(line=0, quantity=0, not_delivered_reason="rupture de stock"),
+        P.DispensedLine(line=1, quantity=0, not_delivered_reason="rupture de stock"),
+    ]
+    answer = refusal(lambda: pharmacists[0].dispense(rx, lines=nothing))
+    assert answer.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "gives nothing" in answer.message
+    given = pharmacists[1].dispense(rx)
+    assert given.dispensation.dispensing == 0
+    assert given.prescription.state.status == P.PRESCRIPTION_STATUS_COMPLETED
