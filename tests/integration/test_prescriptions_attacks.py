@@ -99,3 +99,19 @@ def test_a_dispensing_that_gives_nothing_costs_no_dispensing(
     given = pharmacists[1].dispense(rx)
     assert given.dispensation.dispensing == 0
     assert given.prescription.state.status == P.PRESCRIPTION_STATUS_COMPLETED
+
+
+def test_a_key_reused_for_another_dispensing_is_refused(
+    doctor: Actor, pharmacists: list[Actor]
+) -> None:
+    """A retry is the same dispensing again: a key the pharmacy's software reuses for other
+    lines (or another pharmacy's name) is refused, never answered as if those lines were
+    recorded."""
+    rx = rx_id(doctor.prescribe(renewals=2))
+    first = pharmacists[0].dispense(rx, (2, 1), key="caisse-1-ticket-0001")
+    other = refusal(lambda: pharmacists[0].dispense(rx, (1, 1), key="caisse-1-ticket-0001"))
+    assert other.code == grpc.StatusCode.ALREADY_EXISTS
+    assert "another dispensing" in other.message
+    again = pharmacists[0].dispense(rx, (2, 1), key="caisse-1-ticket-0001")
+    assert again.dispensation == first.dispensation
+    assert len(again.prescription.state.dispensations) == 1
