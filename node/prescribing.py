@@ -297,7 +297,7 @@ class PrescriptionService:
                 first = next((d for d in given if d.idempotency_key == key), None)
                 if row is None or first is None:
                     raise
-                self._same_pharmacist(first, bound.subject)
+                self._same_dispensing(first, bound.subject, request)
                 audited.detail = f"retry: dispensing {first.id} recorded first"
                 audited.commit([prescription_id, first.id])
                 return first, self._stored(row, given, bound.subject.uri)
@@ -310,7 +310,7 @@ class PrescriptionService:
             row, prescription = self._locked(uow, prescription_id)
             first = self._store.dispensation_by_key(uow.session, prescription_id, key)
             if first is not None:
-                self._same_pharmacist(first, pharmacist)
+                self._same_dispensing(first, pharmacist, request)
                 audited.detail = f"retry: dispensing {first.id} recorded first"
                 uow.audit([prescription_id, first.id])
                 given = self._store.dispensations(uow.session, prescription_id)
@@ -358,8 +358,15 @@ class PrescriptionService:
         return dispensation, self._stored(row, given, pharmacist.uri)
 
     @staticmethod
-    def _same_pharmacist(first: P.Dispensation, pharmacist: Principal) -> None:
-        if first.pharmacist_rpps != pharmacist.key:
+    def _same_dispensing(
+        first: P.Dispensation, pharmacist: Principal, request: P.Dispensation
+    ) -> None:
+        """A retry is the same dispensing again: same pharmacist, pharmacy and lines."""
+        if (
+            first.pharmacist_rpps != pharmacist.key
+            or first.pharmacy != request.pharmacy
+            or list(first.lines) != list(request.lines)
+        ):
             raise AlreadyExists(
                 "dispensation.idempotency_key was already used for another dispensing of this"
                 " prescription: the pharmacy's software chooses a new key for each dispensing"
