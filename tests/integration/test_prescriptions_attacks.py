@@ -11,8 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from dmp.v1 import node_service_pb2, record_pb2
 from dmp.v1 import prescription_pb2 as P
-from tests.federation import DOCTOR, PATIENT
+from tests.federation import DOCTOR, PATIENT, draft
 from tests.integration.prescription_helpers import (
     PHARMACISTS,
     Actor,
@@ -115,3 +116,26 @@ def test_a_key_reused_for_another_dispensing_is_refused(
     again = pharmacists[0].dispense(rx, (2, 1), key="caisse-1-ticket-0001")
     assert again.dispensation == first.dispensation
     assert len(again.prescription.state.dispensations) == 1
+
+
+def test_the_records_of_e_prescription_are_superseded_by_no_writer(
+    doctor: Actor, pharmacists: list[Actor]
+) -> None:
+    """The prescription and dispensation records are the node's account of the signed act
+    and of its dispensings: neither their prescriber nor their pharmacist replaces them
+    with a new version (that would retire them from the consolidated view)."""
+    rx = rx_id(doctor.prescribe())
+    given = pharmacists[0].dispense(rx).dispensation
+    linked = {r.kind: r for r in doctor.records_of() if r.prescription_id == rx}
+    written = linked[record_pb2.RECORD_KIND_PRESCRIPTION]
+    for author, kind, replaced in (
+        (doctor, record_pb2.RECORD_KIND_PRESCRIPTION, written.id),
+        (pharmacists[0], record_pb2.RECORD_KIND_DISPENSATION, given.id),
+    ):
+        record = draft(kind=kind, code="57833-6", title="Autre chose")
+        record.supersedes = replaced
+        request = node_service_pb2.PutRecordRequest(record=record, content=b"x")
+        answer = refusal(lambda a=author, r=request: a.records.PutRecord(r, timeout=10))
+        assert answer.code == grpc.StatusCode.FAILED_PRECONDITION, replaced
+    still = {r.id for r in doctor.records_of() if r.prescription_id == rx}
+    assert still == {written.id, given.id}
