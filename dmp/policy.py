@@ -263,6 +263,20 @@ def may_read_prescription(
     return PRESCRIPTION_KIND in grant.kinds or PRESCRIPTION_TYPE_CODE in grant.type_codes
 
 
+def prescription_masked_from(
+    subject: Principal, directives: PatientDirectives, record_id: str, prescriber_rpps: str
+) -> bool:
+    """Did the patient mask this prescription (its record, `record_id`) from `subject`? As
+    for any masked record, from every professional but its prescriber and the patient's
+    treating doctor."""
+    return (
+        subject.role is Role.PRACTITIONER
+        and bool(record_id)
+        and record_id in directives.masked_record_ids
+        and subject.key not in (prescriber_rpps, directives.treating_rpps)
+    )
+
+
 def may_cancel(subject: Principal, prescriber_rpps: str) -> bool:
     """A prescription is cancelled by its prescriber only."""
     return subject.role is Role.PRACTITIONER and subject.key == prescriber_rpps
@@ -292,6 +306,18 @@ def check_prescription_reader(
         raise PermissionDenied(
             f"the profession {assertion.subject.profession!r} does not read prescriptions"
         )
+
+
+def check_masked_prescription(
+    subject: Principal, directives: PatientDirectives, record_id: str, prescriber_rpps: str
+) -> None:
+    """A prescription the patient masked is read by no other professional than its
+    prescriber and the treating doctor, but a pharmacist to whom the patient gave its id
+    (to dispense it)."""
+    if not may_dispense(subject) and prescription_masked_from(
+        subject, directives, record_id, prescriber_rpps
+    ):
+        raise PermissionDenied("the patient has masked this prescription from professionals")
 
 
 def check_find_prescriptions(

@@ -44,9 +44,11 @@ from dmp.policy import (
     check_canceller,
     check_dispenser,
     check_find_prescriptions,
+    check_masked_prescription,
     check_prescribe,
     check_prescription_reader,
     may_read_prescription,
+    prescription_masked_from,
 )
 from dmp.prescription_fhir import CONTENT_TYPE, medication_dispenses, medication_requests
 from dmp.prescription_rules import (
@@ -200,6 +202,8 @@ class PrescriptionService:
             assert row is not None
             directives = self._directives(context, assertion, row.patient_ins)
             check_prescription_reader(bound, directives, row.prescriber_rpps, self._access.matrix)
+            masked = self._store.record_ids([prescription_id]).get(prescription_id, "")
+            check_masked_prescription(bound.subject, directives, masked, row.prescriber_rpps)
             stored = self._stored(row, given, bound.subject.uri)
             audited.commit([prescription_id])
             return stored
@@ -229,9 +233,13 @@ class PrescriptionService:
             check_find_prescriptions(assertion, directives, matrix)
             now = self._clock()
             found, ids = [], []
-            for row, given in self._store.for_patient(patient):
+            rows = self._store.for_patient(patient)
+            records = self._store.record_ids([row.id for row, _ in rows])
+            for row, given in rows:
                 if not may_read_prescription(
                     assertion.subject, patient, row.prescriber_rpps, matrix
+                ) or prescription_masked_from(
+                    assertion.subject, directives, records.get(row.id, ""), row.prescriber_rpps
                 ):
                     continue
                 _, prescription = _prescription(row)

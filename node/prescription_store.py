@@ -17,9 +17,10 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from dmp.errors import Unavailable
+from dmp.policy import PRESCRIPTION_KIND
 from dmp.prescription_rules import Progress
 from dmp.v1 import prescription_pb2
-from node.models import DispensationRow, PrescriptionRow
+from node.models import DispensationRow, PrescriptionRow, RecordRow
 
 
 class StaleProgress(Unavailable):
@@ -77,6 +78,20 @@ class PrescriptionStore:
             )
             given = self._dispensations_of(session, [r.id for r in rows])
             return [(row, given.get(row.id, [])) for row in rows]
+
+    def record_ids(self, prescription_ids: Sequence[str]) -> dict[str, str]:
+        """The id of the `prescription` record written for each prescription (what a
+        patient masks)."""
+        if not prescription_ids:
+            return {}
+        with Session(self._engine) as session:
+            rows = session.execute(
+                select(RecordRow.prescription_id, RecordRow.id).where(
+                    RecordRow.prescription_id.in_(list(prescription_ids)),
+                    RecordRow.kind == PRESCRIPTION_KIND,
+                )
+            )
+            return {rx: record_id for rx, record_id in rows if rx is not None}
 
     # -- in a unit of work ----------------------------------------------------------------
 
