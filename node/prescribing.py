@@ -202,8 +202,14 @@ class PrescriptionService:
             assert row is not None
             directives = self._directives(context, assertion, row.patient_ins)
             check_prescription_reader(bound, directives, row.prescriber_rpps, self._access.matrix)
-            masked = self._store.record_ids([prescription_id]).get(prescription_id, "")
-            check_masked_prescription(bound.subject, directives, masked, row.prescriber_rpps)
+            masked = (
+                self._store.record_ids(row.patient_ins, [prescription_id])
+                if directives.masked_record_ids
+                else {}
+            )
+            check_masked_prescription(
+                bound.subject, directives, masked.get(prescription_id, ""), row.prescriber_rpps
+            )
             stored = self._stored(row, given, bound.subject.uri)
             audited.commit([prescription_id])
             return stored
@@ -234,7 +240,11 @@ class PrescriptionService:
             now = self._clock()
             found, ids = [], []
             rows = self._store.for_patient(patient)
-            records = self._store.record_ids([row.id for row, _ in rows])
+            records = (
+                self._store.record_ids(patient, [row.id for row, _ in rows])
+                if directives.masked_record_ids
+                else {}
+            )
             for row, given in rows:
                 if not may_read_prescription(
                     assertion.subject, patient, row.prescriber_rpps, matrix

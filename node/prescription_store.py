@@ -79,14 +79,15 @@ class PrescriptionStore:
             given = self._dispensations_of(session, [r.id for r in rows])
             return [(row, given.get(row.id, [])) for row in rows]
 
-    def record_ids(self, prescription_ids: Sequence[str]) -> dict[str, str]:
-        """The id of the `prescription` record written for each prescription (what a
-        patient masks)."""
+    def record_ids(self, patient_ins: str, prescription_ids: Sequence[str]) -> dict[str, str]:
+        """The id of the `prescription` record written for each of the patient's
+        prescriptions (what a patient masks); by patient first, as records are indexed."""
         if not prescription_ids:
             return {}
         with Session(self._engine) as session:
             rows = session.execute(
                 select(RecordRow.prescription_id, RecordRow.id).where(
+                    RecordRow.patient_ins == patient_ins,
                     RecordRow.prescription_id.in_(list(prescription_ids)),
                     RecordRow.kind == PRESCRIPTION_KIND,
                 )
