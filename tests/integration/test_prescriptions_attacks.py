@@ -13,6 +13,7 @@ import pytest
 
 from dmp.v1 import node_service_pb2, record_pb2
 from dmp.v1 import prescription_pb2 as P
+from node.app import RunningNode
 from tests.federation import DOCTOR, PATIENT, draft
 from tests.integration.prescription_helpers import (
     PHARMACISTS,
@@ -35,9 +36,14 @@ def rx_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def node(rx_pki: Path, db_url: str) -> Iterator[tuple[int, Clock]]:
-    with rx_node(rx_pki, db_url) as (running, clock):
-        yield running.port, clock
+def running(rx_pki: Path, db_url: str) -> Iterator[RunningNode]:
+    with rx_node(rx_pki, db_url) as (node, _):
+        yield node
+
+
+@pytest.fixture
+def node(running: RunningNode) -> tuple[int, Clock]:
+    return running.port, Clock()
 
 
 @pytest.fixture
@@ -139,3 +145,20 @@ def test_the_records_of_e_prescription_are_superseded_by_no_writer(
         assert answer.code == grpc.StatusCode.FAILED_PRECONDITION, replaced
     still = {r.id for r in doctor.records_of() if r.prescription_id == rx}
     assert still == {written.id, given.id}
+
+
+def test_the_audit_holds_no_medication_nor_free_text_of_the_prescriber(
+    running: RunningNode, doctor: Actor, pharmacists: list[Actor]
+) -> None:
+    """An audit event's detail never holds record content: neither the product of a line
+    refused QUANTITY_EXCEEDED nor the prescriber's reason for cancelling."""
+    rx = rx_id(doctor.prescribe(renewals=1))
+    assert refusal(lambda: pharmacists[0].dispense(rx, (3, 1))).reason == "QUANTITY_EXCEEDED"
+    doctor.cancel(rx, "allergie à la pénicilline découverte")
+    assert running.audit is not None
+    events = [e.event for e in running.audit.events_for_patient(PATIENT, limit=1000)]
+    mine = [e for e in events if rx in e.participant_object_record_ids]
+    assert {e.event_type for e in mine} >= {"prescription-dispense", "prescription-cancel"}
+    for event in mine:
+        assert "3400930000001" not in event.detail, event
+        assert "pénicilline" not in event.detail, event
