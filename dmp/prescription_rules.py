@@ -252,8 +252,8 @@ def check_dispensed_lines(
         if line.quantity > prescribed.quantity:
             raise FailedPrecondition(
                 f"{where}: {line.quantity} {prescribed.unit or 'unit(s)'} of line"
-                f" {line.line} ({prescribed.medication.code.code}) exceed what this"
-                f" dispensing allows: at most {prescribed.quantity}",
+                f" {line.line} exceed what this dispensing allows: at most"
+                f" {prescribed.quantity}",
                 reason=QUANTITY_EXCEEDED,
             )
         if line.HasField("substitute"):

@@ -405,7 +405,9 @@ class PrescriptionService:
             assert row is not None
             directives = self._directives(context, assertion, row.patient_ins)
             check_canceller(bound, directives, row.prescriber_rpps)
-            audited.detail = f"reason: {reason}" if reason else ""
+            # The reason is the prescriber's free text: stored with the prescription, never
+            # in the audit (an event's detail holds no record content).
+            audited.detail = "with a reason" if reason.strip() else ""
             with self._unit(audited) as uow:
                 row, prescription = self._locked(uow, prescription_id)
                 before = progress_of(row)
