@@ -14,7 +14,7 @@ import pytest
 from dmp.v1 import node_service_pb2, record_pb2
 from dmp.v1 import prescription_pb2 as P
 from node.app import RunningNode
-from tests.federation import DOCTOR, PATIENT, draft
+from tests.federation import DOCTOR, NURSE, PATIENT, draft
 from tests.integration.prescription_helpers import (
     PHARMACISTS,
     Actor,
@@ -162,3 +162,18 @@ def test_the_audit_holds_no_medication_nor_free_text_of_the_prescriber(
     for event in mine:
         assert "3400930000001" not in event.detail, event
         assert "pénicilline" not in event.detail, event
+
+
+def test_who_may_not_dispense_learns_nothing_of_the_id(
+    actor: Callable[[str], Actor], doctor: Actor
+) -> None:
+    """Permission before existence: a professional who never dispenses is refused the same
+    way whether the scanned id exists or not."""
+    rx = rx_id(doctor.prescribe())
+    missing = rx[:-4] + ("AAAA" if not rx.endswith("AAAA") else "BBBB")
+    nurse = actor(practitioner(NURSE))
+    for call in (nurse.dispense, nurse.claim, nurse.release):
+        known = refusal(lambda c=call: c(rx))
+        unknown = refusal(lambda c=call: c(missing))
+        assert known.code == unknown.code == grpc.StatusCode.PERMISSION_DENIED
+        assert known.message == unknown.message
