@@ -338,11 +338,16 @@ def check_dispenser(assertion: Asserted, directives: PatientDirectives) -> None:
     """A dispensing (claim, release, dispense) is a pharmacist's, as the patient's
     directives allow both a read and a write of theirs."""
     subject = assertion.subject
+    check_dispensing_profession(subject)
+    refuse_reader(assertion, directives)
+    check_write(subject, "dispensation", directives)
+
+
+def check_dispensing_profession(subject: Principal) -> None:
+    """Only pharmacists dispense (asked before anything of the prescription is looked up)."""
     if not may_dispense(subject):
         who = subject.profession or subject.role.value
         raise PermissionDenied(f"{subject.uri} ({who}) may not dispense: only pharmacists do")
-    refuse_reader(assertion, directives)
-    check_write(subject, "dispensation", directives)
 
 
 def check_canceller(

@@ -43,6 +43,7 @@ from dmp.ins import normalize_ins
 from dmp.policy import (
     check_canceller,
     check_dispenser,
+    check_dispensing_profession,
     check_find_prescriptions,
     check_masked_prescription,
     check_prescribe,
@@ -486,6 +487,12 @@ class PrescriptionService:
         directives allow."""
         assertion = self._caller(context, audited, access_pb2.OPERATION_DISPENSE, prescription_id)
         row = self._store.find(prescription_id)
+        try:
+            check_dispensing_profession(assertion.subject)  # permission before existence,
+        except PermissionDenied:
+            if row is not None and assertion.patient_ins in ("", row.patient_ins):
+                audited.patient_ins = row.patient_ins  # but the patient sees the attempt
+            raise
         bound = self._bind(audited, assertion, row, prescription_id)
         assert row is not None
         check_dispenser(bound, self._directives(context, assertion, row.patient_ins))

@@ -165,10 +165,10 @@ def test_the_audit_holds_no_medication_nor_free_text_of_the_prescriber(
 
 
 def test_who_may_not_dispense_learns_nothing_of_the_id(
-    actor: Callable[[str], Actor], doctor: Actor
+    running: RunningNode, actor: Callable[[str], Actor], doctor: Actor
 ) -> None:
     """Permission before existence: a professional who never dispenses is refused the same
-    way whether the scanned id exists or not."""
+    way whether the scanned id exists or not; the patient still sees the attempt."""
     rx = rx_id(doctor.prescribe())
     missing = rx[:-4] + ("AAAA" if not rx.endswith("AAAA") else "BBBB")
     nurse = actor(practitioner(NURSE))
@@ -177,3 +177,10 @@ def test_who_may_not_dispense_learns_nothing_of_the_id(
         unknown = refusal(lambda c=call: c(missing))
         assert known.code == unknown.code == grpc.StatusCode.PERMISSION_DENIED
         assert known.message == unknown.message
+    assert running.audit is not None
+    refused = [
+        e.event
+        for e in running.audit.events_for_patient(PATIENT, limit=1000)
+        if e.event.active_participant_user_id == nurse.principal.uri
+    ]
+    assert refused and all(e.participant_object_record_ids == (rx,) for e in refused)
