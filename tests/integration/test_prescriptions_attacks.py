@@ -1,7 +1,8 @@
 """E-prescription at its node under attack, over real mutual TLS, on SQLite and PostgreSQL:
 what a careless or hostile caller sends (an INS spelled otherwise, a dispensing that gives
-nothing, an idempotency key reused for another dispensing) never costs the patient a
-dispensing nor hides a prescription from them."""
+nothing, an idempotency key reused for another dispensing, a new version of the node's
+records, a scanned id from who never dispenses) never costs the patient a dispensing, hides
+a prescription from them, or leaks content into the audit."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from tests.federation import DOCTOR, NURSE, PATIENT, draft
 from tests.integration.prescription_helpers import (
     PHARMACISTS,
     Actor,
-    Clock,
     make_rx_pki,
     patient,
     practitioner,
@@ -42,17 +42,12 @@ def running(rx_pki: Path, db_url: str) -> Iterator[RunningNode]:
 
 
 @pytest.fixture
-def node(running: RunningNode) -> tuple[int, Clock]:
-    return running.port, Clock()
-
-
-@pytest.fixture
-def actor(rx_pki: Path, node: tuple[int, Clock]) -> Iterator[Callable[[str], Actor]]:
+def actor(rx_pki: Path, running: RunningNode) -> Iterator[Callable[[str], Actor]]:
     made: dict[str, Actor] = {}
 
     def make(identity: str) -> Actor:
         if identity not in made:
-            made[identity] = Actor(rx_pki, identity, node[0])
+            made[identity] = Actor(rx_pki, identity, running.port)
         return made[identity]
 
     yield make
