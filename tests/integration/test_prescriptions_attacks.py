@@ -179,3 +179,30 @@ def test_who_may_not_dispense_learns_nothing_of_the_id(
         if e.event.active_participant_user_id == nurse.principal.uri
     ]
     assert refused and all(e.participant_object_record_ids == (rx,) for e in refused)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def test_a_prescription_is_no_bigger_than_what_it_may_say(doctor: Actor) -> None:
+    """A signed act carries no megabytes in a field the contract does not know (served to
+    every reader, every search of the patient swollen by it): a node refuses one larger
+    than the largest prescription the limits allow."""
+    built = P.Prescription.FromString(doctor.signed().prescription)
+    blob = b"x" * (1024 * 1024)
+    payload = built.SerializeToString(deterministic=True)
+    payload += _varint(99 << 3 | 2) + _varint(len(blob)) + blob
+    signed = P.SignedPrescription(
+        prescription=payload,
+        signature=doctor.signer.sign(payload),
+        certificate=doctor.signer.certificate_der,
+    )
+    answer = refusal(lambda: doctor.create(signed))
+    assert answer.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bytes" in answer.message and "at most" in answer.message
