@@ -17,9 +17,9 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from dmp.errors import Unavailable
-from dmp.policy import PRESCRIPTION_KIND
 from dmp.prescription_rules import Progress
-from dmp.v1 import prescription_pb2
+from dmp.records import kind_name
+from dmp.v1 import prescription_pb2, record_pb2
 from node.models import DispensationRow, PrescriptionRow, RecordRow
 
 
@@ -89,7 +89,7 @@ class PrescriptionStore:
                 select(RecordRow.prescription_id, RecordRow.id).where(
                     RecordRow.patient_ins == patient_ins,
                     RecordRow.prescription_id.in_(list(prescription_ids)),
-                    RecordRow.kind == PRESCRIPTION_KIND,
+                    RecordRow.kind == kind_name(record_pb2.RECORD_KIND_PRESCRIPTION),
                 )
             )
             return {rx: record_id for rx, record_id in rows if rx is not None}
