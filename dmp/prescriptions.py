@@ -23,7 +23,7 @@ from dmp.clock import from_us, to_us
 from dmp.errors import DmpError, InvalidArgument, PermissionDenied
 from dmp.fields import check_text, check_time
 from dmp.identity import Principal, Role, check_rpps
-from dmp.ins import normalize_ins
+from dmp.ins import normalize_ins, stored_ins
 from dmp.policy import PRESCRIBERS
 from dmp.regions import REGIONS, check_region
 from dmp.signing import SignatureVerifier, Signer
@@ -290,13 +290,7 @@ def build_prescription(
 def validate_prescription(prescription: prescription_pb2.Prescription) -> None:
     """Refuse, naming the field, a prescription that no node stores as it is."""
     prescription_region(prescription.id, "prescription.id")
-    ins = normalize_ins(prescription.patient_ins, "prescription.patient_ins")
-    if ins != prescription.patient_ins:
-        raise InvalidArgument(
-            f"prescription.patient_ins {prescription.patient_ins!r} must be written as {ins}"
-            " (no spaces, upper case): the patient's prescriptions are found, read and"
-            " audited under that INS"
-        )
+    stored_ins(prescription.patient_ins, "prescription.patient_ins")
     prescriber = prescription.prescriber
     check_rpps(prescriber.rpps)
     if prescriber.profession not in PRESCRIBING_PROFESSIONS:
