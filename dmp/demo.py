@@ -9,6 +9,7 @@ benchmarks as well.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,7 @@ import grpc
 
 from dmp import synth
 from dmp.client import DirectoryClient, NodeClient
+from dmp.fhir.systems import INS_SYSTEM
 from dmp.pki import Pki, load_credentials
 from dmp.prescription_demo import DOCTOR as RX_DOCTOR
 from dmp.prescription_demo import PHARMACIST as RX_PHARMACIST
@@ -295,6 +298,7 @@ def run_demo(
     )
     federation = start_federation(work, pki_dir, DEMO_REGIONS)
     stopped_cleanly = False
+    gateway: Service | None = None
     try:
         print(
             f"directory listening on {federation.directory.address}"
@@ -322,6 +326,7 @@ def run_demo(
         )
         _wait_located(federation, creds_identity, expected)
         first = patients[0]
+        gateway = _start_fhir_gateway(federation, creds_identity, first.ins, doctor[2])
         print()
         print(
             f"== {doctor[2]} ({doctor[1]}) views the record of {first.display_name},"
@@ -366,8 +371,10 @@ def run_demo(
             _print_commands(federation, creds_identity, first.ins, people, patients)
             _wait_for_signal()
         print()
+        gateway.stop()
         federation.stop()
-        stopped_cleanly = all(
+        stopped_cleanly = gateway.process is not None and gateway.process.returncode == 0
+        stopped_cleanly = stopped_cleanly and all(
             s.process is not None and s.process.returncode == 0
             for s in federation.services()
             if s.name != f"node {victim}"
@@ -375,10 +382,37 @@ def run_demo(
         how = "clean shutdown" if stopped_cleanly else "some processes had to be killed"
         print(f"federation stopped ({how}); {time.monotonic() - started:.1f} s")
     finally:
+        if gateway is not None:
+            gateway.stop()
         federation.stop()
         if own_dir and not keep_running:
             shutil.rmtree(work, ignore_errors=True)
     return 0 if stopped_cleanly else 1
+
+
+def _start_fhir_gateway(federation: Federation, identity: str, ins: str, name: str) -> Service:
+    """`dmp fhir serve` as the doctor: its address, and a curl a hospital's software could
+    send (run once here to show its answer)."""
+    gateway = Service(
+        "FHIR gateway",
+        ["fhir", "serve", "--pki", str(federation.pki_dir), "--as", identity,
+         "--directory", federation.directory.address, "--listen", "127.0.0.1:0"],
+        federation.workdir / "logs" / "fhir-gateway.log",
+    )  # fmt: skip
+    address = gateway.start()
+    url = f"http://{address}/DocumentReference?patient.identifier={INS_SYSTEM}|{ins}&_count=5"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        bundle = json.load(answer)
+    print()
+    print(
+        f"== FHIR gateway for hospital software, as {name}: http://{address}/ (pid {gateway.pid})"
+    )
+    print(f"  curl -s '{url}'")
+    entries = [e for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
+    paged = any(link["relation"] == "next" for link in bundle.get("link", []))
+    more = ", and a next link to the following page" if paged else ""
+    print(f"  -> a searchset Bundle of {len(entries)} DocumentReferences{more}")
+    return gateway
 
 
 def _wait_routed(federation: Federation, identity: str, regions: set[str]) -> None:

@@ -15,12 +15,14 @@ from sqlalchemy import (
 
 from dmp.audit.events import DCM, LOCAL_EVENT_SYSTEM, AuditEvent, iso_instant
 from dmp.clock import now_us
+from dmp.fhir.systems import (
+    PROFESSION_SYSTEM,
+    RECORD_ID_SYSTEM,
+    identifier_for,
+    ins_identifier,
+)
 from dmp.purposes import ACT_REASON_SYSTEM, Purpose
 
-INS_SYSTEM: Final = "urn:oid:1.2.250.1.213.1.4.8"
-URI_SYSTEM: Final = "urn:ietf:rfc:3986"
-RECORD_ID_SYSTEM: Final = "urn:dmp:record-id"
-PROFESSION_SYSTEM: Final = "urn:dmp:profession"
 _ENTITY_TYPE: Final = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 _OBJECT_ROLE: Final = "http://terminology.hl7.org/CodeSystem/object-role"
 _BALP_ENTITY_TYPE: Final = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"
@@ -73,9 +75,8 @@ def fhir_audit_event(event: AuditEvent, *, seq: int | None = None) -> dict[str, 
             }
         ]
     if event.active_participant_user_id:
-        who: dict[str, Any] = {
-            "identifier": {"system": URI_SYSTEM, "value": event.active_participant_user_id}
-        }
+        # FR Core: a professional by their RPPS, a patient by their INS-NIR.
+        who: dict[str, Any] = {"identifier": identifier_for(event.active_participant_user_id)}
         if event.active_participant_user_name:
             who["display"] = event.active_participant_user_name
         user["who"] = who
@@ -90,7 +91,7 @@ def fhir_audit_event(event: AuditEvent, *, seq: int | None = None) -> dict[str, 
                     "coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]
                 },
                 "who": {
-                    "identifier": {"system": URI_SYSTEM, "value": event.relaying_participant},
+                    "identifier": identifier_for(event.relaying_participant),
                     "display": event.relaying_participant,
                 },
                 "requestor": False,
@@ -102,7 +103,7 @@ def fhir_audit_event(event: AuditEvent, *, seq: int | None = None) -> dict[str, 
         source["site"] = event.audit_source_region
     source["observer"] = (
         {
-            "identifier": {"system": URI_SYSTEM, "value": event.audit_source_id},
+            "identifier": identifier_for(event.audit_source_id),
             "display": event.audit_source_id,
         }
         if event.audit_source_id
@@ -114,12 +115,7 @@ def fhir_audit_event(event: AuditEvent, *, seq: int | None = None) -> dict[str, 
     if event.participant_object_patient_ins:
         entities.append(
             {
-                "what": {
-                    "identifier": {
-                        "system": INS_SYSTEM,
-                        "value": event.participant_object_patient_ins,
-                    }
-                },
+                "what": {"identifier": ins_identifier(event.participant_object_patient_ins)},
                 "type": {"system": _ENTITY_TYPE, "code": "1", "display": "Person"},
                 "role": {"system": _OBJECT_ROLE, "code": "1", "display": "Patient"},
             }

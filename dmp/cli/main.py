@@ -24,7 +24,7 @@ SERVICE_COMMANDS = "dmp.commands"
 
 
 def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from dmp.cli import audit, demo, patient, pki, prescription, query, record
+    from dmp.cli import audit, demo, fhir, patient, pki, prescription, query, record
 
     services = {entry.name: entry for entry in entry_points(group=SERVICE_COMMANDS)}
     pki.register(sub)
@@ -38,6 +38,7 @@ def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     patient.register(sub)
     prescription.register(sub)
     audit.register(sub)
+    fhir.register(sub)
     demo.register(sub)
 
 

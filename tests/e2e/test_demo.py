@@ -42,8 +42,13 @@ def test_demo_runs_the_whole_story_and_leaves_nothing_running() -> None:
     assert "region 11: answered (4 records)" in partial
     assert f"dispensation  60593-1  Délivrance de l'ordonnance {rx}" in partial
     assert "clean shutdown" in out
+    # The FHIR gateway for hospital software: its address and a curl that lists documents.
+    gateway = re.search(r"== FHIR gateway for hospital software, as .*: (http://\S+/) \(pid", out)
+    assert gateway is not None
+    assert f"  curl -s '{gateway.group(1)}DocumentReference?patient.identifier=" in out
+    assert re.search(r"-> a searchset Bundle of [1-9]\d* DocumentReferences", out)
     pids = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", out)]
-    assert len(pids) == 4
+    assert len(pids) == 5  # directory, 3 nodes, the FHIR gateway
     for pid in pids:
         try:
             os.kill(pid, 0)

@@ -339,9 +339,20 @@ def test_fhir_audit_event_follows_r4_and_ihe(tmp_path: Path) -> None:
     assert purpose["text"] == "inconscient aux urgences"
     user, relay = resource["agent"]
     assert user["requestor"] is True and relay["requestor"] is False
-    assert user["who"]["identifier"]["value"] == DOCTOR
+    # FR Core identifiers: a professional by their RPPS, a service by its URI.
+    assert user["who"]["identifier"] == {
+        "system": "https://rpps.esante.gouv.fr",
+        "value": DOCTOR.rsplit(":", 1)[1],
+    }
     assert user["role"][0]["text"] == "doctor"
-    assert relay["who"]["identifier"]["value"] == "urn:dmp:directory"
+    assert relay["who"]["identifier"] == {
+        "system": "urn:ietf:rfc:3986",
+        "value": "urn:dmp:directory",
+    }
+    assert resource["source"]["observer"]["identifier"] == {
+        "system": "urn:ietf:rfc:3986",
+        "value": NODE,
+    }
     assert resource["source"]["observer"]["display"] == NODE
     assert resource["source"]["site"] == "11"
     patient, record1, record2, request = resource["entity"]
@@ -358,6 +369,13 @@ def test_fhir_audit_event_follows_r4_and_ihe(tmp_path: Path) -> None:
         for p in ("CARE", "SELF")
     }
     assert purposes == {"CARE": "TREAT", "SELF": "PATRQT"}
+    own = fhir_audit_event(
+        _event(purpose_of_use="SELF", active_participant_user_id=f"urn:dmp:patient:{INS}")
+    )
+    assert own["agent"][0]["who"]["identifier"] == {
+        "system": "urn:oid:1.2.250.1.213.1.4.8",
+        "value": INS,
+    }
 
 
 def test_export_as_json_lines_and_as_a_fhir_bundle(tmp_path: Path) -> None:

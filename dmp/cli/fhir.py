@@ -1,0 +1,105 @@
+"""`dmp fhir`: FHIR R4 for hospital and practice software."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from dmp.cli.common import CommandError, add_identity, credentials
+from dmp.identity import Role, parse_identity
+from dmp.tls import MiB
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    parser = sub.add_parser("fhir", help="FHIR R4 for hospital and practice software")
+    fsub = parser.add_subparsers(dest="fhir_command", metavar="SUBCOMMAND", required=True)
+    serve = fsub.add_parser(
+        "serve",
+        help="a local FHIR R4 gateway acting as one professional or patient",
+        description="Serve FHIR R4 JSON (IHE MHD find and retrieve, FR Core identifiers) next"
+        " to the professional's software, turning every FHIR request into calls of the"
+        " federation signed with the --as identity's key. Read only for now: GET /metadata,"
+        " /Patient, /Patient/ID/$everything, /DocumentReference, /Binary/ID, /AuditEvent.",
+    )
+    add_identity(serve)
+    serve.set_defaults(handler=_serve)
+    serve.add_argument("--directory", required=True, metavar="HOST:PORT")
+    serve.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="where to serve (default 127.0.0.1:8080; port 0 picks a free one)",
+    )
+    serve.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve HTTPS and require a client certificate from the federation CA (for"
+        " software on another host); needs --tls-cert and --tls-key",
+    )
+    serve.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="the gateway's server certificate"
+    )
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    serve.add_argument(
+        "--max-body-mib",
+        type=int,
+        default=20,
+        metavar="MIB",
+        help="largest request body accepted (default 20 MiB); larger ones get 413",
+    )
+    serve.add_argument(
+        "--timeout", type=float, default=10.0, help="deadline of each federation call (s)"
+    )
+
+
+def _loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dmp.fhir.serve import TlsFiles, serve
+
+    role, _ = parse_identity(args.identity)
+    if role not in (Role.PRACTITIONER, Role.PATIENT):
+        raise CommandError(
+            "the FHIR gateway acts for a person: --as practitioner-<RPPS> or patient-<INS>"
+        )
+    host, colon, port = args.listen.rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise CommandError(f"--listen {args.listen!r} must be HOST:PORT")
+    if not args.tls and not _loopback(host):
+        raise CommandError(
+            f"--listen {args.listen}: without --tls the gateway serves only loopback"
+            " (127.0.0.1, ::1, localhost): anyone reaching it acts as "
+            f"{args.identity}; use --tls for software on another host"
+        )
+    tls = None
+    if args.tls:
+        if args.tls_cert is None or args.tls_key is None:
+            raise CommandError(
+                "--tls needs --tls-cert and --tls-key (the gateway's server certificate)"
+            )
+        for path in (args.tls_cert, args.tls_key):
+            if not path.is_file():
+                raise CommandError(f"{path}: no such file")
+        tls = TlsFiles(args.tls_cert, args.tls_key, args.pki / "ca.pem", args.pki / "crl.pem")
+    elif args.tls_cert or args.tls_key:
+        raise CommandError("--tls-cert and --tls-key go with --tls")
+    if args.max_body_mib < 1:
+        raise CommandError("--max-body-mib must be at least 1")
+    return serve(
+        credentials(args),
+        args.directory,
+        args.listen,
+        tls=tls,
+        max_body=args.max_body_mib * MiB,
+        timeout=args.timeout,
+    )

@@ -1,0 +1,188 @@
+"""The federation as the gateway reaches it: the typed client, as the gateway's identity.
+
+Every method is one or a few calls of :class:`DirectoryClient`, each with a fresh access
+assertion signed with the identity's own key (the client does it). The gateway remembers
+where each record it listed lives (its region and patient, not its content), so that the
+attachment URL of a DocumentReference can be read later as ``Binary/{id}``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from dmp.client import DirectoryClient, view_request
+from dmp.errors import DmpError
+from dmp.fhir.errors import FhirError, from_rpc
+from dmp.fhir.mapping import fhir_id, parse_binary_id
+from dmp.fhir.params import DateRange
+from dmp.identity import Role
+from dmp.ins import normalize_ins
+from dmp.pki import Credentials
+from dmp.records import check_record_id
+from dmp.regions import check_region
+from dmp.v1 import directory_service_pb2 as dpb
+from dmp.v1 import patient_pb2, record_pb2
+
+#: How many record locations the gateway remembers (oldest forgotten first).
+LOCATIONS = 100_000
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record lives: what a content read needs besides the caller's assertion."""
+
+    record_id: str
+    region: str
+    patient_ins: str
+
+
+class Locations:
+    """FHIR id → record location, for the records the gateway has listed (bounded)."""
+
+    def __init__(self, size: int = LOCATIONS) -> None:
+        self._size = size
+        self._known: OrderedDict[str, Location] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def learn(self, record: record_pb2.Record) -> None:
+        with self._lock:
+            key = fhir_id(record.id)
+            self._known[key] = Location(record.id, record.region, record.patient_ins)
+            self._known.move_to_end(key)
+            while len(self._known) > self._size:
+                self._known.popitem(last=False)
+
+    def get(self, key: str) -> Location | None:
+        with self._lock:
+            return self._known.get(key)
+
+
+@dataclass
+class Content:
+    """A record's content as it streams from its region: the record, then its bytes."""
+
+    record: record_pb2.Record
+    chunks: Iterator[bytes]
+
+
+class Federation:
+    """The directory, as the gateway's identity, through one channel opened once."""
+
+    def __init__(self, directory: str, credentials: Credentials, *, timeout: float = 10) -> None:
+        self.client = DirectoryClient(directory, credentials)
+        self.principal = self.client.signer.principal
+        self.timeout = timeout
+        self.locations = Locations()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def patient(self, ins: str) -> patient_pb2.PatientIdentity | None:
+        """The patient's identity; None when the directory does not know them (a caller who
+        may not look them up is refused whether or not they exist)."""
+        try:
+            return self.client.get_patient(ins, timeout=self.timeout).patient
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise from_rpc(exc) from None
+
+    def view_page(
+        self,
+        ins: str,
+        *,
+        kinds: list[record_pb2.RecordKind.ValueType],
+        type_codes: list[str],
+        dates: DateRange,
+        include_superseded: bool,
+        count: int,
+        token: str,
+    ) -> dpb.GetConsolidatedViewResponse:
+        """One page of the consolidated view; the records' locations are remembered."""
+        request = view_request(
+            ins,
+            kinds=kinds,
+            type_codes=type_codes,
+            since=dates.since,
+            until=dates.until,
+            include_superseded=include_superseded,
+            page_size=count,
+        )
+        request.page_token = token
+        try:
+            page = self.client.view_page(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc(exc) from None
+        for record in page.records:
+            self.locations.learn(record)
+        return page
+
+    def locate(self, key: str) -> Location:
+        """Where the content of Binary id ``key`` lives: said by the id itself (REGION.INS.ID,
+        :func:`binary_id`), else remembered from a listing; a patient's gateway also finds
+        their own records in their view."""
+        located = parse_binary_id(key)
+        if located is not None:
+            region, ins, record_id = located
+            try:
+                check_region(region)
+                ins = normalize_ins(ins)
+                check_record_id(record_id)
+            except DmpError as exc:
+                raise FhirError(
+                    400, "invalid", f"Binary id: {exc.message}", expression="id"
+                ) from None
+            return Location(record_id, region, ins)
+        known = self.locations.get(key)
+        if known is not None:
+            return known
+        if self.principal.role is Role.PATIENT:
+            request = view_request(self.principal.key, include_superseded=True, page_size=1000)
+            try:
+                view = self.client.view(request, limit=100_000, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                raise from_rpc(exc) from None
+            for record in view.records:
+                self.locations.learn(record)
+            known = self.locations.get(key)
+            if known is not None:
+                return known
+        raise FhirError(
+            404,
+            "not-found",
+            f"Binary/{key} is not known to this gateway: search the patient's"
+            " DocumentReferences first and read the content at their attachment URL",
+        )
+
+    def content(self, location: Location) -> Content:
+        """The record and a stream of its content, relayed from its region. Refusals and an
+        unreachable region are raised before the first byte."""
+        try:
+            stream = self.client.fetch_content(
+                location.record_id, location.region, location.patient_ins, timeout=120
+            )
+            first = next(stream)
+        except grpc.RpcError as exc:
+            raise from_rpc(exc, region=location.region) from None
+        except StopIteration:
+            raise FhirError(502, "exception", "the region sent no content") from None
+
+        def chunks() -> Iterator[bytes]:
+            if first.chunk:
+                yield first.chunk
+            for message in stream:
+                if message.chunk:
+                    yield message.chunk
+
+        return Content(first.record, chunks())
+
+    def access_history(self, ins: str, limit: int) -> dpb.GetAccessHistoryResponse:
+        try:
+            return self.client.access_history(ins, limit=limit, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc(exc) from None

@@ -1,0 +1,151 @@
+"""Running the gateway: uvicorn on a socket we bind ourselves (port 0 works, and the
+address is printed once it listens), plain HTTP on loopback or HTTPS with client
+certificates from the federation CA.
+
+uvicorn (0.55) does not hand the client certificate to the app (no ASGI TLS extension,
+``scope["extensions"]["tls"]``), so the gateway never relies on it: with ``--tls`` the
+TLS handshake itself requires a certificate the federation CA issued and has not revoked
+(``CERT_REQUIRED``, the CRL checked for the leaf). The gateway acts as its ``--as``
+identity whoever connects, so a federation certificate is what it requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from dmp.fhir.federation import Federation
+from dmp.fhir.gateway import build_app
+from dmp.pki import Credentials
+
+log = logging.getLogger("dmp.fhir")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The gateway's own server certificate and key, and what clients must present."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    crl: Path | None
+
+
+def server_context(tls: TlsFiles) -> ssl.SSLContext:
+    """HTTPS that requires a client certificate from the federation CA, not revoked. The
+    CA's revocation list is read again when it changes, as nodes and the directory do:
+    each handshake is handed a context built on the CRL in force (through the SNI
+    callback, the one hook ssl gives before the client certificate is verified)."""
+    state: dict[str, object] = {}
+
+    def current() -> ssl.SSLContext:
+        stamp = _stamp(tls.crl)
+        if state.get("stamp") != stamp or "context" not in state:
+            state["context"] = _context(tls)
+            state["stamp"] = stamp
+        context = state["context"]
+        assert isinstance(context, ssl.SSLContext)
+        return context
+
+    def pick(connection: ssl.SSLObject, _name: str | None, _context: ssl.SSLContext) -> None:
+        connection.context = current()
+
+    outer = _context(tls)
+    outer.sni_callback = pick
+    return outer
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    try:
+        info = path.stat() if path is not None else None
+    except FileNotFoundError:
+        return None
+    return (info.st_mtime_ns, info.st_size) if info is not None else None
+
+
+def _context(tls: TlsFiles) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=str(tls.ca))
+    if tls.crl is not None and tls.crl.exists():
+        context.load_verify_locations(cafile=str(tls.crl))
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def bind(listen: str) -> socket.socket:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    credentials: Credentials,
+    directory: str,
+    listen: str,
+    *,
+    tls: TlsFiles | None = None,
+    max_body: int,
+    timeout: float = 10,
+    announce: Callable[[str], None] = print,
+) -> int:
+    """Serve until SIGTERM or SIGINT; return the exit status."""
+    sock = bind(listen)
+    host, port = sock.getsockname()[:2]
+    federation = Federation(directory, credentials, timeout=timeout)
+    app = build_app(federation, max_body=max_body)
+    factory = None
+    if tls is not None:
+        context = server_context(tls)
+
+        def factory(
+            _config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]
+        ) -> ssl.SSLContext:
+            return context
+
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,  # request lines carry INS numbers in their query strings
+        ssl_context_factory=factory,
+        lifespan="off",
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    scheme = "https" if tls is not None else "http"
+    shown = f"[{host}]" if ":" in host else host
+    announce(
+        f"FHIR gateway for {credentials.principal.identity} at {scheme}://{shown}:{port}/"
+        f" listening on {shown}:{port}"
+    )
+    sys.stdout.flush()
+
+    def stop(_signum: int, _frame: object) -> None:
+        server.should_exit = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        federation.close()
+        sock.close()
+    return 0
