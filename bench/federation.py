@@ -113,14 +113,20 @@ class BenchIdentities:
     pki_dir: Path
     doctor: str
     pharmacist: str
+    #: One pharmacist a pharmacy racing in section g (the first is `pharmacist`): a
+    #: person's own calls are limited at the directory, as one person's should be.
+    pharmacies: tuple[str, ...] = ()
 
     @classmethod
-    def make(cls, pki_dir: Path, regions: Sequence[str], seed: int = 0) -> BenchIdentities:
-        people = synth.practitioners(12, seed=seed)
+    def make(
+        cls, pki_dir: Path, regions: Sequence[str], seed: int = 0, pharmacies: int = 16
+    ) -> BenchIdentities:
+        people = synth.practitioners(40 * pharmacies, seed=seed)
         doctors = [p for p in people if p[1] == "doctor"]
-        pharmacists = [p for p in people if p[1] == "pharmacist"] or doctors
-        make_pki(pki_dir, regions, [doctors[0], pharmacists[0]], [])
-        return cls(pki_dir, f"practitioner-{doctors[0][0]}", f"practitioner-{pharmacists[0][0]}")
+        pharmacists = [p for p in people if p[1] == "pharmacist"][:pharmacies] or doctors[:1]
+        make_pki(pki_dir, regions, [doctors[0], *pharmacists], [])
+        names = tuple(f"practitioner-{p[0]}" for p in pharmacists)
+        return cls(pki_dir, f"practitioner-{doctors[0][0]}", names[0], names)
 
 
 @dataclass

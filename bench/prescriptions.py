@@ -3,8 +3,9 @@
 - A pharmacist's dispensing relayed by the directory to the owning node, one in flight,
   p50, and as a ratio to a consolidated view of the same patient measured in the same run
   (the view fans out to every region; a dispensing is one relayed durable write).
-- Dispensings per second with 16 racing clients (threads of this process, each over its
-  own mutual-TLS channel) on distinct prescriptions: the owning node's write path under
+- Dispensings per second with 16 racing clients on distinct prescriptions: 16 pharmacies,
+  threads of this process, each its own pharmacist over its own mutual-TLS channel (one
+  person's calls are limited at the directory); the owning node's write path under
   concurrency, every dispensing acknowledged durable.
 
 Prescriptions are written beforehand by a doctor at the node of the first region with the
@@ -114,7 +115,10 @@ def _race(federation: BenchFederation, batches: Sequence[Sequence[str]]) -> tupl
     assert federation.directory is not None
     fed = federation
     address = federation.directory.address
-    channels = [channel(address, fed.pki_dir, fed.pharmacist) for _ in batches]
+    pharmacies = fed.identities.pharmacies or (fed.pharmacist,)
+    # Each racing client is a pharmacy of its own, as 16 pharmacies would be.
+    racers = [pharmacies[k % len(pharmacies)] for k in range(len(batches))]
+    channels = [channel(address, fed.pki_dir, who) for who in racers]
     for conn in channels:
         wait_ready(conn)
     start_line = threading.Barrier(len(batches) + 1)
@@ -126,7 +130,7 @@ def _race(federation: BenchFederation, batches: Sequence[Sequence[str]]) -> tupl
         calls = [
             (
                 _dispense_request(pid),
-                patient_call_metadata(fed.pki_dir, fed.pharmacist, "", "DISPENSE", record_id=pid),
+                patient_call_metadata(fed.pki_dir, racers[k], "", "DISPENSE", record_id=pid),
             )
             for pid in batches[k]
         ]
@@ -174,7 +178,7 @@ def measure_prescriptions(
         "dispenses_one_in_flight": plan.dispenses,
         "racing_clients": plan.racers,
         "dispensings_per_racer": plan.per_racer,
-        "racers": "threads of the benchmark process, one mTLS channel each",
+        "racers": "threads of the benchmark process, one mTLS channel and one pharmacist each",
     }
     details["runs"] = []
     for run in range(plan.runs):
