@@ -61,6 +61,17 @@ RECORD_OPERATIONS = frozenset(
     }
 )
 
+#: Operations on one prescription, whose assertion may leave patient_ins empty: a
+#: pharmacist who scanned a prescription id does not know the patient's INS; the node
+#: that holds the prescription takes the patient from it (and checks a given one).
+PRESCRIPTION_OPERATIONS = frozenset(
+    {
+        access_pb2.OPERATION_READ_PRESCRIPTION,
+        access_pb2.OPERATION_DISPENSE,
+        access_pb2.OPERATION_CANCEL_PRESCRIPTION,
+    }
+)
+
 Metadata = Sequence[tuple[str, str | bytes]]
 
 
@@ -112,6 +123,8 @@ def sign_assertion(
 @dataclass(frozen=True, slots=True)
 class VerifiedAssertion:
     subject: Principal
+    #: Empty only for an operation on one prescription (PRESCRIPTION_OPERATIONS) whose
+    #: signer did not know the patient: the server takes it from the prescription.
     patient_ins: str
     purpose: access_pb2.Purpose.ValueType
     reason: str
@@ -200,7 +213,11 @@ class AssertionVerifier:
         if (assertion.purpose == Purpose.SELF.wire) != (signer.role is Role.PATIENT):
             raise Unauthenticated("patients sign SELF assertions; professionals CARE or EMERGENCY")
         try:
-            patient = normalize_ins(assertion.patient_ins, "assertion.patient_ins")
+            patient = (
+                ""
+                if not assertion.patient_ins and assertion.operation in PRESCRIPTION_OPERATIONS
+                else normalize_ins(assertion.patient_ins, "assertion.patient_ins")
+            )
         except InvalidArgument as exc:
             raise Unauthenticated(exc.message) from None
         if not MIN_NONCE_BYTES <= len(assertion.nonce) <= MAX_NONCE_BYTES:
@@ -239,6 +256,13 @@ def _check_operation(
         raise PermissionDenied(
             f"the access assertion allows {OPERATION_NAMES[assertion.operation]}, not"
             f" {wanted}: sign one for this call ({access_pb2.Operation.Name(operation)})"
+        )
+    if operation in PRESCRIPTION_OPERATIONS and (
+        record_id is None or assertion.record_id != record_id
+    ):
+        raise PermissionDenied(
+            f"the access assertion allows {wanted} on prescription {assertion.record_id!r}"
+            " only: sign one naming the prescription of this call (its id in record_id)"
         )
     if operation in RECORD_OPERATIONS and (record_id is None or assertion.record_id != record_id):
         raise PermissionDenied(

@@ -226,3 +226,104 @@ def check_own_head(caller: Principal, signer: str) -> None:
 def check_witness_reader(caller: Principal) -> None:
     if caller.role not in WITNESS_READERS:
         raise PermissionDenied("witnessed audit heads are for the federation's services")
+
+
+# -- e-prescription ---------------------------------------------------------------------------
+
+#: Who prescribes (CSP: doctors, midwives and dentists, each within their field) and who
+#: dispenses.
+PRESCRIBERS = frozenset({"doctor", "midwife", "dentist"})
+DISPENSERS = frozenset({"pharmacist"})
+PRESCRIPTION_KIND = "prescription"
+PRESCRIPTION_TYPE_CODE = "57833-6"
+
+
+def may_prescribe(principal: Principal) -> bool:
+    """Doctors, midwives and dentists prescribe."""
+    return principal.role is Role.PRACTITIONER and principal.profession in PRESCRIBERS
+
+
+def may_dispense(principal: Principal) -> bool:
+    """Pharmacists dispense."""
+    return principal.role is Role.PRACTITIONER and principal.profession in DISPENSERS
+
+
+def may_read_prescription(
+    subject: Principal, patient_ins: str, prescriber_rpps: str, matrix: AccessMatrix
+) -> bool:
+    """The patient reads their own prescriptions; pharmacists, the prescriber, and the
+    professionals whose profession reads prescriptions read them (the directives aside)."""
+    if subject.role is Role.PATIENT:
+        return subject.key == patient_ins
+    if subject.role is not Role.PRACTITIONER:
+        return False
+    if may_dispense(subject) or subject.key == prescriber_rpps:
+        return True
+    grant = matrix.grant(subject.profession)
+    return PRESCRIPTION_KIND in grant.kinds or PRESCRIPTION_TYPE_CODE in grant.type_codes
+
+
+def may_cancel(subject: Principal, prescriber_rpps: str) -> bool:
+    """A prescription is cancelled by its prescriber only."""
+    return subject.role is Role.PRACTITIONER and subject.key == prescriber_rpps
+
+
+def check_prescribe(writer: Principal, directives: PatientDirectives) -> None:
+    """A prescription is written by a prescriber, with their own certificate, as the
+    patient's directives allow any write."""
+    if not may_prescribe(writer):
+        who = writer.profession or writer.role.value
+        raise PermissionDenied(
+            f"{writer.uri} ({who}) may not prescribe: only doctors, midwives and dentists do"
+        )
+    check_write(writer, PRESCRIPTION_KIND, directives)
+
+
+def check_prescription_reader(
+    assertion: Asserted,
+    directives: PatientDirectives,
+    prescriber_rpps: str,
+    matrix: AccessMatrix,
+) -> None:
+    """May the assertion's subject read this patient's prescription? The refusals of any
+    read (a block, an opposition, a refused emergency), then who reads prescriptions."""
+    refuse_reader(assertion, directives)
+    if not may_read_prescription(assertion.subject, assertion.patient_ins, prescriber_rpps, matrix):
+        raise PermissionDenied(
+            f"the profession {assertion.subject.profession!r} does not read prescriptions"
+        )
+
+
+def check_find_prescriptions(
+    assertion: Asserted, directives: PatientDirectives, matrix: AccessMatrix
+) -> None:
+    """May the assertion's subject search this patient's prescriptions? As any read, for
+    the patient and whoever reads prescriptions (each found one is then asked of
+    may_read_prescription)."""
+    refuse_reader(assertion, directives)
+    subject = assertion.subject
+    if subject.role is Role.PRACTITIONER and not may_read_prescription(
+        subject, assertion.patient_ins, "", matrix
+    ):
+        raise PermissionDenied(f"the profession {subject.profession!r} does not read prescriptions")
+
+
+def check_dispenser(assertion: Asserted, directives: PatientDirectives) -> None:
+    """A dispensing (claim, release, dispense) is a pharmacist's, as the patient's
+    directives allow both a read and a write of theirs."""
+    subject = assertion.subject
+    if not may_dispense(subject):
+        who = subject.profession or subject.role.value
+        raise PermissionDenied(f"{subject.uri} ({who}) may not dispense: only pharmacists do")
+    refuse_reader(assertion, directives)
+    check_write(subject, "dispensation", directives)
+
+
+def check_canceller(
+    assertion: Asserted, directives: PatientDirectives, prescriber_rpps: str
+) -> None:
+    """A prescription is cancelled by its prescriber, as the directives allow them."""
+    subject = assertion.subject
+    if not may_cancel(subject, prescriber_rpps):
+        raise PermissionDenied("a prescription is cancelled by its prescriber only")
+    refuse_reader(assertion, directives)

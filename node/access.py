@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from dmp.assertion import AssertionVerifier, Operation, VerifiedAssertion
 from dmp.clock import now_us
+from dmp.directives import PatientDirectives
 from dmp.errors import PermissionDenied
 from dmp.identity import Principal, Role
 from dmp.policy import AccessMatrix, ReadScope, check_write, decide_read, may_supersede
@@ -70,6 +71,48 @@ class NodeAccess:
         directives = self._directives.get(assertion.patient_ins, relayed)
         scope = decide_read(assertion, directives, self._matrix)
         return Caller(assertion.subject, transport, assertion), scope
+
+    def asserted(
+        self,
+        context: CallContext,
+        operation: Operation.ValueType,
+        patient_ins: str | None = None,
+        record_id: str | None = None,
+    ) -> VerifiedAssertion:
+        """The verified assertion of a call (for this operation, on this prescription or
+        record), carried by its signer or the directory, for `patient_ins` when given.
+        What it allows is then asked of the policy by the use case (e-prescription)."""
+        transport = context.principal
+        assertion = self._verifier.verify(context.invocation_metadata(), operation, record_id)
+        if assertion.subject.uri != transport.uri and transport.role is not Role.DIRECTORY:
+            raise PermissionDenied(
+                "an access assertion is used by its signer, or relayed by the directory only"
+            )
+        if patient_ins is not None and patient_ins != assertion.patient_ins:
+            raise PermissionDenied("the access assertion is for another patient")
+        return assertion
+
+    def directives(
+        self,
+        context: CallContext,
+        patient_ins: str,
+        *,
+        fail_closed: bool = True,
+        relayed: bool = True,
+    ) -> PatientDirectives:
+        """The patient's directives: those the directory relays with its call when
+        `relayed` (the call's assertion named this patient, so the directory knew whose
+        directives to send), else from the directory's own answer for this patient."""
+        carried = (
+            context.invocation_metadata()
+            if relayed and context.principal.role is Role.DIRECTORY
+            else ()
+        )
+        return self._directives.get(patient_ins, carried, fail_closed=fail_closed)
+
+    @property
+    def matrix(self) -> AccessMatrix:
+        return self._matrix
 
     def writer(self, context: CallContext, kind: str, patient_ins: str) -> Caller:
         """Check a write: with the writer's own certificate, as their role and the patient's

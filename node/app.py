@@ -28,12 +28,21 @@ from dmp.pki import (
 from dmp.regions import check_region
 from dmp.server import ServiceSpec, host_port
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
-from dmp.v1 import node_service_pb2, node_service_pb2_grpc, witness_pb2_grpc
+from dmp.v1 import (
+    node_service_pb2,
+    node_service_pb2_grpc,
+    prescription_pb2,
+    prescription_pb2_grpc,
+    witness_pb2_grpc,
+)
 from node.access import NodeAccess
 from node.access_matrix import load_matrix
 from node.directives import DirectiveCache
 from node.locator import OutboxDelivery
 from node.models import audit_checkpoints, audit_events, seen_nonces, witnessed_heads
+from node.prescribing import PrescriptionService
+from node.prescription_servicer import PrescriptionServicer
+from node.prescription_store import PrescriptionStore
 from node.service import RecordService
 from node.servicer import NodeServicer
 from node.store import RecordStore
@@ -50,6 +59,7 @@ TABLES = ServiceTables(
     witnessed_heads,
 )
 NODE_SERVICE = node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
+PRESCRIPTION_SERVICE = prescription_pb2.DESCRIPTOR.services_by_name["PrescriptionService"].full_name
 
 
 @dataclass
@@ -137,11 +147,29 @@ def start_node(config: NodeConfig) -> RunningNode:
             audit_log, engine, base.subtrees, lambda: {"the directory": directory_stub}
         )
     servicer = NodeServicer(RecordService(engine, store, access, auditor))
+    prescriptions = PrescriptionServicer(
+        PrescriptionService(
+            engine,
+            PrescriptionStore(engine, region),
+            store,
+            access,
+            auditor,
+            base.signatures,
+            clock=config.clock,
+        )
+    )
 
     def add(server: grpc.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
 
-    running = base.serve(config, [ServiceSpec(NODE_SERVICE, add)], max_content=config.max_content)
+    def add_prescriptions(server: grpc.Server) -> None:
+        prescription_pb2_grpc.add_PrescriptionServiceServicer_to_server(prescriptions, server)
+
+    running = base.serve(
+        config,
+        [ServiceSpec(NODE_SERVICE, add), ServiceSpec(PRESCRIPTION_SERVICE, add_prescriptions)],
+        max_content=config.max_content,
+    )
     address = config.advertise or host_port(config.listen, running.port)
     if publisher is not None and directory_channel is not None:
         publisher.start()

@@ -58,19 +58,25 @@ HASHED_COLUMNS: tuple[str, ...] = (
     "sha256",
     "fingerprint",
 )
+#: Columns added later, hashed after those only when set: the rows that leave them empty
+#: (every row stored before they existed) hash exactly as before, with no new tag.
+OPTIONAL_COLUMNS: tuple[str, ...] = ("prescription_id",)
 _BOOLEAN = 1 + HASHED_COLUMNS.index("hidden_from_patient")  # its place after the tag
-_WITH_HASH = (*HASHED_COLUMNS, "row_hash")
+_WITH_HASH = (*HASHED_COLUMNS, *OPTIONAL_COLUMNS, "row_hash")
 _attributes = attrgetter(*_WITH_HASH)
 #: Core rows by their fields: item access by position is ~20 times faster than by name.
 _by_fields: dict[tuple[str, ...], Callable[[Any], tuple[Any, ...]]] = {}
 
 
 def _digest(values: Sequence[Any]) -> str:
-    """The hash of the HASHED_COLUMNS values, in that order (more may follow, ignored)."""
+    """The hash of the HASHED_COLUMNS then OPTIONAL_COLUMNS values, in that order (more
+    may follow, ignored)."""
     # JSON of a list: unambiguous whatever the strings hold, and its escapes are fixed by
     # the code points alone. The boolean is normalized (a driver may give 0/1).
     listed = [HASH_TAG, *values[: len(HASHED_COLUMNS)]]
     listed[_BOOLEAN] = bool(listed[_BOOLEAN])
+    end = len(HASHED_COLUMNS) + len(OPTIONAL_COLUMNS)
+    listed.extend(value for value in values[len(HASHED_COLUMNS) : end] if value is not None)
     return hashlib.sha256(json.dumps(listed).encode("ascii")).hexdigest()
 
 
@@ -88,7 +94,9 @@ def _getter(row: Any) -> Callable[[Any], tuple[Any, ...]]:
 
 def hash_values(values: Mapping[str, Any]) -> str:
     """The row hash of a row given as column values (an INSERT's parameters)."""
-    return _digest([values[name] for name in HASHED_COLUMNS])
+    return _digest(
+        [values[name] for name in HASHED_COLUMNS] + [values.get(name) for name in OPTIONAL_COLUMNS]
+    )
 
 
 def hash_row(row: Any, **changed: Any) -> str:

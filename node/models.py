@@ -1,8 +1,18 @@
-"""The node's tables: records (metadata), their contents, and the locator outbox."""
+"""The node's tables: records (metadata), their contents, the locator outbox, and the
+prescriptions it holds with their dispensings."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dmp.audit.tables import audit_tables
@@ -55,6 +65,9 @@ class RecordRow(NodeBase):
     fingerprint: Mapped[str] = mapped_column(String(64))
     #: SHA-256 of every column above but seq, checked on every read (node/integrity.py).
     row_hash: Mapped[str] = mapped_column(String(64))
+    #: For a record written from e-prescription: the prescription it is, or dispenses
+    #: (hashed when set, node/integrity.py OPTIONAL_COLUMNS).
+    prescription_id: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (Index(None, "patient_ins", "effective_us", "id"),)
 
@@ -84,6 +97,59 @@ class PatientRow(TraitColumns, NodeBase):
     __tablename__ = "patients"
 
     ins: Mapped[str] = mapped_column(String(15), primary_key=True)
+
+
+class PrescriptionRow(NodeBase):
+    """A prescription this node holds (its id names this node's region): the signed act
+    as its prescriber sent it, and its progress, which only a unit of work that locked
+    the row changes, raising `version` each time (node/prescription_store.py)."""
+
+    __tablename__ = "prescriptions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    patient_ins: Mapped[str] = mapped_column(String(15))
+    prescriber_rpps: Mapped[str] = mapped_column(String(11))
+    authored_us: Mapped[int] = mapped_column(BigInteger)
+    #: The serialized SignedPrescription, exactly as received.
+    signed: Mapped[bytes] = mapped_column(LargeBinary)
+    #: SHA-256 of the signed Prescription bytes: a retry of the same act is recognized.
+    payload_sha256: Mapped[str] = mapped_column(String(64))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    #: Raised by every change of the progress below (the conditional update's guard).
+    version: Mapped[int] = mapped_column(Integer)
+    dispensed: Mapped[int] = mapped_column(Integer)
+    last_dispensed_us: Mapped[int | None] = mapped_column(BigInteger)
+    cancelled_us: Mapped[int | None] = mapped_column(BigInteger)
+    cancel_reason: Mapped[str | None] = mapped_column(String(500))
+    #: Who holds it (a pharmacist's federation identity), for which pharmacy, until when.
+    holder: Mapped[str | None] = mapped_column(String(100))
+    holder_pharmacy: Mapped[str | None] = mapped_column(String(200))
+    held_until_us: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (Index(None, "patient_ins", "authored_us"),)
+
+
+class DispensationRow(NodeBase):
+    """One dispensing of a prescription. At most one per dispensing number and per
+    idempotency key of a prescription: the database itself refuses a second."""
+
+    __tablename__ = "dispensations"
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    prescription_id: Mapped[str] = mapped_column(String(32), ForeignKey("prescriptions.id"))
+    #: 0 for the first dispensing, n for renewal n.
+    dispensing: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str] = mapped_column(String(64))
+    pharmacist_identity: Mapped[str] = mapped_column(String(100))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    #: The serialized Dispensation, as recorded and answered.
+    message: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        UniqueConstraint("prescription_id", "dispensing"),
+        UniqueConstraint("prescription_id", "idempotency_key"),
+    )
 
 
 #: The node's tamper-evident audit trail (dmp/audit/).

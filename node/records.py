@@ -58,6 +58,7 @@ def to_proto(
         size=row.size,
         sha256=row.sha256,
         region=region,
+        prescription_id=row.prescription_id or "",
     )
     if row.revealed_us is not None:
         record.revealed_time.CopyFrom(from_us(row.revealed_us))

@@ -92,6 +92,8 @@ class Draft:
     fingerprint: str
     record_id: str
     author: Principal
+    #: Set by the node for the records it writes from e-prescription, never by a writer.
+    prescription_id: str | None = None
 
 
 class RecordStore:
@@ -130,8 +132,12 @@ class RecordStore:
         record: record_pb2.Record,
         content: bytes,
         patient: patient_pb2.PatientIdentity | None,
+        *,
+        prescription_id: str | None = None,
     ) -> Draft:
-        """Validate a record to write (nothing of who may write it: the use case asks)."""
+        """Validate a record to write (nothing of who may write it: the use case asks).
+        `prescription_id` links a record the node writes from e-prescription to its
+        prescription (Record.prescription_id is output only: a writer's is ignored)."""
         validate_draft(record)
         traits = None
         if patient is not None and patient.ins:
@@ -152,6 +158,7 @@ class RecordStore:
             fingerprint=fingerprint(record, digest, writer.uri),
             record_id=record.id or str(uuid.uuid4()),
             author=writer,
+            prescription_id=prescription_id,
         )
 
     def find(self, record_id: str) -> RecordRow | None:
@@ -275,6 +282,7 @@ class RecordStore:
             size=len(draft.content),
             sha256=draft.digest,
             fingerprint=draft.fingerprint,
+            prescription_id=draft.prescription_id,
         )
         values["row_hash"] = hash_values(values)
         return values

@@ -22,6 +22,20 @@ directive-change  directive-change (urn:dmp:audit-event-type)  U     patient's d
 access-history    110101 Audit Log Used (DCM)                R       audit log read
 refused           110113 Security Alert (DCM)                E       refused before the action
                                                                      was known
+prescription-     110107 Import (DCM)                        C       a prescription stored
+  create
+prescription-     110110 Patient Record (DCM)                R       one prescription read
+  read
+prescription-     110112 Query (DCM)                         E       a patient's prescriptions
+  find
+prescription-     prescription-claim (urn:dmp:audit-event-   U       a pharmacy holds it
+  claim           type)
+prescription-     prescription-release (same system)         U       a hold given up
+  release
+prescription-     prescription-dispense (same system)        C       a dispensing recorded
+  dispense
+prescription-     prescription-cancel (same system)          U       cancelled by its
+  cancel                                                             prescriber
 ================  =========================================  ======  =========================
 
 A refused access to a known action is best recorded with that action's event_type, an

@@ -24,6 +24,14 @@ class EventType(enum.StrEnum):
     DIRECTIVE_CHANGE = "directive-change"
     ACCESS_HISTORY = "access-history"
     REFUSED = "refused"
+    # e-prescription, at the node that holds the prescription (and the directory's search).
+    PRESCRIPTION_CREATE = "prescription-create"
+    PRESCRIPTION_READ = "prescription-read"
+    PRESCRIPTION_FIND = "prescription-find"
+    PRESCRIPTION_CLAIM = "prescription-claim"
+    PRESCRIPTION_RELEASE = "prescription-release"
+    PRESCRIPTION_DISPENSE = "prescription-dispense"
+    PRESCRIPTION_CANCEL = "prescription-cancel"
 
 
 class Outcome(enum.IntEnum):
@@ -55,6 +63,21 @@ EVENT_TYPES: Final[Mapping[str, EventCode]] = {
     ),
     EventType.ACCESS_HISTORY: EventCode("110101", DCM, "Audit Log Used", "R"),
     EventType.REFUSED: EventCode("110113", DCM, "Security Alert", "E"),
+    EventType.PRESCRIPTION_CREATE: EventCode("110107", DCM, "Import", "C"),
+    EventType.PRESCRIPTION_READ: EventCode("110110", DCM, "Patient Record", "R"),
+    EventType.PRESCRIPTION_FIND: EventCode("110112", DCM, "Query", "E"),
+    EventType.PRESCRIPTION_CLAIM: EventCode(
+        "prescription-claim", LOCAL_EVENT_SYSTEM, "Prescription held by a pharmacy", "U"
+    ),
+    EventType.PRESCRIPTION_RELEASE: EventCode(
+        "prescription-release", LOCAL_EVENT_SYSTEM, "Prescription hold released", "U"
+    ),
+    EventType.PRESCRIPTION_DISPENSE: EventCode(
+        "prescription-dispense", LOCAL_EVENT_SYSTEM, "Prescription dispensed", "C"
+    ),
+    EventType.PRESCRIPTION_CANCEL: EventCode(
+        "prescription-cancel", LOCAL_EVENT_SYSTEM, "Prescription cancelled", "U"
+    ),
 }
 
 # DICOM codes usable as an explicit event_id, to name them in exports.
