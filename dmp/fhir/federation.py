@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from dmp.client import DirectoryClient, view_request
+from dmp.client import DirectoryClient, View, view_request
 from dmp.errors import DmpError
 from dmp.fhir.errors import FhirError, from_rpc
 from dmp.fhir.mapping import fhir_id, parse_binary_id
@@ -180,6 +180,31 @@ class Federation:
                     yield message.chunk
 
         return Content(first.record, chunks())
+
+    def read_content(self, record: record_pb2.Record, limit: int) -> bytes | None:
+        """All of a record's content, when it is at most ``limit`` bytes and the caller may
+        read it; None otherwise (the record is then described from its metadata)."""
+        if record.size > limit:
+            return None
+        try:
+            content = self.content(Location(record.id, record.region, record.patient_ins))
+            data = b"".join(content.chunks)
+        except (FhirError, grpc.RpcError):
+            return None
+        return data if len(data) <= limit else None
+
+    def records(
+        self, ins: str, kinds: list[record_pb2.RecordKind.ValueType], *, limit: int = 100_000
+    ) -> View:
+        """Every record of the view of these kinds (all pages), and each region's status."""
+        request = view_request(ins, kinds=kinds, page_size=200)
+        try:
+            view = self.client.view(request, limit=limit, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc(exc) from None
+        for record in view.records:
+            self.locations.learn(record)
+        return view
 
     def access_history(self, ins: str, limit: int) -> dpb.GetAccessHistoryResponse:
         try:

@@ -26,9 +26,11 @@ from dmp.fhir import params
 from dmp.fhir.audit import audit_event_resource
 from dmp.fhir.bundles import query_url, regions_outcome, searchset
 from dmp.fhir.capability import capability_statement
-from dmp.fhir.errors import FhirError, from_domain, from_rpc
+from dmp.fhir.errors import FhirError, bad_parameter, from_domain, from_rpc
+from dmp.fhir.everything import MAX_INLINE, entry_url, natural_resources, needs_content
 from dmp.fhir.federation import Federation
-from dmp.fhir.mapping import Resource, binary_id, document_reference, natural_resource, patient
+from dmp.fhir.mapping import Resource, binary_id, document_reference, patient
+from dmp.fhir.medication import active_requests, is_active, medication_resources
 from dmp.v1 import record_pb2
 
 log = logging.getLogger("dmp.fhir")
@@ -120,13 +122,14 @@ class Gateway:
         wanted = {record_pb2.RECORD_STATUS_CURRENT} if "current" in statuses.wanted else set()
         if "superseded" in statuses.wanted:
             wanted.add(record_pb2.RECORD_STATUS_SUPERSEDED)
-        to_resource = natural_resource if natural else document_reference
-        matches = []
-        for record in page.records:
-            if record.status not in wanted:
-                continue
-            resource = to_resource(record, _content_url(base, record))
-            matches.append((f"{resource['resourceType']}/{resource['id']}", resource))
+        records = [r for r in page.records if r.status in wanted]
+        if natural:
+            matches = await run_in_threadpool(self._natural, base, records)
+        else:
+            matches = []
+            for record in records:
+                resource = document_reference(record, _content_url(base, record))
+                matches.append((entry_url(resource), resource))
         include = []
         if natural and not token:
             identity = await run_in_threadpool(self.federation.patient, ins)
@@ -148,6 +151,58 @@ class Gateway:
             outcome=regions_outcome(page.regions),
         )
         return FhirResponse(bundle)
+
+    def _natural(self, base: str, records: list[record_pb2.Record]) -> list[tuple[str, Resource]]:
+        """Each record as its natural resource(s), read with its content when it is built
+        from it (structured FHIR content, prescriptions and dispensations)."""
+        matches = []
+        for record in records:
+            content = (
+                self.federation.read_content(record, MAX_INLINE) if needs_content(record) else None
+            )
+            for resource in natural_resources(record, _content_url(base, record), content):
+                matches.append((entry_url(resource), resource))
+        return matches
+
+    async def search_medication_requests(self, request: Request) -> Response:
+        """Dispensable prescriptions of every region: MedicationRequests, status active."""
+        query = request.query_params
+        params.check_known(query, ("patient.identifier", "patient", "subject", "status"))
+        ins = params.patient_ins(query, "patient.identifier", "patient", "subject")
+        assert ins is not None
+        wanted = {t for v in query.getlist("status") for t in v.split(",")} or {"active"}
+        if wanted != {"active"}:
+            raise bad_parameter(
+                "status", "only status=active (the dispensable prescriptions) is supported"
+            )
+        base = _base(request)
+        matches, outcome = await run_in_threadpool(self._active, base, ins)
+        bundle = searchset(
+            base,
+            matches,
+            self_url=query_url(base, "MedicationRequest", _multi(query)),
+            outcome=outcome,
+            total=len(matches),
+        )
+        return FhirResponse(bundle)
+
+    def _active(self, base: str, ins: str) -> tuple[list[tuple[str, Resource]], Resource | None]:
+        kinds = [record_pb2.RECORD_KIND_PRESCRIPTION, record_pb2.RECORD_KIND_DISPENSATION]
+        view = self.federation.records(ins, kinds)
+        dispensed: dict[str, int] = {}
+        for record in view.records:
+            if record.kind == record_pb2.RECORD_KIND_DISPENSATION and record.prescription_id:
+                dispensed[record.prescription_id] = dispensed.get(record.prescription_id, 0) + 1
+        matches = []
+        for record in view.records:
+            if record.kind != record_pb2.RECORD_KIND_PRESCRIPTION or not record.prescription_id:
+                continue
+            content = self.federation.read_content(record, MAX_INLINE)
+            resources = medication_resources(record, content)
+            if is_active(record, resources, dispensed.get(record.prescription_id, 0)):
+                for resource in active_requests(resources):
+                    matches.append((entry_url(resource), resource))
+        return matches, regions_outcome(view.regions.values())
 
     async def search_documents(self, request: Request) -> Response:
         query = request.query_params
@@ -292,6 +347,7 @@ def build_app(federation: Federation, *, max_body: int) -> ASGIApp:
         Route("/Patient/{ins}", gateway.read_patient, methods=get),
         Route("/Patient/{ins}/$everything", gateway.everything, methods=get),
         Route("/DocumentReference", gateway.search_documents, methods=get),
+        Route("/MedicationRequest", gateway.search_medication_requests, methods=get),
         Route("/Binary/{id}", gateway.binary, methods=get),
         Route("/AuditEvent", gateway.search_audit, methods=get),
     ]
