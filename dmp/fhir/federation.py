@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from dmp.client import DirectoryClient, View, view_request
+from dmp.client import DirectoryClient, NodeClient, View, view_request
 from dmp.errors import DmpError
 from dmp.fhir.errors import FhirError, from_rpc
 from dmp.fhir.mapping import fhir_id, parse_binary_id
 from dmp.fhir.params import DateRange
+from dmp.fhir.transaction import Stored, parse, register_patient, store
 from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.pki import Credentials
@@ -73,14 +74,44 @@ class Content:
 class Federation:
     """The directory, as the gateway's identity, through one channel opened once."""
 
-    def __init__(self, directory: str, credentials: Credentials, *, timeout: float = 10) -> None:
+    def __init__(
+        self,
+        directory: str,
+        credentials: Credentials,
+        *,
+        node: str | None = None,
+        timeout: float = 10,
+    ) -> None:
         self.client = DirectoryClient(directory, credentials)
         self.principal = self.client.signer.principal
         self.timeout = timeout
         self.locations = Locations()
+        #: The node of the identity's region, where transaction Bundles are written.
+        self.node = (
+            NodeClient(node, credentials, signer=self.client.signer) if node is not None else None
+        )
 
     def close(self) -> None:
         self.client.close()
+        if self.node is not None:
+            self.node.close()
+
+    def write(self, body: object, *, max_content: int) -> Stored:
+        """Check a transaction Bundle whole, then store it at the node, all or nothing
+        (``dmp.fhir.transaction``); the Bundle's patient is registered at the directory."""
+        if self.node is None:
+            raise FhirError(
+                405,
+                "not-supported",
+                "this gateway was started without --node: it writes nothing (start it with"
+                " --node HOST:PORT, the node of your region)",
+            )
+        submission = parse(body, max_content=max_content)
+        register_patient(
+            lambda identity: self.client.register_patient(identity, timeout=self.timeout),
+            submission,
+        )
+        return store(self.node, submission, timeout=max(self.timeout, 60))
 
     def patient(self, ins: str) -> patient_pb2.PatientIdentity | None:
         """The patient's identity; None when the directory does not know them (a caller who

@@ -31,6 +31,7 @@ from dmp.fhir.everything import MAX_INLINE, entry_url, natural_resources, needs_
 from dmp.fhir.federation import Federation
 from dmp.fhir.mapping import Resource, binary_id, document_reference, patient
 from dmp.fhir.medication import active_requests, is_active, medication_resources
+from dmp.fhir.transaction import response_bundle
 from dmp.v1 import record_pb2
 
 log = logging.getLogger("dmp.fhir")
@@ -70,7 +71,8 @@ class Gateway:
     async def metadata(self, request: Request) -> Response:
         params.check_known(request.query_params, ())
         identity = self.federation.principal.identity
-        return FhirResponse(capability_statement(_base(request), identity))
+        writes = self.federation.node is not None
+        return FhirResponse(capability_statement(_base(request), identity, writes=writes))
 
     async def search_patient(self, request: Request) -> Response:
         query = request.query_params
@@ -253,12 +255,25 @@ class Gateway:
         )
 
     async def transaction(self, request: Request) -> Response:
-        raise FhirError(
-            405,
-            "not-supported",
-            "transaction and batch Bundles (IHE ITI-65) are not supported yet: this gateway"
-            " is read only (see /metadata)",
-        )
+        """IHE ITI-65: a transaction Bundle stored at the node, all or nothing."""
+        params.check_known(request.query_params, ())
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > self.max_body:
+                raise FhirError(
+                    413,
+                    "too-costly",
+                    f"the request body is over the gateway's limit of {self.max_body} bytes",
+                )
+        try:
+            bundle = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FhirError(
+                400, "invalid", f"the body is not JSON: {exc}", expression="Bundle"
+            ) from None
+        stored = await run_in_threadpool(self.federation.write, bundle, max_content=self.max_body)
+        return FhirResponse(response_bundle(stored, _base(request)))
 
     async def search_audit(self, request: Request) -> Response:
         query = request.query_params
@@ -300,7 +315,8 @@ def _error_response(exc: Exception) -> Response:
         issue = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
         text = {
             404: "no such FHIR endpoint here: see /metadata for what this gateway supports",
-            405: "this gateway is read only for now: GET only (see /metadata)",
+            405: "this method is not supported here: GET, and POST / for transactions"
+            " (see /metadata)",
         }.get(exc.status_code, str(exc.detail))
         error = FhirError(exc.status_code, issue, text)
     else:

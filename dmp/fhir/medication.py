@@ -74,6 +74,7 @@ def _located(record: record_pb2.Record, resource: Resource, index: int, count: i
     out["meta"] = meta
     identifiers = [i for i in out.get("identifier") or [] if i.get("system") != RECORD_ID_SYSTEM]
     out["identifier"] = [*identifiers, {"system": RECORD_ID_SYSTEM, "value": record.id}]
+    out["subject"] = patient_reference(record.patient_ins)
     return out
 
 
