@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,16 @@ def _export(args: argparse.Namespace) -> int:
     return 1 if done.missing else 0
 
 
+def _loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _serve(args: argparse.Namespace) -> int:
     from dmp.fhir.serve import TlsFiles, serve
 
@@ -150,6 +161,12 @@ def _serve(args: argparse.Namespace) -> int:
     host, colon, port = args.listen.rpartition(":")
     if not colon or not port.isdigit() or not host:
         raise CommandError(f"--listen {args.listen!r} must be HOST:PORT")
+    if not args.tls and not _loopback(host):
+        raise CommandError(
+            f"--listen {args.listen}: without --tls the gateway serves only loopback"
+            " (127.0.0.1, ::1, localhost): anyone reaching it acts as "
+            f"{args.identity}; use --tls for software on another host"
+        )
     tls = None
     if args.tls:
         if args.tls_cert is None or args.tls_key is None:

@@ -39,7 +39,8 @@ def capability_statement(base: str, identity: str, *, writes: bool = False) -> d
             "profile": "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-ins",
             "interaction": [{"code": "read"}, {"code": "search-type"}],
             "searchParam": [
-                _search("identifier", "token", f"the INS-NIR: {INS_SYSTEM}|<INS> (required)")
+                _search("identifier", "token", f"the INS-NIR: {INS_SYSTEM}|<INS> (or _id)"),
+                _search("_id", "token", "the INS itself, the Patient's id"),
             ],
             "operation": [
                 {
@@ -63,6 +64,8 @@ def capability_statement(base: str, identity: str, *, writes: bool = False) -> d
             "searchParam": [
                 _PATIENT_PARAM,
                 _search("patient", "reference", "Patient/<INS>, instead of patient.identifier"),
+                _search("subject.identifier", "token", "the same as patient.identifier"),
+                _search("subject", "reference", "the same as patient"),
                 _search("type", "token", "LOINC type code(s), comma for or"),
                 _search("category", "token", "record kind(s): urn:dmp:record-kind|document..."),
                 _search(
@@ -85,7 +88,11 @@ def capability_statement(base: str, identity: str, *, writes: bool = False) -> d
             "type": "AuditEvent",
             "interaction": [{"code": "search-type"}],
             "documentation": "the patient's own access history (a patient's gateway only)",
-            "searchParam": [_PATIENT_PARAM, _COUNT],
+            "searchParam": [
+                _PATIENT_PARAM,
+                _search("patient", "reference", "Patient/<INS>, instead of patient.identifier"),
+                _COUNT,
+            ],
         },
     ]
     resources.append(

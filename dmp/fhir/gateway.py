@@ -7,8 +7,10 @@ Every answer is FHIR JSON, every refusal an OperationOutcome with the HTTP statu
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dmp.errors import DmpError
 from dmp.fhir import params
@@ -134,7 +136,12 @@ class Gateway:
                 matches.append((entry_url(resource), resource))
         include = []
         if natural and not token:
-            identity = await run_in_threadpool(self.federation.patient, ins)
+            try:
+                identity = await run_in_threadpool(self.federation.patient, ins)
+            except FhirError as exc:  # the records were allowed; the identity alone not
+                if exc.status not in (403, 404):
+                    raise
+                identity = None
             if identity is not None:
                 include.append((f"Patient/{ins}", patient(identity)))
         next_url = None
@@ -246,7 +253,9 @@ class Gateway:
         content = await run_in_threadpool(self.federation.content, location)
         record = content.record
         headers = {"Content-Length": str(record.size)} if record.size else {}
-        if record.sha256:
+        if record.sha256:  # RFC 9530, and in hex as the DocumentReference gives it
+            digest = base64.b64encode(bytes.fromhex(record.sha256)).decode()
+            headers["Repr-Digest"] = f"sha-256=:{digest}:"
             headers["X-Content-SHA256"] = record.sha256
         return StreamingResponse(
             iterate_in_threadpool(content.chunks),
@@ -353,6 +362,51 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
+def _route_name(path: str) -> str:
+    """What a log line may say of a path: the resource and interaction, never an id (a
+    Patient id is an INS)."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return "/"
+    name = "/" + parts[0]
+    if len(parts) > 1:
+        name += "/*"
+    if len(parts) > 2:
+        name += "/" + parts[-1] if parts[-1].startswith("$") else "/*"
+    return name
+
+
+class RequestLog:
+    """One JSON line per request: method, resource, status, duration; no query string,
+    no ids, no content (they name patients)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = [500]
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            line = {
+                "method": scope.get("method", ""),
+                "resource": _route_name(scope.get("path", "")),
+                "status": status[0],
+                "ms": round((time.monotonic() - started) * 1000, 1),
+            }
+            log.info("%s", json.dumps(line))
+
+
 def build_app(federation: Federation, *, max_body: int) -> ASGIApp:
     gateway = Gateway(federation, max_body=max_body)
     get = ["GET"]
@@ -375,7 +429,7 @@ def build_app(federation: Federation, *, max_body: int) -> ASGIApp:
         grpc.RpcError: _on_error,
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
-    return BodyLimit(app, max_body)
+    return RequestLog(BodyLimit(app, max_body))
 
 
 __all__ = ["build_app"]

@@ -41,7 +41,38 @@ class TlsFiles:
 
 
 def server_context(tls: TlsFiles) -> ssl.SSLContext:
-    """HTTPS that requires a client certificate from the federation CA, not revoked."""
+    """HTTPS that requires a client certificate from the federation CA, not revoked. The
+    CA's revocation list is read again when it changes, as nodes and the directory do:
+    each handshake is handed a context built on the CRL in force (through the SNI
+    callback, the one hook ssl gives before the client certificate is verified)."""
+    state: dict[str, object] = {}
+
+    def current() -> ssl.SSLContext:
+        stamp = _stamp(tls.crl)
+        if state.get("stamp") != stamp or "context" not in state:
+            state["context"] = _context(tls)
+            state["stamp"] = stamp
+        context = state["context"]
+        assert isinstance(context, ssl.SSLContext)
+        return context
+
+    def pick(connection: ssl.SSLObject, _name: str | None, _context: ssl.SSLContext) -> None:
+        connection.context = current()
+
+    outer = _context(tls)
+    outer.sni_callback = pick
+    return outer
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    try:
+        info = path.stat() if path is not None else None
+    except FileNotFoundError:
+        return None
+    return (info.st_mtime_ns, info.st_size) if info is not None else None
+
+
+def _context(tls: TlsFiles) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(tls.cert), str(tls.key))

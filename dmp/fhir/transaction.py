@@ -14,7 +14,10 @@ half-written in the first place, and whatever a failure leaves is completed by a
    in one unit of work (a Bundle holds at most 1000 entries and its body is under the
    gateway's limit, below the node's batch of 1000 records and 64 MiB): the node stores
    all of them, or none (a refusal of the writer, an identity conflict, an id already
-   used with other content all roll the unit back).
+   used with other content all roll the unit back). What the node checks record by
+   record before that unit is checked here first, the same way: ``validate_draft``, each
+   content under the node's default limit of 20 MiB, and one access answer for the whole
+   Bundle (one writer, one patient, no patient's note beside professionals' records).
 4. If the answer is lost (the node or the network failed after the commit), sending the
    same Bundle again is safe: a node answers a put of a record it holds with the same
    content as stored, and stores nothing twice. Before writing, the records of the
@@ -54,6 +57,7 @@ from dmp.fhir.inbound import (
 )
 from dmp.fhir.mapping import fhir_id
 from dmp.records import validate_draft
+from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2 as npb
 from dmp.v1 import patient_pb2, record_pb2
 
@@ -110,6 +114,7 @@ def parse(body: Any, *, max_content: int) -> Submission:
     """Check a whole transaction Bundle; raise FhirError (400/413, naming the element) at
     the first entry that cannot be stored as it is."""
     entries = _entries(body)
+    max_content = min(max_content, DEFAULT_MAX_CONTENT)
     patients: dict[str, str] = {}
     traits: patient_pb2.PatientIdentity | None = None
     binaries: dict[str, tuple[str, Resource]] = {}
@@ -179,6 +184,16 @@ def parse(body: Any, *, max_content: int) -> Submission:
         if traits is not None:
             put.patient.CopyFrom(traits)
         submission.puts.append(Put(index, kind, put))
+    notes = [
+        p for p in submission.puts if p.request.record.kind == record_pb2.RECORD_KIND_PATIENT_NOTE
+    ]
+    if notes and len(notes) != len(submission.puts):
+        # A node decides a write by the writer, the patient and whether it is a patient's
+        # note: one answer for every record of a Bundle, so that it refuses all or none.
+        raise invalid(
+            f"Bundle.entry[{notes[0].index}].resource.category",
+            "a patient's notes and professionals' records go in separate Bundles",
+        )
     for index, entry in enumerate(entries):
         path = f"Bundle.entry[{index}].resource"
         if entry["resource"]["resourceType"] == "Binary":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +36,6 @@ from tests.federation import (
     OTHER_PATIENT,
     PATIENT,
     REGIONS,
-    dmp_process,
     draft,
     identity_of,
     make_pki,
@@ -76,6 +76,7 @@ class Gateway:
     process: subprocess.Popen[str]
     address: str
     scheme: str = "http"
+    log_path: Path | None = None
 
     @property
     def base(self) -> str:
@@ -110,11 +111,22 @@ class FhirFed:
         return f"127.0.0.1:{self.directory.port}"
 
     def gateway(self, identity: str, *extra: str) -> Gateway:
-        process = dmp_process(
-            "fhir", "serve", "--pki", str(self.pki_dir), "--as", identity,
-            "--directory", self.directory_address, "--listen", "127.0.0.1:0", *extra,
-        )  # fmt: skip
-        gateway = Gateway(process, wait_listening(process), "https" if "--tls" in extra else "http")
+        """`dmp fhir serve` as its own process; its log goes to a file (a pipe nobody
+        reads would fill and stall it)."""
+        log_path = self.root / f"gateway-{len(self.gateways)}.log"
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "dmp.cli.main", "fhir", "serve",
+                    "--pki", str(self.pki_dir), "--as", identity,
+                    "--directory", self.directory_address, "--listen", "127.0.0.1:0", *extra,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )  # fmt: skip
+        scheme = "https" if "--tls" in extra else "http"
+        gateway = Gateway(process, wait_listening(process), scheme, log_path)
         self.gateways.append(gateway)
         return gateway
 

@@ -184,6 +184,9 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read(gateway: Gateway) -> N
 
 def test_tls_requires_a_federation_client_certificate(fed: FhirFed, tmp_path: Path) -> None:
     cert, key = gateway_server_cert(fed.pki_dir, tmp_path)
+    gone = "10000000078"  # a federation certificate, revoked before the gateway starts
+    fed.pki.issue_practitioner(gone, "doctor", "Dr Ex PARTI")
+    fed.pki.revoke(f"practitioner-{gone}")
     secure = fed.gateway(DOC, "--tls", "--tls-cert", str(cert), "--tls-key", str(key))
     url = f"{secure.base}/metadata"
     ca = str(fed.pki_dir / "ca.pem")
@@ -191,6 +194,13 @@ def test_tls_requires_a_federation_client_certificate(fed: FhirFed, tmp_path: Pa
     answer = requests.get(url, cert=doctor, verify=ca, timeout=10)
     assert answer.status_code == 200
     validate(answer.json())
+    later = "10000000079"
+    fed.pki.issue_practitioner(later, "nurse", "Marc BIENTOT")
+    soon_revoked = (
+        str(fed.pki_dir / f"practitioner-{later}.pem"),
+        str(fed.pki_dir / f"practitioner-{later}.key"),
+    )
+    assert requests.get(url, cert=soon_revoked, verify=ca, timeout=10).status_code == 200
     # No certificate: refused at TLS (after the TLS 1.3 handshake: the request fails).
     with pytest.raises(requests.exceptions.RequestException):
         requests.get(url, verify=ca, timeout=10)
@@ -207,6 +217,17 @@ def test_tls_requires_a_federation_client_certificate(fed: FhirFed, tmp_path: Pa
             verify=ca,
             timeout=10,
         )
+    # A revoked federation certificate: refused (the CRL is checked for the leaf).
+    revoked = (
+        str(fed.pki_dir / f"practitioner-{gone}.pem"),
+        str(fed.pki_dir / f"practitioner-{gone}.key"),
+    )
+    with pytest.raises(requests.exceptions.RequestException):
+        requests.get(url, cert=revoked, verify=ca, timeout=10)
+    # Revoked while the gateway runs: refused from the next connection on.
+    fed.pki.revoke(f"practitioner-{later}")
+    with pytest.raises(requests.exceptions.RequestException):
+        requests.get(url, cert=soon_revoked, verify=ca, timeout=10)
     # Plain HTTP to the HTTPS port gets nothing either.
     with pytest.raises(requests.exceptions.RequestException):
         requests.get(url.replace("https://", "http://"), timeout=10).raise_for_status()

@@ -9,8 +9,11 @@ Bundle is validated with fhirclient's R4 models (tests/integration/fhir_federati
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +23,9 @@ from fhirclient.models.bundle import Bundle
 from fhirclient.models.documentreference import DocumentReference
 from fhirclient.models.patient import Patient
 
-from tests.federation import DOCTOR, PATIENT
+from dmp.client import NodeClient
+from dmp.pki import load_credentials
+from tests.federation import DOCTOR, OTHER_PATIENT, PATIENT, draft, identity_of, wait_for
 from tests.integration.fhir_federation import (
     DOC,
     INS_SYSTEM,
@@ -104,6 +109,20 @@ def test_the_patient_is_found_by_ins_as_fr_core(
     assert validate(read.json()).id == PATIENT
 
 
+def test_a_patient_the_directory_does_not_know_is_an_empty_search(gateway: Gateway) -> None:
+    from dmp.ins import make_ins
+
+    nobody = make_ins("1990175999991")
+    answer = get(gateway, "Patient", identifier=f"{INS_SYSTEM}|{nobody}")
+    assert answer.status_code == 200
+    bundle = answer.json()
+    validate(bundle)
+    assert bundle["total"] == 0 and "entry" not in bundle
+    read = get(gateway, f"Patient/{nobody}")
+    assert read.status_code == 404
+    assert validate(read.json()).issue[0].code == "not-found"
+
+
 def test_documents_are_searched_and_paged_through_next(
     smart: fhir_client.FHIRClient, fed: FhirFed
 ) -> None:
@@ -161,8 +180,35 @@ def test_every_content_is_read_byte_identical_at_its_attachment_url(
         assert answer.content == content
         assert answer.headers["content-type"].split(";")[0] == record.content_type
         assert sha256(answer.content) == attachment.extension[0].valueString
+        digest = base64.b64encode(hashlib.sha256(content).digest()).decode()
+        assert answer.headers["repr-digest"] == f"sha-256=:{digest}:"
     largest = max(fed.written.values(), key=lambda w: len(w[2]))
     assert len(largest[2]) > 300_000  # streamed in several chunks from the node
+
+
+def test_a_large_content_streams_through_byte_identical(
+    smart: fhir_client.FHIRClient, fed: FhirFed
+) -> None:
+    """6 MiB: beyond gRPC's default 4 MiB message, relayed in chunks, streamed over HTTP."""
+    content = os.urandom(6 * 1024 * 1024)
+    record = draft(OTHER_PATIENT, title="Imagerie : scanner thoracique")
+    record.content_type = "application/dicom"
+    creds = load_credentials(fed.pki_dir, DOC)
+    with NodeClient(f"127.0.0.1:{fed.nodes['11'].port}", creds) as node:
+        node.put_record(record, content, patient=identity_of(OTHER_PATIENT, "LEROY", ("MARIE",)))
+    search = DocumentReference.where(struct={"patient.identifier": f"{INS_SYSTEM}|{OTHER_PATIENT}"})
+
+    def listed() -> list[Any]:
+        return list(search.perform_resources_iter(smart.server))
+
+    wait_for(lambda: len(listed()) == 1, "the large record in the view")
+    [document] = listed()
+    attachment = document.content[0].attachment
+    assert attachment.size == len(content) and attachment.contentType == "application/dicom"
+    with smart.server.session.get(attachment.url, stream=True, timeout=60) as answer:
+        assert answer.status_code == 200
+        received = b"".join(answer.iter_content(chunk_size=256 * 1024))
+    assert received == content
 
 
 def test_an_attachment_url_is_read_by_a_gateway_that_never_listed_it(
@@ -243,6 +289,12 @@ def test_everything_gives_each_record_as_its_natural_resource(
     assert by_type["Immunization"]["status"] == "completed"
     assert by_type["Observation"]["status"] == "final"
     assert by_type["Condition"]["subject"]["identifier"]["value"] == PATIENT
+    own = requests.get(
+        f"{fed.gateway(f'patient-{PATIENT}').base}/Patient/{PATIENT}/$everything", timeout=30
+    )
+    assert own.status_code == 200
+    validate(own.json())
+    assert len(own.json()["entry"]) >= len(RECORDS)  # the patient sees their own record
     paged = list(
         fhir_client.FHIRClient(settings={"app_id": "h", "api_base": gateway.base})
         .server.request_json(f"Patient/{PATIENT}/$everything?_count=4")
@@ -290,11 +342,26 @@ def test_the_patient_reads_their_access_history_as_audit_events(fed: FhirFed) ->
     assert read.status_code == 200 and read.content == content
 
 
-def test_the_gateway_stops_cleanly(fed: FhirFed, tmp_path: Path) -> None:
+def test_the_gateway_logs_each_request_without_naming_the_patient(fed: FhirFed) -> None:
     extra = fed.gateway(DOC)
     assert get(extra, "metadata").status_code == 200
+    assert get(extra, f"Patient/{PATIENT}/$everything").status_code == 200
+    assert get(extra, "DocumentReference", **{"patient.identifier": "1"}).status_code == 400
     extra.stop()
-    assert extra.process.returncode == 0
+    assert extra.process.returncode == 0  # SIGTERM: a clean stop
+    assert extra.log_path is not None
+    log = extra.log_path.read_text()
+    lines = [
+        json.loads(line.split(" dmp.fhir ", 1)[1])
+        for line in log.splitlines()
+        if " dmp.fhir " in line
+    ]
+    assert [(line["method"], line["resource"], line["status"]) for line in lines] == [
+        ("GET", "/metadata", 200),
+        ("GET", "/Patient/*/$everything", 200),
+        ("GET", "/DocumentReference", 400),
+    ]
+    assert PATIENT not in log
 
 
 def test_the_validator_refuses_what_r4_refuses() -> None:

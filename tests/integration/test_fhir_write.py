@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import http.client
 import json
 import stat
 import uuid
@@ -269,11 +270,24 @@ def test_a_tampered_or_invalid_bundle_is_refused_naming_the_element_and_nothing_
     assert held(fed, ins) == []
 
 
-def test_a_body_over_the_limit_is_413(gateway: Gateway) -> None:
-    big = submission(ins_number(3), "big", content=b"x" * (3 * 1024 * 1024))
-    answer = post(gateway, big)
-    assert answer.status_code == 413
-    assert validate(answer.json()).issue[0].code == "too-costly"
+def test_a_body_over_the_limit_is_413_before_it_is_sent(gateway: Gateway) -> None:
+    """The gateway answers from the request's headers: a hospital system sending a 3 MiB
+    Bundle to a gateway started with --max-body-mib 2 learns it before sending the body."""
+    size = len(json.dumps(submission(ins_number(3), "big", content=b"x" * (3 * 1024 * 1024))))
+    host, port = gateway.address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.putrequest("POST", "/")
+        connection.putheader("Content-Type", "application/fhir+json")
+        connection.putheader("Content-Length", str(size))
+        connection.endheaders()
+        answer = connection.getresponse()
+        body = json.loads(answer.read())
+    finally:
+        connection.close()
+    assert answer.status == 413
+    [issue] = validate(body).as_json()["issue"]
+    assert issue["code"] == "too-costly" and str(2 * 1024 * 1024) in issue["diagnostics"]
 
 
 def test_active_medication_requests_are_the_dispensable_prescriptions(
@@ -328,7 +342,11 @@ def _run(*args: str) -> tuple[int, str, str]:
 
 
 def test_carebundle_round_trip_keeps_every_fact_and_byte(fed: FhirFed, tmp_path: Path) -> None:
+    # Three carebundle patients (US Core: Encounter, Conditions, Observations,
+    # DiagnosticReports, MedicationRequests), and an MHD submission with a PDF.
     bundles = carebundle_transactions(3)
+    mhd = ins_number(200)
+    bundles.append((mhd, submission(mhd, "round-trip")))
     folder = tmp_path / "from-hospital"
     folder.mkdir()
     for index, (_, bundle) in enumerate(bundles):
@@ -340,12 +358,9 @@ def test_carebundle_round_trip_keeps_every_fact_and_byte(fed: FhirFed, tmp_path:
     code, out, err = _run("fhir", "import", str(folder), *common, "--node", node_address(fed),
                           "--directory", fed.directory_address)  # fmt: skip
     assert code == 1, err  # the tampered file is refused, the others stored
-    stored_now = sum(
-        1 for _, b in bundles for e in b["entry"]
-        if e["resource"]["resourceType"] not in ("Patient", "Practitioner")
-    )  # fmt: skip
+    stored_now = sum(_records_in(b) for _, b in bundles)
     assert (
-        f"4 file(s): {stored_now} record(s) stored, 0 already stored (skipped), 1 Bundle(s) refused"
+        f"5 file(s): {stored_now} record(s) stored, 0 already stored (skipped), 1 Bundle(s) refused"
         in out
     )
     assert "refused" in out and "bundle-9-tampered.json: Bundle.type" in out
@@ -357,7 +372,7 @@ def test_carebundle_round_trip_keeps_every_fact_and_byte(fed: FhirFed, tmp_path:
         out_file = tmp_path / f"export-{ins}.json"
         from tests.federation import wait_for
 
-        expected = len(bundle["entry"]) - 2  # all but the Patient and the Practitioner
+        expected = _records_in(bundle)
 
         def located(ins: str = ins, expected: int = expected) -> bool:
             return len(_view_ids(fed, ins)) == expected
@@ -372,6 +387,13 @@ def test_carebundle_round_trip_keeps_every_fact_and_byte(fed: FhirFed, tmp_path:
         _check_facts(ins, bundle, exported)
 
 
+def _records_in(bundle: dict[str, Any]) -> int:
+    """How many records a Bundle makes: all but the Patient, the Practitioner, the
+    SubmissionSet and the Binaries (their DocumentReference's content)."""
+    kept = ("Patient", "Practitioner", "List", "Binary")
+    return sum(1 for e in bundle["entry"] if e["resource"]["resourceType"] not in kept)
+
+
 def _view_ids(fed: FhirFed, ins: str) -> list[str]:
     from dmp.client import DirectoryClient, view_request
 
@@ -380,6 +402,10 @@ def _view_ids(fed: FhirFed, ins: str) -> list[str]:
         return [r.id for r in directory.view(view_request(ins), limit=1000).records]
 
 
+#: The kinds given as their natural resource, built from what was sent.
+STRUCTURED = (
+    "AllergyIntolerance", "Condition", "Immunization", "Observation", "MedicationRequest",
+)  # fmt: skip
 #: What a natural resource says of its own (id, where it lives, the patient as an INS).
 OURS = ("id", "meta", "subject", "patient", "identifier", "extension")
 
@@ -407,10 +433,22 @@ def _check_facts(ins: str, sent: dict[str, Any], exported: dict[str, Any]) -> No
             assert patient["gender"] == resource["gender"]
             assert patient["name"][0]["family"].upper() == resource["name"][0]["family"].upper()
             continue
-        if kind == "Practitioner":
+        if kind in ("Practitioner", "List", "Binary"):
+            continue
+        if kind == "DocumentReference":
+            url = resource["content"][0]["attachment"]["url"]
+            sent_binary = next(e for e in sent["entry"] if e["fullUrl"] == url)["resource"]
+            assert base64.b64decode(sent_binary["data"]) in contents, "a document's bytes lost"
+            [document] = [n for n in naturals if n["resourceType"] == "DocumentReference"]
+            assert document["type"]["coding"] == resource["type"]["coding"]
+            assert document["description"] == resource["description"]
+            assert document["securityLabel"][0]["coding"][0]["code"] == "R"
+            assert document["context"]["period"]["start"].startswith("2026-11-29T09:30:00")
+            got = binaries[document["content"][0]["attachment"]["url"]]
+            assert got == PDF
             continue
         assert canonical(resource) in contents, f"{kind} {entry['fullUrl']} lost"
-        if kind in ("Condition", "Observation", "MedicationRequest"):
+        if kind in STRUCTURED:
             facts = {k: v for k, v in resource.items() if k not in OURS}
             same = [
                 n
