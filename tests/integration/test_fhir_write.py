@@ -194,10 +194,22 @@ def test_a_retried_bundle_stores_nothing_twice(gateway: Gateway, fed: FhirFed) -
     for entry in changed["entry"]:
         if entry["resource"]["resourceType"] == "Condition":
             entry["resource"]["onsetDateTime"] = "2020-01-01"
+    # ...with a new entry written before it in the same unit: the node rolls back both.
+    new = copy.deepcopy(_entry_of(bundle, "Observation"))
+    new["fullUrl"] = "urn:uuid:5e1f0000-0000-4000-8000-00000000beef"
+    changed["entry"].insert(0, new)
     conflict = post(gateway, changed)
     assert conflict.status_code == 409, conflict.text
-    validate(conflict.json())
-    assert len(held(fed, ins)) == 6
+    [issue] = validate(conflict.json()).as_json()["issue"]
+    assert "never overwritten" in issue["diagnostics"]
+    assert sorted(r.id for r in held(fed, ins)) == sorted(r.id for r in before)
+
+
+def _entry_of(bundle: dict[str, Any], kind: str) -> dict[str, Any]:
+    entry: dict[str, Any] = next(
+        e for e in bundle["entry"] if e["resource"]["resourceType"] == kind
+    )
+    return entry
 
 
 def _entry(bundle: dict[str, Any], kind: str) -> dict[str, Any]:
