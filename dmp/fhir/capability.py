@@ -126,7 +126,12 @@ def capability_statement(base: str, identity: str, *, writes: bool = False) -> d
         "fhirVersion": FHIR_VERSION,
         "format": ["application/fhir+json"],
         "instantiates": [
-            "https://profiles.ihe.net/ITI/MHD/CapabilityStatement/IHE.MHD.DocumentResponder"
+            "https://profiles.ihe.net/ITI/MHD/CapabilityStatement/IHE.MHD.DocumentResponder",
+            *(
+                ["https://profiles.ihe.net/ITI/MHD/CapabilityStatement/IHE.MHD.DocumentRecipient"]
+                if writes
+                else []
+            ),
         ],
         "rest": [
             {
