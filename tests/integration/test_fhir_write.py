@@ -468,3 +468,14 @@ def _check_facts(ins: str, sent: dict[str, Any], exported: dict[str, Any]) -> No
                 if n["resourceType"] == kind and all(n.get(k) == v for k, v in facts.items())
             ]
             assert same, f"{kind} {entry['fullUrl']}: its facts are not in the natural resource"
+
+
+def test_a_writing_gateway_says_it_takes_transactions(gateway: Gateway) -> None:
+    statement = server(gateway).request_json("metadata")
+    validate(statement)
+    [rest] = statement["rest"]
+    assert rest["interaction"] == [{"code": "transaction"}]
+    assert "ITI-65" in rest["documentation"]
+    assert any(i.endswith("IHE.MHD.DocumentRecipient") for i in statement["instantiates"])
+    types = {r["type"] for r in rest["resource"]}
+    assert {"MedicationRequest", "MedicationDispense"} <= types
