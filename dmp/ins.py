@@ -42,6 +42,18 @@ def normalize_ins(value: str, field: str = "ins") -> str:
     return ins
 
 
+def stored_ins(value: str, field: str) -> str:
+    """The INS of something a node stores: valid and written as stored (no spaces, upper
+    case), since a patient's data is found, read and audited under that one spelling."""
+    ins = normalize_ins(value, field)
+    if ins != value:
+        raise InvalidArgument(
+            f"{field} {value!r} must be written as {ins} (no spaces, upper case): the"
+            " patient's data is found, read and audited under that INS"
+        )
+    return ins
+
+
 def make_ins(nir: str) -> str:
     """The INS of a NIR: the NIR followed by its key."""
     if not _NIR.match(nir):

@@ -263,6 +263,20 @@ def may_read_prescription(
     return PRESCRIPTION_KIND in grant.kinds or PRESCRIPTION_TYPE_CODE in grant.type_codes
 
 
+def prescription_masked_from(
+    subject: Principal, directives: PatientDirectives, record_id: str, prescriber_rpps: str
+) -> bool:
+    """Did the patient mask this prescription (its record, `record_id`) from `subject`? As
+    for any masked record, from every professional but its prescriber and the patient's
+    treating doctor."""
+    return (
+        subject.role is Role.PRACTITIONER
+        and bool(record_id)
+        and record_id in directives.masked_record_ids
+        and subject.key not in (prescriber_rpps, directives.treating_rpps)
+    )
+
+
 def may_cancel(subject: Principal, prescriber_rpps: str) -> bool:
     """A prescription is cancelled by its prescriber only."""
     return subject.role is Role.PRACTITIONER and subject.key == prescriber_rpps
@@ -294,6 +308,18 @@ def check_prescription_reader(
         )
 
 
+def check_masked_prescription(
+    subject: Principal, directives: PatientDirectives, record_id: str, prescriber_rpps: str
+) -> None:
+    """A prescription the patient masked is read by no other professional than its
+    prescriber and the treating doctor, but a pharmacist to whom the patient gave its id
+    (to dispense it)."""
+    if not may_dispense(subject) and prescription_masked_from(
+        subject, directives, record_id, prescriber_rpps
+    ):
+        raise PermissionDenied("the patient has masked this prescription from professionals")
+
+
 def check_find_prescriptions(
     assertion: Asserted, directives: PatientDirectives, matrix: AccessMatrix
 ) -> None:
@@ -312,11 +338,16 @@ def check_dispenser(assertion: Asserted, directives: PatientDirectives) -> None:
     """A dispensing (claim, release, dispense) is a pharmacist's, as the patient's
     directives allow both a read and a write of theirs."""
     subject = assertion.subject
+    check_dispensing_profession(subject)
+    refuse_reader(assertion, directives)
+    check_write(subject, "dispensation", directives)
+
+
+def check_dispensing_profession(subject: Principal) -> None:
+    """Only pharmacists dispense (asked before anything of the prescription is looked up)."""
     if not may_dispense(subject):
         who = subject.profession or subject.role.value
         raise PermissionDenied(f"{subject.uri} ({who}) may not dispense: only pharmacists do")
-    refuse_reader(assertion, directives)
-    check_write(subject, "dispensation", directives)
 
 
 def check_canceller(

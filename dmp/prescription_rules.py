@@ -6,9 +6,9 @@ that locks its row, asks these functions, and writes what they allow in that sam
 
 How dispensings count. A prescription allows 1 + renewals dispensings: the first, then
 renewal 1..N. Each DispensePrescription is one whole dispensing: per line at most the
-line's quantity (partial quantities and not-delivered lines are allowed, and what was not
-given of that dispensing is not carried over); the next call is the next renewal, once the
-minimum interval after the last dispensing has elapsed.
+line's quantity (partial quantities and not-delivered lines are allowed, at least one line
+given; what was not given of that dispensing is not carried over); the next call is the
+next renewal, once the minimum interval after the last dispensing has elapsed.
 
 Validity. The first dispensing happens before dispense_before; nothing is dispensed after
 the treatment end (treatment_end, or 12 months after authoring when the prescriber gave
@@ -220,7 +220,8 @@ def check_dispensed_lines(
 ) -> list[P.DispensedLine]:
     """The lines of a dispensing, checked against the prescription: each line at most
     once, within its quantity (QUANTITY_EXCEEDED), a substitute only where allowed, a
-    reason for a line not given. Lines left out are not delivered."""
+    reason for a line not given, at least one line given. Lines left out are not
+    delivered."""
     if not lines:
         raise InvalidArgument(
             "dispensation.lines: give at least one line (its index in the prescription and the"
@@ -251,8 +252,8 @@ def check_dispensed_lines(
         if line.quantity > prescribed.quantity:
             raise FailedPrecondition(
                 f"{where}: {line.quantity} {prescribed.unit or 'unit(s)'} of line"
-                f" {line.line} ({prescribed.medication.code.code}) exceed what this"
-                f" dispensing allows: at most {prescribed.quantity}",
+                f" {line.line} exceed what this dispensing allows: at most"
+                f" {prescribed.quantity}",
                 reason=QUANTITY_EXCEEDED,
             )
         if line.HasField("substitute"):
@@ -265,6 +266,11 @@ def check_dispensed_lines(
                 P.PrescriptionLine(medication=line.substitute, quantity=1), f"{where}.substitute"
             )
         out.append(line)
+    if not any(line.quantity > 0 for line in out):
+        raise InvalidArgument(
+            "dispensation.lines: a dispensing that gives nothing is not a dispensing: give at"
+            " least one line a quantity (the prescription stays whole for another pharmacy)"
+        )
     return out
 
 

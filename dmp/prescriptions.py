@@ -23,7 +23,7 @@ from dmp.clock import from_us, to_us
 from dmp.errors import DmpError, InvalidArgument, PermissionDenied
 from dmp.fields import check_text, check_time
 from dmp.identity import Principal, Role, check_rpps
-from dmp.ins import normalize_ins
+from dmp.ins import normalize_ins, stored_ins
 from dmp.policy import PRESCRIBERS
 from dmp.regions import REGIONS, check_region
 from dmp.signing import SignatureVerifier, Signer
@@ -69,6 +69,12 @@ MAX_RENEWALS = 12
 MAX_INTERVAL_DAYS = 366
 MAX_QUANTITY = 1000
 DEFAULT_UNIT = "boîte"
+#: The signed bytes of an act, at most: above the largest the limits below allow (50 lines
+#: of every text at its limit in 4-byte characters, about 420 KiB), so that no field the
+#: contract does not know carries megabytes to every reader.
+MAX_PRESCRIPTION_BYTES = 512 * 1024
+#: The signature and the signer's certificate around them, at most.
+MAX_ENVELOPE_BYTES = 32 * 1024
 #: Text limits of a line's and a prescriber's fields, in characters.
 TEXT_LIMITS = {
     "dose": 200,
@@ -260,7 +266,7 @@ def build_prescription(
     before = dispense_before or add_months(now, DEFAULT_VALIDITY_MONTHS)
     prescription = prescription_pb2.Prescription(
         id=prescription_id,
-        patient_ins=patient_ins,
+        patient_ins=normalize_ins(patient_ins, "prescription.patient_ins"),
         prescriber=prescription_pb2.Prescriber(
             rpps=prescriber.key,
             name=prescriber.name,
@@ -284,7 +290,7 @@ def build_prescription(
 def validate_prescription(prescription: prescription_pb2.Prescription) -> None:
     """Refuse, naming the field, a prescription that no node stores as it is."""
     prescription_region(prescription.id, "prescription.id")
-    normalize_ins(prescription.patient_ins, "prescription.patient_ins")
+    stored_ins(prescription.patient_ins, "prescription.patient_ins")
     prescriber = prescription.prescriber
     check_rpps(prescriber.rpps)
     if prescriber.profession not in PRESCRIBING_PROFESSIONS:
@@ -373,6 +379,13 @@ def verify_prescription(
     InvalidArgument for bytes that are not a prescription or a signature that does not
     verify (tampered bytes, another key, a certificate not of the federation, revoked);
     PermissionDenied when the signer is not the prescriber the act names."""
+    size, envelope = len(signed.prescription), signed.ByteSize() - len(signed.prescription)
+    if size > MAX_PRESCRIPTION_BYTES or envelope > MAX_ENVELOPE_BYTES:
+        raise InvalidArgument(
+            f"the signed prescription is {size} bytes (and {envelope} of signature and"
+            f" certificate): at most {MAX_PRESCRIPTION_BYTES} (and {MAX_ENVELOPE_BYTES}) are"
+            " accepted, more than the largest act the field limits allow"
+        )
     try:
         prescription = prescription_pb2.Prescription.FromString(signed.prescription)
     except DecodeError:

@@ -7,7 +7,7 @@ import re
 
 from dmp.errors import InvalidArgument
 from dmp.fields import check_text, check_time
-from dmp.ins import normalize_ins
+from dmp.ins import stored_ins
 from dmp.v1 import record_pb2
 
 LOINC = "http://loinc.org"
@@ -83,7 +83,7 @@ TEXT_LIMITS = {
 
 def validate_draft(record: record_pb2.Record) -> None:
     """Refuse, naming the field, a record a writer may not store as it is."""
-    normalize_ins(record.patient_ins, "record.patient_ins")
+    stored_ins(record.patient_ins, "record.patient_ins")
     if record.kind == record_pb2.RECORD_KIND_UNSPECIFIED:
         raise InvalidArgument(f"record.kind is required: one of {', '.join(KIND_NAMES.values())}")
     kind_name(record.kind, "record.kind")

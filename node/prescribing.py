@@ -43,10 +43,13 @@ from dmp.ins import normalize_ins
 from dmp.policy import (
     check_canceller,
     check_dispenser,
+    check_dispensing_profession,
     check_find_prescriptions,
+    check_masked_prescription,
     check_prescribe,
     check_prescription_reader,
     may_read_prescription,
+    prescription_masked_from,
 )
 from dmp.prescription_fhir import CONTENT_TYPE, medication_dispenses, medication_requests
 from dmp.prescription_rules import (
@@ -200,6 +203,14 @@ class PrescriptionService:
             assert row is not None
             directives = self._directives(context, assertion, row.patient_ins)
             check_prescription_reader(bound, directives, row.prescriber_rpps, self._access.matrix)
+            masked = (
+                self._store.record_ids(row.patient_ins, [prescription_id])
+                if directives.masked_record_ids
+                else {}
+            )
+            check_masked_prescription(
+                bound.subject, directives, masked.get(prescription_id, ""), row.prescriber_rpps
+            )
             stored = self._stored(row, given, bound.subject.uri)
             audited.commit([prescription_id])
             return stored
@@ -229,9 +240,17 @@ class PrescriptionService:
             check_find_prescriptions(assertion, directives, matrix)
             now = self._clock()
             found, ids = [], []
-            for row, given in self._store.for_patient(patient):
+            rows = self._store.for_patient(patient)
+            records = (
+                self._store.record_ids(patient, [row.id for row, _ in rows])
+                if directives.masked_record_ids
+                else {}
+            )
+            for row, given in rows:
                 if not may_read_prescription(
                     assertion.subject, patient, row.prescriber_rpps, matrix
+                ) or prescription_masked_from(
+                    assertion.subject, directives, records.get(row.id, ""), row.prescriber_rpps
                 ):
                     continue
                 _, prescription = _prescription(row)
@@ -297,7 +316,7 @@ class PrescriptionService:
                 first = next((d for d in given if d.idempotency_key == key), None)
                 if row is None or first is None:
                     raise
-                self._same_pharmacist(first, bound.subject)
+                self._same_dispensing(first, bound.subject, request)
                 audited.detail = f"retry: dispensing {first.id} recorded first"
                 audited.commit([prescription_id, first.id])
                 return first, self._stored(row, given, bound.subject.uri)
@@ -310,7 +329,7 @@ class PrescriptionService:
             row, prescription = self._locked(uow, prescription_id)
             first = self._store.dispensation_by_key(uow.session, prescription_id, key)
             if first is not None:
-                self._same_pharmacist(first, pharmacist)
+                self._same_dispensing(first, pharmacist, request)
                 audited.detail = f"retry: dispensing {first.id} recorded first"
                 uow.audit([prescription_id, first.id])
                 given = self._store.dispensations(uow.session, prescription_id)
@@ -358,8 +377,15 @@ class PrescriptionService:
         return dispensation, self._stored(row, given, pharmacist.uri)
 
     @staticmethod
-    def _same_pharmacist(first: P.Dispensation, pharmacist: Principal) -> None:
-        if first.pharmacist_rpps != pharmacist.key:
+    def _same_dispensing(
+        first: P.Dispensation, pharmacist: Principal, request: P.Dispensation
+    ) -> None:
+        """A retry is the same dispensing again: same pharmacist, pharmacy and lines."""
+        if (
+            first.pharmacist_rpps != pharmacist.key
+            or first.pharmacy != request.pharmacy
+            or list(first.lines) != list(request.lines)
+        ):
             raise AlreadyExists(
                 "dispensation.idempotency_key was already used for another dispensing of this"
                 " prescription: the pharmacy's software chooses a new key for each dispensing"
@@ -380,7 +406,9 @@ class PrescriptionService:
             assert row is not None
             directives = self._directives(context, assertion, row.patient_ins)
             check_canceller(bound, directives, row.prescriber_rpps)
-            audited.detail = f"reason: {reason}" if reason else ""
+            # The reason is the prescriber's free text: stored with the prescription, never
+            # in the audit (an event's detail holds no record content).
+            audited.detail = "with a reason" if reason.strip() else ""
             with self._unit(audited) as uow:
                 row, prescription = self._locked(uow, prescription_id)
                 before = progress_of(row)
@@ -459,6 +487,12 @@ class PrescriptionService:
         directives allow."""
         assertion = self._caller(context, audited, access_pb2.OPERATION_DISPENSE, prescription_id)
         row = self._store.find(prescription_id)
+        try:
+            check_dispensing_profession(assertion.subject)  # permission before existence,
+        except PermissionDenied:
+            if row is not None and assertion.patient_ins in ("", row.patient_ins):
+                audited.patient_ins = row.patient_ins  # but the patient sees the attempt
+            raise
         bound = self._bind(audited, assertion, row, prescription_id)
         assert row is not None
         check_dispenser(bound, self._directives(context, assertion, row.patient_ins))

@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session
 
 from dmp.errors import Unavailable
 from dmp.prescription_rules import Progress
-from dmp.v1 import prescription_pb2
-from node.models import DispensationRow, PrescriptionRow
+from dmp.records import kind_name
+from dmp.v1 import prescription_pb2, record_pb2
+from node.models import DispensationRow, PrescriptionRow, RecordRow
 
 
 class StaleProgress(Unavailable):
@@ -77,6 +78,21 @@ class PrescriptionStore:
             )
             given = self._dispensations_of(session, [r.id for r in rows])
             return [(row, given.get(row.id, [])) for row in rows]
+
+    def record_ids(self, patient_ins: str, prescription_ids: Sequence[str]) -> dict[str, str]:
+        """The id of the `prescription` record written for each of the patient's
+        prescriptions (what a patient masks); by patient first, as records are indexed."""
+        if not prescription_ids:
+            return {}
+        with Session(self._engine) as session:
+            rows = session.execute(
+                select(RecordRow.prescription_id, RecordRow.id).where(
+                    RecordRow.patient_ins == patient_ins,
+                    RecordRow.prescription_id.in_(list(prescription_ids)),
+                    RecordRow.kind == kind_name(record_pb2.RECORD_KIND_PRESCRIPTION),
+                )
+            )
+            return {rx: record_id for rx, record_id in rows if rx is not None}
 
     # -- in a unit of work ----------------------------------------------------------------
 

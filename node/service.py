@@ -149,9 +149,13 @@ class RecordService:
             if not replaced:
                 continue
             row = previous.get(replaced)
-            if row is not None:
-                allowed = row.patient_ins == draft.record.patient_ins and (
-                    self._access.may_supersede(writer, row.author_identity, row.kind, row.type_code)
+            if row is not None:  # e-prescription's records are the node's (prescription_id)
+                allowed = (
+                    row.patient_ins == draft.record.patient_ins
+                    and row.prescription_id is None
+                    and self._access.may_supersede(
+                        writer, row.author_identity, row.kind, row.type_code
+                    )
                 )
             elif replaced in in_batch:  # written by this writer, earlier in this batch
                 earlier = in_batch[replaced].record

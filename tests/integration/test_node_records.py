@@ -184,6 +184,8 @@ class TestRecords:
         ("change", "field"),
         [
             (lambda r: setattr(r, "patient_ins", r.patient_ins[:-1] + "0"), "patient_ins"),
+            # Stored as typed, a spaced INS would file the record where no one finds it.
+            (lambda r: setattr(r, "patient_ins", " ".join(r.patient_ins)), "patient_ins"),
             (lambda r: setattr(r, "kind", 42), "kind"),
             (lambda r: setattr(r, "kind", 0), "kind"),
             (lambda r: setattr(r, "title", " "), "title"),

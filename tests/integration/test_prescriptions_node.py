@@ -367,7 +367,7 @@ def test_a_retry_with_the_same_key_answers_the_first_outcome(
 ) -> None:
     rx = rx_id(doctor.prescribe(renewals=2))
     first = pharmacists[0].dispense(rx, key="caisse-3-ticket-0042")
-    again = pharmacists[0].dispense(rx, (1, 1), key="caisse-3-ticket-0042")
+    again = pharmacists[0].dispense(rx, key="caisse-3-ticket-0042")
     assert again.dispensation == first.dispensation
     assert len(again.prescription.state.dispensations) == 1
     assert again.prescription.state.renewals_remaining == 1

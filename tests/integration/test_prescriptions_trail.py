@@ -21,7 +21,7 @@ from dmp.prescriptions import ALREADY_DISPENSED
 from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import record_pb2
 from node.app import RunningNode
-from tests.federation import DOCTOR, running_directory, wait_for
+from tests.federation import DOCTOR, OTHER_DOCTOR, running_directory, wait_for
 from tests.integration.prescription_helpers import (
     PHARMACISTS,
     Actor,
@@ -36,6 +36,7 @@ from tests.integration.prescription_helpers import (
 #: Patients of this module only: each test has its own.
 BLOCKING = make_ins("1010275123001")
 FOLLOWED = make_ins("1020275123002")
+MASKING = make_ins("1030275123003")
 
 
 @dataclass
@@ -58,6 +59,7 @@ def rx_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pki = make_rx_pki(directory)
     pki.issue_patient(BLOCKING, "Louise BLOQUE")
     pki.issue_patient(FOLLOWED, "Paul SUIVI")
+    pki.issue_patient(MASKING, "Marc MASQUE")
     return directory
 
 
@@ -159,3 +161,34 @@ def test_records_and_history_of_a_prescription(fed: Fed) -> None:
     refused = [e for e in history if e.status_code == "FAILED_PRECONDITION"]
     assert refused[0].active_participant_user_id == f"urn:dmp:practitioner:{PHARMACISTS[1]}"
     assert all(e.participant_object_patient_ins == ins for e in history)
+
+
+def test_a_prescription_the_patient_masked_is_found_by_no_other_professional(fed: Fed) -> None:
+    """Masking the prescription's record hides the prescription itself from professionals
+    (its search and its reading) but its prescriber's; a pharmacist given its id by the
+    patient still reads and dispenses it."""
+    ins = MASKING
+    doctor, other, pharmacist, me = (
+        fed.actor(practitioner(DOCTOR)),
+        fed.actor(practitioner(OTHER_DOCTOR)),
+        fed.actor(practitioner(PHARMACISTS[0])),
+        fed.actor(patient(ins)),
+    )
+    try:
+        rx = rx_id(doctor.prescribe(patient=ins))
+        (written,) = [r for r in me.records_of(ins) if r.prescription_id == rx]
+        with fed.directory(patient(ins)) as directory:
+            directory.set_directives(
+                PatientDirectives(ins, version=1, masked_record_ids=frozenset({written.id}))
+            )
+        wait_for(lambda: not other.find(ins), "the masked prescription out of another's search")
+        answer = refusal(lambda: other.get(rx))
+        assert answer.code == grpc.StatusCode.PERMISSION_DENIED and "masked" in answer.message
+        assert not pharmacist.find(ins)
+        assert [rx_id(s) for s in doctor.find(ins)] == [rx]
+        assert [rx_id(s) for s in me.find(ins)] == [rx]
+        assert rx_id(pharmacist.get(rx)) == rx
+        assert pharmacist.dispense(rx).dispensation.dispensing == 0
+    finally:
+        for actor in (doctor, other, pharmacist, me):
+            actor.close()

@@ -14,12 +14,14 @@ from dmp.policy import (
     check_canceller,
     check_dispenser,
     check_find_prescriptions,
+    check_masked_prescription,
     check_prescribe,
     check_prescription_reader,
     may_cancel,
     may_dispense,
     may_prescribe,
     may_read_prescription,
+    prescription_masked_from,
 )
 from dmp.v1 import access_pb2
 from node.access_matrix import load_matrix
@@ -202,3 +204,33 @@ def test_a_blocked_reader_reads_no_prescription() -> None:
 def test_a_blocked_prescriber_cancels_nothing() -> None:
     with pytest.raises(PermissionDenied, match="has blocked"):
         check_canceller(Asserted(pro("doctor", PRESCRIBER)), BLOCKED, PRESCRIBER)
+
+
+MASKED = PatientDirectives(
+    INS, masked_record_ids=frozenset({"rec-1"}), treating_rpps=RPPS["doctor"]
+)
+
+
+@pytest.mark.parametrize(
+    ("who", "masked"),
+    [
+        (pro("doctor", "10000000021"), True),
+        (pro("pharmacist"), True),
+        (pro("nurse"), True),
+        (pro("doctor", PRESCRIBER), False),
+        (pro("doctor"), False),  # the treating doctor
+        (PATIENT, False),
+    ],
+    ids=lambda v: getattr(v, "uri", str(v)),
+)
+def test_a_masked_prescription_is_hidden_as_any_masked_record(who: Principal, masked: bool) -> None:
+    assert prescription_masked_from(who, MASKED, "rec-1", PRESCRIBER) is masked
+    assert not prescription_masked_from(who, MASKED, "rec-2", PRESCRIBER)
+    assert not prescription_masked_from(who, MASKED, "", PRESCRIBER)
+
+
+def test_a_masked_prescription_is_read_by_the_pharmacist_given_its_id_only() -> None:
+    check_masked_prescription(pro("pharmacist"), MASKED, "rec-1", PRESCRIBER)
+    check_masked_prescription(pro("doctor", PRESCRIBER), MASKED, "rec-1", PRESCRIBER)
+    with pytest.raises(PermissionDenied, match="masked"):
+        check_masked_prescription(pro("nurse"), MASKED, "rec-1", PRESCRIBER)

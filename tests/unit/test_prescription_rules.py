@@ -258,6 +258,11 @@ def test_a_substitute_where_the_prescriber_allowed_it_only() -> None:
         ([given(0, -1)], "negative"),
         ([given(0, 0)], "needs a not_delivered_reason"),
         ([given(0, 1, not_delivered_reason="x")], "has no not_delivered_reason"),
+        (
+            [given(0, 0, not_delivered_reason="rupture"), given(1, 0, not_delivered_reason="x")],
+            "gives nothing",
+        ),
+        ([given(1, 0, not_delivered_reason="rupture de stock")], "gives nothing"),
     ],
 )
 def test_malformed_lines_are_refused(lines: list[P.DispensedLine], message: str) -> None:

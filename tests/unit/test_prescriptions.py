@@ -17,15 +17,20 @@ from dmp.prescriptions import (
     CIP13_SYSTEM,
     CROCKFORD,
     HELD_BY_ANOTHER_PHARMACY,
+    MAX_LINES,
+    MAX_PRESCRIPTION_BYTES,
+    MAX_QUANTITY,
     PRESCRIPTION_EXPIRED,
     QUANTITY_EXCEEDED,
     REASONS,
     RENEWAL_NOT_YET_DUE,
     STATUS_NAMES,
+    TEXT_LIMITS,
     add_months,
     build_prescription,
     new_prescription_id,
     parse_line,
+    prescription_bytes,
     prescription_region,
     sign_prescription,
     status_name,
@@ -34,7 +39,7 @@ from dmp.prescriptions import (
 )
 from dmp.revocation import RevocationList
 from dmp.signing import SignatureVerifier, Signer
-from dmp.v1 import prescription_pb2
+from dmp.v1 import prescription_pb2, record_pb2
 
 INS = make_ins("1850275123456")
 DOCTOR = "10000000001"
@@ -244,6 +249,49 @@ def test_bytes_that_are_no_prescription_are_refused(
     signed.prescription = b"\xff\xff\xff"
     with pytest.raises(InvalidArgument, match="not a serialized Prescription"):
         verify_prescription(signed, verifier)
+
+
+def test_an_act_naming_its_patient_by_an_ins_spelled_otherwise_is_refused(
+    signers: dict[str, Signer], verifier: SignatureVerifier
+) -> None:
+    """The signed INS is the one the node stores, finds and audits under: never spaced
+    or lower case, else the patient neither finds the act nor sees its dispensings."""
+    built = prescription(signers["doctor"].principal, patient_ins=" ".join(INS))
+    assert built.patient_ins == INS
+    built.patient_ins = INS[:5] + " " + INS[5:]
+    with pytest.raises(InvalidArgument, match="must be written as " + INS):
+        verify_prescription(sign_prescription(built, signers["doctor"]), verifier)
+
+
+def test_the_largest_act_the_limits_allow_fits_the_byte_bound() -> None:
+    wide = "\U0001f600"  # 4 bytes in UTF-8
+
+    def text(name: str) -> str:
+        return wide * TEXT_LIMITS[name]
+
+    line = prescription_pb2.PrescriptionLine(
+        medication=prescription_pb2.Medication(
+            code=record_pb2.Coding(
+                system=text("medication.code.system"),
+                code=text("medication.code.code"),
+                display=text("medication.code.display"),
+            )
+        ),
+        **{name: text(name) for name in ("dose", "route", "frequency", "duration", "unit")},
+        instructions=text("instructions"),
+        quantity=MAX_QUANTITY,
+        substitution_allowed=True,
+    )
+    doctor = Principal(Role.PRACTITIONER, DOCTOR, text("prescriber.name"), "doctor")
+    built = prescription(
+        doctor,
+        organization=text("prescriber.organization"),
+        lines=[line] * MAX_LINES,
+        renewals=12,
+        min_interval_days=366,
+        treatment_end=datetime(2027, 11, 30, tzinfo=UTC),
+    )
+    assert len(prescription_bytes(built)) <= MAX_PRESCRIPTION_BYTES
 
 
 def test_an_unsigned_prescription_is_refused(
