@@ -60,6 +60,22 @@ def natural_resources(
     return [merged]
 
 
+def natural_entries(
+    records: Iterable[record_pb2.Record],
+    content_url: Callable[[record_pb2.Record], str],
+    read_content: Callable[[record_pb2.Record, int], bytes | None],
+) -> list[tuple[str, Resource]]:
+    """(relative url, resource) of each record's natural resource(s), each read with its
+    content when it is built from it (structured FHIR content, prescriptions and
+    dispensations); ``read_content`` answers None when it cannot be read."""
+    matches = []
+    for record in records:
+        content = read_content(record, MAX_INLINE) if needs_content(record) else None
+        for resource in natural_resources(record, content_url(record), content):
+            matches.append((entry_url(resource), resource))
+    return matches
+
+
 def entry_url(resource: Resource) -> str:
     return f"{resource['resourceType']}/{resource['id']}"
 

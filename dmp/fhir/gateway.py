@@ -29,10 +29,10 @@ from dmp.fhir.audit import audit_event_resource
 from dmp.fhir.bundles import query_url, regions_outcome, searchset
 from dmp.fhir.capability import capability_statement
 from dmp.fhir.errors import FhirError, bad_parameter, from_domain, from_rpc
-from dmp.fhir.everything import MAX_INLINE, entry_url, natural_resources, needs_content
+from dmp.fhir.everything import entry_url, natural_entries
 from dmp.fhir.federation import Federation
 from dmp.fhir.mapping import Resource, binary_id, document_reference, patient
-from dmp.fhir.medication import active_requests, is_active, medication_resources
+from dmp.fhir.medication import active_medication_requests
 from dmp.fhir.transaction import response_bundle
 from dmp.v1 import record_pb2
 
@@ -162,16 +162,9 @@ class Gateway:
         return FhirResponse(bundle)
 
     def _natural(self, base: str, records: list[record_pb2.Record]) -> list[tuple[str, Resource]]:
-        """Each record as its natural resource(s), read with its content when it is built
-        from it (structured FHIR content, prescriptions and dispensations)."""
-        matches = []
-        for record in records:
-            content = (
-                self.federation.read_content(record, MAX_INLINE) if needs_content(record) else None
-            )
-            for resource in natural_resources(record, _content_url(base, record), content):
-                matches.append((entry_url(resource), resource))
-        return matches
+        return natural_entries(
+            records, lambda r: _content_url(base, r), self.federation.read_content
+        )
 
     async def search_medication_requests(self, request: Request) -> Response:
         """Dispensable prescriptions of every region: MedicationRequests, status active."""
@@ -198,20 +191,8 @@ class Gateway:
     def _active(self, base: str, ins: str) -> tuple[list[tuple[str, Resource]], Resource | None]:
         kinds = [record_pb2.RECORD_KIND_PRESCRIPTION, record_pb2.RECORD_KIND_DISPENSATION]
         view = self.federation.records(ins, kinds)
-        dispensed: dict[str, int] = {}
-        for record in view.records:
-            if record.kind == record_pb2.RECORD_KIND_DISPENSATION and record.prescription_id:
-                dispensed[record.prescription_id] = dispensed.get(record.prescription_id, 0) + 1
-        matches = []
-        for record in view.records:
-            if record.kind != record_pb2.RECORD_KIND_PRESCRIPTION or not record.prescription_id:
-                continue
-            content = self.federation.read_content(record, MAX_INLINE)
-            resources = medication_resources(record, content)
-            if is_active(record, resources, dispensed.get(record.prescription_id, 0)):
-                for resource in active_requests(resources):
-                    matches.append((entry_url(resource), resource))
-        return matches, regions_outcome(view.regions.values())
+        found = active_medication_requests(view.records, self.federation.read_content)
+        return [(entry_url(r), r) for r in found], regions_outcome(view.regions.values())
 
     async def search_documents(self, request: Request) -> Response:
         query = request.query_params

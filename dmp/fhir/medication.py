@@ -15,6 +15,7 @@ fewer dispensings were recorded than it allows (first plus its renewals).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -31,6 +32,8 @@ from dmp.fhir.systems import RECORD_ID_SYSTEM
 from dmp.v1 import record_pb2
 
 FHIR_JSON: Final = "application/fhir+json"
+#: Largest prescription content read (the node's are a few kilobytes).
+MAX_CONTENT: Final = 1024 * 1024
 
 
 def parse_content(record: record_pb2.Record, content: bytes | None) -> Resource | None:
@@ -153,13 +156,30 @@ def is_active(
     return dispensings < _allowed(resources)
 
 
-def active_requests(resources: list[Resource]) -> list[Resource]:
-    """The MedicationRequests of a dispensable prescription, said to be active."""
-    return [{**r, "status": "active"} for r in resources]
+def active_medication_requests(
+    records: Iterable[record_pb2.Record],
+    read_content: Callable[[record_pb2.Record, int], bytes | None],
+    now: datetime | None = None,
+) -> list[Resource]:
+    """The MedicationRequests of every dispensable prescription among ``records`` (the
+    patient's prescription and dispensation records), each said to be active."""
+    records = list(records)
+    dispensed: dict[str, int] = {}
+    for record in records:
+        if record.kind == record_pb2.RECORD_KIND_DISPENSATION and record.prescription_id:
+            dispensed[record.prescription_id] = dispensed.get(record.prescription_id, 0) + 1
+    found: list[Resource] = []
+    for record in records:
+        if record.kind != record_pb2.RECORD_KIND_PRESCRIPTION or not record.prescription_id:
+            continue
+        resources = medication_resources(record, read_content(record, MAX_CONTENT))
+        if is_active(record, resources, dispensed.get(record.prescription_id, 0), now):
+            found.extend({**r, "status": "active"} for r in resources)
+    return found
 
 
 __all__: Any = [
-    "active_requests",
+    "active_medication_requests",
     "is_active",
     "medication_resources",
     "parse_content",

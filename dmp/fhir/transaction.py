@@ -56,6 +56,7 @@ from dmp.fhir.inbound import (
     subject_ins,
 )
 from dmp.fhir.mapping import fhir_id
+from dmp.patients import traits_of
 from dmp.records import validate_draft
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2 as npb
@@ -124,13 +125,15 @@ def parse(body: Any, *, max_content: int) -> Submission:
             if traits is not None:
                 raise invalid(path, "one Patient a Bundle: a submission is about one patient")
             traits = patient_traits(resource, path)
-            for name in (entry.get("fullUrl"), f"Patient/{resource.get('id')}"):
-                if name:
-                    patients[str(name)] = traits.ins
+            try:
+                traits_of(traits, path)
+            except InvalidArgument as exc:  # names the trait: birth_date, birthplace_code...
+                raise FhirError(400, "invalid", exc.message, expression=path) from None
+            names = [entry.get("fullUrl"), resource.get("id") and f"Patient/{resource['id']}"]
+            patients.update({str(name): traits.ins for name in names if name})
         elif resource["resourceType"] == "Binary":
-            for name in (entry.get("fullUrl"), f"Binary/{resource.get('id')}"):
-                if name:
-                    binaries[str(name)] = (path, resource)
+            names = [entry.get("fullUrl"), resource.get("id") and f"Binary/{resource['id']}"]
+            binaries.update({str(name): (path, resource) for name in names if name})
     subjects = {
         i: subject_ins(e["resource"], f"Bundle.entry[{i}].resource", patients)
         for i, e in enumerate(entries)
@@ -140,7 +143,8 @@ def parse(body: Any, *, max_content: int) -> Submission:
     if traits is not None:
         named.add(traits.ins)
     if len(named) != 1:
-        expected = traits.ins if traits is not None else next(iter(subjects.values()), None)
+        given = [s for s in subjects.values() if s]
+        expected = traits.ins if traits is not None else (given[0] if given else None)
         wrong = [i for i, s in subjects.items() if s and s != expected]
         where = f"Bundle.entry[{wrong[0]}].resource.subject" if wrong else "Bundle.entry"
         raise invalid(
