@@ -29,7 +29,7 @@ from dmp.fhir.inbound import canonical
 from dmp.pki import load_credentials
 from dmp.v1 import node_service_pb2 as npb
 from dmp.v1 import record_pb2
-from tests.federation import DOCTOR, PHARMACIST, dmp_process
+from tests.federation import DOCTOR, PATIENT, PHARMACIST, dmp_process
 from tests.integration.fhir_bundles import (
     INS_SYSTEM,
     PDF,
@@ -479,3 +479,25 @@ def test_a_writing_gateway_says_it_takes_transactions(gateway: Gateway) -> None:
     assert any(i.endswith("IHE.MHD.DocumentRecipient") for i in statement["instantiates"])
     types = {r["type"] for r in rest["resource"]}
     assert {"MedicationRequest", "MedicationDispense"} <= types
+
+
+def test_an_export_with_a_region_down_is_partial_and_says_so(fed: FhirFed, tmp_path: Path) -> None:
+    """Last in this module: it stops node 53."""
+    fed.nodes["53"].stop(grace=None)
+    out_file = tmp_path / "partial.json"
+    code, _, err = _run("fhir", "export", "--pki", str(fed.pki_dir), "--as", DOC,
+                        "--directory", fed.directory_address, "--patient", PATIENT,
+                        "--out", str(out_file))  # fmt: skip
+    assert code == 1
+    assert "partial: region 53 (Bretagne)" in err
+    exported = json.loads(out_file.read_text())
+    validate(exported)
+    sources = {
+        e["resource"]["meta"]["source"] for e in exported["entry"] if e["search"]["mode"] == "match"
+    }
+    assert sources == {"urn:dmp:node:11", "urn:dmp:node:84"}
+    [outcome] = [e["resource"] for e in exported["entry"] if e["search"]["mode"] == "outcome"]
+    assert outcome["issue"][0]["details"]["coding"][0]["code"] == "53"
+    written = {r.id for region, r, _ in fed.written.values() if region != "53"}
+    binaries = [e for e in exported["entry"] if e["resource"]["resourceType"] == "Binary"]
+    assert len(binaries) == len(written)
