@@ -23,13 +23,20 @@ from dmp.v1 import access_pb2
 
 Metadata = Sequence[tuple[str, str | bytes]]
 PurposeName = Literal["CARE", "EMERGENCY", "SELF"]
-#: What the call does: a view or list of records, a patient lookup, or a write (writes and
-#: registrations are authorized by the writer's certificate and carry no assertion).
-Call = Literal["VIEW", "LOOKUP", "WRITE"]
+#: What the call does: a view or list of records, a patient lookup, a write (writes and
+#: registrations are authorized by the writer's certificate and carry no assertion), or a
+#: dispensing of the prescription named by record_id.
+Call = Literal["VIEW", "LOOKUP", "WRITE", "DISPENSE"]
 
 
 def patient_call_metadata(
-    pki_dir: Path, identity: str, ins: str | None, call: Call, purpose: PurposeName = "CARE"
+    pki_dir: Path,
+    identity: str,
+    ins: str | None,
+    call: Call,
+    purpose: PurposeName = "CARE",
+    *,
+    record_id: str = "",
 ) -> Metadata:
     """The metadata of one client call made as `identity` about patient `ins` (None for a
     call that spans many patients, such as an ingest stream), for `purpose`: a fresh access
@@ -38,17 +45,26 @@ def patient_call_metadata(
     write or a call about no single patient.
 
     Called once per call, just before the call and outside its timed interval (the caller's
-    own signing is not a server cost).
+    own signing is not a server cost). A dispensing names its prescription (`record_id`)
+    and may name no patient (`ins` ""), as a pharmacist who scanned the id does.
     """
     if ins is None or call == "WRITE":
         return ()
     reason = "benchmark" if purpose == Purpose.EMERGENCY else ""
     return _assertions(pki_dir, identity).sign(
-        ins, operation=_OPERATIONS[call], purpose=Purpose(purpose).wire, reason=reason
+        ins,
+        operation=_OPERATIONS[call],
+        record_id=record_id,
+        purpose=Purpose(purpose).wire,
+        reason=reason,
     )
 
 
-_OPERATIONS = {"VIEW": access_pb2.OPERATION_VIEW, "LOOKUP": access_pb2.OPERATION_LOOKUP}
+_OPERATIONS = {
+    "VIEW": access_pb2.OPERATION_VIEW,
+    "LOOKUP": access_pb2.OPERATION_LOOKUP,
+    "DISPENSE": access_pb2.OPERATION_DISPENSE,
+}
 
 
 @functools.cache

@@ -27,6 +27,7 @@ SECTION_TITLES = {
     "d": "d. node ingest",
     "e": "e. directory at scale",
     "f": "f. peak memory during a",
+    "g": "g. e-prescription dispensing",
 }
 
 

@@ -12,6 +12,7 @@ Sections (bench/README.md says what each figure means):
   d  node ingest: single durable puts and batched streams, SQLite and PostgreSQL
   e  directory with 10 million patients, SQLite and PostgreSQL
   f  peak memory of the directory and the nodes during a
+  g  e-prescription: dispense through the directory (p50, ratio to a view), 16 racing clients
 
 Prints a table on stdout (progress on stderr) and writes the figures as JSON.
 """
@@ -30,12 +31,13 @@ from typing import Any
 
 from bench.federation import BenchFederation, BenchIdentities, FederationPlan, ViewPlan
 from bench.ingest import IngestPlan, measure_ingest
+from bench.prescriptions import PrescriptionPlan, measure_prescriptions
 from bench.report import ROOT, document, git_state, machine, say, table, write_json
 from bench.stats import Results
 from bench.views import Floor, measure_delay, measure_rss, measure_saturation, measure_views
 from dmp.regions import METROPOLITAN
 
-SECTIONS = ("a", "b", "c", "d", "e", "f")
+SECTIONS = ("a", "b", "c", "d", "e", "f", "g")
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 #: The benchmark's PostgreSQL: durable (the test cluster turns fsync, synchronous_commit and
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--quick", action="store_true", help="smaller sizes and fewer runs (for development)")
-    add("--only", action="append", metavar="SECTION", help="run only these sections (a..f)")
+    add("--only", action="append", metavar="SECTION", help="run only these sections (a..g)")
     add("--out", type=Path, default=DEFAULT_OUT, help="JSON file (default %(default)s)")
     add("--workdir", type=Path, help="keep the databases and logs here (default: a temp dir)")
     add("--keep", action="store_true", help="keep the temporary work directory")
@@ -78,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--saturation-threads", type=int, default=4, help="per client process")
     group.add_argument("--delay-ms", type=float, default=50.0)
     group.add_argument("--delay-views", type=int, help="views per delay setting (default 40)")
+    group = parser.add_argument_group("g: e-prescription")
+    group.add_argument(
+        "--rx-dispenses", type=int, help="dispensings per run, 1 in flight (default 100)"
+    )
+    group.add_argument("--rx-racers", type=int, default=16, help="racing clients (default 16)")
+    group.add_argument(
+        "--rx-per-racer", type=int, help="dispensings per racing client and run (default 10)"
+    )
     group = parser.add_argument_group("d: ingest")
     group.add_argument("--ingest-puts", type=int, help="single puts per run (default 400)")
     group.add_argument("--ingest-parallel", type=int, default=4, help="parallel put clients")
@@ -105,7 +115,7 @@ def _sections(only: Sequence[str] | None) -> list[str]:
     chosen = {part.strip().lower() for item in only for part in item.split(",") if part.strip()}
     unknown = chosen - set(SECTIONS)
     if unknown:
-        raise SystemExit(f"bench: unknown section(s) {', '.join(sorted(unknown))}: a..f")
+        raise SystemExit(f"bench: unknown section(s) {', '.join(sorted(unknown))}: a..g")
     return [s for s in SECTIONS if s in chosen]
 
 
@@ -182,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch=_pick(args.ingest_batch, 5000, 2000, quick),
         seed=args.seed,
     )
+    prescriptions = PrescriptionPlan(
+        runs=runs,
+        dispenses=_pick(args.rx_dispenses, 100, 40, quick),
+        racers=args.rx_racers,
+        per_racer=_pick(args.rx_per_racer, 10, 5, quick),
+    )
     directory_patients = _pick(args.directory_patients, 10_000_000, 1_000_000, quick)
     directory_lookups = _pick(args.directory_lookups, 2000, 500, quick)
     config: dict[str, Any] = {
@@ -191,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "federation": vars(plan) | {"regions": list(plan.regions)},
         "views": vars(views),
         "ingest": vars(ingest),
+        "prescriptions": vars(prescriptions),
         "directory": {"patients": directory_patients, "lookups_per_run": directory_lookups},
         "postgresql_settings": POSTGRES_SETTINGS if not args.no_postgres else None,
         "sqlite": "WAL, synchronous=FULL (dmp/db.py), as the services run it",
@@ -210,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     postgres = _Postgres(enabled=not args.no_postgres)
     try:
         identities = BenchIdentities.make(workdir / "pki", plan.regions, seed=args.seed)
-        _federation_sections(workdir, plan, views, identities, sections, results)
+        _federation_sections(workdir, plan, views, prescriptions, identities, sections, results)
         if "d" in sections:
             _ingest_section(workdir, identities, ingest, postgres, results)
         if "e" in sections:
@@ -263,15 +280,16 @@ def _federation_sections(
     workdir: Path,
     plan: FederationPlan,
     views: ViewPlan,
+    prescriptions: PrescriptionPlan,
     identities: BenchIdentities,
     sections: Sequence[str],
     results: Results,
 ) -> None:
     wanted = set(sections)
-    if not wanted & {"a", "b", "c", "f"}:
+    if not wanted & {"a", "b", "c", "f", "g"}:
         return
     federation = BenchFederation(workdir / "federation", plan, identities)
-    running = bool(wanted & {"a", "c", "f"})
+    running = bool(wanted & {"a", "c", "f", "g"})
     floor: Floor | None = None
     try:
         if running:
@@ -302,6 +320,10 @@ def _federation_sections(
             _guarded(results, "f", lambda: measure_rss(federation, results))
         if "c" in wanted:
             _guarded(results, "c", lambda: measure_delay(federation, views, results))
+        if "g" in wanted:
+            _guarded(
+                results, "g", lambda: measure_prescriptions(federation, prescriptions, results)
+            )
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         results.errors["federation"] = f"{type(exc).__name__}: {exc}"

@@ -9,7 +9,7 @@ again.
 from __future__ import annotations
 
 from directory.directives import DirectiveStore
-from directory.relay import Metadata, forward_metadata
+from directory.relay import Metadata, forward_assertion, forward_metadata
 from dmp.assertion import AssertionVerifier, Operation, VerifiedAssertion
 from dmp.audit.calls import AuditedCall
 from dmp.directives import PatientDirectives
@@ -32,14 +32,20 @@ class DirectoryAccess:
     ) -> tuple[VerifiedAssertion, PatientDirectives, bytes | None]:
         """The caller's verified assertion (for this operation, on this record) and the
         patient's directives, or a refusal."""
-        assertion = self._verifier.verify(context.invocation_metadata(), operation, record_id)
-        if assertion.subject.uri != context.principal.uri:
-            raise PermissionDenied("an access assertion is used by its signer only")
+        assertion = self._signed_by_caller(context, operation, record_id)
         if patient_ins is not None and patient_ins != assertion.patient_ins:
             raise PermissionDenied("the access assertion is for another patient")
         directives, signed = self._directives.current(assertion.patient_ins)
         refuse_reader(assertion, directives)
         return assertion, directives, signed
+
+    def _signed_by_caller(
+        self, context: CallContext, operation: Operation.ValueType, record_id: str | None
+    ) -> VerifiedAssertion:
+        assertion = self._verifier.verify(context.invocation_metadata(), operation, record_id)
+        if assertion.subject.uri != context.principal.uri:
+            raise PermissionDenied("an access assertion is used by its signer only")
+        return assertion
 
     def relay(
         self,
@@ -54,3 +60,22 @@ class DirectoryAccess:
         assertion, _, signed = self.reader(context, operation, patient_ins, record_id)
         audited.caller(assertion)
         return forward_metadata(assertion, signed, audited.request_id)
+
+    def relay_act(
+        self,
+        context: CallContext,
+        audited: AuditedCall,
+        operation: Operation.ValueType,
+        record_id: str,
+    ) -> Metadata:
+        """relay() for an act on one prescription, whose assertion may name no patient (a
+        pharmacist who scanned the id does not know the INS): then the directives are left
+        to the owning node, which takes the patient from the prescription it holds."""
+        assertion = self._signed_by_caller(context, operation, record_id)
+        if assertion.patient_ins:
+            directives, signed = self._directives.current(assertion.patient_ins)
+            refuse_reader(assertion, directives)
+            audited.caller(assertion)
+            return forward_metadata(assertion, signed, audited.request_id)
+        audited.caller(assertion)
+        return forward_assertion(assertion, audited.request_id)

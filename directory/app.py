@@ -14,6 +14,8 @@ from directory.directives import DirectiveStore
 from directory.fanout import FanOut
 from directory.index import PatientIndex
 from directory.models import audit_checkpoints, audit_events, seen_nonces, witnessed_heads
+from directory.prescribing import PrescriptionRelay
+from directory.prescription_servicer import DirectoryPrescriptionServicer
 from directory.registry import EmbeddedRegistry
 from directory.service import DirectoryService
 from directory.servicer import DirectoryServicer
@@ -28,7 +30,13 @@ from dmp.foundation import RunningService, ServiceSettings, ServiceTables, open_
 from dmp.identity import Role
 from dmp.pki import load_credentials
 from dmp.server import ServiceSpec
-from dmp.v1 import directory_service_pb2, directory_service_pb2_grpc, witness_pb2_grpc
+from dmp.v1 import (
+    directory_service_pb2,
+    directory_service_pb2_grpc,
+    prescription_pb2,
+    prescription_pb2_grpc,
+    witness_pb2_grpc,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 TABLES = ServiceTables(
@@ -40,6 +48,7 @@ TABLES = ServiceTables(
     witnessed_heads,
 )
 DIRECTORY_SERVICE = directory_service_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
+PRESCRIPTION_SERVICE = prescription_pb2.DESCRIPTOR.services_by_name["PrescriptionService"].full_name
 
 
 @dataclass
@@ -115,12 +124,24 @@ def start_directory(config: DirectoryConfig) -> RunningDirectory:
             auditor,
         )
     )
+    prescriptions = DirectoryPrescriptionServicer(
+        PrescriptionRelay(index, discovery, channels, access, fanout, auditor)
+    )
 
     def add(server: grpc.Server) -> None:
         directory_service_pb2_grpc.add_DirectoryServiceServicer_to_server(servicer, server)
 
+    def add_prescriptions(server: grpc.Server) -> None:
+        prescription_pb2_grpc.add_PrescriptionServiceServicer_to_server(prescriptions, server)
+
     try:
-        running = base.serve(config, [ServiceSpec(DIRECTORY_SERVICE, add)])
+        running = base.serve(
+            config,
+            [
+                ServiceSpec(DIRECTORY_SERVICE, add),
+                ServiceSpec(PRESCRIPTION_SERVICE, add_prescriptions),
+            ],
+        )
     except BaseException:
         discovery.close()
         channels.close()

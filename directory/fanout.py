@@ -12,7 +12,6 @@ import grpc
 from directory.channels import NodeChannels
 from dmp.discovery import Discovery
 from dmp.v1 import directory_service_pb2 as dpb
-from dmp.v1 import node_service_pb2_grpc
 
 S = dpb.RegionState
 MISSING = "its records are missing from this answer"
@@ -21,7 +20,7 @@ ANSWER_MARGIN = 0.05
 
 _REFUSED = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
 
-NodeCall = Callable[[node_service_pb2_grpc.NodeServiceStub, str, float], grpc.Future]
+NodeCall = Callable[[Any, str, float], grpc.Future]
 
 
 def answered(region: str) -> dpb.RegionStatus:
@@ -60,10 +59,16 @@ class FanOut:
         return max(0.0, min(self.region_deadline, time_remaining - ANSWER_MARGIN))
 
     def ask(
-        self, regions: Iterable[str], call: NodeCall, time_remaining: float | None
+        self,
+        regions: Iterable[str],
+        call: NodeCall,
+        time_remaining: float | None,
+        *,
+        stub: Callable[[grpc.Channel], Any] | None = None,
     ) -> dict[str, tuple[Any, dpb.RegionStatus]]:
         """Start `call` on every region's node at once, then collect: answer (or None) and
-        status per region, in the order given."""
+        status per region, in the order given. `call` gets the node's NodeService stub, or
+        `stub` over the node's channel for another of its services."""
         deadline = self.deadline(time_remaining)
         routes = self._discovery.routes()
         pending: dict[str, grpc.Future | dpb.RegionStatus] = {}
@@ -79,7 +84,12 @@ class FanOut:
                     message=f"region {region} not reachable: {reason}; {MISSING}",
                 )
             else:
-                pending[region] = call(self._channels.node(region, route.address), region, deadline)
+                target = (
+                    self._channels.node(region, route.address)
+                    if stub is None
+                    else stub(self._channels.channel(region, route.address))
+                )
+                pending[region] = call(target, region, deadline)
         results: dict[str, tuple[Any, dpb.RegionStatus]] = {}
         for region, item in pending.items():
             if isinstance(item, dpb.RegionStatus):

@@ -9,7 +9,9 @@ from dmp.assertion import ASSERTION_KEY, VerifiedAssertion
 from dmp.audit.calls import REQUEST_ID_KEY
 from dmp.directives import DIRECTIVES_KEY, NO_DIRECTIVES_KEY
 from dmp.discovery import Discovery
-from dmp.errors import DmpError, FailedPrecondition, NotFound
+from dmp.errors import DmpError, FailedPrecondition, NotFound, Unavailable
+from dmp.regions import region_name
+from dmp.server import error_reason
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -20,6 +22,27 @@ def relayed_error(region: str, exc: grpc.RpcError) -> DmpError:
     error.code = exc.code()
     error.reason = exc.code().name
     return error
+
+
+def passed_on(region: str, exc: grpc.RpcError) -> DmpError:
+    """A node's answer to a relayed act, passed on to the caller as the node gave it: its
+    status, its message and its ErrorInfo reason (a pharmacist's software acts on
+    ALREADY_DISPENSED whichever way it reached the node). A failure to reach the node (no
+    reason: the transport's, not the node's) is UNAVAILABLE naming the region."""
+    reason = error_reason(exc)
+    code = exc.code()
+    if reason is None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return unreachable(region, "its node does not answer")
+    error = DmpError(exc.details() or code.name)
+    error.code = code
+    error.reason = reason or code.name
+    return error
+
+
+def unreachable(region: str, why: str) -> Unavailable:
+    return Unavailable(
+        f"region {region} ({region_name(region)}) cannot be reached now: {why}; retry later"
+    )
 
 
 def forward_metadata(
@@ -36,6 +59,25 @@ def forward_metadata(
     else:  # what GetDirectives would answer: saves each node a round trip back
         metadata += ((NO_DIRECTIVES_KEY, "1"),)
     return metadata
+
+
+def forward_assertion(assertion: VerifiedAssertion, request_id: str) -> Metadata:
+    """What the directory passes to a node for an act whose assertion names no patient (a
+    pharmacist who scanned a prescription id): the caller's assertion and the request id;
+    no directives, since the directory does not know whose they are: the node takes the
+    patient from what it holds and reads their directives itself."""
+    return ((ASSERTION_KEY, assertion.raw), (REQUEST_ID_KEY, request_id))
+
+
+def routed_address(discovery: Discovery, region: str) -> str:
+    """The address of the node serving `region`; UNAVAILABLE naming the region when no node
+    is registered for it or it is not reachable now."""
+    route = discovery.routes().get(region)
+    if route is None:
+        raise unreachable(region, "no node is registered for it")
+    if not route.healthy:
+        raise unreachable(region, route.reason or "its node is not healthy")
+    return route.address
 
 
 def node_address(discovery: Discovery, region: str) -> str:

@@ -1,6 +1,7 @@
 """A whole federation on one machine: PKI, directory and regional nodes as separate
 processes on free ports, synthetic patients spread over the regions, a doctor's
-consolidated view, then a region that stops and the partial answer that names it.
+consolidated view, an e-prescription written in one region and dispensed in another
+(dmp/prescription_demo.py), then a region that stops and the partial answer that names it.
 
 The pieces (process handling, loading synthetic patients) serve the tests and the
 benchmarks as well.
@@ -31,6 +32,9 @@ from dmp import synth
 from dmp.client import DirectoryClient, NodeClient
 from dmp.fhir.systems import INS_SYSTEM
 from dmp.pki import Pki, load_credentials
+from dmp.prescription_demo import DOCTOR as RX_DOCTOR
+from dmp.prescription_demo import PHARMACIST as RX_PHARMACIST
+from dmp.prescription_demo import run_scene
 from dmp.printing import print_history, print_view
 from dmp.regions import region_name
 from dmp.v1 import directory_service_pb2 as dpb
@@ -342,6 +346,14 @@ def run_demo(
             federation.directory.address, load_credentials(pki_dir, f"patient-{first.ins}")
         ) as patient_client:
             print_history(patient_client.access_history(first.ins))
+        print()
+        run_scene(
+            pki_dir,
+            federation.directory.address,
+            {r: n.address for r, n in federation.nodes.items()},
+            first.ins,
+            first.display_name,
+        )
         victim = DEMO_REGIONS[1]
         print()
         print(f"== region {victim} ({region_name(victim)}) stops; the same view, partial:")
@@ -470,6 +482,15 @@ def _print_commands(
         "Write a record to a node:",
         f"  dmp record put --as {identity} --node {first_node.address} --patient {ins} \\",
         '      --kind document --type-code 11488-4 --title "Compte rendu" --file report.pdf',
+        "E-prescription: write one at node 11 (its id, and its QR code), then as a pharmacist:",
+        f"  dmp prescription create --as practitioner-{RX_DOCTOR[0]} --node {first_node.address}"
+        f" --patient {ins} \\",
+        '      --line "3400935955838|1|1 comprimé|3 fois par jour|7 jours" --renewals 1'
+        " --qr rx.png",
+        f"  dmp prescription show ID --as practitioner-{RX_PHARMACIST[0]} --directory {directory}",
+        f"  dmp prescription dispense ID --as practitioner-{RX_PHARMACIST[0]}"
+        f' --directory {directory} --pharmacy "{RX_PHARMACIST[3]}"',
+        f"  dmp prescription find --as patient-{ins} --directory {directory} --patient {ins}",
         "Make a region hang, query again (named as not answering within 2 s), resume it:",
         f"  kill -STOP {hung.pid}; dmp query --as {identity} --directory {directory}"
         f" --patient {ins}; kill -CONT {hung.pid}",

@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from dmp.demo import DemoError, run_demo
+    from dmp.prescription_demo import SceneError
 
     if args.patients < 1 or args.per_region < 1:
         raise SystemExit("dmp: --patients and --per-region must be at least 1")
@@ -43,5 +44,5 @@ def _run(args: argparse.Namespace) -> int:
             per_region=args.per_region,
             workdir=args.workdir,
         )
-    except DemoError as exc:
+    except (DemoError, SceneError) as exc:
         raise SystemExit(f"dmp demo: {exc}") from None

@@ -13,6 +13,7 @@ import grpc
 from dmp.cli.common import CommandError
 from dmp.client import EmergencyNotAllowed
 from dmp.errors import DmpError
+from dmp.server import error_reason
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -23,7 +24,7 @@ SERVICE_COMMANDS = "dmp.commands"
 
 
 def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from dmp.cli import audit, demo, fhir, patient, pki, query, record
+    from dmp.cli import audit, demo, fhir, patient, pki, prescription, query, record
 
     services = {entry.name: entry for entry in entry_points(group=SERVICE_COMMANDS)}
     pki.register(sub)
@@ -35,6 +36,7 @@ def _register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     record.register(sub)
     query.register(sub)
     patient.register(sub)
+    prescription.register(sub)
     audit.register(sub)
     fhir.register(sub)
     demo.register(sub)
@@ -72,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         name = code.name if code is not None else "UNKNOWN"
+        reason = error_reason(exc)
+        if reason and reason != name:  # a refusal a program acts on: ALREADY_DISPENSED...
+            name = f"{name} {reason}"
         print(f"dmp: {name}: {details}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

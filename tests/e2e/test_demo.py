@@ -20,10 +20,27 @@ def test_demo_runs_the_whole_story_and_leaves_nothing_running() -> None:
     views = out.split("== region 53 (Bretagne) stops")
     assert len(views) == 2
     full, partial = views
+    before, scene = full.split("== Dr Hélène BERNARD (doctor, Cabinet médical Alésia")
     for region in ("11", "53", "84"):
-        assert f"region {region}: answered (2 records)" in full
+        assert f"region {region}: answered (2 records)" in before
+    # The e-prescription scene: written in 11, dispensed from 84, refused the same day.
+    prescription = re.search(r"^prescription (RX-11-[0-9A-Z]{20}): signed", scene, re.M)
+    assert prescription is not None, scene
+    rx = prescription[1]
+    assert f"prescription {rx} (held by region 11)" in scene
+    assert "  signature    verified: signed by Dr Hélène BERNARD" in scene
+    assert re.search(
+        r"^dispensed: .* first by Mme Chloé MOREL .*: line 0 x1, line 1 x2$", scene, re.M
+    )
+    assert f"refused: FAILED_PRECONDITION ALREADY_DISPENSED: prescription {rx}" in scene
+    history = scene.split("reads who accessed this prescription")[1]
+    assert re.search(r"Mme Chloé MOREL .* region 11 +prescription-dispense .* OK$", history, re.M)
+    assert re.search(r"M\. Hugo FAURE .* region 11 +prescription-dispense .* FAILED_PRECONDITION$",
+                     history, re.M)  # fmt: skip
     assert re.search(r"region 53: (unavailable|deadline exceeded): ", partial)
-    assert "region 11: answered (2 records)" in partial
+    # Region 11 now also holds the prescription and its dispensation, linked by the id.
+    assert "region 11: answered (4 records)" in partial
+    assert f"dispensation  60593-1  Délivrance de l'ordonnance {rx}" in partial
     assert "clean shutdown" in out
     # The FHIR gateway for hospital software: its address and a curl that lists documents.
     gateway = re.search(r"== FHIR gateway for hospital software, as .*: (http://\S+/) \(pid", out)

@@ -1,7 +1,8 @@
 """`make bench` at toy sizes: the benchmark code runs end to end and writes its JSON.
 
 A smoke test of the benchmark code only: no figure is checked (tests never assert timings).
-Every section runs, against 3 regions, a handful of patients and a 1,000-patient directory;
+Every section runs, against 3 regions, a handful of patients and a 1,000-patient directory,
+a few dispensings and 16 racing clients on one prescription each;
 PostgreSQL too when its binaries are there.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from bench.run import main
 from tests.postgres import find_binaries
 
-SECTIONS = ("a", "b", "c", "d", "e", "f")
+SECTIONS = ("a", "b", "c", "d", "e", "f", "g")
 
 
 def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
@@ -27,6 +28,7 @@ def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
         "--delay-ms", "5", "--delay-views", "2",
         "--ingest-puts", "8", "--ingest-parallel", "2", "--ingest-batch", "20",
         "--directory-patients", "1000", "--directory-lookups", "10",
+        "--rx-dispenses", "3", "--rx-racers", "16", "--rx-per-racer", "1",
     ]  # fmt: skip
     if not postgres:
         argv.append("--no-postgres")
@@ -57,6 +59,9 @@ def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
         "e.sqlite.grpc.p99_ms",
         "e.sqlite.rss_mb",
         "f.directory.peak_rss_mb",
+        "g.dispense.p50_ms",
+        "g.dispense.view_ratio",
+        "g.race.dispensings_per_s",
     ]
     if postgres:
         expected += ["d.postgresql.ingest_batched", "e.postgresql.grpc.p99_ms"]
