@@ -24,6 +24,7 @@ from dmp.fhir.transaction import Stored, parse, register_patient, store
 from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.pki import Credentials
+from dmp.prescription_client import Found, PrescriptionClient
 from dmp.records import check_record_id
 from dmp.regions import check_region
 from dmp.v1 import directory_service_pb2 as dpb
@@ -84,6 +85,10 @@ class Federation:
     ) -> None:
         self.client = DirectoryClient(directory, credentials)
         self.principal = self.client.signer.principal
+        #: PrescriptionService at the directory, over the same channel and key.
+        self.prescriptions = PrescriptionClient(
+            directory, credentials, channel=self.client.channel, signer=self.client.signer
+        )
         self.timeout = timeout
         self.locations = Locations()
         #: The node of the identity's region, where transaction Bundles are written.
@@ -236,6 +241,13 @@ class Federation:
         for record in view.records:
             self.locations.learn(record)
         return view
+
+    def dispensable(self, ins: str) -> Found:
+        """The patient's prescriptions still dispensable, in every region."""
+        try:
+            return self.prescriptions.find(ins, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc(exc) from None
 
     def access_history(self, ins: str, limit: int) -> dpb.GetAccessHistoryResponse:
         try:

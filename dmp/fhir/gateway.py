@@ -32,7 +32,7 @@ from dmp.fhir.errors import FhirError, bad_parameter, from_domain, from_rpc
 from dmp.fhir.everything import entry_url, natural_entries
 from dmp.fhir.federation import Federation
 from dmp.fhir.mapping import Resource, binary_id, document_reference, patient
-from dmp.fhir.medication import active_medication_requests
+from dmp.fhir.medication import dispensable_requests
 from dmp.fhir.transaction import response_bundle
 from dmp.v1 import record_pb2
 
@@ -189,10 +189,13 @@ class Gateway:
         return FhirResponse(bundle)
 
     def _active(self, base: str, ins: str) -> tuple[list[tuple[str, Resource]], Resource | None]:
-        kinds = [record_pb2.RECORD_KIND_PRESCRIPTION, record_pb2.RECORD_KIND_DISPENSATION]
-        view = self.federation.records(ins, kinds)
-        found = active_medication_requests(view.records, self.federation.read_content)
-        return [(entry_url(r), r) for r in found], regions_outcome(view.regions.values())
+        found = self.federation.dispensable(ins)
+        matches = [
+            (entry_url(r), r)
+            for stored in found.prescriptions
+            for r in dispensable_requests(stored)
+        ]
+        return matches, regions_outcome(found.regions.values())
 
     async def search_documents(self, request: Request) -> Response:
         query = request.query_params

@@ -7,16 +7,15 @@ where the record lives and its record id. A prescription record whose content is
 (a scanned PDF, say) is described from its metadata alone, as honestly as that allows
 (status ``unknown``, the title as the medication's text).
 
-A prescription is *active* (dispensable) when the node wrote it from e-prescription (the
-record names its prescription), it is the current version, its validity has not ended and
-fewer dispensings were recorded than it allows (first plus its renewals).
+The dispensable prescriptions (``GET /MedicationRequest?status=active``) come from the
+typed client's FindPrescriptions, which the node that holds each one answers from its
+state (active or partially dispensed: not cancelled, expired nor used up), each built by
+``dmp/prescription_fhir.py`` from its signed act.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from dmp.fhir.mapping import (
@@ -29,11 +28,10 @@ from dmp.fhir.mapping import (
     security_labels,
 )
 from dmp.fhir.systems import RECORD_ID_SYSTEM
-from dmp.v1 import record_pb2
+from dmp.prescription_fhir import medication_requests
+from dmp.v1 import prescription_pb2, record_pb2
 
 FHIR_JSON: Final = "application/fhir+json"
-#: Largest prescription content read (the node's are a few kilobytes).
-MAX_CONTENT: Final = 1024 * 1024
 
 
 def parse_content(record: record_pb2.Record, content: bytes | None) -> Resource | None:
@@ -124,63 +122,23 @@ def medication_resources(record: record_pb2.Record, content: bytes | None) -> li
     return [_located(record, r, i, len(found)) for i, r in enumerate(found)]
 
 
-def _end(resources: list[Resource]) -> datetime | None:
-    for resource in resources:
-        end = ((resource.get("dispenseRequest") or {}).get("validityPeriod") or {}).get("end")
-        if isinstance(end, str):
-            try:
-                return datetime.fromisoformat(end.replace("Z", "+00:00"))
-            except ValueError:
-                return None
-    return None
-
-
-def _allowed(resources: list[Resource]) -> int:
-    repeats = [(r.get("dispenseRequest") or {}).get("numberOfRepeatsAllowed") for r in resources]
-    numbers = [n for n in repeats if isinstance(n, int)]
-    return 1 + (max(numbers) if numbers else 0)
-
-
-def is_active(
-    record: record_pb2.Record,
-    resources: list[Resource],
-    dispensings: int,
-    now: datetime | None = None,
-) -> bool:
-    """Still dispensable, as far as the records show it (see the module docstring)."""
-    if not record.prescription_id or record.status != record_pb2.RECORD_STATUS_CURRENT:
-        return False
-    end = _end(resources)
-    if end is not None and end <= (now or datetime.now(UTC)):
-        return False
-    return dispensings < _allowed(resources)
-
-
-def active_medication_requests(
-    records: Iterable[record_pb2.Record],
-    read_content: Callable[[record_pb2.Record, int], bytes | None],
-    now: datetime | None = None,
-) -> list[Resource]:
-    """The MedicationRequests of every dispensable prescription among ``records`` (the
-    patient's prescription and dispensation records), each said to be active."""
-    records = list(records)
-    dispensed: dict[str, int] = {}
-    for record in records:
-        if record.kind == record_pb2.RECORD_KIND_DISPENSATION and record.prescription_id:
-            dispensed[record.prescription_id] = dispensed.get(record.prescription_id, 0) + 1
-    found: list[Resource] = []
-    for record in records:
-        if record.kind != record_pb2.RECORD_KIND_PRESCRIPTION or not record.prescription_id:
-            continue
-        resources = medication_resources(record, read_content(record, MAX_CONTENT))
-        if is_active(record, resources, dispensed.get(record.prescription_id, 0), now):
-            found.extend({**r, "status": "active"} for r in resources)
-    return found
+def dispensable_requests(stored: prescription_pb2.StoredPrescription) -> list[Resource]:
+    """A dispensable prescription, as FindPrescriptions answers it, as its MedicationRequests:
+    built from the signed act by ``dmp/prescription_fhir.py`` (the one builder), said to
+    be active and where the prescription lives."""
+    prescription = prescription_pb2.Prescription.FromString(stored.signed.prescription)
+    built = json.loads(medication_requests(prescription))
+    out = []
+    for resource in resources_of(built, "MedicationRequest"):
+        resource["status"] = "active"
+        if stored.region:
+            resource["meta"] = {"source": f"urn:dmp:node:{stored.region}"}
+        out.append(resource)
+    return out
 
 
 __all__: Any = [
-    "active_medication_requests",
-    "is_active",
+    "dispensable_requests",
     "medication_resources",
     "parse_content",
     "resources_of",

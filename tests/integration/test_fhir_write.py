@@ -312,8 +312,10 @@ def test_active_medication_requests_are_the_dispensable_prescriptions(
     try:
         used_up = rx_id(doctor.prescribe(patient=ins))
         renewable = rx_id(doctor.prescribe(patient=ins, renewals=2, interval=0))
+        cancelled = rx_id(doctor.prescribe(patient=ins))
         pharmacist.dispense(used_up, ins=ins)
         pharmacist.dispense(renewable, ins=ins)
+        doctor.cancel(cancelled)
     finally:
         doctor.close()
         pharmacist.close()
@@ -338,13 +340,14 @@ def test_active_medication_requests_are_the_dispensable_prescriptions(
     assert "start" in first["dispenseRequest"]["validityPeriod"]
     assert first["dispenseRequest"]["quantity"]["value"] in (1, 2)
     assert first["requester"]["identifier"]["value"] == DOCTOR
+    assert first["meta"]["source"] == f"urn:dmp:node:{REGION}"
     assert any("dosageInstruction" in r for r in requests_)
     # $everything gives both prescriptions as MedicationRequests, the dispensings as
     # MedicationDispenses.
     whole = everything(gateway, ins)
     kinds = [e["resource"]["resourceType"] for e in whole["entry"]]
     assert kinds.count("MedicationDispense") == 4  # two dispensings of two lines
-    assert kinds.count("MedicationRequest") == 5  # two e-prescriptions of 2 lines, one hospital's
+    assert kinds.count("MedicationRequest") == 7  # three e-prescriptions of 2 lines, one hospital's
 
 
 def _run(*args: str) -> tuple[int, str, str]:
