@@ -13,10 +13,10 @@ from typing import Any
 
 from dmp.audit.events import iso_instant
 from dmp.clock import to_us
+from dmp.fhir.systems import INS_SYSTEM as INS_SYSTEM  # one place for FR Core systems
+from dmp.fhir.systems import RPPS_SYSTEM as RPPS_SYSTEM
 from dmp.v1 import prescription_pb2, record_pb2
 
-INS_SYSTEM = "urn:oid:1.2.250.1.213.1.4.8"
-RPPS_SYSTEM = "https://rpps.esante.gouv.fr"
 PRESCRIPTION_ID_SYSTEM = "urn:dmp:prescription"
 DISPENSATION_ID_SYSTEM = "urn:dmp:dispensation"
 CONTENT_TYPE = "application/fhir+json"

@@ -19,8 +19,20 @@ def _search(name: str, kind: str, doc: str) -> dict[str, Any]:
     return {"name": name, "type": kind, "documentation": doc}
 
 
-def capability_statement(base: str, identity: str) -> dict[str, Any]:
-    """What `dmp fhir serve` answers: FHIR R4 JSON reads (IHE MHD ITI-67 and ITI-68)."""
+#: What a transaction Bundle (ITI-65) may carry.
+WRITTEN = (
+    "List (the SubmissionSet), DocumentReference with its Binary (or attachment.data),"
+    " AllergyIntolerance, Condition, Immunization, Observation, MedicationRequest,"
+    " MedicationDispense, other resources of the patient (DiagnosticReport, Encounter,"
+    " Procedure...) as documents of FHIR JSON; one Patient (with its INS-NIR) gives the"
+    " patient's traits; Practitioner, PractitionerRole, Organization, Location are accepted"
+    " and not stored (the author is the gateway's identity)"
+)
+
+
+def capability_statement(base: str, identity: str, *, writes: bool = False) -> dict[str, Any]:
+    """What `dmp fhir serve` answers: FHIR R4 JSON reads (IHE MHD ITI-67 and ITI-68), and
+    with a node to write to (``writes``) transaction Bundles (ITI-65)."""
     resources = [
         {
             "type": "Patient",
@@ -35,9 +47,10 @@ def capability_statement(base: str, identity: str) -> dict[str, Any]:
                     "name": "everything",
                     "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
                     "documentation": "every record the caller may see, as its natural resource"
-                    " (DocumentReference, AllergyIntolerance, Condition, Immunization,"
-                    " Observation; prescriptions, dispensations and patient notes as"
-                    " DocumentReference); paged with _count",
+                    " (DocumentReference for documents and patient notes,"
+                    " AllergyIntolerance, Condition, Immunization, Observation,"
+                    " MedicationRequest for prescriptions, MedicationDispense for"
+                    " dispensations); paged with _count",
                 }
             ],
         },
@@ -82,10 +95,23 @@ def capability_statement(base: str, identity: str) -> dict[str, Any]:
             ],
         },
     ]
-    for structured in ("AllergyIntolerance", "Condition", "Immunization", "Observation"):
+    resources.append(
+        {
+            "type": "MedicationRequest",
+            "interaction": [{"code": "search-type"}],
+            "documentation": "the patient's dispensable e-prescriptions of every region"
+            " (status=active), one MedicationRequest per line; also in $everything",
+            "searchParam": [
+                _PATIENT_PARAM,
+                _search("status", "token", "active (the default and only value)"),
+            ],
+        }
+    )
+    structured = ["AllergyIntolerance", "Condition", "Immunization", "Observation"]
+    for structured_type in [*structured, "MedicationDispense"]:
         resources.append(
             {
-                "type": structured,
+                "type": structured_type,
                 "documentation": "returned by Patient/$everything only (no interactions)",
             }
         )
@@ -100,12 +126,24 @@ def capability_statement(base: str, identity: str) -> dict[str, Any]:
         "fhirVersion": FHIR_VERSION,
         "format": ["application/fhir+json"],
         "instantiates": [
-            "https://profiles.ihe.net/ITI/MHD/CapabilityStatement/IHE.MHD.DocumentResponder"
+            "https://profiles.ihe.net/ITI/MHD/CapabilityStatement/IHE.MHD.DocumentResponder",
+            *(
+                ["https://profiles.ihe.net/ITI/MHD/CapabilityStatement/IHE.MHD.DocumentRecipient"]
+                if writes
+                else []
+            ),
         ],
         "rest": [
             {
                 "mode": "server",
-                "documentation": "read only: no create, update, delete or transaction yet",
+                "documentation": (
+                    f"POST / takes transaction Bundles (IHE MHD ITI-65): {WRITTEN}; all or"
+                    " nothing per Bundle, a retried Bundle stores nothing twice. No create,"
+                    " update or delete of single resources."
+                    if writes
+                    else "read only: started without --node, this gateway writes nothing"
+                ),
+                **({"interaction": [{"code": "transaction"}]} if writes else {}),
                 "security": {
                     "description": "served on loopback, or with --tls over HTTPS requiring a"
                     " client certificate from the federation CA; every call to the"

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 
 import grpc
 
-from dmp.client import DirectoryClient, view_request
+from dmp.client import DirectoryClient, NodeClient, View, view_request
 from dmp.errors import DmpError
 from dmp.fhir.errors import FhirError, from_rpc
 from dmp.fhir.mapping import fhir_id, parse_binary_id
 from dmp.fhir.params import DateRange
+from dmp.fhir.transaction import Stored, parse, register_patient, store
 from dmp.identity import Role
 from dmp.ins import normalize_ins
 from dmp.pki import Credentials
+from dmp.prescription_client import Found, PrescriptionClient
 from dmp.records import check_record_id
 from dmp.regions import check_region
 from dmp.v1 import directory_service_pb2 as dpb
@@ -73,14 +75,48 @@ class Content:
 class Federation:
     """The directory, as the gateway's identity, through one channel opened once."""
 
-    def __init__(self, directory: str, credentials: Credentials, *, timeout: float = 10) -> None:
+    def __init__(
+        self,
+        directory: str,
+        credentials: Credentials,
+        *,
+        node: str | None = None,
+        timeout: float = 10,
+    ) -> None:
         self.client = DirectoryClient(directory, credentials)
         self.principal = self.client.signer.principal
+        #: PrescriptionService at the directory, over the same channel and key.
+        self.prescriptions = PrescriptionClient(
+            directory, credentials, channel=self.client.channel, signer=self.client.signer
+        )
         self.timeout = timeout
         self.locations = Locations()
+        #: The node of the identity's region, where transaction Bundles are written.
+        self.node = (
+            NodeClient(node, credentials, signer=self.client.signer) if node is not None else None
+        )
 
     def close(self) -> None:
         self.client.close()
+        if self.node is not None:
+            self.node.close()
+
+    def write(self, body: object, *, max_content: int) -> Stored:
+        """Check a transaction Bundle whole, then store it at the node, all or nothing
+        (``dmp.fhir.transaction``); the Bundle's patient is registered at the directory."""
+        if self.node is None:
+            raise FhirError(
+                405,
+                "not-supported",
+                "this gateway was started without --node: it writes nothing (start it with"
+                " --node HOST:PORT, the node of your region)",
+            )
+        submission = parse(body, max_content=max_content)
+        register_patient(
+            lambda identity: self.client.register_patient(identity, timeout=self.timeout),
+            submission,
+        )
+        return store(self.node, submission, timeout=max(self.timeout, 60))
 
     def patient(self, ins: str) -> patient_pb2.PatientIdentity | None:
         """The patient's identity; None when the directory does not know them (a caller who
@@ -180,6 +216,38 @@ class Federation:
                     yield message.chunk
 
         return Content(first.record, chunks())
+
+    def read_content(self, record: record_pb2.Record, limit: int) -> bytes | None:
+        """All of a record's content, when it is at most ``limit`` bytes and the caller may
+        read it; None otherwise (the record is then described from its metadata)."""
+        if record.size > limit:
+            return None
+        try:
+            content = self.content(Location(record.id, record.region, record.patient_ins))
+            data = b"".join(content.chunks)
+        except (FhirError, grpc.RpcError):
+            return None
+        return data if len(data) <= limit else None
+
+    def records(
+        self, ins: str, kinds: list[record_pb2.RecordKind.ValueType], *, limit: int = 100_000
+    ) -> View:
+        """Every record of the view of these kinds (all pages), and each region's status."""
+        request = view_request(ins, kinds=kinds, page_size=200)
+        try:
+            view = self.client.view(request, limit=limit, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc(exc) from None
+        for record in view.records:
+            self.locations.learn(record)
+        return view
+
+    def dispensable(self, ins: str) -> Found:
+        """The patient's prescriptions still dispensable, in every region."""
+        try:
+            return self.prescriptions.find(ins, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc(exc) from None
 
     def access_history(self, ins: str, limit: int) -> dpb.GetAccessHistoryResponse:
         try:

@@ -28,9 +28,12 @@ from dmp.fhir import params
 from dmp.fhir.audit import audit_event_resource
 from dmp.fhir.bundles import query_url, regions_outcome, searchset
 from dmp.fhir.capability import capability_statement
-from dmp.fhir.errors import FhirError, from_domain, from_rpc
+from dmp.fhir.errors import FhirError, bad_parameter, from_domain, from_rpc
+from dmp.fhir.everything import entry_url, natural_entries
 from dmp.fhir.federation import Federation
-from dmp.fhir.mapping import Resource, binary_id, document_reference, natural_resource, patient
+from dmp.fhir.mapping import Resource, binary_id, document_reference, patient
+from dmp.fhir.medication import dispensable_requests
+from dmp.fhir.transaction import response_bundle
 from dmp.v1 import record_pb2
 
 log = logging.getLogger("dmp.fhir")
@@ -63,13 +66,15 @@ def _content_url(base: str, record: record_pb2.Record) -> str:
 class Gateway:
     """The routes, over one :class:`Federation`."""
 
-    def __init__(self, federation: Federation) -> None:
+    def __init__(self, federation: Federation, *, max_body: int) -> None:
         self.federation = federation
+        self.max_body = max_body
 
     async def metadata(self, request: Request) -> Response:
         params.check_known(request.query_params, ())
         identity = self.federation.principal.identity
-        return FhirResponse(capability_statement(_base(request), identity))
+        writes = self.federation.node is not None
+        return FhirResponse(capability_statement(_base(request), identity, writes=writes))
 
     async def search_patient(self, request: Request) -> Response:
         query = request.query_params
@@ -121,13 +126,14 @@ class Gateway:
         wanted = {record_pb2.RECORD_STATUS_CURRENT} if "current" in statuses.wanted else set()
         if "superseded" in statuses.wanted:
             wanted.add(record_pb2.RECORD_STATUS_SUPERSEDED)
-        to_resource = natural_resource if natural else document_reference
-        matches = []
-        for record in page.records:
-            if record.status not in wanted:
-                continue
-            resource = to_resource(record, _content_url(base, record))
-            matches.append((f"{resource['resourceType']}/{resource['id']}", resource))
+        records = [r for r in page.records if r.status in wanted]
+        if natural:
+            matches = await run_in_threadpool(self._natural, base, records)
+        else:
+            matches = []
+            for record in records:
+                resource = document_reference(record, _content_url(base, record))
+                matches.append((entry_url(resource), resource))
         include = []
         if natural and not token:
             try:
@@ -154,6 +160,42 @@ class Gateway:
             outcome=regions_outcome(page.regions),
         )
         return FhirResponse(bundle)
+
+    def _natural(self, base: str, records: list[record_pb2.Record]) -> list[tuple[str, Resource]]:
+        return natural_entries(
+            records, lambda r: _content_url(base, r), self.federation.read_content
+        )
+
+    async def search_medication_requests(self, request: Request) -> Response:
+        """Dispensable prescriptions of every region: MedicationRequests, status active."""
+        query = request.query_params
+        params.check_known(query, ("patient.identifier", "patient", "subject", "status"))
+        ins = params.patient_ins(query, "patient.identifier", "patient", "subject")
+        assert ins is not None
+        wanted = {t for v in query.getlist("status") for t in v.split(",")} or {"active"}
+        if wanted != {"active"}:
+            raise bad_parameter(
+                "status", "only status=active (the dispensable prescriptions) is supported"
+            )
+        base = _base(request)
+        matches, outcome = await run_in_threadpool(self._active, base, ins)
+        bundle = searchset(
+            base,
+            matches,
+            self_url=query_url(base, "MedicationRequest", _multi(query)),
+            outcome=outcome,
+            total=len(matches),
+        )
+        return FhirResponse(bundle)
+
+    def _active(self, base: str, ins: str) -> tuple[list[tuple[str, Resource]], Resource | None]:
+        found = self.federation.dispensable(ins)
+        matches = [
+            (entry_url(r), r)
+            for stored in found.prescriptions
+            for r in dispensable_requests(stored)
+        ]
+        return matches, regions_outcome(found.regions.values())
 
     async def search_documents(self, request: Request) -> Response:
         query = request.query_params
@@ -206,12 +248,25 @@ class Gateway:
         )
 
     async def transaction(self, request: Request) -> Response:
-        raise FhirError(
-            405,
-            "not-supported",
-            "transaction and batch Bundles (IHE ITI-65) are not supported yet: this gateway"
-            " is read only (see /metadata)",
-        )
+        """IHE ITI-65: a transaction Bundle stored at the node, all or nothing."""
+        params.check_known(request.query_params, ())
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > self.max_body:
+                raise FhirError(
+                    413,
+                    "too-costly",
+                    f"the request body is over the gateway's limit of {self.max_body} bytes",
+                )
+        try:
+            bundle = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FhirError(
+                400, "invalid", f"the body is not JSON: {exc}", expression="Bundle"
+            ) from None
+        stored = await run_in_threadpool(self.federation.write, bundle, max_content=self.max_body)
+        return FhirResponse(response_bundle(stored, _base(request)))
 
     async def search_audit(self, request: Request) -> Response:
         query = request.query_params
@@ -253,7 +308,8 @@ def _error_response(exc: Exception) -> Response:
         issue = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
         text = {
             404: "no such FHIR endpoint here: see /metadata for what this gateway supports",
-            405: "this gateway is read only for now: GET only (see /metadata)",
+            405: "this method is not supported here: GET, and POST / for transactions"
+            " (see /metadata)",
         }.get(exc.status_code, str(exc.detail))
         error = FhirError(exc.status_code, issue, text)
     else:
@@ -336,7 +392,7 @@ class RequestLog:
 
 
 def build_app(federation: Federation, *, max_body: int) -> ASGIApp:
-    gateway = Gateway(federation)
+    gateway = Gateway(federation, max_body=max_body)
     get = ["GET"]
     routes = [
         Route("/", gateway.transaction, methods=["POST"]),
@@ -345,6 +401,7 @@ def build_app(federation: Federation, *, max_body: int) -> ASGIApp:
         Route("/Patient/{ins}", gateway.read_patient, methods=get),
         Route("/Patient/{ins}/$everything", gateway.everything, methods=get),
         Route("/DocumentReference", gateway.search_documents, methods=get),
+        Route("/MedicationRequest", gateway.search_medication_requests, methods=get),
         Route("/Binary/{id}", gateway.binary, methods=get),
         Route("/AuditEvent", gateway.search_audit, methods=get),
     ]

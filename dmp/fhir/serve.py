@@ -104,13 +104,14 @@ def serve(
     *,
     tls: TlsFiles | None = None,
     max_body: int,
+    node: str | None = None,
     timeout: float = 10,
     announce: Callable[[str], None] = print,
 ) -> int:
     """Serve until SIGTERM or SIGINT; return the exit status."""
     sock = bind(listen)
     host, port = sock.getsockname()[:2]
-    federation = Federation(directory, credentials, timeout=timeout)
+    federation = Federation(directory, credentials, node=node, timeout=timeout)
     app = build_app(federation, max_body=max_body)
     factory = None
     if tls is not None:

@@ -74,6 +74,7 @@ def test_the_capability_statement_lists_what_is_supported(smart: fhir_client.FHI
     assert set(kinds) == {
         "Patient", "DocumentReference", "Binary", "AuditEvent",
         "AllergyIntolerance", "Condition", "Immunization", "Observation",
+        "MedicationRequest", "MedicationDispense",
     }  # fmt: skip
     assert [i.code for i in kinds["DocumentReference"].interaction] == ["search-type"]
     params = {p.name for p in kinds["DocumentReference"].searchParam}
@@ -277,7 +278,7 @@ def test_everything_gives_each_record_as_its_natural_resource(
         [
             "Patient", "DocumentReference", "DocumentReference", "DocumentReference",
             "AllergyIntolerance", "Immunization", "Observation", "Condition",
-            "DocumentReference",  # the prescription, as a DocumentReference for now
+            "MedicationRequest",  # the prescription (a PDF: described from its metadata)
         ]
     )  # fmt: skip
     by_type = {e["resource"]["resourceType"]: e["resource"] for e in bundle["entry"]}
