@@ -1,0 +1,125 @@
+"""Issue 12, reviewed as an attacker would: the FHIR gateway facing hostile clients.
+
+A gateway acts as its --as identity for whoever reaches it, so who may reach it is the
+whole of its access control: with --tls, only software holding that same identity's
+federation certificate; on loopback, no web page the professional's browser happens to
+load (a cross-site "simple" POST carries ``text/plain``). Malformed input is a 400
+OperationOutcome, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.federation import OTHER_DOCTOR, PATIENT
+from tests.integration.fhir_bundles import ins_number, submission
+from tests.integration.fhir_federation import (
+    DOC,
+    INS_SYSTEM,
+    FhirFed,
+    Gateway,
+    gateway_server_cert,
+    outcome_issues,
+    running_fhir_federation,
+)
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirFed]:
+    root = tmp_path_factory.mktemp("fhir-hostile")
+    with running_fhir_federation(root, lambda name: f"sqlite:///{root / f'{name}.db'}") as fed:
+        yield fed
+
+
+@pytest.fixture(scope="module")
+def writer(fed: FhirFed) -> Gateway:
+    return fed.gateway(DOC, "--node", f"127.0.0.1:{fed.nodes['11'].port}")
+
+
+def refused(answer: requests.Response, status: int) -> list[dict[str, Any]]:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith("application/fhir+json")
+    return outcome_issues(answer.json())
+
+
+def test_tls_refuses_a_federation_certificate_of_someone_else(
+    fed: FhirFed, tmp_path: Path
+) -> None:
+    """A patient's certificate, or another professional's, must not make the practitioner's
+    gateway act as the practitioner for them (it would read every record the doctor may)."""
+    cert, key = gateway_server_cert(fed.pki_dir, tmp_path)
+    secure = fed.gateway(DOC, "--tls", "--tls-cert", str(cert), "--tls-key", str(key))
+    ca = str(fed.pki_dir / "ca.pem")
+    url = f"{secure.base}/DocumentReference"
+    query = {"patient.identifier": f"{INS_SYSTEM}|{PATIENT}"}
+
+    def pair(identity: str) -> tuple[str, str]:
+        return (str(fed.pki_dir / f"{identity}.pem"), str(fed.pki_dir / f"{identity}.key"))
+
+    own = requests.get(url, params=query, cert=pair(DOC), verify=ca, timeout=30)
+    assert own.status_code == 200, own.text
+    assert own.json()["entry"]
+    for stranger in (f"patient-{PATIENT}", f"practitioner-{OTHER_DOCTOR}"):
+        with pytest.raises(requests.exceptions.RequestException):
+            answer = requests.get(url, params=query, cert=pair(stranger), verify=ca, timeout=30)
+            answer.raise_for_status()
+
+
+def test_a_cross_site_text_plain_post_stores_nothing(writer: Gateway, fed: FhirFed) -> None:
+    """A web page can make the professional's browser POST ``text/plain`` to loopback
+    without any CORS preflight: the gateway must not take it as a transaction."""
+    ins = ins_number(41)
+    bundle = submission(ins, "csrf")
+    answer = requests.post(
+        f"{writer.base}/",
+        data=json.dumps(bundle).encode(),
+        headers={"Content-Type": "text/plain"},
+        timeout=60,
+    )
+    [issue] = refused(answer, 415)
+    assert "application/fhir+json" in issue["diagnostics"]
+    view = requests.get(
+        f"{writer.base}/DocumentReference",
+        params={"patient.identifier": f"{INS_SYSTEM}|{ins}"},
+        timeout=30,
+    )
+    assert view.status_code in (200, 403, 404), view.text
+    assert view.status_code != 200 or not view.json().get("entry")
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(writer: Gateway) -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    answer = requests.post(
+        f"{writer.base}/",
+        data=body,
+        headers={"Content-Type": "application/fhir+json"},
+        timeout=60,
+    )
+    [issue] = refused(answer, 400)
+    assert issue["expression"] == ["Bundle"]
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"_count": "²"}, "_count"),  # str.isdigit() says yes, int() says no
+        ({"date": "gt9999-12-31"}, "date"),  # the day after overflows datetime
+        ({"date": "le9999-12-31T23:59:59.999999Z"}, "date"),
+    ],
+)
+def test_odd_search_values_are_a_400_naming_the_parameter(
+    writer: Gateway, params: dict[str, str], named: str
+) -> None:
+    answer = requests.get(
+        f"{writer.base}/DocumentReference",
+        params={"patient.identifier": f"{INS_SYSTEM}|{PATIENT}", **params},
+        timeout=30,
+    )
+    [issue] = refused(answer, 400)
+    assert issue["expression"] == [named]
