@@ -48,9 +48,7 @@ def refused(answer: requests.Response, status: int) -> list[dict[str, Any]]:
     return outcome_issues(answer.json())
 
 
-def test_tls_refuses_a_federation_certificate_of_someone_else(
-    fed: FhirFed, tmp_path: Path
-) -> None:
+def test_tls_refuses_a_federation_certificate_of_someone_else(fed: FhirFed, tmp_path: Path) -> None:
     """A patient's certificate, or another professional's, must not make the practitioner's
     gateway act as the practitioner for them (it would read every record the doctor may)."""
     cert, key = gateway_server_cert(fed.pki_dir, tmp_path)
