@@ -44,6 +44,11 @@ _DOCUMENT_PARAMS = (
     "date", "period", "status", "_count", "_page_token",
 )  # fmt: skip
 
+#: What a POST body may be: never a type a web page may POST across sites without a CORS
+#: preflight (text/plain, form data), so that a page open in the professional's browser
+#: cannot make the loopback gateway write as the professional.
+_BODY_TYPES = frozenset({FHIR_JSON, "application/json"})
+
 
 class FhirResponse(Response):
     media_type = FHIR_JSON
@@ -250,6 +255,14 @@ class Gateway:
     async def transaction(self, request: Request) -> Response:
         """IHE ITI-65: a transaction Bundle stored at the node, all or nothing."""
         params.check_known(request.query_params, ())
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media not in _BODY_TYPES:  # text/plain is what a cross-site page may POST
+            raise FhirError(
+                415,
+                "not-supported",
+                f"Content-Type {media or '(none)'!r}: a transaction Bundle is sent as"
+                " application/fhir+json (or application/json)",
+            )
         body = bytearray()
         async for chunk in request.stream():
             body.extend(chunk)
