@@ -121,3 +121,24 @@ def test_odd_search_values_are_a_400_naming_the_parameter(
     )
     [issue] = refused(answer, 400)
     assert issue["expression"] == [named]
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:8080", "10.0.0.1"])
+def test_a_loopback_gateway_answers_only_requests_for_a_loopback_host(
+    writer: Gateway, host: str
+) -> None:
+    """DNS rebinding: a page of attacker.example whose name now resolves to 127.0.0.1 reads
+    the gateway's answers as its own origin; its requests carry its Host, which a loopback
+    gateway must refuse."""
+    answer = requests.get(
+        f"{writer.base}/DocumentReference",
+        params={"patient.identifier": f"{INS_SYSTEM}|{PATIENT}"},
+        headers={"Host": host},
+        timeout=30,
+    )
+    [issue] = refused(answer, 421)
+    assert PATIENT not in answer.text
+    assert "Host" in issue["diagnostics"]
+    for local in (writer.address, writer.address.replace("127.0.0.1", "localhost")):
+        ok = requests.get(f"{writer.base}/metadata", headers={"Host": local}, timeout=30)
+        assert ok.status_code == 200, ok.text
