@@ -8,6 +8,7 @@ Every answer is FHIR JSON, every refusal an OperationOutcome with the HTTP statu
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import time
@@ -359,6 +360,44 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
+def loopback_host(host: str) -> bool:
+    """Whether a Host header (or a --listen host) names this machine's loopback."""
+    name = host.strip()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class LoopbackHost:
+    """421 for a request whose Host is not a loopback name: a plain-HTTP gateway on loopback
+    acts as its identity for whoever reaches it, and a web page that rebinds its own DNS
+    name to 127.0.0.1 would otherwise read the answers as its own origin."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            hosts = [v for k, v in scope.get("headers", ()) if k == b"host"]
+            if hosts and not all(loopback_host(v.decode("latin-1")) for v in hosts):
+                error = FhirError(
+                    421,
+                    "forbidden",
+                    "this gateway serves loopback only: the request's Host header must be"
+                    " localhost or a loopback address (a page of another site is refused)",
+                )
+                await FhirResponse(error.outcome(), status_code=421)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _route_name(path: str) -> str:
     """What a log line may say of a path: the resource and interaction, never an id (a
     Patient id is an INS)."""
@@ -404,7 +443,8 @@ class RequestLog:
             log.info("%s", json.dumps(line))
 
 
-def build_app(federation: Federation, *, max_body: int) -> ASGIApp:
+def build_app(federation: Federation, *, max_body: int, loopback: bool = False) -> ASGIApp:
+    """The gateway's ASGI app; ``loopback`` (plain HTTP) refuses a Host that is not."""
     gateway = Gateway(federation, max_body=max_body)
     get = ["GET"]
     routes = [
@@ -426,7 +466,8 @@ def build_app(federation: Federation, *, max_body: int) -> ASGIApp:
         grpc.RpcError: _on_error,
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
-    return RequestLog(BodyLimit(app, max_body))
+    limited = BodyLimit(app, max_body)
+    return RequestLog(LoopbackHost(limited) if loopback else limited)
 
 
 __all__ = ["build_app"]

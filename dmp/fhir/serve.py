@@ -146,7 +146,7 @@ def serve(
     sock = bind(listen)
     host, port = sock.getsockname()[:2]
     federation = Federation(directory, credentials, node=node, timeout=timeout)
-    app = build_app(federation, max_body=max_body)
+    app = build_app(federation, max_body=max_body, loopback=tls is None)
     factory = None
     if tls is not None:
         context = server_context(tls, credentials.principal)
