@@ -23,7 +23,7 @@ from dmp.fhir.bundles import regions_outcome
 from dmp.fhir.errors import FhirError
 from dmp.fhir.everything import export_bundle
 from dmp.fhir.federation import Federation, Location
-from dmp.fhir.transaction import parse, register_patient, store
+from dmp.fhir.transaction import load, parse, register_patient, store
 from dmp.pki import Credentials
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import patient_pb2
@@ -93,9 +93,10 @@ def import_bundles(
     for done, path in enumerate(paths, start=1):
         try:
             try:
-                body = json.loads(path.read_bytes())
-            except (OSError, UnicodeDecodeError, ValueError) as exc:
-                raise FhirError(400, "invalid", f"not a JSON file: {exc}") from None
+                data = path.read_bytes()
+            except OSError as exc:
+                raise FhirError(400, "invalid", f"cannot read the file: {exc}") from None
+            body = load(data)
             submission = parse(body, max_content=max_content)
             if register is not None:
                 register_patient(register, submission)

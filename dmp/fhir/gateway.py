@@ -34,7 +34,7 @@ from dmp.fhir.everything import entry_url, natural_entries
 from dmp.fhir.federation import Federation
 from dmp.fhir.mapping import Resource, binary_id, document_reference, patient
 from dmp.fhir.medication import dispensable_requests
-from dmp.fhir.transaction import response_bundle
+from dmp.fhir.transaction import load, response_bundle
 from dmp.v1 import record_pb2
 
 log = logging.getLogger("dmp.fhir")
@@ -273,12 +273,7 @@ class Gateway:
                     "too-costly",
                     f"the request body is over the gateway's limit of {self.max_body} bytes",
                 )
-        try:
-            bundle = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise FhirError(
-                400, "invalid", f"the body is not JSON: {exc}", expression="Bundle"
-            ) from None
+        bundle = load(bytes(body))
         stored = await run_in_threadpool(self.federation.write, bundle, max_content=self.max_body)
         return FhirResponse(response_bundle(stored, _base(request)))
 

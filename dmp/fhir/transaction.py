@@ -31,6 +31,7 @@ because a hospital system retries by resending the same Bundle, which then just 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,21 @@ from dmp.v1 import node_service_pb2 as npb
 from dmp.v1 import patient_pb2, record_pb2
 
 _METHODS: Final = ("POST", "PUT")
+
+
+def load(data: bytes) -> Any:
+    """A request body or file as JSON; 400 when it is not JSON, or nests deeper than the
+    parser goes (a RecursionError, not a ValueError)."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FhirError(
+            400, "invalid", f"the body is not JSON: {exc}", expression="Bundle"
+        ) from None
+    except RecursionError:
+        raise FhirError(
+            400, "invalid", "the body is not a Bundle: its JSON nests too deep", expression="Bundle"
+        ) from None
 
 
 def _entries(body: Any) -> list[Resource]:
