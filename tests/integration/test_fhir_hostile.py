@@ -142,3 +142,25 @@ def test_a_loopback_gateway_answers_only_requests_for_a_loopback_host(
     for local in (writer.address, writer.address.replace("127.0.0.1", "localhost")):
         ok = requests.get(f"{writer.base}/metadata", headers={"Host": local}, timeout=30)
         assert ok.status_code == 200, ok.text
+
+
+def test_two_professionals_posting_the_same_bundle_each_store_it_once(
+    writer: Gateway, fed: FhirFed
+) -> None:
+    """Record ids came from the patient and the fullUrl alone, whoever wrote them: the
+    second professional's Bundle (or a retry of it) was refused for ever, 409, with advice
+    to pick another id that no hospital software can follow, and anyone who knew a Bundle's
+    fullUrls (or its predictable resource identifiers) could take its ids first."""
+    other = fed.gateway(
+        f"practitioner-{OTHER_DOCTOR}", "--node", f"127.0.0.1:{fed.nodes['11'].port}"
+    )
+    bundle = submission(ins_number(42), "two-writers")
+    headers = {"Content-Type": "application/fhir+json"}
+    body = json.dumps(bundle).encode()
+    first = requests.post(f"{writer.base}/", data=body, headers=headers, timeout=60)
+    assert first.status_code == 200, first.text
+    for attempt in ("stores", "stores nothing again"):
+        answer = requests.post(f"{other.base}/", data=body, headers=headers, timeout=60)
+        assert answer.status_code == 200, (attempt, answer.text)
+        created = [e["response"]["status"] for e in answer.json()["entry"]].count("201 Created")
+        assert created == (6 if attempt == "stores" else 0)
