@@ -97,7 +97,7 @@ def import_bundles(
             except OSError as exc:
                 raise FhirError(400, "invalid", f"cannot read the file: {exc}") from None
             body = load(data)
-            submission = parse(body, max_content=max_content)
+            submission = parse(body, max_content=max_content, writer=node.signer.principal.uri)
             if register is not None:
                 register_patient(register, submission)
             stored = store(node, submission)

@@ -8,8 +8,9 @@ half-written in the first place, and whatever a failure leaves is completed by a
 
 1. Every entry is checked before anything is written (``dmp.fhir.inbound``): one bad
    entry refuses the Bundle, naming its element, and nothing is stored.
-2. Every record id is derived from the patient and the entry's ``fullUrl`` (or its
-   resource's identifier): the same Bundle always names the same records.
+2. Every record id is derived from the patient, the writer and the entry's ``fullUrl``
+   (or its resource's identifier): the same Bundle from the same writer always names the
+   same records.
 3. The records go to the node over one ``IngestRecords`` stream, which the node commits
    in one unit of work (a Bundle holds at most 1000 entries and its body is under the
    gateway's limit, below the node's batch of 1000 records and 64 MiB): the node stores
@@ -127,9 +128,11 @@ def _key(entry: Resource, path: str) -> str:
     )
 
 
-def parse(body: Any, *, max_content: int) -> Submission:
+def parse(body: Any, *, max_content: int, writer: str = "") -> Submission:
     """Check a whole transaction Bundle; raise FhirError (400/413, naming the element) at
-    the first entry that cannot be stored as it is."""
+    the first entry that cannot be stored as it is. ``writer`` (the URI of the identity
+    that will store it) goes into every record id: the same Bundle from another writer
+    names records of its own, and nobody can take another writer's ids first."""
     entries = _entries(body)
     max_content = min(max_content, DEFAULT_MAX_CONTENT)
     patients: dict[str, str] = {}
@@ -187,12 +190,13 @@ def parse(body: Any, *, max_content: int) -> Submission:
         if key in keys:
             raise invalid(f"Bundle.entry[{index}].fullUrl", f"the same as entry {keys[key]}")
         keys[key] = index
+        owned = f"{writer}|{key}" if writer else key
         if kind == "DocumentReference":
-            put, binary = document(resource, ins, key, path, binaries)
+            put, binary = document(resource, ins, owned, path, binaries)
             if binary is not None:
                 used.add(binary)
         else:
-            put = structured(resource, ins, key, path)
+            put = structured(resource, ins, owned, path)
         if len(put.content) > max_content:
             raise invalid(
                 path, f"content of {len(put.content)} bytes is over the limit of {max_content}", 413

@@ -4,6 +4,7 @@ naming what is wrong, never an exception out of the gateway or of `dmp fhir impo
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from dmp.fhir.files import bundle_files, import_bundles
 
@@ -15,7 +16,8 @@ def test_import_of_a_directory_with_a_deeply_nested_file_refuses_that_file_only(
     traceback, the files after it never tried."""
     (tmp_path / "a-nested.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
     (tmp_path / "b-not-a-bundle.json").write_text("{}")
-    summary = import_bundles(bundle_files(tmp_path), node=None)  # type: ignore[arg-type]
+    writer = SimpleNamespace(signer=SimpleNamespace(principal=SimpleNamespace(uri="urn:dmp:x")))
+    summary = import_bundles(bundle_files(tmp_path), node=writer)  # type: ignore[arg-type]
     assert summary.files == 2 and summary.stored == 0
     [(first, why), (second, _)] = summary.refused
     assert first.endswith("a-nested.json") and "HTTP 400" in why and "deep" in why
