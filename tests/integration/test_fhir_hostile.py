@@ -164,3 +164,39 @@ def test_two_professionals_posting_the_same_bundle_each_store_it_once(
         assert answer.status_code == 200, (attempt, answer.text)
         created = [e["response"]["status"] for e in answer.json()["entry"]].count("201 Created")
         assert created == (6 if attempt == "stores" else 0)
+
+
+_CANDIDATES = (
+    "patient.identifier", "patient", "subject.identifier", "subject", "identifier", "_id",
+    "type", "category", "date", "period", "status", "_count", "author", "_sort",
+)  # fmt: skip
+
+
+def test_the_capability_statement_lists_exactly_the_search_parameters_taken(
+    writer: Gateway,
+) -> None:
+    """Each search parameter a resource's search takes is in /metadata, and each one it
+    lists is taken (a parameter not taken is a 400 not-supported naming it)."""
+    statement = requests.get(f"{writer.base}/metadata", timeout=30).json()
+    [rest] = statement["rest"]
+    searched = {
+        r["type"]: {p["name"] for p in r.get("searchParam", [])}
+        for r in rest["resource"]
+        if {"code": "search-type"} in r.get("interaction", [])
+    }
+    assert searched
+    for resource, listed in searched.items():
+        for name in _CANDIDATES:
+            base = {} if name == "identifier" else {"patient.identifier": PATIENT}
+            if resource == "Patient":
+                base = {} if name in ("identifier", "_id") else {"identifier": PATIENT}
+            answer = requests.get(
+                f"{writer.base}/{resource}",
+                params={**base, name: PATIENT if "atient" in name or "ubject" in name else "x"},
+                timeout=30,
+            )
+            issues = answer.json().get("issue", []) if answer.status_code == 400 else []
+            taken = not any(
+                i["code"] == "not-supported" and i.get("expression") == [name] for i in issues
+            )
+            assert taken == (name in listed), (resource, name, answer.text)
