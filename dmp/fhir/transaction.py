@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -128,6 +129,20 @@ def _key(entry: Resource, path: str) -> str:
     )
 
 
+@contextmanager
+def _element(path: str) -> Iterator[None]:
+    """A resource whose checks met an element of the wrong JSON type (a string where FHIR
+    wants an object, a number where it wants a list): 400 naming the resource."""
+    try:
+        yield
+    except (TypeError, AttributeError, KeyError, ValueError):
+        raise invalid(
+            path,
+            "an element has the wrong JSON type for FHIR R4 (an object, a list, a string or"
+            " a number where another is expected)",
+        ) from None
+
+
 def parse(body: Any, *, max_content: int, writer: str = "") -> Submission:
     """Check a whole transaction Bundle; raise FhirError (400/413, naming the element) at
     the first entry that cannot be stored as it is. ``writer`` (the URI of the identity
@@ -143,7 +158,8 @@ def parse(body: Any, *, max_content: int, writer: str = "") -> Submission:
         if resource["resourceType"] == "Patient":
             if traits is not None:
                 raise invalid(path, "one Patient a Bundle: a submission is about one patient")
-            traits = patient_traits(resource, path)
+            with _element(path):
+                traits = patient_traits(resource, path)
             try:
                 traits_of(traits, path)
             except InvalidArgument as exc:  # names the trait: birth_date, birthplace_code...
@@ -153,11 +169,11 @@ def parse(body: Any, *, max_content: int, writer: str = "") -> Submission:
         elif resource["resourceType"] == "Binary":
             names = [entry.get("fullUrl"), resource.get("id") and f"Binary/{resource['id']}"]
             binaries.update({str(name): (path, resource) for name in names if name})
-    subjects = {
-        i: subject_ins(e["resource"], f"Bundle.entry[{i}].resource", patients)
-        for i, e in enumerate(entries)
-        if e["resource"]["resourceType"] not in ("Patient", "Binary", *NOT_STORED)
-    }
+    subjects: dict[int, str | None] = {}
+    for i, e in enumerate(entries):
+        if e["resource"]["resourceType"] not in ("Patient", "Binary", *NOT_STORED):
+            with _element(f"Bundle.entry[{i}].resource"):
+                subjects[i] = subject_ins(e["resource"], f"Bundle.entry[{i}].resource", patients)
     named = {ins for ins in subjects.values() if ins}
     if traits is not None:
         named.add(traits.ins)
@@ -191,12 +207,13 @@ def parse(body: Any, *, max_content: int, writer: str = "") -> Submission:
             raise invalid(f"Bundle.entry[{index}].fullUrl", f"the same as entry {keys[key]}")
         keys[key] = index
         owned = f"{writer}|{key}" if writer else key
-        if kind == "DocumentReference":
-            put, binary = document(resource, ins, owned, path, binaries)
-            if binary is not None:
-                used.add(binary)
-        else:
-            put = structured(resource, ins, owned, path)
+        with _element(path):
+            if kind == "DocumentReference":
+                put, binary = document(resource, ins, owned, path, binaries)
+                if binary is not None:
+                    used.add(binary)
+            else:
+                put = structured(resource, ins, owned, path)
         if len(put.content) > max_content:
             raise invalid(
                 path, f"content of {len(put.content)} bytes is over the limit of {max_content}", 413
