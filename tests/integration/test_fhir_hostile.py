@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 import requests
 
+from dmp.fhir.errors import FhirError
+from dmp.fhir.files import export_patient
+from dmp.pki import load_credentials
 from tests.federation import OTHER_DOCTOR, PATIENT
 from tests.integration.fhir_bundles import ins_number, submission
 from tests.integration.fhir_federation import (
@@ -200,3 +203,23 @@ def test_the_capability_statement_lists_exactly_the_search_parameters_taken(
                 i["code"] == "not-supported" and i.get("expression") == [name] for i in issues
             )
             assert taken == (name in listed), (resource, name, answer.text)
+
+
+def test_export_does_not_write_through_a_symlink_planted_at_out(
+    fed: FhirFed, tmp_path: Path
+) -> None:
+    """--out in a shared directory: another local user plants a link there to a file of
+    the professional's; the export must not clobber it (nor put records at the link's
+    target)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the professional's own file")
+    out = tmp_path / "export.json"
+    out.symlink_to(victim)
+    with pytest.raises(FhirError) as refused:
+        export_patient(load_credentials(fed.pki_dir, DOC), fed.directory_address, PATIENT, out)
+    assert "link" in refused.value.diagnostics
+    assert victim.read_text() == "the professional's own file"
+    again = tmp_path / "fresh.json"
+    export_patient(load_credentials(fed.pki_dir, DOC), fed.directory_address, PATIENT, again)
+    assert again.stat().st_mode & 0o777 == 0o600
+    assert json.loads(again.read_bytes())["resourceType"] == "Bundle"
