@@ -10,6 +10,7 @@ Export is the patient's ``$everything`` with every content inline as a Binary
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -137,7 +138,13 @@ def export_patient(credentials: Credentials, directory: str, ins: str, out: Path
     finally:
         federation.close()
     data = json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode()
-    descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:  # never through a link planted at --out: it would clobber the file it names
+        descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        why = "a symbolic link: give the path of the file itself"
+        raise FhirError(
+            400, "invalid", f"{out}: {why if exc.errno == errno.ELOOP else exc.strerror}"
+        ) from None
     with os.fdopen(descriptor, "wb") as handle:
         os.fchmod(handle.fileno(), 0o600)
         handle.write(data)
