@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 import requests
 
+from dmp.client import NodeClient
 from dmp.fhir.errors import FhirError
 from dmp.fhir.files import export_patient
 from dmp.pki import load_credentials
-from tests.federation import OTHER_DOCTOR, PATIENT
+from dmp.v1 import node_service_pb2 as npb
+from tests.federation import OTHER_DOCTOR, PATIENT, PHARMACIST
 from tests.integration.fhir_bundles import ins_number, submission
 from tests.integration.fhir_federation import (
     DOC,
@@ -223,3 +225,27 @@ def test_export_does_not_write_through_a_symlink_planted_at_out(
     export_patient(load_credentials(fed.pki_dir, DOC), fed.directory_address, PATIENT, again)
     assert again.stat().st_mode & 0o777 == 0o600
     assert json.loads(again.read_bytes())["resourceType"] == "Bundle"
+
+
+def test_a_bundle_the_node_stored_is_answered_as_stored(writer: Gateway, fed: FhirFed) -> None:
+    """All or nothing, and said so: after the node stored the Bundle, the gateway read the
+    first record back, which a writer who may write but not read (a pharmacist, a
+    DocumentReference) may not: a 404 answered for a Bundle that was stored whole."""
+    pharmacist = fed.gateway(
+        f"practitioner-{PHARMACIST}", "--node", f"127.0.0.1:{fed.nodes['11'].port}"
+    )
+    ins = ins_number(43)
+    answer = requests.post(
+        f"{pharmacist.base}/",
+        data=json.dumps(submission(ins, "write-only")).encode(),
+        headers={"Content-Type": "application/fhir+json"},
+        timeout=60,
+    )
+    request = npb.ListRecordsRequest(patient_ins=ins)
+    with NodeClient(f"127.0.0.1:{fed.nodes['11'].port}", load_credentials(fed.pki_dir, DOC)) as n:
+        stored = list(n.list_records(request))
+    if answer.status_code != 200:
+        assert not stored, answer.text  # refused: then nothing is stored
+    else:
+        statuses = [e["response"]["status"] for e in answer.json()["entry"]]
+        assert statuses.count("201 Created") == len(stored) == 6
