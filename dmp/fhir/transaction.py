@@ -249,7 +249,6 @@ class Stored:
     """What a write did: each stored entry's record id and whether it was new."""
 
     submission: Submission
-    region: str
     new: set[str]
 
     @property
@@ -274,12 +273,11 @@ def _held(node: NodeClient, ins: str, timeout: float) -> dict[str, record_pb2.Re
 def store(node: NodeClient, submission: Submission, *, timeout: float = 60) -> Stored:
     """Write a checked Bundle at ``node``, all or nothing (see the module docstring)."""
     if not submission.puts:
-        return Stored(submission, "", set())
+        return Stored(submission, set())
     try:
         held = _held(node, submission.patient_ins, timeout)
+        # Nothing is read back: a writer may be allowed to write what it may not read.
         node.ingest((p.request for p in submission.puts), timeout=timeout)
-        first = submission.puts[0].request.record
-        stored = node.get_record(first.id, first.patient_ins, timeout=timeout)
     except grpc.RpcError as exc:
         error = from_rpc(exc)
         if error.status in (503, 504):
@@ -289,7 +287,7 @@ def store(node: NodeClient, submission: Submission, *, timeout: float = 60) -> S
             )
         raise error from None
     new = {p.request.record.id for p in submission.puts} - set(held)
-    return Stored(submission, stored.region, new)
+    return Stored(submission, new)
 
 
 def response_bundle(stored: Stored, base: str = "") -> Resource:
