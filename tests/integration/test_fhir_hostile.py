@@ -249,3 +249,32 @@ def test_a_bundle_the_node_stored_is_answered_as_stored(writer: Gateway, fed: Fh
     else:
         statuses = [e["response"]["status"] for e in answer.json()["entry"]]
         assert statuses.count("201 Created") == len(stored) == 6
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "https://attacker.example"},
+        {"Origin": "null"},
+    ],
+)
+def test_a_loopback_gateway_refuses_what_a_browser_sends_for_another_site(
+    writer: Gateway, headers: dict[str, str]
+) -> None:
+    """A page of another site cannot read the answers (no CORS), but its blind GETs still
+    made the gateway look patients up as the professional: audited accesses, in the
+    professional's name, to patients they never asked for. Browsers say where a request
+    comes from (Sec-Fetch-Site, Origin); software and curl send neither."""
+    answer = requests.get(
+        f"{writer.base}/DocumentReference",
+        params={"patient.identifier": f"{INS_SYSTEM}|{PATIENT}"},
+        headers=headers,
+        timeout=30,
+    )
+    [issue] = refused(answer, 403)
+    assert "browser" in issue["diagnostics"]
+    for fine in ({"Sec-Fetch-Site": "none"}, {"Origin": writer.base}):
+        ok = requests.get(f"{writer.base}/metadata", headers=fine, timeout=30)
+        assert ok.status_code == 200, ok.text
