@@ -370,15 +370,40 @@ def loopback_host(host: str) -> bool:
         return False
 
 
+def _other_site(headers: Any) -> bool:
+    """Whether a browser says the request comes from a page of another site (software and
+    curl send neither header)."""
+    for name, value in headers:
+        if name == b"sec-fetch-site" and value not in (b"none", b"same-origin"):
+            return True
+        if name == b"origin":
+            origin = value.decode("latin-1")
+            host = origin.partition("://")[2]
+            if not (origin.startswith(("http://", "https://")) and loopback_host(host)):
+                return True
+    return False
+
+
 class LoopbackHost:
     """421 for a request whose Host is not a loopback name: a plain-HTTP gateway on loopback
     acts as its identity for whoever reaches it, and a web page that rebinds its own DNS
-    name to 127.0.0.1 would otherwise read the answers as its own origin."""
+    name to 127.0.0.1 would otherwise read the answers as its own origin. 403 for what a
+    browser sends on behalf of a page of another site: its blind GETs would still make the
+    gateway look patients up in the professional's name."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _other_site(scope.get("headers", ())):
+            error = FhirError(
+                403,
+                "forbidden",
+                "a browser sent this request for a page of another site: this gateway"
+                " answers the professional's own software only",
+            )
+            await FhirResponse(error.outcome(), status_code=403)(scope, receive, send)
+            return
         if scope["type"] == "http":
             hosts = [v for k, v in scope.get("headers", ()) if k == b"host"]
             if hosts and not all(loopback_host(v.decode("latin-1")) for v in hosts):
