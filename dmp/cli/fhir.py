@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     serve.add_argument(
         "--tls",
         action="store_true",
-        help="serve HTTPS and require a client certificate from the federation CA (for"
-        " software on another host); needs --tls-cert and --tls-key",
+        help="serve HTTPS and require a client certificate of the --as identity from the"
+        " federation CA (its software on another host); needs --tls-cert and --tls-key",
     )
     serve.add_argument(
         "--tls-cert", type=Path, metavar="PEM", help="the gateway's server certificate"

@@ -103,6 +103,8 @@ def capability_statement(base: str, identity: str, *, writes: bool = False) -> d
             " (status=active), one MedicationRequest per line; also in $everything",
             "searchParam": [
                 _PATIENT_PARAM,
+                _search("patient", "reference", "Patient/<INS>, instead of patient.identifier"),
+                _search("subject", "reference", "the same as patient"),
                 _search("status", "token", "active (the default and only value)"),
             ],
         }
@@ -145,8 +147,9 @@ def capability_statement(base: str, identity: str, *, writes: bool = False) -> d
                 ),
                 **({"interaction": [{"code": "transaction"}]} if writes else {}),
                 "security": {
-                    "description": "served on loopback, or with --tls over HTTPS requiring a"
-                    " client certificate from the federation CA; every call to the"
+                    "description": "served on loopback (a Host that is not loopback is"
+                    " refused), or with --tls over HTTPS requiring a client certificate from"
+                    " the federation CA for the gateway's own identity; every call to the"
                     " federation carries an access assertion signed with the gateway"
                     " identity's key"
                 },

@@ -111,7 +111,7 @@ class Federation:
                 "this gateway was started without --node: it writes nothing (start it with"
                 " --node HOST:PORT, the node of your region)",
             )
-        submission = parse(body, max_content=max_content)
+        submission = parse(body, max_content=max_content, writer=self.principal.uri)
         register_patient(
             lambda identity: self.client.register_patient(identity, timeout=self.timeout),
             submission,

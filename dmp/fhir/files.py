@@ -10,6 +10,7 @@ Export is the patient's ``$everything`` with every content inline as a Binary
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ from dmp.fhir.bundles import regions_outcome
 from dmp.fhir.errors import FhirError
 from dmp.fhir.everything import export_bundle
 from dmp.fhir.federation import Federation, Location
-from dmp.fhir.transaction import parse, register_patient, store
+from dmp.fhir.transaction import load, parse, register_patient, store
 from dmp.pki import Credentials
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import patient_pb2
@@ -93,10 +94,11 @@ def import_bundles(
     for done, path in enumerate(paths, start=1):
         try:
             try:
-                body = json.loads(path.read_bytes())
-            except (OSError, UnicodeDecodeError, ValueError) as exc:
-                raise FhirError(400, "invalid", f"not a JSON file: {exc}") from None
-            submission = parse(body, max_content=max_content)
+                data = path.read_bytes()
+            except OSError as exc:
+                raise FhirError(400, "invalid", f"cannot read the file: {exc}") from None
+            body = load(data)
+            submission = parse(body, max_content=max_content, writer=node.signer.principal.uri)
             if register is not None:
                 register_patient(register, submission)
             stored = store(node, submission)
@@ -136,7 +138,13 @@ def export_patient(credentials: Credentials, directory: str, ins: str, out: Path
     finally:
         federation.close()
     data = json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode()
-    descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:  # never through a link planted at --out: it would clobber the file it names
+        descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        why = "a symbolic link: give the path of the file itself"
+        raise FhirError(
+            400, "invalid", f"{out}: {why if exc.errno == errno.ELOOP else exc.strerror}"
+        ) from None
     with os.fdopen(descriptor, "wb") as handle:
         os.fchmod(handle.fileno(), 0o600)
         handle.write(data)

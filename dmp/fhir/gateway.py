@@ -8,6 +8,7 @@ Every answer is FHIR JSON, every refusal an OperationOutcome with the HTTP statu
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import time
@@ -33,7 +34,7 @@ from dmp.fhir.everything import entry_url, natural_entries
 from dmp.fhir.federation import Federation
 from dmp.fhir.mapping import Resource, binary_id, document_reference, patient
 from dmp.fhir.medication import dispensable_requests
-from dmp.fhir.transaction import response_bundle
+from dmp.fhir.transaction import load, response_bundle
 from dmp.v1 import record_pb2
 
 log = logging.getLogger("dmp.fhir")
@@ -43,6 +44,11 @@ _DOCUMENT_PARAMS = (
     "patient.identifier", "patient", "subject.identifier", "subject", "type", "category",
     "date", "period", "status", "_count", "_page_token",
 )  # fmt: skip
+
+#: What a POST body may be: never a type a web page may POST across sites without a CORS
+#: preflight (text/plain, form data), so that a page open in the professional's browser
+#: cannot make the loopback gateway write as the professional.
+_BODY_TYPES = frozenset({FHIR_JSON, "application/json"})
 
 
 class FhirResponse(Response):
@@ -250,6 +256,14 @@ class Gateway:
     async def transaction(self, request: Request) -> Response:
         """IHE ITI-65: a transaction Bundle stored at the node, all or nothing."""
         params.check_known(request.query_params, ())
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media not in _BODY_TYPES:  # text/plain is what a cross-site page may POST
+            raise FhirError(
+                415,
+                "not-supported",
+                f"Content-Type {media or '(none)'!r}: a transaction Bundle is sent as"
+                " application/fhir+json (or application/json)",
+            )
         body = bytearray()
         async for chunk in request.stream():
             body.extend(chunk)
@@ -259,12 +273,7 @@ class Gateway:
                     "too-costly",
                     f"the request body is over the gateway's limit of {self.max_body} bytes",
                 )
-        try:
-            bundle = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise FhirError(
-                400, "invalid", f"the body is not JSON: {exc}", expression="Bundle"
-            ) from None
+        bundle = load(bytes(body))
         stored = await run_in_threadpool(self.federation.write, bundle, max_content=self.max_body)
         return FhirResponse(response_bundle(stored, _base(request)))
 
@@ -346,6 +355,69 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
+def loopback_host(host: str) -> bool:
+    """Whether a Host header (or a --listen host) names this machine's loopback."""
+    name = host.strip()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _other_site(headers: Any) -> bool:
+    """Whether a browser says the request comes from a page of another site (software and
+    curl send neither header)."""
+    for name, value in headers:
+        if name == b"sec-fetch-site" and value not in (b"none", b"same-origin"):
+            return True
+        if name == b"origin":
+            origin = value.decode("latin-1")
+            host = origin.partition("://")[2]
+            if not (origin.startswith(("http://", "https://")) and loopback_host(host)):
+                return True
+    return False
+
+
+class LoopbackHost:
+    """421 for a request whose Host is not a loopback name: a plain-HTTP gateway on loopback
+    acts as its identity for whoever reaches it, and a web page that rebinds its own DNS
+    name to 127.0.0.1 would otherwise read the answers as its own origin. 403 for what a
+    browser sends on behalf of a page of another site: its blind GETs would still make the
+    gateway look patients up in the professional's name."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _other_site(scope.get("headers", ())):
+            error = FhirError(
+                403,
+                "forbidden",
+                "a browser sent this request for a page of another site: this gateway"
+                " answers the professional's own software only",
+            )
+            await FhirResponse(error.outcome(), status_code=403)(scope, receive, send)
+            return
+        if scope["type"] == "http":
+            hosts = [v for k, v in scope.get("headers", ()) if k == b"host"]
+            if hosts and not all(loopback_host(v.decode("latin-1")) for v in hosts):
+                error = FhirError(
+                    421,
+                    "forbidden",
+                    "this gateway serves loopback only: the request's Host header must be"
+                    " localhost or a loopback address (a page of another site is refused)",
+                )
+                await FhirResponse(error.outcome(), status_code=421)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _route_name(path: str) -> str:
     """What a log line may say of a path: the resource and interaction, never an id (a
     Patient id is an INS)."""
@@ -391,7 +463,8 @@ class RequestLog:
             log.info("%s", json.dumps(line))
 
 
-def build_app(federation: Federation, *, max_body: int) -> ASGIApp:
+def build_app(federation: Federation, *, max_body: int, loopback: bool = False) -> ASGIApp:
+    """The gateway's ASGI app; ``loopback`` (plain HTTP) refuses a Host that is not."""
     gateway = Gateway(federation, max_body=max_body)
     get = ["GET"]
     routes = [
@@ -413,7 +486,8 @@ def build_app(federation: Federation, *, max_body: int) -> ASGIApp:
         grpc.RpcError: _on_error,
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
-    return RequestLog(BodyLimit(app, max_body))
+    limited = BodyLimit(app, max_body)
+    return RequestLog(LoopbackHost(limited) if loopback else limited)
 
 
 __all__ = ["build_app"]

@@ -19,9 +19,10 @@ every entry passed (see ``dmp.fhir.transaction``).
   ``Location``, ``Medication``: accepted, not stored (the author of every record is the
   identity whose certificate writes it).
 
-Record ids are derived from the patient and the entry's ``fullUrl`` (or, without one, the
-resource's first identifier): ``fhir-`` and 40 hex digits of their SHA-256. The same
-Bundle sent again names the same records, which a node stores once.
+Record ids are derived from the patient, the writer and the entry's ``fullUrl`` (or,
+without one, the resource's first identifier): ``fhir-`` and 40 hex digits of their
+SHA-256. The same Bundle sent again by the same writer names the same records, which a node
+stores once; another writer's copy names records of its own.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def count(params: QueryParams) -> int:
     raw = single(params, "_count")
     if raw is None:
         return DEFAULT_COUNT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_COUNT:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_COUNT:
         raise bad_parameter("_count", f"{raw!r} must be a whole number from 1 to {MAX_COUNT}")
     return int(raw)
 
@@ -163,6 +163,8 @@ def date_range(params: QueryParams, *names: str) -> DateRange:
         for value in params.getlist(name):
             prefix, raw = (value[:2], value[2:]) if value[:2] in _PREFIXES else ("eq", value)
             start, length = _parse_when(name, raw)
+            if start > datetime.max.replace(tzinfo=UTC) - length:  # its end is past year 9999
+                raise bad_parameter(name, f"{raw!r} is past the last date this server knows")
             if prefix in ("ge", "eq"):
                 out.since = max(filter(None, (out.since, start)))
             if prefix == "gt":

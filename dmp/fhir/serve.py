@@ -6,7 +6,9 @@ uvicorn (0.55) does not hand the client certificate to the app (no ASGI TLS exte
 ``scope["extensions"]["tls"]``), so the gateway never relies on it: with ``--tls`` the
 TLS handshake itself requires a certificate the federation CA issued and has not revoked
 (``CERT_REQUIRED``, the CRL checked for the leaf). The gateway acts as its ``--as``
-identity whoever connects, so a federation certificate is what it requires.
+identity whoever connects, so the certificate must be of that same identity (the
+professional's own software on another host): any other federation certificate, a
+patient's or another professional's, is refused when the handshake completes.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from cryptography import x509
 
+from dmp.certificates import principal_from_certificate
+from dmp.errors import DmpError
 from dmp.fhir.federation import Federation
 from dmp.fhir.gateway import build_app
+from dmp.identity import Principal
 from dmp.pki import Credentials
 
 log = logging.getLogger("dmp.fhir")
@@ -40,8 +46,9 @@ class TlsFiles:
     crl: Path | None
 
 
-def server_context(tls: TlsFiles) -> ssl.SSLContext:
-    """HTTPS that requires a client certificate from the federation CA, not revoked. The
+def server_context(tls: TlsFiles, only: Principal) -> ssl.SSLContext:
+    """HTTPS that requires a client certificate from the federation CA, not revoked, of
+    the identity ``only`` (the one the gateway acts as). The
     CA's revocation list is read again when it changes, as nodes and the directory do:
     each handshake is handed a context built on the CRL in force (through the SNI
     callback, the one hook ssl gives before the client certificate is verified)."""
@@ -61,7 +68,34 @@ def server_context(tls: TlsFiles) -> ssl.SSLContext:
 
     outer = _context(tls)
     outer.sni_callback = pick
+    outer.sslobject_class = _only(only)
     return outer
+
+
+def _only(expected: Principal) -> type[ssl.SSLObject]:
+    """TLS connections whose handshake fails unless the client's (verified) certificate is
+    of ``expected``: ssl has no verify callback, so the check runs once the handshake has
+    verified the chain, before any byte of HTTP is read."""
+
+    class OnlyIdentity(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            der = self.getpeercert(binary_form=True)
+            try:
+                peer = principal_from_certificate(x509.load_der_x509_certificate(der or b""))
+            except (DmpError, ValueError):
+                peer = None
+            if peer is None or peer.uri != expected.uri:
+                role = peer.role.value if peer is not None else "unknown"
+                log.warning(
+                    "FHIR gateway: refused a client certificate of another identity (%s)", role
+                )
+                raise ssl.SSLError(
+                    f"the client certificate is not {expected.identity}'s: this gateway acts"
+                    " as its own identity only"
+                )
+
+    return OnlyIdentity
 
 
 def _stamp(path: Path | None) -> tuple[int, int] | None:
@@ -112,10 +146,10 @@ def serve(
     sock = bind(listen)
     host, port = sock.getsockname()[:2]
     federation = Federation(directory, credentials, node=node, timeout=timeout)
-    app = build_app(federation, max_body=max_body)
+    app = build_app(federation, max_body=max_body, loopback=tls is None)
     factory = None
     if tls is not None:
-        context = server_context(tls)
+        context = server_context(tls, credentials.principal)
 
         def factory(
             _config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]

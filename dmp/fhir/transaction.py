@@ -8,8 +8,9 @@ half-written in the first place, and whatever a failure leaves is completed by a
 
 1. Every entry is checked before anything is written (``dmp.fhir.inbound``): one bad
    entry refuses the Bundle, naming its element, and nothing is stored.
-2. Every record id is derived from the patient and the entry's ``fullUrl`` (or its
-   resource's identifier): the same Bundle always names the same records.
+2. Every record id is derived from the patient, the writer and the entry's ``fullUrl``
+   (or its resource's identifier): the same Bundle from the same writer always names the
+   same records.
 3. The records go to the node over one ``IngestRecords`` stream, which the node commits
    in one unit of work (a Bundle holds at most 1000 entries and its body is under the
    gateway's limit, below the node's batch of 1000 records and 64 MiB): the node stores
@@ -31,8 +32,10 @@ because a hospital system retries by resending the same Bundle, which then just 
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -63,6 +66,21 @@ from dmp.v1 import node_service_pb2 as npb
 from dmp.v1 import patient_pb2, record_pb2
 
 _METHODS: Final = ("POST", "PUT")
+
+
+def load(data: bytes) -> Any:
+    """A request body or file as JSON; 400 when it is not JSON, or nests deeper than the
+    parser goes (a RecursionError, not a ValueError)."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FhirError(
+            400, "invalid", f"the body is not JSON: {exc}", expression="Bundle"
+        ) from None
+    except RecursionError:
+        raise FhirError(
+            400, "invalid", "the body is not a Bundle: its JSON nests too deep", expression="Bundle"
+        ) from None
 
 
 def _entries(body: Any) -> list[Resource]:
@@ -111,9 +129,25 @@ def _key(entry: Resource, path: str) -> str:
     )
 
 
-def parse(body: Any, *, max_content: int) -> Submission:
+@contextmanager
+def _element(path: str) -> Iterator[None]:
+    """A resource whose checks met an element of the wrong JSON type (a string where FHIR
+    wants an object, a number where it wants a list): 400 naming the resource."""
+    try:
+        yield
+    except (TypeError, AttributeError, KeyError, ValueError):
+        raise invalid(
+            path,
+            "an element has the wrong JSON type for FHIR R4 (an object, a list, a string or"
+            " a number where another is expected)",
+        ) from None
+
+
+def parse(body: Any, *, max_content: int, writer: str = "") -> Submission:
     """Check a whole transaction Bundle; raise FhirError (400/413, naming the element) at
-    the first entry that cannot be stored as it is."""
+    the first entry that cannot be stored as it is. ``writer`` (the URI of the identity
+    that will store it) goes into every record id: the same Bundle from another writer
+    names records of its own, and nobody can take another writer's ids first."""
     entries = _entries(body)
     max_content = min(max_content, DEFAULT_MAX_CONTENT)
     patients: dict[str, str] = {}
@@ -124,7 +158,8 @@ def parse(body: Any, *, max_content: int) -> Submission:
         if resource["resourceType"] == "Patient":
             if traits is not None:
                 raise invalid(path, "one Patient a Bundle: a submission is about one patient")
-            traits = patient_traits(resource, path)
+            with _element(path):
+                traits = patient_traits(resource, path)
             try:
                 traits_of(traits, path)
             except InvalidArgument as exc:  # names the trait: birth_date, birthplace_code...
@@ -134,11 +169,11 @@ def parse(body: Any, *, max_content: int) -> Submission:
         elif resource["resourceType"] == "Binary":
             names = [entry.get("fullUrl"), resource.get("id") and f"Binary/{resource['id']}"]
             binaries.update({str(name): (path, resource) for name in names if name})
-    subjects = {
-        i: subject_ins(e["resource"], f"Bundle.entry[{i}].resource", patients)
-        for i, e in enumerate(entries)
-        if e["resource"]["resourceType"] not in ("Patient", "Binary", *NOT_STORED)
-    }
+    subjects: dict[int, str | None] = {}
+    for i, e in enumerate(entries):
+        if e["resource"]["resourceType"] not in ("Patient", "Binary", *NOT_STORED):
+            with _element(f"Bundle.entry[{i}].resource"):
+                subjects[i] = subject_ins(e["resource"], f"Bundle.entry[{i}].resource", patients)
     named = {ins for ins in subjects.values() if ins}
     if traits is not None:
         named.add(traits.ins)
@@ -171,12 +206,14 @@ def parse(body: Any, *, max_content: int) -> Submission:
         if key in keys:
             raise invalid(f"Bundle.entry[{index}].fullUrl", f"the same as entry {keys[key]}")
         keys[key] = index
-        if kind == "DocumentReference":
-            put, binary = document(resource, ins, key, path, binaries)
-            if binary is not None:
-                used.add(binary)
-        else:
-            put = structured(resource, ins, key, path)
+        owned = f"{writer}|{key}" if writer else key
+        with _element(path):
+            if kind == "DocumentReference":
+                put, binary = document(resource, ins, owned, path, binaries)
+                if binary is not None:
+                    used.add(binary)
+            else:
+                put = structured(resource, ins, owned, path)
         if len(put.content) > max_content:
             raise invalid(
                 path, f"content of {len(put.content)} bytes is over the limit of {max_content}", 413
@@ -212,7 +249,6 @@ class Stored:
     """What a write did: each stored entry's record id and whether it was new."""
 
     submission: Submission
-    region: str
     new: set[str]
 
     @property
@@ -237,12 +273,11 @@ def _held(node: NodeClient, ins: str, timeout: float) -> dict[str, record_pb2.Re
 def store(node: NodeClient, submission: Submission, *, timeout: float = 60) -> Stored:
     """Write a checked Bundle at ``node``, all or nothing (see the module docstring)."""
     if not submission.puts:
-        return Stored(submission, "", set())
+        return Stored(submission, set())
     try:
         held = _held(node, submission.patient_ins, timeout)
+        # Nothing is read back: a writer may be allowed to write what it may not read.
         node.ingest((p.request for p in submission.puts), timeout=timeout)
-        first = submission.puts[0].request.record
-        stored = node.get_record(first.id, first.patient_ins, timeout=timeout)
     except grpc.RpcError as exc:
         error = from_rpc(exc)
         if error.status in (503, 504):
@@ -252,7 +287,7 @@ def store(node: NodeClient, submission: Submission, *, timeout: float = 60) -> S
             )
         raise error from None
     new = {p.request.record.id for p in submission.puts} - set(held)
-    return Stored(submission, stored.region, new)
+    return Stored(submission, new)
 
 
 def response_bundle(stored: Stored, base: str = "") -> Resource:

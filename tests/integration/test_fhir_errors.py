@@ -200,7 +200,13 @@ def test_tls_requires_a_federation_client_certificate(fed: FhirFed, tmp_path: Pa
         str(fed.pki_dir / f"practitioner-{later}.pem"),
         str(fed.pki_dir / f"practitioner-{later}.key"),
     )
-    assert requests.get(url, cert=soon_revoked, verify=ca, timeout=10).status_code == 200
+    # The gateway serves its own identity's certificate only: the nurse's is checked
+    # against a gateway of the nurse's own.
+    nurses = fed.gateway(
+        f"practitioner-{later}", "--tls", "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    nurse_url = f"{nurses.base}/metadata"
+    assert requests.get(nurse_url, cert=soon_revoked, verify=ca, timeout=10).status_code == 200
     # No certificate: refused at TLS (after the TLS 1.3 handshake: the request fails).
     with pytest.raises(requests.exceptions.RequestException):
         requests.get(url, verify=ca, timeout=10)
@@ -227,7 +233,7 @@ def test_tls_requires_a_federation_client_certificate(fed: FhirFed, tmp_path: Pa
     # Revoked while the gateway runs: refused from the next connection on.
     fed.pki.revoke(f"practitioner-{later}")
     with pytest.raises(requests.exceptions.RequestException):
-        requests.get(url, cert=soon_revoked, verify=ca, timeout=10)
+        requests.get(nurse_url, cert=soon_revoked, verify=ca, timeout=10)
     # Plain HTTP to the HTTPS port gets nothing either.
     with pytest.raises(requests.exceptions.RequestException):
         requests.get(url.replace("https://", "http://"), timeout=10).raise_for_status()
