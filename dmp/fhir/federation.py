@@ -95,6 +95,8 @@ class Federation:
         self.node = (
             NodeClient(node, credentials, signer=self.client.signer) if node is not None else None
         )
+        self._node_address = node
+        self._node_region: str | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -116,7 +118,22 @@ class Federation:
             lambda identity: self.client.register_patient(identity, timeout=self.timeout),
             submission,
         )
-        return store(self.node, submission, timeout=max(self.timeout, 60))
+        return store(
+            self.node, submission, timeout=max(self.timeout, 60), region=self.node_region()
+        )
+
+    def node_region(self) -> str | None:
+        """The region of the node Bundles are written to, as the directory lists it (asked
+        once), so that a node that is down is named by its region; None if not listed."""
+        if self._node_region is None and self._node_address is not None:
+            try:
+                nodes = self.client.list_nodes(timeout=self.timeout)
+            except grpc.RpcError:
+                return None
+            for info in nodes:
+                if info.address == self._node_address:
+                    self._node_region = info.region
+        return self._node_region
 
     def patient(self, ins: str) -> patient_pb2.PatientIdentity | None:
         """The patient's identity; None when the directory does not know them (a caller who

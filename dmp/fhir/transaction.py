@@ -270,8 +270,11 @@ def _held(node: NodeClient, ins: str, timeout: float) -> dict[str, record_pb2.Re
     return {r.id: r for r in node.list_records(request, timeout=timeout)}
 
 
-def store(node: NodeClient, submission: Submission, *, timeout: float = 60) -> Stored:
-    """Write a checked Bundle at ``node``, all or nothing (see the module docstring)."""
+def store(
+    node: NodeClient, submission: Submission, *, timeout: float = 60, region: str | None = None
+) -> Stored:
+    """Write a checked Bundle at ``node`` (of ``region``, when known), all or nothing (see
+    the module docstring)."""
     if not submission.puts:
         return Stored(submission, set())
     try:
@@ -279,7 +282,7 @@ def store(node: NodeClient, submission: Submission, *, timeout: float = 60) -> S
         # Nothing is read back: a writer may be allowed to write what it may not read.
         node.ingest((p.request for p in submission.puts), timeout=timeout)
     except grpc.RpcError as exc:
-        error = from_rpc(exc)
+        error = from_rpc(exc, region=region)
         if error.status in (503, 504):
             error.diagnostics += (
                 "; nothing or all of the Bundle was stored: send the same Bundle again, it"

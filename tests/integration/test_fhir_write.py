@@ -504,3 +504,17 @@ def test_an_export_with_a_region_down_is_partial_and_says_so(fed: FhirFed, tmp_p
     written = {r.id for region, r, _ in fed.written.values() if region != "53"}
     binaries = [e for e in exported["entry"] if e["resource"]["resourceType"] == "Binary"]
     assert len(binaries) == len(written)
+
+
+def test_a_bundle_for_a_node_that_is_down_is_a_503_naming_its_region(
+    fed: FhirFed, gateway: Gateway
+) -> None:
+    """Last in this module: it stops the gateway's own node."""
+    fed.nodes[REGION].stop(grace=None)
+    response = post(gateway, submission(ins_number(90), "node-down"))
+    assert response.status_code == 503
+    outcome = response.json()
+    validate(outcome)
+    diagnostics = outcome["issue"][0]["diagnostics"]
+    assert f"region {REGION} (Île-de-France)" in diagnostics
+    assert "send the same Bundle again" in diagnostics
