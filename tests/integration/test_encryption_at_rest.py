@@ -341,8 +341,7 @@ def test_a_node_in_clear_is_encrypted_in_place_resumably(
             + "".join(connection.execute(text("SELECT title FROM records")).scalars()).encode()
         )
     assert TITLE.encode() not in held and b"diabete" not in held
-    if sqlite_file(db_url) is None:
-        assert_clear_of_phrases(db_url, engine)
+    assert_clear_of_phrases(db_url, engine)
 
 
 def test_kek_files_are_private(tmp_path: Path) -> None:
