@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from dmp import tokens
-from dmp.clock import now_us, to_us
+from dmp.clock import from_us, now_us, to_us
 from dmp.errors import (
     AlreadyExists,
     DataLoss,
@@ -499,6 +499,8 @@ class RecordStore:
             if row.sealed is None:
                 continue
             found = keys.get(row.patient_ins)
+            if found is not None and found.shredded_us is not None:
+                record.shredded_time.CopyFrom(from_us(found.shredded_us))
             if found is None or found.key is None:
                 continue  # shredded: nothing to open (content reads say so)
             opened = Sealer.open_metadata(found.key, row)

@@ -271,6 +271,8 @@ def test_a_shredded_patient_is_unreadable_and_others_intact(
             assert "crypto-shredded on" in (caught.value.details() or "")
             (still,) = listed(doctor)  # the metadata is still listed, its free text gone
             assert still.id == mine.id and still.title == "" and still.sha256 == mine.sha256
+            assert still.shredded_time.ToMicroseconds() == done.shredded_us
+            assert not get(doctor, theirs.id, OTHER_PATIENT).HasField("shredded_time")
             with pytest.raises(grpc.RpcError) as refused:
                 put(doctor, draft(title="new"))
             assert error_reason(refused.value) == "RECORD_SHREDDED"
