@@ -354,3 +354,28 @@ def test_kek_files_are_private(tmp_path: Path) -> None:
     again = dmp_process("node", "init-kek", str(tmp_path / "k" / "kek"))
     _, err = again.communicate(timeout=30)
     assert again.returncode != 0 and "never overwritten" in err
+
+
+def test_racing_first_writes_of_a_patient_share_one_data_key(
+    pki_dir: Path, db_url: str, kek_file: Path, engine: Engine
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with running_node(pki_dir, "11", db_url, kek_file=kek_file) as node:
+        doctors = [client(pki_dir, f"practitioner-{DOCTOR}", node.port) for _ in range(6)]
+        try:
+            with ThreadPoolExecutor(max_workers=6) as pool:
+                written = list(
+                    pool.map(
+                        lambda n: put(doctors[n], draft(title=f"race {n}"), b"r%d" % n), range(6)
+                    )
+                )
+            for n, record in enumerate(written):
+                assert content(doctors[0], record.id) == b"r%d" % n
+                assert get(doctors[0], record.id).title == f"race {n}"
+        finally:
+            for doctor in doctors:
+                doctor.close()
+    with engine.connect() as connection:
+        keys = connection.execute(text("SELECT count(*) FROM data_keys")).scalar_one()
+    assert keys == 1
