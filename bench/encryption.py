@@ -29,6 +29,12 @@ def _encrypted(service: Service, kek: str) -> Service:
     return Service(service.name, [*args, "--kek-file", kek], service.log_path)
 
 
+def _announced(service: Service) -> str:
+    """The address the directory routes to: the advertised one (section c's proxy)."""
+    args = service.args
+    return args[args.index("--advertise") + 1] if "--advertise" in args else service.address
+
+
 def measure_encryption(
     federation: BenchFederation, runs: int, views: int, results: Results
 ) -> None:
@@ -61,7 +67,7 @@ def measure_encryption(
         elapsed = time.perf_counter() - started
         start_all(restarted.values())
         federation.nodes = restarted
-        federation.wait_routed({r: s.address for r, s in restarted.items()})
+        federation.wait_routed({r: _announced(s) for r, s in restarted.items()})
         viewer.close()
         viewer = Viewer(federation, seed=federation.plan.seed + 11)
         viewer.run(patients, min(20, views))  # warm the new channels and key caches

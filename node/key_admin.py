@@ -73,6 +73,7 @@ def encrypt_in_place(
                     .where(RecordRow.sealed.is_(None))
                     .order_by(RecordRow.seq)
                     .limit(size)
+                    .with_for_update()  # a supersede or reveal re-hashes under the same lock
                 )
             )
             if not rows:

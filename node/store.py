@@ -259,7 +259,11 @@ class RecordStore:
         version = 1
         root_id = draft.record_id
         if record.supersedes:
-            previous = session.scalar(select(RecordRow).where(RecordRow.id == record.supersedes))
+            # Locked (PostgreSQL; SQLite's writer holds the lock): a concurrent reveal or
+            # `dmp node encrypt` of it cannot slip between this read and its re-hash.
+            previous = session.scalar(
+                select(RecordRow).where(RecordRow.id == record.supersedes).with_for_update()
+            )
             # One answer whether the record is missing, another patient's, or not the
             # writer's to replace: a refusal tells nothing of records one may not read.
             if previous is None or previous.patient_ins != record.patient_ins:
@@ -383,7 +387,7 @@ class RecordStore:
     def reveal(self, session: Session, author_uri: str, record_id: str) -> record_pb2.Record:
         """Make a record hidden from the patient visible to them, in the session's
         transaction; revealing twice keeps the first time."""
-        row = session.scalar(self._authored(author_uri, record_id))
+        row = session.scalar(self._authored(author_uri, record_id).with_for_update())
         if row is None:
             raise _not_yours(record_id)
         integrity.check([row], self.region)  # never re-hash a damaged row
