@@ -81,6 +81,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         " encrypted with per-patient data keys it wraps. Without it the node stores in"
         " clear, and refuses a database holding encrypted records",
     )
+    serve.add_argument(
+        "--previous-kek-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="during an online `dmp node rotate-kek`: the old KEK, which then only opens"
+        " the data keys not yet rewrapped (repeatable; drop it once the rotation is done)",
+    )
     serve.set_defaults(handler=_serve)
     register_keys(node_sub)
 
@@ -107,6 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
         audit_checkpoint_every=args.audit_checkpoint_every,
         accept_missing_audit=args.accept_missing_audit,
         kek_file=args.kek_file,
+        previous_kek_files=tuple(args.previous_kek_file),
     )
     node = start_node(config)
     print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)
