@@ -167,7 +167,7 @@ def start_node(config: NodeConfig) -> RunningNode:
     prescriptions = PrescriptionServicer(
         PrescriptionService(
             engine,
-            PrescriptionStore(engine, region),
+            PrescriptionStore(engine, region, sealer),
             store,
             access,
             auditor,
