@@ -11,6 +11,7 @@ from typing import Any
 from dmp.cli.common import add_pki, add_service_storage
 from dmp.server import host_port, run_until_signalled
 from dmp.tls import MiB
+from node.key_cli import register_keys
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -72,7 +73,25 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         " database holds (records and events lost, e.g. with a -wal file): logged as an"
         " error, and the directory keeps refusing this node's new audit heads",
     )
+    serve.add_argument(
+        "--kek-file",
+        type=Path,
+        metavar="FILE",
+        help="the key-encryption key (made by `dmp node init-kek`): records are stored"
+        " encrypted with per-patient data keys it wraps. Without it the node stores in"
+        " clear, and refuses a database holding encrypted records",
+    )
+    serve.add_argument(
+        "--previous-kek-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="during an online `dmp node rotate-kek`: the old KEK, which then only opens"
+        " the data keys not yet rewrapped (repeatable; drop it once the rotation is done)",
+    )
     serve.set_defaults(handler=_serve)
+    register_keys(node_sub)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -96,6 +115,8 @@ def _serve(args: argparse.Namespace) -> int:
         initialise=args.initialise,
         audit_checkpoint_every=args.audit_checkpoint_every,
         accept_missing_audit=args.accept_missing_audit,
+        kek_file=args.kek_file,
+        previous_kek_files=tuple(args.previous_kek_file),
     )
     node = start_node(config)
     print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)
