@@ -11,6 +11,7 @@ from typing import Any
 from dmp.cli.common import add_pki, add_service_storage
 from dmp.server import host_port, run_until_signalled
 from dmp.tls import MiB
+from node import backup_cli
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -73,6 +74,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         " error, and the directory keeps refusing this node's new audit heads",
     )
     serve.set_defaults(handler=_serve)
+    backup_cli.register(node_sub)
 
 
 def _serve(args: argparse.Namespace) -> int:
