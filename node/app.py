@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from sqlalchemy import Engine
 
 from dmp.audit.log import AuditLog
 from dmp.audit.merkle_proofs import LeafSubtrees
@@ -16,6 +17,7 @@ from dmp.clock import now_us
 from dmp.db import sqlite_url
 from dmp.dbfile import private_directory
 from dmp.discovery.embedded import EmbeddedAnnouncer
+from dmp.envelope import load_kek_file
 from dmp.errors import FailedPrecondition
 from dmp.foundation import RunningService, ServiceSettings, ServiceTables, open_foundation
 from dmp.identity import Role
@@ -39,6 +41,7 @@ from node.access import NodeAccess
 from node.access_matrix import load_matrix
 from node.backup_schedule import BackupScheduler
 from node.directives import DirectiveCache
+from node.keys import Sealer, foreign_keys, has_sealed_data
 from node.locator import OutboxDelivery
 from node.models import audit_checkpoints, audit_events, seen_nonces, witnessed_heads
 from node.prescribing import PrescriptionService
@@ -79,6 +82,10 @@ class NodeConfig(ServiceSettings):
     #: Serve even when the directory witnessed a longer audit log than this node holds
     #: (logged as an error; the directory then refuses this node's new heads).
     accept_missing_audit: bool = False
+    #: The key-encryption key file (dmp node init-kek): records are stored encrypted.
+    #: Without it the node stores in clear (warned loudly) and refuses a database that
+    #: holds encrypted records.
+    kek_file: Path | None = None
     #: Microseconds since the epoch (tests inject a clock to move time).
     clock: Callable[[], int] = now_us
     #: Scheduled backups (node/backup_schedule.py): every this many seconds, into this
@@ -132,7 +139,14 @@ def start_node(config: NodeConfig) -> RunningNode:
         region=region,
     )
     engine, audit_log, auditor = base.engine, base.audit_log, base.auditor
-    store = RecordStore(engine, region, max_content=config.max_content, clock=config.clock)
+    try:
+        sealer = _sealer(engine, config.kek_file)
+    except BaseException:
+        engine.dispose()
+        raise
+    store = RecordStore(
+        engine, region, max_content=config.max_content, clock=config.clock, sealer=sealer
+    )
     directory_channel = secure_channel(config.directory, credentials) if config.directory else None
     if directory_channel is None:
         log.warning("no --directory: patient directives are not known to this node")
@@ -224,6 +238,36 @@ def start_node(config: NodeConfig) -> RunningNode:
         witness_publisher=publisher,
         backups=backups,
     )
+
+
+def _sealer(engine: Engine, kek_file: Path | None) -> Sealer | None:
+    """The node's sealer, from its KEK file; None for a node without one, which may only
+    serve a database without encrypted records."""
+    with engine.connect() as connection:
+        if kek_file is None:
+            if has_sealed_data(connection):
+                raise FailedPrecondition(
+                    "refusing to serve: this database holds encrypted records and no"
+                    " --kek-file was given; start the node with the KEK file that wraps"
+                    " its data keys",
+                    reason="KEK_REQUIRED",
+                )
+            log.warning(
+                "no --kek-file: this node stores record content and titles IN CLEAR; create a"
+                " KEK with `dmp node init-kek FILE` and serve with --kek-file FILE"
+            )
+            return None
+        kek = load_kek_file(kek_file)
+        others = foreign_keys(connection, kek.key_id)
+    if others:
+        raise FailedPrecondition(
+            f"refusing to serve: {others} data key(s) of this database are wrapped by another"
+            f" KEK than {kek.key_id} ({kek_file}): give the KEK file they were wrapped with,"
+            " or finish the rotation with `dmp node rotate-kek`",
+            reason="WRONG_KEK",
+        )
+    log.info("records are encrypted at rest with data keys wrapped by KEK %s", kek.key_id)
+    return Sealer(kek)
 
 
 def _compare_with_directory(

@@ -12,6 +12,7 @@ from dmp.cli.common import add_pki, add_service_storage
 from dmp.server import host_port, run_until_signalled
 from dmp.tls import MiB
 from node import backup_cli
+from node.key_cli import register_keys
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -89,7 +90,16 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="DIR",
         help="where scheduled backups go (0700; default: DATA_DIR/backups)",
     )
+    serve.add_argument(
+        "--kek-file",
+        type=Path,
+        metavar="FILE",
+        help="the key-encryption key (made by `dmp node init-kek`): records are stored"
+        " encrypted with per-patient data keys it wraps. Without it the node stores in"
+        " clear, and refuses a database holding encrypted records",
+    )
     serve.set_defaults(handler=_serve)
+    register_keys(node_sub)
     backup_cli.register(node_sub)
 
 
@@ -126,6 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         backup_every=every,
         backup_keep=args.backup_keep,
         backup_dir=args.backup_dir,
+        kek_file=args.kek_file,
     )
     node = start_node(config)
     print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)

@@ -60,7 +60,9 @@ HASHED_COLUMNS: tuple[str, ...] = (
 )
 #: Columns added later, hashed after those only when set: the rows that leave them empty
 #: (every row stored before they existed) hash exactly as before, with no new tag.
-OPTIONAL_COLUMNS: tuple[str, ...] = ("prescription_id",)
+#: `sealed` (bytes) is hashed as hex: the hash is over what is stored, ciphertext for a
+#: sealed row; its plaintext is authenticated by AES-GCM and the content's by `sha256`.
+OPTIONAL_COLUMNS: tuple[str, ...] = ("prescription_id", "sealed")
 _BOOLEAN = 1 + HASHED_COLUMNS.index("hidden_from_patient")  # its place after the tag
 _WITH_HASH = (*HASHED_COLUMNS, *OPTIONAL_COLUMNS, "row_hash")
 _attributes = attrgetter(*_WITH_HASH)
@@ -76,7 +78,11 @@ def _digest(values: Sequence[Any]) -> str:
     listed = [HASH_TAG, *values[: len(HASHED_COLUMNS)]]
     listed[_BOOLEAN] = bool(listed[_BOOLEAN])
     end = len(HASHED_COLUMNS) + len(OPTIONAL_COLUMNS)
-    listed.extend(value for value in values[len(HASHED_COLUMNS) : end] if value is not None)
+    listed.extend(
+        value.hex() if isinstance(value, bytes) else value
+        for value in values[len(HASHED_COLUMNS) : end]
+        if value is not None
+    )
     return hashlib.sha256(json.dumps(listed).encode("ascii")).hexdigest()
 
 

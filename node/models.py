@@ -68,6 +68,10 @@ class RecordRow(NodeBase):
     #: For a record written from e-prescription: the prescription it is, or dispenses
     #: (hashed when set, node/integrity.py OPTIONAL_COLUMNS).
     prescription_id: Mapped[str | None] = mapped_column(String(32))
+    #: With encryption at rest: the free-text metadata (title, type display, organization,
+    #: author name) sealed with the patient's data key, those columns then empty, and the
+    #: content sealed too (node/sealing.py). Hashed when set.
+    sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     __table_args__ = (Index(None, "patient_ins", "effective_us", "id"),)
 
@@ -79,6 +83,19 @@ class RecordContentRow(NodeBase):
 
     record_id: Mapped[str] = mapped_column(String(64), ForeignKey("records.id"), primary_key=True)
     content: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class DataKeyRow(NodeBase):
+    """A patient's data key, wrapped by the node's KEK named by `kek_id` (never in clear).
+    Shredding empties `wrapped` and sets `shredded_us`: their records open no more."""
+
+    __tablename__ = "data_keys"
+
+    patient_ins: Mapped[str] = mapped_column(String(15), primary_key=True)
+    kek_id: Mapped[str] = mapped_column(String(100))
+    wrapped: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    shredded_us: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class OutboxRow(NodeBase):

@@ -48,6 +48,7 @@ from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
 from node import integrity
 from node.integrity import hash_row, hash_values
+from node.keys import PatientKey, Sealer, shredded_error
 from node.models import PatientRow, RecordContentRow, RecordRow
 from node.outbox import LocatorOutbox, Pending, announce
 from node.records import fingerprint, to_proto
@@ -69,6 +70,8 @@ class Written:
     patient_ins: str
     #: The stored row, or for a new record the values inserted.
     row: RecordRow | dict[str, Any]
+    #: The answer, for a stored row whose metadata is sealed.
+    message: record_pb2.Record | None = None
 
     @property
     def supersedes(self) -> str:
@@ -77,6 +80,8 @@ class Written:
         return value or ""
 
     def record(self, region: str) -> record_pb2.Record:
+        if self.message is not None:
+            return self.message
         row = self.row if isinstance(self.row, RecordRow) else RecordRow(**self.row)
         return to_proto(row, region)
 
@@ -106,8 +111,11 @@ class RecordStore:
         *,
         max_content: int = DEFAULT_MAX_CONTENT,
         clock: Callable[[], int] = now_us,
+        sealer: Sealer | None = None,
     ) -> None:
         self._engine = engine
+        #: Encryption at rest (node/keys.py); None stores in clear (a node without a KEK).
+        self.sealer = sealer
         self.region = region
         self.max_content = max_content
         self._clock = clock
@@ -187,6 +195,7 @@ class RecordStore:
         written: list[Written] = []
         merged: set[Traits] = set()
         now = self._clock()
+        keys: dict[str, bytes] = {}
 
         def insert_pending() -> None:
             if pending:
@@ -198,8 +207,8 @@ class RecordStore:
         for draft in drafts:
             found = known.get(draft.record_id)
             if found is not None:
-                self.same_or_conflict(found, draft)
-                written.append(Written(found.id, found.patient_ins, found))
+                message = self.same_or_conflict(found, draft, session)
+                written.append(Written(found.id, found.patient_ins, found, message))
                 continue
             if draft.traits is not None and draft.traits not in merged:
                 _merge_traits(session, draft.traits)
@@ -208,14 +217,22 @@ class RecordStore:
                 insert_pending()  # the version it supersedes may be in this batch
             values = self._new_row(session, draft, now)
             known[draft.record_id] = RecordRow(**values)
-            pending.append(values)
-            contents.append({"record_id": draft.record_id, "content": draft.content})
+            stored, content = values, draft.content
+            if self.sealer is not None:
+                ins = draft.record.patient_ins
+                if ins not in keys:
+                    keys[ins] = self.sealer.key_for_write(session, ins, now)
+                stored, content = self.sealer.seal_row(keys[ins], values, content)
+            pending.append(stored)
+            contents.append({"record_id": draft.record_id, "content": content})
             written.append(Written(draft.record_id, draft.record.patient_ins, values))
         insert_pending()
         announce(session, (w.patient_ins for w in written), now)
         return written
 
-    def same_or_conflict(self, existing: RecordRow, draft: Draft) -> record_pb2.Record:
+    def same_or_conflict(
+        self, existing: RecordRow, draft: Draft, session: Session | None = None
+    ) -> record_pb2.Record:
         """A retry of the same put answers the stored record; anything else is refused. A
         caller learns nothing of a record it did not write: the same answer whoever holds
         the id, and no mention of its patient or content."""
@@ -230,7 +247,12 @@ class RecordStore:
                 f"record {existing.id} already exists with other content or metadata:"
                 " records are never overwritten; write a new version with `supersedes`"
             )
-        return to_proto(existing, self.region)
+        if existing.sealed is None:
+            return to_proto(existing, self.region)
+        if session is not None:
+            return self._protos(session.connection(), [existing])[0]
+        with self._engine.connect() as connection:
+            return self._protos(connection, [existing])[0]
 
     def _new_row(self, session: Session, draft: Draft, created: int) -> dict[str, Any]:
         record = draft.record
@@ -321,7 +343,8 @@ class RecordStore:
     def get(self, scope: ReadScope, record_id: str) -> record_pb2.Record:
         with Session(self._engine) as session:
             row = self._readable_row(session, scope, record_id)
-            return to_proto(row, self.region, self._masked_roots(session.connection(), scope))
+            connection = session.connection()
+            return self._protos(connection, [row], self._masked_roots(connection, scope))[0]
 
     def content(
         self, scope: ReadScope, record_id: str
@@ -332,7 +355,11 @@ class RecordStore:
             blob = session.scalar(
                 select(RecordContentRow.content).where(RecordContentRow.record_id == row.id)
             )
-            record = to_proto(row, self.region, self._masked_roots(session.connection(), scope))
+            connection = session.connection()
+            key = self._keys(connection, [row]).get(row.patient_ins)
+            record = self._protos(connection, [row], self._masked_roots(connection, scope), key)[0]
+        if blob is not None and row.sealed is not None:
+            blob = self._open_content(row, key, blob)
         if blob is None or hashlib.sha256(blob).hexdigest() != record.sha256:
             raise DataLoss(
                 f"content of record {record_id} does not match its SHA-256: restore the node"
@@ -363,7 +390,7 @@ class RecordStore:
         if row.revealed_us is None:
             row.revealed_us = self._clock()
             row.row_hash = hash_row(row)
-        return to_proto(row, self.region)
+        return self._protos(session.connection(), [row])[0]
 
     @staticmethod
     def _authored(author_uri: str, record_id: str) -> Select[RecordRow]:
@@ -411,10 +438,9 @@ class RecordStore:
         with self._engine.connect() as connection:
             rows: list[Any] = list(connection.execute(stmt, params))
             roots = self._masked_roots(connection, scope)
-        integrity.check(rows, self.region)
-        response = node_service_pb2.ListRecordsResponse(
-            records=[to_proto(row, self.region, roots) for row in rows[:size]]
-        )
+            integrity.check(rows, self.region)
+            records = self._protos(connection, rows[:size], roots)
+        response = node_service_pb2.ListRecordsResponse(records=records)
         if len(rows) > size:
             last = rows[size - 1]
             response.next_page_token = encode_cursor(last.effective_us, last.id, query_print)
@@ -442,6 +468,55 @@ class RecordStore:
                 < tuple_(bindparam("after_us"), bindparam("after_id"))
             )
         return stmt.order_by(RecordRow.effective_us.desc(), RecordRow.id.desc()).limit(size + 1)
+
+    # -- encryption at rest ----------------------------------------------------------------
+
+    def _keys(self, connection: Connection, rows: Sequence[Any]) -> dict[str, PatientKey]:
+        sealed = [row.patient_ins for row in rows if row.sealed is not None]
+        if not sealed:
+            return {}
+        if self.sealer is None:
+            raise FailedPrecondition(
+                f"node {self.region} holds encrypted records but was started without its"
+                " KEK: restart it with --kek-file"
+            )
+        return self.sealer.keys_for_read(connection, sealed)
+
+    def _protos(
+        self,
+        connection: Connection,
+        rows: Sequence[Any],
+        roots: frozenset[str] = frozenset(),
+        key: PatientKey | None = None,
+    ) -> list[record_pb2.Record]:
+        """The messages of stored rows (integrity checked), sealed metadata opened; a
+        shredded patient's records keep their clear metadata, their free text empty."""
+        records = [to_proto(row, self.region, roots) for row in rows]
+        if not any(row.sealed is not None for row in rows):
+            return records
+        keys = self._keys(connection, rows) if key is None else {rows[0].patient_ins: key}
+        for row, record in zip(rows, records, strict=True):
+            if row.sealed is None:
+                continue
+            found = keys.get(row.patient_ins)
+            if found is None or found.key is None:
+                continue  # shredded: nothing to open (content reads say so)
+            opened = Sealer.open_metadata(found.key, row)
+            record.title = opened["title"]
+            record.type_code.display = opened["type_display"]
+            record.organization = opened["organization"]
+            record.author.name = opened["author_name"]
+        return records
+
+    def _open_content(self, row: Any, key: PatientKey | None, blob: bytes) -> bytes:
+        if key is None or key.key is None:
+            if key is not None and key.shredded_us is not None:
+                raise shredded_error(row.id, key.shredded_us)
+            raise DataLoss(
+                f"record {row.id}: its patient's data key is missing on node {self.region};"
+                " the node's operator must restore it from the last verified backup"
+            )
+        return Sealer.open_content(key.key, row, blob)
 
     # -- locator --------------------------------------------------------------------------
 

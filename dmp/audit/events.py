@@ -32,6 +32,8 @@ class EventType(enum.StrEnum):
     PRESCRIPTION_RELEASE = "prescription-release"
     PRESCRIPTION_DISPENSE = "prescription-dispense"
     PRESCRIPTION_CANCEL = "prescription-cancel"
+    # The node's operator destroyed a patient's data key (crypto-shredding).
+    SHRED = "shred"
 
 
 class Outcome(enum.IntEnum):
@@ -77,6 +79,9 @@ EVENT_TYPES: Final[Mapping[str, EventCode]] = {
     ),
     EventType.PRESCRIPTION_CANCEL: EventCode(
         "prescription-cancel", LOCAL_EVENT_SYSTEM, "Prescription cancelled", "U"
+    ),
+    EventType.SHRED: EventCode(
+        "shred", LOCAL_EVENT_SYSTEM, "Patient's records crypto-shredded", "D"
     ),
 }
 

@@ -1,0 +1,155 @@
+"""Encryption at rest at the node: each patient's data key, wrapped by the node's KEK
+(dmp/envelope.py), and the sealing of that patient's records with it.
+
+What is sealed (AES-256-GCM, bound to record id, version and column): the content, and
+the free-text metadata (title, type display, organization, author name) as one value in
+`records.sealed`, whose clear columns are then empty. What stays in clear is what queries
+need: INS, kind, type system and code, dates, status, version, ids, confidentiality, the
+hidden state, content type, size, and the SHA-256 of the plaintext content.
+
+The row hash (node/integrity.py) stays the hash of what is stored, ciphertext included;
+AES-GCM authenticates the sealed metadata and the plaintext's SHA-256 the content.
+
+A repository: it takes the caller's session or connection, and knows nothing of access or
+audit. Unwrapped keys are kept in a bounded cache in memory (never logged), keyed by the
+wrapped key read on every call: a rotated or shredded key is never served from it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Table, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from dmp.envelope import KeyCache, KeyEncryptionKey, new_data_key, open_value, seal
+from dmp.errors import FailedPrecondition
+from node.integrity import hash_values
+from node.models import DataKeyRow
+
+DATA_KEYS: Table = DataKeyRow.__table__  # type: ignore[assignment]
+#: The free-text metadata columns, sealed together as one JSON value.
+SEALED_COLUMNS = ("title", "type_display", "organization", "author_name")
+RECORD_SHREDDED = "RECORD_SHREDDED"
+
+
+def shredded_error(record_id: str, shredded_us: int) -> FailedPrecondition:
+    from dmp.clock import from_us
+
+    when = from_us(shredded_us).ToJsonString()
+    return FailedPrecondition(
+        f"record {record_id} was crypto-shredded on {when}: its patient's data key was"
+        " destroyed after the legal retention, and its content can no longer be read by"
+        " anyone; its metadata is kept",
+        reason=RECORD_SHREDDED,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PatientKey:
+    """A patient's data key as a read finds it: the key, or when it was shredded."""
+
+    key: bytes | None
+    shredded_us: int | None = None
+
+
+class Sealer:
+    """Seals and opens the records of a node whose KEK it holds."""
+
+    def __init__(self, kek: KeyEncryptionKey, cache_size: int = 10_000) -> None:
+        self.cache = KeyCache(kek, cache_size)
+
+    @property
+    def kek(self) -> KeyEncryptionKey:
+        return self.cache.kek
+
+    # -- data keys ------------------------------------------------------------------------
+
+    def key_for_write(self, session: Session, patient_ins: str, now: int) -> bytes:
+        """The patient's data key, made and stored wrapped if they have none (a race of
+        two first writes keeps one: the other's insert does nothing)."""
+        row = session.get(DataKeyRow, patient_ins)
+        if row is None:
+            values = dict(
+                patient_ins=patient_ins,
+                kek_id=self.kek.key_id,
+                wrapped=self.kek.wrap(new_data_key()),
+                created_us=now,
+                shredded_us=None,
+            )
+            dialect = session.get_bind().dialect.name
+            maker = postgresql.insert if dialect == "postgresql" else sqlite.insert
+            session.execute(maker(DATA_KEYS).values(values).on_conflict_do_nothing())
+            row = session.get(DataKeyRow, patient_ins, populate_existing=True)
+            assert row is not None
+        if row.wrapped is None:
+            raise FailedPrecondition(
+                f"the records of patient {patient_ins} on this node were crypto-shredded:"
+                " no new record is written for them",
+                reason=RECORD_SHREDDED,
+            )
+        return self.cache.unwrap(row.wrapped)
+
+    def keys_for_read(
+        self, connection: Connection, patients: Iterable[str]
+    ) -> dict[str, PatientKey]:
+        """The data keys of `patients` that have one."""
+        wanted = sorted(set(patients))
+        if not wanted:
+            return {}
+        rows = connection.execute(
+            select(DATA_KEYS.c.patient_ins, DATA_KEYS.c.wrapped, DATA_KEYS.c.shredded_us).where(
+                DATA_KEYS.c.patient_ins.in_(wanted)
+            )
+        )
+        keys = {}
+        for ins, wrapped, shredded_us in rows:
+            key = None if wrapped is None else self.cache.unwrap(wrapped)
+            keys[ins] = PatientKey(key, shredded_us)
+        return keys
+
+    # -- records --------------------------------------------------------------------------
+
+    @staticmethod
+    def seal_row(
+        key: bytes, values: Mapping[str, Any], content: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        """The stored form of a record's values and content: free text sealed, its clear
+        columns empty, the row hash of what is stored."""
+        record_id, version = values["id"], values["version"]
+        free = {name: values[name] for name in SEALED_COLUMNS}
+        stored = dict(values)
+        stored.update(dict.fromkeys(SEALED_COLUMNS, ""))
+        stored["sealed"] = seal(key, json.dumps(free).encode(), record_id, version, "metadata")
+        stored["row_hash"] = hash_values(stored)
+        return stored, seal(key, content, record_id, version, "content")
+
+    @staticmethod
+    def open_metadata(key: bytes, row: Any) -> dict[str, str]:
+        """The free-text metadata of a sealed row."""
+        plain = open_value(key, row.sealed, row.id, row.version, "metadata")
+        opened: dict[str, str] = json.loads(plain)
+        return opened
+
+    @staticmethod
+    def open_content(key: bytes, row: Any, blob: bytes) -> bytes:
+        return open_value(key, blob, row.id, row.version, "content")
+
+
+def has_sealed_data(connection: Connection) -> bool:
+    """Whether a database holds data keys (so sealed records): a node without its KEK
+    must not serve it."""
+    return connection.execute(select(DATA_KEYS.c.patient_ins).limit(1)).first() is not None
+
+
+def foreign_keys(connection: Connection, kek_id: str) -> int:
+    """How many unshredded data keys another KEK than `kek_id` wraps."""
+    count = connection.execute(
+        select(func.count()).where(DATA_KEYS.c.kek_id != kek_id, DATA_KEYS.c.wrapped.is_not(None))
+    ).scalar_one()
+    return int(count)
