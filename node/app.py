@@ -206,6 +206,7 @@ def start_node(config: NodeConfig) -> RunningNode:
             every=config.backup_every,
             keep=config.backup_keep,
             health_servicer=running.health,
+            kek=sealer.kek if sealer is not None else None,
         )
         backups.start()
         running.on_stop.insert(0, backups.close)  # before the database closes

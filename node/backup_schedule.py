@@ -2,12 +2,13 @@
 
 Each backup is written to DIR (0700) as node-REGION-YYYYmmddTHHMMSSZ.dmpbackup (0600),
 sealed to the node's own certificate, then verified by restoring it into a scratch
-database (node/restore.py). The node's gRPC health says how the last one went, under the
-service name `BACKUP_HEALTH`: UNKNOWN before the first, SERVING after a verified one,
-NOT_SERVING after a failure, which is also logged as an error naming the problem. The
-record services stay SERVING: a failed backup is the operator's alarm, not a reason to
-stop serving patients. A backup that fails verification is kept as ….dmpbackup.failed
-for inspection and never counts among the N kept.
+database (node/restore.py), sealed contents opened with the node's KEK when it has one.
+The node's gRPC health says how the last one went, under the service name
+`BACKUP_HEALTH`: UNKNOWN before the first, SERVING after a verified one, NOT_SERVING
+after a failure, which is also logged as an error naming the problem. The record
+services stay SERVING: a failed backup is the operator's alarm, not a reason to stop
+serving patients. A backup that fails verification is kept as ….dmpbackup.failed for
+inspection and never counts among the N kept.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sqlalchemy import Engine
 
 from dmp.certificates import load_private_key
 from dmp.dbfile import private_directory
+from dmp.envelope import KeyEncryptionKey
 from dmp.pki import Credentials
 from node.backup import BackupError, write_backup
 from node.restore import verify_backup
@@ -57,6 +59,7 @@ class BackupScheduler:
         every: float,
         keep: int,
         health_servicer: health.HealthServicer | None = None,
+        kek: KeyEncryptionKey | None = None,
     ) -> None:
         if keep < 1:
             raise ValueError("--backup-keep must be at least 1")
@@ -66,6 +69,7 @@ class BackupScheduler:
         self._every = every
         self._keep = keep
         self._health = health_servicer
+        self._kek = kek
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="backup", daemon=True)
         self._region = credentials.principal.key
@@ -104,7 +108,7 @@ class BackupScheduler:
             summary = write_backup(self._engine, self._credentials, path)
             ca = x509.load_pem_x509_certificate(self._credentials.ca_pem)
             key = load_private_key(self._credentials.key_pem)
-            verify_backup(path, key, ca, self._credentials.ca_pem)
+            verify_backup(path, key, ca, self._credentials.ca_pem, kek=self._kek)
         except (BackupError, OSError, ValueError) as exc:
             return self._failed(path, str(exc))
         except Exception as exc:  # a database error: still the operator's alarm

@@ -9,7 +9,11 @@ then moved past the restored keys.
 
 `verify_backup` restores into a scratch SQLite database (in a private temporary
 directory, removed after), then checks every record's content against its SHA-256 and
-runs the audit verification (dmp/audit/verify.py) on the restored log.
+runs the audit verification (dmp/audit/verify.py) on the restored log. Contents sealed
+under their patient's data key (node/keys.py) are opened and checked only when the KEK is
+given (`--kek-file`): a backup never holds the KEK, and without it a data key cannot be
+unwrapped, so a sealed content cannot be authenticated; it is then checked for its shape
+and for its patient's wrapped data key, and the verdict says how many were not opened.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import hashlib
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +34,15 @@ from sqlalchemy.engine import Connection
 from dmp.audit.verify import verify_log
 from dmp.db import make_engine, sqlite_url, upgrade, writer
 from dmp.dbfile import prepare_sqlite, sqlite_file
+from dmp.envelope import NONCE_BYTES, KeyEncryptionKey, is_sealed, open_value
+from dmp.errors import DmpError
 from node.backup import VERSION_TABLE, BackupError, Progress, read_backup
 from node.models import audit_checkpoints, audit_events
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _ALEMBIC_TABLES = frozenset({VERSION_TABLE, "alembic_version"})
+#: The shortest sealed value: format byte, nonce, GCM tag.
+_MIN_SEALED = 1 + NONCE_BYTES + 16
 
 
 @dataclass
@@ -166,30 +174,104 @@ def restore_backup(
 
 
 @dataclass
-class VerifySummary(RestoreSummary):
-    audit_events: int = 0
-    contents_checked: int = 0
+class ContentCheck:
+    """What `check_contents` checked: contents in clear against their SHA-256 (`clear`),
+    sealed ones opened with their patient's data key and then checked (`opened`), sealed
+    ones only checked for shape and for a data key (`sealed`: without the KEK a data key
+    cannot be unwrapped, so a ciphertext cannot be authenticated), and contents of
+    shredded patients, unreadable by design (`shredded`)."""
+
+    clear: int = 0
+    opened: int = 0
+    sealed: int = 0
+    shredded: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.clear + self.opened + self.sealed + self.shredded
 
 
-def check_contents(engine: Engine) -> int:
-    """Every record's content against its SHA-256; the number checked, or BackupError."""
-    checked = 0
+def _patient_keys(
+    conn: Connection, tables: dict[str, Table], kek: KeyEncryptionKey | None
+) -> dict[str, bytes | None]:
+    """Each patient with a data key: the key unwrapped (with a KEK), None when shredded
+    (or no KEK was given: then b"" for a live key)."""
+    keys: dict[str, bytes | None] = {}
+    t = tables.get("data_keys")
+    if t is None:
+        return keys
+    for ins, wrapped in conn.execute(select(t.c.patient_ins, t.c.wrapped)):
+        if wrapped is None:
+            keys[ins] = None
+        elif kek is None:
+            keys[ins] = b""
+        else:
+            try:
+                keys[ins] = kek.unwrap(bytes(wrapped))
+            except (ValueError, DmpError):
+                raise BackupError(
+                    f"the data key of patient {ins[:5]}... does not unwrap with the KEK given:"
+                    " not the KEK of this backup (or the key is damaged)"
+                ) from None
+    return keys
+
+
+def check_contents(engine: Engine, kek: KeyEncryptionKey | None = None) -> ContentCheck:
+    """Every record's content against its SHA-256 (sealed ones once opened with `kek`);
+    what was checked, or BackupError naming the first record that fails."""
+    check = ContentCheck()
     metadata = MetaData()
     with engine.connect() as conn:
-        metadata.reflect(bind=conn, only=["records", "record_contents"])
-        records, contents = metadata.tables["records"], metadata.tables["record_contents"]
-        query = select(records.c.id, records.c.sha256, contents.c.content).join(
-            contents, contents.c.record_id == records.c.id
-        )
+        metadata.reflect(bind=conn)
+        tables = dict(metadata.tables)
+        records, contents = tables["records"], tables["record_contents"]
+        keys = _patient_keys(conn, tables, kek)
+        query = select(
+            records.c.id,
+            records.c.version,
+            records.c.patient_ins,
+            records.c.sha256,
+            contents.c.content,
+        ).join(contents, contents.c.record_id == records.c.id)
         result = conn.execution_options(stream_results=True, yield_per=200).execute(query)
-        for record_id, sha256, content in result:
-            if hashlib.sha256(bytes(content)).hexdigest() != sha256:
-                raise BackupError(f"record {record_id}: its content does not match its SHA-256")
-            checked += 1
+        for record_id, version, ins, sha256, stored in result:
+            content = bytes(stored)
+            if not is_sealed(content):
+                if hashlib.sha256(content).hexdigest() != sha256:
+                    raise BackupError(f"record {record_id}: its content does not match its SHA-256")
+                check.clear += 1
+                continue
+            if ins not in keys:
+                raise BackupError(f"record {record_id}: sealed, but its patient has no data key")
+            key = keys[ins]
+            if key is None:
+                check.shredded += 1
+            elif not key:
+                if len(content) < _MIN_SEALED:
+                    raise BackupError(f"record {record_id}: its sealed content is cut short")
+                check.sealed += 1
+            else:
+                try:
+                    plain = open_value(key, content, record_id, int(version), "content")
+                except DmpError as exc:
+                    raise BackupError(str(exc)) from None
+                if hashlib.sha256(plain).hexdigest() != sha256:
+                    raise BackupError(f"record {record_id}: its content does not match its SHA-256")
+                check.opened += 1
         total = conn.execute(select(func.count()).select_from(records)).scalar() or 0
-    if checked != total:
-        raise BackupError(f"missing part: {total - checked} records have no content")
-    return checked
+    if check.total != total:
+        raise BackupError(f"missing part: {total - check.total} records have no content")
+    return check
+
+
+@dataclass
+class VerifySummary(RestoreSummary):
+    audit_events: int = 0
+    contents: ContentCheck = field(default_factory=ContentCheck)
+
+    @property
+    def contents_checked(self) -> int:
+        return self.contents.total
 
 
 @contextmanager
@@ -205,6 +287,7 @@ def verify_backup(
     ca_pem: bytes,
     *,
     scratch: Path | None = None,
+    kek: KeyEncryptionKey | None = None,
     progress: Progress | None = None,
 ) -> VerifySummary:
     """Prove a backup by restoring it: decrypt, check signature and hashes, restore into a
@@ -213,7 +296,7 @@ def verify_backup(
         restored = restore_backup(path, key, ca, url, progress=progress)
         engine = make_engine(url, pool_size=2)
         try:
-            contents = check_contents(engine)
+            contents = check_contents(engine, kek)
             report = verify_log(
                 engine,
                 audit_events,
@@ -228,4 +311,4 @@ def verify_backup(
     head = restored.manifest.get("audit_tree_head")
     if head and report.last_checkpoint_size < int(head["tree_size"]):
         raise BackupError("the restored audit log lacks the tree head its manifest states")
-    return VerifySummary(restored.manifest, audit_events=report.events, contents_checked=contents)
+    return VerifySummary(restored.manifest, audit_events=report.events, contents=contents)

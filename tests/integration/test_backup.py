@@ -23,6 +23,7 @@ from sqlalchemy import select, text
 from dmp.certificates import load_private_key
 from dmp.cli.main import main
 from dmp.db import make_engine
+from dmp.envelope import init_kek_file, load_kek_file
 from dmp.pki import Pki, load_credentials
 from dmp.sealed import SealedWriter, open_sealed
 from dmp.signing import Signer
@@ -83,14 +84,24 @@ def _key(pki_dir: Path, identity: str = "node-11") -> object:
     return load_private_key((pki_dir / f"{identity}.key").read_bytes())
 
 
+@pytest.fixture(params=["clear", "encrypted"])
+def kek_file(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
+    """Nodes storing in clear, and nodes with a KEK (records sealed at rest)."""
+    if request.param == "clear":
+        return None
+    path = tmp_path / "node-11.kek"
+    init_kek_file(path)
+    return path
+
+
 @pytest.fixture
 def backed_up(
-    pki_dir: Path, db_factory: Callable[[str], str], tmp_path: Path
+    pki_dir: Path, db_factory: Callable[[str], str], tmp_path: Path, kek_file: Path | None
 ) -> Iterator[tuple[str, Path, dict[str, object]]]:
     """A node's database written to while its backup was taken: (url, file, manifest)."""
     source = db_factory("source")
     out = tmp_path / "node-11.dmpbackup"
-    with running_node(pki_dir, "11", source) as node:
+    with running_node(pki_dir, "11", source, kek_file=kek_file) as node:
         writers = [client(pki_dir, f"practitioner-{DOCTOR}", node.port) for _ in range(WRITERS)]
         for n in range(20):
             _put(writers[0], PATIENT if n % 2 else OTHER_PATIENT, n)
@@ -132,6 +143,7 @@ def test_backup_during_writes_verifies_restores_and_serves_the_snapshot(
     pki_dir: Path,
     db_factory: Callable[[str], str],
     backed_up: tuple[str, Path, dict[str, object]],
+    kek_file: Path | None,
 ) -> None:
     source, out, manifest = backed_up
     assert out.stat().st_mode & 0o777 == 0o600
@@ -140,6 +152,16 @@ def test_backup_during_writes_verifies_restores_and_serves_the_snapshot(
     verified = verify_backup(out, _key(pki_dir), ca, ca_pem)  # type: ignore[arg-type]
     last_seq = int(manifest["last_record_seq"])  # type: ignore[call-overload]
     assert verified.records == last_seq == verified.contents_checked
+    tables = {part["name"] for part in manifest["tables"]}  # type: ignore[attr-defined]
+    if kek_file is None:
+        assert verified.contents.clear == last_seq
+    else:
+        assert "data_keys" in tables  # the wrapped data keys travel with the data
+        assert verified.contents.sealed == last_seq  # without the KEK: not opened
+        kek = load_kek_file(kek_file)
+        opened = verify_backup(out, _key(pki_dir), ca, ca_pem, kek=kek)  # type: ignore[arg-type]
+        assert opened.contents.opened == last_seq
+        assert kek_file.read_bytes() not in out.read_bytes()
     assert verified.audit_events == manifest["last_audit_seq"]
     engine = make_engine(source, pool_size=2)
     with engine.connect() as conn:
@@ -161,9 +183,18 @@ def test_backup_during_writes_verifies_restores_and_serves_the_snapshot(
     assert total is not None and total > last_seq  # writes went on after the snapshot
     restored = db_factory("restored")
     restore_backup(out, _key(pki_dir), ca, restored)  # type: ignore[arg-type]
+    engine = make_engine(restored, pool_size=2)
+    with engine.connect() as conn:  # stored bytes as they were: ciphertext stays ciphertext
+        restored_contents = dict(
+            conn.execute(select(RecordContentRow.record_id, RecordContentRow.content)).all()
+        )
+    engine.dispose()
+    assert {k: bytes(v) for k, v in restored_contents.items()} == {
+        k: bytes(v) for k, v in contents.items()
+    }
     with (
-        running_node(pki_dir, "11", source) as original,
-        running_node(pki_dir, "11", restored) as copy,
+        running_node(pki_dir, "11", source, kek_file=kek_file) as original,
+        running_node(pki_dir, "11", restored, kek_file=kek_file) as copy,
     ):
         a = client(pki_dir, f"practitioner-{DOCTOR}", original.port)
         b = client(pki_dir, f"practitioner-{DOCTOR}", copy.port)
@@ -176,7 +207,9 @@ def test_backup_during_writes_verifies_restores_and_serves_the_snapshot(
                 for record in copies:
                     assert record == originals[record.id]  # every metadata field
                     body = _content(b, record)
-                    assert body == contents[record.id] == _content(a, record)
+                    assert body == _content(a, record)
+                    if kek_file is None:
+                        assert body == contents[record.id]
                     assert hashlib.sha256(body).hexdigest() == record.sha256
                     served += 1
             assert served == len(in_backup)
@@ -219,6 +252,7 @@ def test_refusals_name_the_problem(
     pki_dir: Path,
     db_factory: Callable[[str], str],
     backed_up: tuple[str, Path, dict[str, object]],
+    kek_file: Path | None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     source, out, _ = backed_up
@@ -226,6 +260,16 @@ def test_refusals_name_the_problem(
     pki = str(pki_dir)
     status, line, _ = _cli(capsys, "node", "backup", "verify", str(out), "--pki", pki)
     assert status == 0 and " OK: node 11" in line
+    if kek_file is not None:
+        assert "sealed contents not opened (no --kek-file)" in line
+        kek = ("--kek-file", str(kek_file))
+        status, line, _ = _cli(capsys, "node", "backup", "verify", str(out), "--pki", pki, *kek)
+        assert status == 0 and "opened with the KEK" in line
+        other_kek = kek_file.with_name("other.kek")
+        init_kek_file(other_kek)
+        args = ("node", "backup", "verify", str(out), "--pki", pki, "--kek-file", str(other_kek))
+        status, _, err = _cli(capsys, *args)
+        assert status == 1 and "does not unwrap with the KEK given" in err
 
     # A restore into a non-empty database (the source itself) is refused.
     with pytest.raises(BackupError, match="not empty"):
