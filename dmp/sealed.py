@@ -167,8 +167,8 @@ def open_sealed(source: BinaryIO, key: ec.EllipticCurvePrivateKey) -> Iterator[b
             plain = aead.decrypt(_nonce(index, last), sealed, aad)
         except InvalidTag:
             raise SealError(
-                f"the file is damaged at chunk {index} (offset about {index * CHUNK} of the"
-                " plaintext): authentication failed, a changed bit or a forged chunk"
+                f"the file is damaged at chunk {index} of its encrypted stream: authentication"
+                " failed (a changed bit, or a chunk not written by the backup)"
             ) from None
         yield plain
         index += 1

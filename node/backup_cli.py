@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -188,10 +189,16 @@ def _backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_migrations() -> None:
+    """The scratch or target database's migrations are not the operator's news."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def _verify(args: argparse.Namespace) -> int:
     from node.backup import BackupError
     from node.restore import verify_backup
 
+    _quiet_migrations()
     ca, ca_pem = _ca(args.pki)
     key = _key(args)
     kek = load_kek_file(args.kek_file) if args.kek_file else None
@@ -206,17 +213,19 @@ def _verify(args: argparse.Namespace) -> int:
         bar.close()
     m = summary.manifest
     c = summary.contents
-    checked = f"{c.clear + c.opened} content hashes checked"
+    parts = []
+    if c.clear:
+        parts.append(f"{c.clear} in clear checked against their SHA-256")
     if c.opened:
-        checked += f" ({c.opened} opened with the KEK)"
+        parts.append(f"{c.opened} opened with the KEK and checked against their SHA-256")
     if c.sealed:
-        checked += f", {c.sealed} sealed contents not opened (no --kek-file)"
+        parts.append(f"{c.sealed} sealed, not opened (no --kek-file)")
     if c.shredded:
-        checked += f", {c.shredded} shredded"
+        parts.append(f"{c.shredded} shredded")
     print(
         f"backup {args.file.name} OK: node {m['region']}, signed by {m['node']},"
-        f" {summary.records} records ({checked}), {summary.rows} rows, audit log of"
-        f" {summary.audit_events} events verified"
+        f" {summary.records} records ({', '.join(parts) or 'none'}), {summary.rows} rows,"
+        f" audit log of {summary.audit_events} events verified"
     )
     return 0
 
@@ -225,6 +234,7 @@ def _restore(args: argparse.Namespace) -> int:
     from node.backup import BackupError
     from node.restore import restore_backup
 
+    _quiet_migrations()
     ca, _ = _ca(args.pki)
     key = _key(args)
     bar = Bar("restore")

@@ -261,7 +261,7 @@ def test_refusals_name_the_problem(
     status, line, _ = _cli(capsys, "node", "backup", "verify", str(out), "--pki", pki)
     assert status == 0 and " OK: node 11" in line
     if kek_file is not None:
-        assert "sealed contents not opened (no --kek-file)" in line
+        assert "sealed, not opened (no --kek-file)" in line
         kek = ("--kek-file", str(kek_file))
         status, line, _ = _cli(capsys, "node", "backup", "verify", str(out), "--pki", pki, *kek)
         assert status == 0 and "opened with the KEK" in line
@@ -330,3 +330,33 @@ def test_refusals_name_the_problem(
     out.write_bytes(original[: len(original) - 100])
     status, _, err = _cli(capsys, "node", "backup", "verify", str(out), "--pki", pki)
     assert status == 1 and "truncated" in err and err.startswith("dmp: ")
+
+
+def test_cli_backup_to_another_certificate(
+    pki_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dmp node backup --to CERT`: only that certificate's key opens the file."""
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    with running_node(pki_dir, "11", url) as node:
+        doctor = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
+        try:
+            _put(doctor, PATIENT, 1)
+        finally:
+            doctor.close()
+        out = tmp_path / "to-53.dmpbackup"
+        pki = str(pki_dir)
+        to = str(pki_dir / "node-53.pem")
+        args = ("node", "backup", "--db", url, "--out", str(out), "--pki", pki, "--as", "node-11")
+        status, line, _ = _cli(capsys, *args, "--to", to)
+        assert status == 0 and line.startswith("backup of node 11: 1 records")
+    assert out.stat().st_mode & 0o777 == 0o600
+    status, _, err = _cli(capsys, "node", "backup", "verify", str(out), "--pki", pki)
+    assert status == 1 and "give its key with --key" in err
+    key = str(pki_dir / "node-11.key")
+    status, _, err = _cli(capsys, "node", "backup", "verify", str(out), "--pki", pki, "--key", key)
+    assert status == 1 and "wrong recipient key" in err
+    key = str(pki_dir / "node-53.key")
+    status, line, _ = _cli(capsys, "node", "backup", "verify", str(out), "--pki", pki, "--key", key)
+    assert status == 0 and "1 records (1 in clear checked against their SHA-256)" in line
+    status, _, err = _cli(capsys, "node", "backup", "--db", url, "--pki", pki, "--as", "node-11")
+    assert status == 1 and err.startswith("dmp: dmp node backup needs --db URL, --out FILE")
