@@ -13,6 +13,7 @@ Sections (bench/README.md says what each figure means):
   e  directory with 10 million patients, SQLite and PostgreSQL
   f  peak memory of the directory and the nodes during a
   g  e-prescription: dispense through the directory (p50, ratio to a view), 16 racing clients
+  h  encryption at rest: view p50 with the nodes encrypted / in clear (same run), encrypt rate
   i  backup and verify throughput (MB/s, records/s) of a node holding 100,000 records
 
 Prints a table on stdout (progress on stderr) and writes the figures as JSON.
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.backup import BackupPlan, measure_backup
+from bench.encryption import measure_encryption
 from bench.federation import BenchFederation, BenchIdentities, FederationPlan, ViewPlan
 from bench.ingest import IngestPlan, measure_ingest
 from bench.prescriptions import PrescriptionPlan, measure_prescriptions
@@ -39,7 +41,7 @@ from bench.stats import Results
 from bench.views import Floor, measure_delay, measure_rss, measure_saturation, measure_views
 from dmp.regions import METROPOLITAN
 
-SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "i")
+SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 #: The benchmark's PostgreSQL: durable (the test cluster turns fsync, synchronous_commit and
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--quick", action="store_true", help="smaller sizes and fewer runs (for development)")
-    add("--only", action="append", metavar="SECTION", help="run only these sections (a..g)")
+    add("--only", action="append", metavar="SECTION", help="run only these sections (a..i)")
     add("--out", type=Path, default=DEFAULT_OUT, help="JSON file (default %(default)s)")
     add("--workdir", type=Path, help="keep the databases and logs here (default: a temp dir)")
     add("--keep", action="store_true", help="keep the temporary work directory")
@@ -296,10 +298,10 @@ def _federation_sections(
     results: Results,
 ) -> None:
     wanted = set(sections)
-    if not wanted & {"a", "b", "c", "f", "g"}:
+    if not wanted & {"a", "b", "c", "f", "g", "h"}:
         return
     federation = BenchFederation(workdir / "federation", plan, identities)
-    running = bool(wanted & {"a", "c", "f", "g"})
+    running = bool(wanted & {"a", "c", "f", "g", "h"})
     floor: Floor | None = None
     try:
         if running:
@@ -333,6 +335,12 @@ def _federation_sections(
         if "g" in wanted:
             _guarded(
                 results, "g", lambda: measure_prescriptions(federation, prescriptions, results)
+            )
+        if "h" in wanted:  # last: it leaves the nodes encrypted
+            _guarded(
+                results,
+                "h",
+                lambda: measure_encryption(federation, views.runs, views.views, results),
             )
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)

@@ -430,7 +430,11 @@ def measure_delay(federation: BenchFederation, views: ViewPlan, results: Results
     proxied = []
     for region in regions:
         service = node_service(
-            federation.pki_dir, federation.workdir, region, federation.directory.address
+            federation.pki_dir,
+            federation.workdir,
+            region,
+            federation.directory.address,
+            encrypted=False,
         )
         service.args += ["--advertise", addresses[region]]
         proxied.append(_ProxiedNode(service, proxy, region))

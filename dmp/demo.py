@@ -30,6 +30,7 @@ import grpc
 
 from dmp import synth
 from dmp.client import DirectoryClient, NodeClient
+from dmp.envelope import init_kek_file
 from dmp.fhir.systems import INS_SYSTEM
 from dmp.pki import Pki, load_credentials
 from dmp.prescription_demo import DOCTOR as RX_DOCTOR
@@ -177,16 +178,35 @@ def start_federation(
 
 
 def node_service(
-    pki_dir: Path, workdir: Path, region: str, directory: str, listen: str = "127.0.0.1:0"
+    pki_dir: Path,
+    workdir: Path,
+    region: str,
+    directory: str,
+    listen: str = "127.0.0.1:0",
+    *,
+    encrypted: bool = True,
 ) -> Service:
+    """A node process; `encrypted` at rest (as a node should be) with its own KEK, in
+    WORKDIR/keys apart from its database."""
+    args = [
+        "node", "serve", "--pki", str(pki_dir), "--region", region, "--listen", listen,
+        "--data-dir", str(workdir / "data"), "--directory", directory,
+    ]  # fmt: skip
+    if encrypted:
+        args += ["--kek-file", str(node_kek(workdir, region))]
     return Service(
         f"node {region}",
-        [
-            "node", "serve", "--pki", str(pki_dir), "--region", region, "--listen", listen,
-            "--data-dir", str(workdir / "data"), "--directory", directory,
-        ],
+        args,
         workdir / "logs" / f"node-{region}.log",
     )  # fmt: skip
+
+
+def node_kek(workdir: Path, region: str) -> Path:
+    """The KEK file of a node of WORKDIR, made when missing."""
+    kek = workdir / "keys" / f"node-{region}.kek"
+    if not kek.exists():
+        init_kek_file(kek)
+    return kek
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

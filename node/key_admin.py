@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Engine, func, select, update
+from sqlalchemy import ColumnElement, Engine, func, select, text, update
 from sqlalchemy.orm import Session
 
 from dmp.audit.events import AuditEvent, EventType
@@ -59,16 +59,21 @@ def encrypt_in_place(
             f" {kek.key_id}: give the node's current --kek-file"
         )
     sealer = Sealer(kek)
+    sqlite = engine.dialect.name == "sqlite"
     done = 0
     while limit is None or done < limit:
         size = batch if limit is None else min(batch, limit - done)
         with Session(writer(engine)) as session, session.begin():
+            if sqlite:
+                # The clear values this overwrites are zeroed in the file, not left free.
+                session.execute(text("PRAGMA secure_delete=ON"))
             rows = list(
                 session.scalars(
                     select(RecordRow)
                     .where(RecordRow.sealed.is_(None))
                     .order_by(RecordRow.seq)
                     .limit(size)
+                    .with_for_update()  # a supersede or reveal re-hashes under the same lock
                 )
             )
             if not rows:
@@ -93,6 +98,10 @@ def encrypt_in_place(
             done += len(rows)
         if on_batch is not None:
             on_batch(Progress(done, _count(engine, RecordRow, RecordRow.sealed.is_(None))))
+    if sqlite and done:
+        # Old pages in the -wal would still hold clear values: copy it back and empty it.
+        with engine.connect() as connection:
+            connection.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
     return done
 
 

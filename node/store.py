@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from dmp import tokens
-from dmp.clock import now_us, to_us
+from dmp.clock import from_us, now_us, to_us
 from dmp.errors import (
     AlreadyExists,
     DataLoss,
@@ -259,7 +259,11 @@ class RecordStore:
         version = 1
         root_id = draft.record_id
         if record.supersedes:
-            previous = session.scalar(select(RecordRow).where(RecordRow.id == record.supersedes))
+            # Locked (PostgreSQL; SQLite's writer holds the lock): a concurrent reveal or
+            # `dmp node encrypt` of it cannot slip between this read and its re-hash.
+            previous = session.scalar(
+                select(RecordRow).where(RecordRow.id == record.supersedes).with_for_update()
+            )
             # One answer whether the record is missing, another patient's, or not the
             # writer's to replace: a refusal tells nothing of records one may not read.
             if previous is None or previous.patient_ins != record.patient_ins:
@@ -383,7 +387,7 @@ class RecordStore:
     def reveal(self, session: Session, author_uri: str, record_id: str) -> record_pb2.Record:
         """Make a record hidden from the patient visible to them, in the session's
         transaction; revealing twice keeps the first time."""
-        row = session.scalar(self._authored(author_uri, record_id))
+        row = session.scalar(self._authored(author_uri, record_id).with_for_update())
         if row is None:
             raise _not_yours(record_id)
         integrity.check([row], self.region)  # never re-hash a damaged row
@@ -499,6 +503,8 @@ class RecordStore:
             if row.sealed is None:
                 continue
             found = keys.get(row.patient_ins)
+            if found is not None and found.shredded_us is not None:
+                record.shredded_time.CopyFrom(from_us(found.shredded_us))
             if found is None or found.key is None:
                 continue  # shredded: nothing to open (content reads say so)
             opened = Sealer.open_metadata(found.key, row)

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64mp/v1/record.proto\x12\x06\x64mp.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x06\x43oding\x12\x0e\n\x06system\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07\x64isplay\x18\x03 \x01(\t\"<\n\x06\x41uthor\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nprofession\x18\x03 \x01(\t\"\xd3\x04\n\x06Record\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bpatient_ins\x18\x02 \x01(\t\x12 \n\x04kind\x18\x03 \x01(\x0e\x32\x12.dmp.v1.RecordKind\x12!\n\ttype_code\x18\x04 \x01(\x0b\x32\x0e.dmp.v1.Coding\x12\r\n\x05title\x18\x05 \x01(\t\x12\x1e\n\x06\x61uthor\x18\x06 \x01(\x0b\x32\x0e.dmp.v1.Author\x12\x14\n\x0corganization\x18\x07 \x01(\t\x12\x30\n\x0c\x63reated_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06status\x18\n \x01(\x0e\x32\x14.dmp.v1.RecordStatus\x12\x0f\n\x07version\x18\x0b \x01(\x05\x12\x12\n\nsupersedes\x18\x0c \x01(\t\x12\x30\n\x0f\x63onfidentiality\x18\r \x01(\x0e\x32\x17.dmp.v1.Confidentiality\x12\x0e\n\x06masked\x18\x0e \x01(\x08\x12\x1b\n\x13hidden_from_patient\x18\x0f \x01(\x08\x12\x14\n\x0c\x63ontent_type\x18\x10 \x01(\t\x12\x0c\n\x04size\x18\x11 \x01(\x03\x12\x0e\n\x06sha256\x18\x12 \x01(\t\x12\x0e\n\x06region\x18\x13 \x01(\t\x12\x31\n\rrevealed_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fprescription_id\x18\x15 \x01(\t*\x8c\x02\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RECORD_KIND_DOCUMENT\x10\x01\x12\x1c\n\x18RECORD_KIND_PRESCRIPTION\x10\x02\x12\x1c\n\x18RECORD_KIND_DISPENSATION\x10\x03\x12\x17\n\x13RECORD_KIND_ALLERGY\x10\x04\x12\x19\n\x15RECORD_KIND_CONDITION\x10\x05\x12\x1c\n\x18RECORD_KIND_IMMUNIZATION\x10\x06\x12\x1b\n\x17RECORD_KIND_OBSERVATION\x10\x07\x12\x1c\n\x18RECORD_KIND_PATIENT_NOTE\x10\x08*f\n\x0cRecordStatus\x12\x1d\n\x19RECORD_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15RECORD_STATUS_CURRENT\x10\x01\x12\x1c\n\x18RECORD_STATUS_SUPERSEDED\x10\x02*\x93\x01\n\x0f\x43onfidentiality\x12\x1f\n\x1b\x43ONFIDENTIALITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONFIDENTIALITY_NORMAL\x10\x01\x12\x1e\n\x1a\x43ONFIDENTIALITY_RESTRICTED\x10\x02\x12#\n\x1f\x43ONFIDENTIALITY_VERY_RESTRICTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64mp/v1/record.proto\x12\x06\x64mp.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x06\x43oding\x12\x0e\n\x06system\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07\x64isplay\x18\x03 \x01(\t\"<\n\x06\x41uthor\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nprofession\x18\x03 \x01(\t\"\x86\x05\n\x06Record\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bpatient_ins\x18\x02 \x01(\t\x12 \n\x04kind\x18\x03 \x01(\x0e\x32\x12.dmp.v1.RecordKind\x12!\n\ttype_code\x18\x04 \x01(\x0b\x32\x0e.dmp.v1.Coding\x12\r\n\x05title\x18\x05 \x01(\t\x12\x1e\n\x06\x61uthor\x18\x06 \x01(\x0b\x32\x0e.dmp.v1.Author\x12\x14\n\x0corganization\x18\x07 \x01(\t\x12\x30\n\x0c\x63reated_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06status\x18\n \x01(\x0e\x32\x14.dmp.v1.RecordStatus\x12\x0f\n\x07version\x18\x0b \x01(\x05\x12\x12\n\nsupersedes\x18\x0c \x01(\t\x12\x30\n\x0f\x63onfidentiality\x18\r \x01(\x0e\x32\x17.dmp.v1.Confidentiality\x12\x0e\n\x06masked\x18\x0e \x01(\x08\x12\x1b\n\x13hidden_from_patient\x18\x0f \x01(\x08\x12\x14\n\x0c\x63ontent_type\x18\x10 \x01(\t\x12\x0c\n\x04size\x18\x11 \x01(\x03\x12\x0e\n\x06sha256\x18\x12 \x01(\t\x12\x0e\n\x06region\x18\x13 \x01(\t\x12\x31\n\rrevealed_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fprescription_id\x18\x15 \x01(\t\x12\x31\n\rshredded_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x8c\x02\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RECORD_KIND_DOCUMENT\x10\x01\x12\x1c\n\x18RECORD_KIND_PRESCRIPTION\x10\x02\x12\x1c\n\x18RECORD_KIND_DISPENSATION\x10\x03\x12\x17\n\x13RECORD_KIND_ALLERGY\x10\x04\x12\x19\n\x15RECORD_KIND_CONDITION\x10\x05\x12\x1c\n\x18RECORD_KIND_IMMUNIZATION\x10\x06\x12\x1b\n\x17RECORD_KIND_OBSERVATION\x10\x07\x12\x1c\n\x18RECORD_KIND_PATIENT_NOTE\x10\x08*f\n\x0cRecordStatus\x12\x1d\n\x19RECORD_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15RECORD_STATUS_CURRENT\x10\x01\x12\x1c\n\x18RECORD_STATUS_SUPERSEDED\x10\x02*\x93\x01\n\x0f\x43onfidentiality\x12\x1f\n\x1b\x43ONFIDENTIALITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONFIDENTIALITY_NORMAL\x10\x01\x12\x1e\n\x1a\x43ONFIDENTIALITY_RESTRICTED\x10\x02\x12#\n\x1f\x43ONFIDENTIALITY_VERY_RESTRICTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmp.v1.record_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECORDKIND']._serialized_start=782
-  _globals['_RECORDKIND']._serialized_end=1050
-  _globals['_RECORDSTATUS']._serialized_start=1052
-  _globals['_RECORDSTATUS']._serialized_end=1154
-  _globals['_CONFIDENTIALITY']._serialized_start=1157
-  _globals['_CONFIDENTIALITY']._serialized_end=1304
+  _globals['_RECORDKIND']._serialized_start=833
+  _globals['_RECORDKIND']._serialized_end=1101
+  _globals['_RECORDSTATUS']._serialized_start=1103
+  _globals['_RECORDSTATUS']._serialized_end=1205
+  _globals['_CONFIDENTIALITY']._serialized_start=1208
+  _globals['_CONFIDENTIALITY']._serialized_end=1355
   _globals['_CODING']._serialized_start=64
   _globals['_CODING']._serialized_end=119
   _globals['_AUTHOR']._serialized_start=121
   _globals['_AUTHOR']._serialized_end=181
   _globals['_RECORD']._serialized_start=184
-  _globals['_RECORD']._serialized_end=779
+  _globals['_RECORD']._serialized_end=830
 # @@protoc_insertion_point(module_scope)

@@ -209,6 +209,7 @@ class Record(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     REVEALED_TIME_FIELD_NUMBER: _builtins.int
     PRESCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    SHREDDED_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, unique in the federation. Chosen by the writer (any string of 1 to 64
     letters, digits, '-', '_' or '.') or assigned by the node (a UUID) when empty.
@@ -274,6 +275,14 @@ class Record(_message.Message):
     def revealed_time(self) -> _timestamp_pb2.Timestamp:
         """When the author revealed a record hidden from the patient (output only)."""
 
+    @_builtins.property
+    def shredded_time(self) -> _timestamp_pb2.Timestamp:
+        """When the holding node crypto-shredded the patient's data key (output only; `dmp node
+        shred`, after the legal retention): the record stays listed, its free text (title,
+        type display, organization, author name) empty, and its content can no longer be read
+        by anyone (FAILED_PRECONDITION, reason RECORD_SHREDDED).
+        """
+
     def __init__(
         self,
         *,
@@ -298,10 +307,11 @@ class Record(_message.Message):
         region: _builtins.str = ...,
         revealed_time: _timestamp_pb2.Timestamp | None = ...,
         prescription_id: _builtins.str = ...,
+        shredded_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "created_time", b"created_time", "effective_time", b"effective_time", "revealed_time", b"revealed_time", "type_code", b"type_code"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "created_time", b"created_time", "effective_time", b"effective_time", "revealed_time", b"revealed_time", "shredded_time", b"shredded_time", "type_code", b"type_code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "confidentiality", b"confidentiality", "content_type", b"content_type", "created_time", b"created_time", "effective_time", b"effective_time", "hidden_from_patient", b"hidden_from_patient", "id", b"id", "kind", b"kind", "masked", b"masked", "organization", b"organization", "patient_ins", b"patient_ins", "prescription_id", b"prescription_id", "region", b"region", "revealed_time", b"revealed_time", "sha256", b"sha256", "size", b"size", "status", b"status", "supersedes", b"supersedes", "title", b"title", "type_code", b"type_code", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "confidentiality", b"confidentiality", "content_type", b"content_type", "created_time", b"created_time", "effective_time", b"effective_time", "hidden_from_patient", b"hidden_from_patient", "id", b"id", "kind", b"kind", "masked", b"masked", "organization", b"organization", "patient_ins", b"patient_ins", "prescription_id", b"prescription_id", "region", b"region", "revealed_time", b"revealed_time", "sha256", b"sha256", "shredded_time", b"shredded_time", "size", b"size", "status", b"status", "supersedes", b"supersedes", "title", b"title", "type_code", b"type_code", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

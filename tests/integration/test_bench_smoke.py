@@ -2,7 +2,8 @@
 
 A smoke test of the benchmark code only: no figure is checked (tests never assert timings).
 Every section runs, against 3 regions, a handful of patients and a 1,000-patient directory,
-a few dispensings and 16 racing clients on one prescription each, a backup of 40 records;
+a few dispensings and 16 racing clients on one prescription each, the nodes encrypted
+in place, a backup of 40 records;
 PostgreSQL too when its binaries are there.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from bench.run import main
 from tests.postgres import find_binaries
 
-SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "i")
+SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
 
 
 def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
@@ -63,6 +64,8 @@ def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
         "g.dispense.p50_ms",
         "g.dispense.view_ratio",
         "g.race.dispensings_per_s",
+        "h.view.encrypted_ratio",
+        "h.encrypt.records_per_s",
         "i.sqlite.backup_mb_s",
         "i.sqlite.verify_records_s",
     ]

@@ -125,6 +125,10 @@ def test_demo_logs_are_private(pki_dir: Path, tmp_path: Path) -> None:
     assert [p.name for p in logs] == ["directory.log", "node-11.log"]
     for log in logs:
         assert _mode(log) == 0o600, log
+    # Its nodes are encrypted at rest: each KEK private, apart from the databases.
+    assert _mode(workdir / "keys") == 0o700
+    (kek,) = (workdir / "keys").iterdir()
+    assert kek.name == "node-11.kek" and _mode(kek) == 0o600 and kek.stat().st_size == 32
 
 
 def test_systemd_units_keep_files_private() -> None:
@@ -135,6 +139,10 @@ def test_systemd_units_keep_files_private() -> None:
         service = parser["Service"]
         assert service.get("UMask") == "0077", unit
         assert service.get("StateDirectoryMode") == "0700", unit
+    node = configparser.ConfigParser(interpolation=None, strict=False)
+    node.read(DEPLOY / "dmp-node@.service")
+    assert node["Service"]["LoadCredential"].startswith("kek:")
+    assert "--kek-file ${CREDENTIALS_DIRECTORY}/kek" in node["Service"]["ExecStart"]
 
 
 @pytest.mark.parametrize("service", ["node", "directory"])
