@@ -31,6 +31,7 @@ from dmp.v1 import node_service_pb2 as pb
 from dmp.v1 import record_pb2
 from node.backup import BackupError, write_backup
 from node.backup_format import MANIFEST, SIGNATURE, FrameReader, frame
+from node.key_admin import shred_patient
 from node.models import RecordContentRow, RecordRow
 from node.restore import restore_backup, verify_backup
 from tests.federation import (
@@ -360,3 +361,27 @@ def test_cli_backup_to_another_certificate(
     assert status == 0 and "1 records (1 in clear checked against their SHA-256)" in line
     status, _, err = _cli(capsys, "node", "backup", "--db", url, "--pki", pki, "--as", "node-11")
     assert status == 1 and err.startswith("dmp: dmp node backup needs --db URL, --out FILE")
+
+
+def test_a_shredded_patient_stays_shredded_in_the_backup(
+    pki_dir: Path, db_url: str, tmp_path: Path
+) -> None:
+    kek_path = tmp_path / "node-11.kek"
+    kek = init_kek_file(kek_path)
+    with running_node(pki_dir, "11", db_url, kek_file=kek_path) as node:
+        doctor = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
+        try:
+            _put(doctor, PATIENT, 1)
+            _put(doctor, OTHER_PATIENT, 2)
+        finally:
+            doctor.close()
+    engine = make_engine(db_url, pool_size=2)
+    out = tmp_path / "node-11.dmpbackup"
+    try:
+        shred_patient(engine, kek, "11", OTHER_PATIENT)
+        write_backup(engine, load_credentials(pki_dir, "node-11"), out)
+    finally:
+        engine.dispose()
+    ca, ca_pem = _ca(pki_dir)
+    verified = verify_backup(out, _key(pki_dir), ca, ca_pem, kek=kek)  # type: ignore[arg-type]
+    assert (verified.contents.opened, verified.contents.shredded) == (1, 1)
