@@ -86,6 +86,9 @@ class NodeConfig(ServiceSettings):
     #: Without it the node stores in clear (warned loudly) and refuses a database that
     #: holds encrypted records.
     kek_file: Path | None = None
+    #: KEKs that only open the data keys not yet rewrapped, while `dmp node rotate-kek`
+    #: runs beside the serving node (restart without them once it is done).
+    previous_kek_files: tuple[Path, ...] = ()
     #: Microseconds since the epoch (tests inject a clock to move time).
     clock: Callable[[], int] = now_us
     #: Scheduled backups (node/backup_schedule.py): every this many seconds, into this
@@ -140,7 +143,7 @@ def start_node(config: NodeConfig) -> RunningNode:
     )
     engine, audit_log, auditor = base.engine, base.audit_log, base.auditor
     try:
-        sealer = _sealer(engine, config.kek_file)
+        sealer = _sealer(engine, config.kek_file, config.previous_kek_files)
     except BaseException:
         engine.dispose()
         raise
@@ -171,7 +174,7 @@ def start_node(config: NodeConfig) -> RunningNode:
     prescriptions = PrescriptionServicer(
         PrescriptionService(
             engine,
-            PrescriptionStore(engine, region),
+            PrescriptionStore(engine, region, sealer),
             store,
             access,
             auditor,
@@ -241,7 +244,9 @@ def start_node(config: NodeConfig) -> RunningNode:
     )
 
 
-def _sealer(engine: Engine, kek_file: Path | None) -> Sealer | None:
+def _sealer(
+    engine: Engine, kek_file: Path | None, previous_files: tuple[Path, ...] = ()
+) -> Sealer | None:
     """The node's sealer, from its KEK file; None for a node without one, which may only
     serve a database without encrypted records."""
     with engine.connect() as connection:
@@ -259,7 +264,8 @@ def _sealer(engine: Engine, kek_file: Path | None) -> Sealer | None:
             )
             return None
         kek = load_kek_file(kek_file)
-        others = foreign_keys(connection, kek.key_id)
+        sealer = Sealer(kek, previous=[load_kek_file(path) for path in previous_files])
+        others = foreign_keys(connection, sealer.kek_ids)
     if others:
         raise FailedPrecondition(
             f"refusing to serve: {others} data key(s) of this database are wrapped by another"
@@ -268,7 +274,7 @@ def _sealer(engine: Engine, kek_file: Path | None) -> Sealer | None:
             reason="WRONG_KEK",
         )
     log.info("records are encrypted at rest with data keys wrapped by KEK %s", kek.key_id)
-    return Sealer(kek)
+    return sealer
 
 
 def _compare_with_directory(

@@ -98,6 +98,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         " encrypted with per-patient data keys it wraps. Without it the node stores in"
         " clear, and refuses a database holding encrypted records",
     )
+    serve.add_argument(
+        "--previous-kek-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="during an online `dmp node rotate-kek`: the old KEK, which then only opens"
+        " the data keys not yet rewrapped (repeatable; drop it once the rotation is done)",
+    )
     serve.set_defaults(handler=_serve)
     register_keys(node_sub)
     backup_cli.register(node_sub)
@@ -137,6 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
         backup_keep=args.backup_keep,
         backup_dir=args.backup_dir,
         kek_file=args.kek_file,
+        previous_kek_files=tuple(args.previous_kek_file),
     )
     node = start_node(config)
     print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)

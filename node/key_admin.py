@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, func, select, text, update
 from sqlalchemy.orm import Session
@@ -18,13 +19,15 @@ from dmp.audit.events import AuditEvent, EventType
 from dmp.audit.log import AuditLog
 from dmp.clock import now_us
 from dmp.db import writer
-from dmp.envelope import KeyEncryptionKey
+from dmp.envelope import FORMAT, KeyEncryptionKey, seal
 from dmp.errors import FailedPrecondition
 from node import integrity
 from node.keys import SEALED_COLUMNS, Sealer, foreign_keys
 from node.models import (
     DataKeyRow,
+    DispensationRow,
     NodeBase,
+    PrescriptionRow,
     RecordContentRow,
     RecordRow,
     audit_checkpoints,
@@ -98,11 +101,57 @@ def encrypt_in_place(
             done += len(rows)
         if on_batch is not None:
             on_batch(Progress(done, _count(engine, RecordRow, RecordRow.sealed.is_(None))))
+    if limit is None:
+        done += _seal_prescriptions(engine, sealer, batch, sqlite)
     if sqlite and done:
         # Old pages in the -wal would still hold clear values: copy it back and empty it.
         with engine.connect() as connection:
             connection.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
     return done
+
+
+def _clear(column: Any) -> ColumnElement[bool]:
+    """A serialized message in clear: it never begins with the sealed format's byte."""
+    return func.substr(column, 1, 1) != FORMAT
+
+
+def _seal_prescriptions(engine: Engine, sealer: Sealer, batch: int, sqlite: bool) -> int:
+    """Seal the signed acts and dispensing messages still in clear (node/prescription_store.py
+    seals them so), in committed batches."""
+    done = 0
+    while True:
+        with Session(writer(engine)) as session, session.begin():
+            if sqlite:
+                session.execute(text("PRAGMA secure_delete=ON"))
+            now = now_us()
+            acts = list(
+                session.scalars(
+                    select(PrescriptionRow)
+                    .where(_clear(PrescriptionRow.signed))
+                    .limit(batch)
+                    .with_for_update()
+                )
+            )
+            for act in acts:
+                key = sealer.key_for_write(session, act.patient_ins, now)
+                act.signed = seal(key, act.signed, act.id, 0, "signed")
+            given = list(
+                session.execute(
+                    select(DispensationRow, PrescriptionRow.patient_ins)
+                    .join(PrescriptionRow, PrescriptionRow.id == DispensationRow.prescription_id)
+                    .where(_clear(DispensationRow.message))
+                    .limit(batch)
+                    .with_for_update()
+                ).all()
+            )
+            for dispensation, ins in given:
+                key = sealer.key_for_write(session, ins, now)
+                dispensation.message = seal(
+                    key, dispensation.message, dispensation.id, 0, "dispensation"
+                )
+            if not acts and not given:
+                return done
+            done += len(acts) + len(given)
 
 
 def rotate_kek(
@@ -188,6 +237,11 @@ def shred_patient(
         records = _count_in(session, RecordRow, RecordRow.patient_ins == patient_ins)
         clear = _count_in(
             session, RecordRow, (RecordRow.patient_ins == patient_ins) & RecordRow.sealed.is_(None)
+        )
+        clear += _count_in(
+            session,
+            PrescriptionRow,
+            (PrescriptionRow.patient_ins == patient_ins) & _clear(PrescriptionRow.signed),
         )
         if clear:
             raise FailedPrecondition(

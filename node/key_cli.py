@@ -45,9 +45,10 @@ def register_keys(node_sub: argparse._SubParsersAction[Any]) -> None:
         "rotate-kek",
         help="rewrap every data key with a new KEK (content untouched, resumable)",
         description="Rewrap every patient's data key with the new KEK, in committed"
-        " batches; rerun it after a crash to finish. Content is not re-encrypted. Stop the"
-        " node first and start it with --kek-file NEW afterwards: the old KEK then opens"
-        " nothing.",
+        " batches; rerun it after a crash to finish. Content is not re-encrypted. Online:"
+        " serve meanwhile with --kek-file NEW --previous-kek-file OLD, then restart with"
+        " --kek-file NEW alone (or stop the node, rotate, start it with NEW): the old KEK"
+        " then opens nothing.",
     )
     _database(rotate)
     rotate.add_argument("--new-kek-file", type=Path, required=True, metavar="FILE")

@@ -18,7 +18,7 @@ wrapped key read on every call: a rotated or shredded key is never served from i
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +61,31 @@ class PatientKey:
 class Sealer:
     """Seals and opens the records of a node whose KEK it holds."""
 
-    def __init__(self, kek: KeyEncryptionKey, cache_size: int = 10_000) -> None:
-        self.cache = KeyCache(kek, cache_size)
+    def __init__(
+        self,
+        kek: KeyEncryptionKey,
+        cache_size: int = 10_000,
+        previous: Sequence[KeyEncryptionKey] = (),
+    ) -> None:
+        """`kek` wraps new data keys; `previous` KEKs only open those not yet rewrapped
+        (a node serving while `dmp node rotate-kek` runs)."""
+        self.kek = kek
+        self._caches = {k.key_id: KeyCache(k, cache_size) for k in (*previous, kek)}
 
     @property
-    def kek(self) -> KeyEncryptionKey:
-        return self.cache.kek
+    def kek_ids(self) -> frozenset[str]:
+        return frozenset(self._caches)
+
+    def _unwrap(self, kek_id: str, wrapped: bytes) -> bytes:
+        cache = self._caches.get(kek_id)
+        if cache is None:
+            raise FailedPrecondition(
+                f"a data key on this node is wrapped by KEK {kek_id}, which this node was not"
+                " given: restart it with that --kek-file (or --previous-kek-file during a"
+                " rotation)",
+                reason="WRONG_KEK",
+            )
+        return cache.unwrap(wrapped)
 
     # -- data keys ------------------------------------------------------------------------
 
@@ -93,7 +112,7 @@ class Sealer:
                 " no new record is written for them",
                 reason=RECORD_SHREDDED,
             )
-        return self.cache.unwrap(row.wrapped)
+        return self._unwrap(row.kek_id, row.wrapped)
 
     def keys_for_read(
         self, connection: Connection, patients: Iterable[str]
@@ -103,13 +122,16 @@ class Sealer:
         if not wanted:
             return {}
         rows = connection.execute(
-            select(DATA_KEYS.c.patient_ins, DATA_KEYS.c.wrapped, DATA_KEYS.c.shredded_us).where(
-                DATA_KEYS.c.patient_ins.in_(wanted)
-            )
+            select(
+                DATA_KEYS.c.patient_ins,
+                DATA_KEYS.c.kek_id,
+                DATA_KEYS.c.wrapped,
+                DATA_KEYS.c.shredded_us,
+            ).where(DATA_KEYS.c.patient_ins.in_(wanted))
         )
         keys = {}
-        for ins, wrapped, shredded_us in rows:
-            key = None if wrapped is None else self.cache.unwrap(wrapped)
+        for ins, kek_id, wrapped, shredded_us in rows:
+            key = None if wrapped is None else self._unwrap(kek_id, wrapped)
             keys[ins] = PatientKey(key, shredded_us)
         return keys
 
@@ -147,9 +169,12 @@ def has_sealed_data(connection: Connection) -> bool:
     return connection.execute(select(DATA_KEYS.c.patient_ins).limit(1)).first() is not None
 
 
-def foreign_keys(connection: Connection, kek_id: str) -> int:
-    """How many unshredded data keys another KEK than `kek_id` wraps."""
+def foreign_keys(connection: Connection, kek_ids: str | Collection[str]) -> int:
+    """How many unshredded data keys other KEKs than `kek_ids` wrap."""
+    known = [kek_ids] if isinstance(kek_ids, str) else sorted(kek_ids)
     count = connection.execute(
-        select(func.count()).where(DATA_KEYS.c.kek_id != kek_id, DATA_KEYS.c.wrapped.is_not(None))
+        select(func.count()).where(
+            DATA_KEYS.c.kek_id.not_in(known), DATA_KEYS.c.wrapped.is_not(None)
+        )
     ).scalar_one()
     return int(count)

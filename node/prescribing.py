@@ -87,11 +87,6 @@ from node.store import RecordStore
 MAX_PHARMACY = 200
 
 
-def _prescription(row: PrescriptionRow) -> tuple[P.SignedPrescription, P.Prescription]:
-    signed = P.SignedPrescription.FromString(row.signed)
-    return signed, P.Prescription.FromString(signed.prescription)
-
-
 class PrescriptionService:
     """What a node does with the prescriptions it holds, for the person each call is for."""
 
@@ -253,7 +248,7 @@ class PrescriptionService:
                     assertion.subject, directives, records.get(row.id, ""), row.prescriber_rpps
                 ):
                     continue
-                _, prescription = _prescription(row)
+                _, prescription = self._prescription(row)
                 if status(prescription, progress_of(row), now) in wanted:
                     found.append(self._stored(row, given, assertion.subject.uri))
                     ids.append(row.id)
@@ -514,7 +509,11 @@ class PrescriptionService:
         row = self._store.lock(uow.session, prescription_id)
         if row is None:  # it was there a moment ago: prescriptions are never deleted
             raise NotFound(f"prescription {prescription_id} not found on node {self.region}")
-        return row, _prescription(row)[1]
+        return row, self._prescription(row)[1]
+
+    def _prescription(self, row: PrescriptionRow) -> tuple[P.SignedPrescription, P.Prescription]:
+        signed = P.SignedPrescription.FromString(self._store.signed_of(row))
+        return signed, P.Prescription.FromString(signed.prescription)
 
     def _unit(self, audited: AuditedCall) -> UnitOfWork:
         return UnitOfWork(self._engine, audited, on_commit=self._records.notify)
@@ -522,6 +521,6 @@ class PrescriptionService:
     def _stored(
         self, row: PrescriptionRow, given: Sequence[P.Dispensation], caller: str
     ) -> P.StoredPrescription:
-        signed, prescription = _prescription(row)
+        signed, prescription = self._prescription(row)
         shown = state(prescription, progress_of(row), self._clock(), caller, given)
         return P.StoredPrescription(signed=signed, state=shown, region=self.region)

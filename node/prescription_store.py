@@ -6,6 +6,10 @@ A change of progress happens only on a row locked in the unit of work (`lock`: S
 FOR UPDATE on PostgreSQL; on SQLite the unit of work's BEGIN IMMEDIATE already holds the
 database's write lock), and is written by an UPDATE conditional on the version read, which
 it raises: whatever the isolation, no two dispensings can both apply to one version.
+
+With encryption at rest (node/keys.py) the signed act and each dispensing's message are
+sealed with the patient's data key, bound to their id and column (a serialized message
+never begins with the sealed format's byte, so old clear rows are told apart).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from collections.abc import Sequence
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from dmp.errors import Unavailable
+from dmp.envelope import is_sealed, open_value, seal
+from dmp.errors import DataLoss, FailedPrecondition, Unavailable
 from dmp.prescription_rules import Progress
 from dmp.records import kind_name
 from dmp.v1 import prescription_pb2, record_pb2
+from node.keys import Sealer, shredded_error
 from node.models import DispensationRow, PrescriptionRow, RecordRow
 
 
@@ -44,9 +50,43 @@ def payload_digest(signed: prescription_pb2.SignedPrescription) -> str:
 class PrescriptionStore:
     """The prescriptions of one region, over one database."""
 
-    def __init__(self, engine: Engine, region: str) -> None:
+    def __init__(self, engine: Engine, region: str, sealer: Sealer | None = None) -> None:
         self._engine = engine
         self.region = region
+        self.sealer = sealer
+
+    # -- encryption at rest ---------------------------------------------------------------
+
+    def _seal(
+        self, session: Session, ins: str, value: bytes, name: str, column: str, now: int
+    ) -> bytes:
+        if self.sealer is None:
+            return value
+        return seal(self.sealer.key_for_write(session, ins, now), value, name, 0, column)
+
+    def _open(self, ins: str, value: bytes, name: str, column: str) -> bytes:
+        if not is_sealed(value):
+            return value
+        if self.sealer is None:
+            raise FailedPrecondition(
+                f"node {self.region} holds encrypted prescriptions but was started without"
+                " its KEK: restart it with --kek-file"
+            )
+        with self._engine.connect() as connection:
+            found = self.sealer.keys_for_read(connection, [ins]).get(ins)
+        if found is None:
+            raise DataLoss(
+                f"prescription data {name}: its patient's data key is missing on node"
+                f" {self.region}; the node's operator must restore it from the last verified"
+                " backup"
+            )
+        if found.key is None:
+            raise shredded_error(name, found.shredded_us or 0)
+        return open_value(found.key, value, name, 0, column)
+
+    def signed_of(self, row: PrescriptionRow) -> bytes:
+        """The serialized SignedPrescription of a row, opened if sealed."""
+        return self._open(row.patient_ins, row.signed, row.id, "signed")
 
     # -- reads outside a unit of work -------------------------------------------------------
 
@@ -119,7 +159,14 @@ class PrescriptionStore:
             prescriber_rpps=prescription.prescriber.rpps,
             authored_us=prescription.authored_time.seconds * 1_000_000
             + prescription.authored_time.nanos // 1000,
-            signed=signed.SerializeToString(deterministic=True),
+            signed=self._seal(
+                session,
+                prescription.patient_ins,
+                signed.SerializeToString(deterministic=True),
+                prescription.id,
+                "signed",
+                now_us,
+            ),
             payload_sha256=payload_digest(signed),
             created_us=now_us,
             version=1,
@@ -165,13 +212,20 @@ class PrescriptionStore:
     def dispensation_by_key(
         self, session: Session, prescription_id: str, key: str
     ) -> prescription_pb2.Dispensation | None:
-        message = session.scalar(
-            select(DispensationRow.message).where(
+        found = session.execute(
+            select(DispensationRow.id, DispensationRow.message, PrescriptionRow.patient_ins)
+            .join(PrescriptionRow, PrescriptionRow.id == DispensationRow.prescription_id)
+            .where(
                 DispensationRow.prescription_id == prescription_id,
                 DispensationRow.idempotency_key == key,
             )
+        ).first()
+        if found is None:
+            return None
+        dispensation_id, message, ins = found
+        return prescription_pb2.Dispensation.FromString(
+            self._open(ins, message, dispensation_id, "dispensation")
         )
-        return None if message is None else prescription_pb2.Dispensation.FromString(message)
 
     def add_dispensation(
         self,
@@ -180,6 +234,12 @@ class PrescriptionStore:
         pharmacist_identity: str,
         now_us: int,
     ) -> None:
+        ins = session.scalar(
+            select(PrescriptionRow.patient_ins).where(
+                PrescriptionRow.id == dispensation.prescription_id
+            )
+        )
+        assert ins is not None  # the caller locked it
         session.add(
             DispensationRow(
                 id=dispensation.id,
@@ -188,7 +248,14 @@ class PrescriptionStore:
                 idempotency_key=dispensation.idempotency_key,
                 pharmacist_identity=pharmacist_identity,
                 created_us=now_us,
-                message=dispensation.SerializeToString(deterministic=True),
+                message=self._seal(
+                    session,
+                    ins,
+                    dispensation.SerializeToString(deterministic=True),
+                    dispensation.id,
+                    "dispensation",
+                    now_us,
+                ),
             )
         )
         session.flush()
@@ -199,20 +266,27 @@ class PrescriptionStore:
         """A prescription's dispensings, oldest first."""
         return self._dispensations_of(session, [prescription_id]).get(prescription_id, [])
 
-    @staticmethod
     def _dispensations_of(
-        session: Session, ids: Sequence[str]
+        self, session: Session, ids: Sequence[str]
     ) -> dict[str, list[prescription_pb2.Dispensation]]:
         out: dict[str, list[prescription_pb2.Dispensation]] = {}
         if not ids:
             return out
         rows = session.execute(
-            select(DispensationRow.prescription_id, DispensationRow.message)
+            select(
+                DispensationRow.prescription_id,
+                DispensationRow.id,
+                DispensationRow.message,
+                PrescriptionRow.patient_ins,
+            )
+            .join(PrescriptionRow, PrescriptionRow.id == DispensationRow.prescription_id)
             .where(DispensationRow.prescription_id.in_(list(ids)))
             .order_by(DispensationRow.prescription_id, DispensationRow.dispensing)
         )
-        for prescription_id, message in rows:
+        for prescription_id, dispensation_id, message, ins in rows:
             out.setdefault(prescription_id, []).append(
-                prescription_pb2.Dispensation.FromString(message)
+                prescription_pb2.Dispensation.FromString(
+                    self._open(ins, message, dispensation_id, "dispensation")
+                )
             )
         return out

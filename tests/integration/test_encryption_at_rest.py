@@ -379,3 +379,36 @@ def test_racing_first_writes_of_a_patient_share_one_data_key(
     with engine.connect() as connection:
         keys = connection.execute(text("SELECT count(*) FROM data_keys")).scalar_one()
     assert keys == 1
+
+
+def test_the_kek_rotates_while_the_node_serves(
+    pki_dir: Path, db_url: str, kek_file: Path, tmp_path: Path, engine: Engine
+) -> None:
+    with running_node(pki_dir, "11", db_url, kek_file=kek_file) as node:
+        doctor = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
+        mine = put(doctor, draft(title="mine"), b"mine")
+        theirs = put(doctor, draft(OTHER_PATIENT, title="theirs"), b"theirs")
+        doctor.close()
+    old = load_kek_file(kek_file)
+    new_file = tmp_path / "keys" / "kek-2"
+    new = init_kek_file(new_file)
+    # Restarted with the new KEK, the old one opening only what is not yet rewrapped.
+    kwargs = {"kek_file": new_file, "previous_kek_files": (kek_file,)}
+    with running_node(pki_dir, "11", db_url, **kwargs) as node:
+        doctor = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
+        try:
+            assert rotate_kek(engine, old, new, batch=1, limit=1) == 1  # half way
+            assert sorted(key_ids(engine)) == sorted([old.key_id, new.key_id])
+            assert content(doctor, mine.id) == b"mine"
+            assert content(doctor, theirs.id, OTHER_PATIENT) == b"theirs"
+            assert rotate_kek(engine, old, new) == 1
+            assert content(doctor, mine.id) == b"mine"
+            assert get(doctor, theirs.id, OTHER_PATIENT).title == "theirs"
+        finally:
+            doctor.close()
+    with running_node(pki_dir, "11", db_url, kek_file=new_file) as node:
+        doctor = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
+        try:
+            assert content(doctor, theirs.id, OTHER_PATIENT) == b"theirs"
+        finally:
+            doctor.close()

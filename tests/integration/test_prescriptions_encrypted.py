@@ -1,0 +1,130 @@
+"""E-prescription on a node encrypted at rest, on SQLite and PostgreSQL: the signed act and
+its dispensings are sealed with the patient's data key (no dosage in the files or the raw
+columns), served as before, and unreadable once the patient is shredded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import text
+
+from dmp.db import make_engine
+from dmp.dbfile import sqlite_file
+from dmp.envelope import init_kek_file, load_kek_file
+from dmp.errors import FailedPrecondition
+from dmp.v1 import prescription_pb2 as P
+from node.key_admin import shred_patient
+from tests.federation import DOCTOR, PATIENT
+from tests.integration.prescription_helpers import (
+    PHARMACISTS,
+    Actor,
+    make_rx_pki,
+    practitioner,
+    refusal,
+    rx_id,
+    rx_node,
+)
+
+PHRASE = "Zorglub"
+LINES = (f"3400930000001|2|1 comprimé {PHRASE}|3 fois par jour|7 jours",)
+
+
+@pytest.fixture(scope="module")
+def rx_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("rx-pki-enc")
+    make_rx_pki(directory)
+    return directory
+
+
+@pytest.fixture
+def kek_file(tmp_path: Path) -> Path:
+    path = tmp_path / "keys" / "kek"
+    init_kek_file(path)
+    return path
+
+
+@pytest.fixture
+def actors(rx_pki: Path, db_url: str, kek_file: Path) -> Iterator[tuple[Actor, Actor]]:
+    with rx_node(rx_pki, db_url, kek_file=kek_file) as (node, _):
+        doctor = Actor(rx_pki, practitioner(DOCTOR), node.port)
+        pharmacist = Actor(rx_pki, practitioner(PHARMACISTS[0]), node.port)
+        yield doctor, pharmacist
+        doctor.close()
+        pharmacist.close()
+
+
+def held(db_url: str) -> bytes:
+    path = sqlite_file(db_url)
+    if path is not None:
+        wal = Path(f"{path}-wal")
+        return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            signed = connection.execute(text("SELECT signed FROM prescriptions")).scalars()
+            messages = connection.execute(text("SELECT message FROM dispensations")).scalars()
+            contents = connection.execute(text("SELECT content FROM record_contents")).scalars()
+            return b"".join(bytes(v) for v in (*signed, *messages, *contents))
+    finally:
+        engine.dispose()
+
+
+def test_prescriptions_are_sealed_and_served(
+    actors: tuple[Actor, Actor], db_url: str, kek_file: Path
+) -> None:
+    doctor, pharmacist = actors
+    rx = rx_id(doctor.prescribe(lines=LINES))
+    dispensed = pharmacist.dispense(rx, (2,))
+    assert dispensed.prescription.state.status == P.PRESCRIPTION_STATUS_COMPLETED
+    again = pharmacist.get(rx)
+    prescription = P.Prescription.FromString(again.signed.prescription)
+    assert PHRASE in str(prescription)
+    assert [d.id for d in again.state.dispensations] == [dispensed.dispensation.id]
+    assert [rx_id(s) for s in pharmacist.find(statuses=[P.PRESCRIPTION_STATUS_COMPLETED])] == [rx]
+    stored = held(db_url)
+    assert stored and PHRASE.encode() not in stored
+    # Shredded: the act can no longer be read by anyone.
+    engine = make_engine(db_url)
+    try:
+        shred_patient(engine, load_kek_file(kek_file), "11", PATIENT)
+    finally:
+        engine.dispose()
+    answer = refusal(lambda: pharmacist.get(rx))
+    assert (answer.code, answer.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RECORD_SHREDDED")
+
+
+def test_prescriptions_in_clear_are_encrypted_in_place(
+    rx_pki: Path, db_url: str, kek_file: Path
+) -> None:
+    from node.key_admin import encrypt_in_place
+
+    with rx_node(rx_pki, db_url) as (node, _):  # no KEK: in clear
+        doctor = Actor(rx_pki, practitioner(DOCTOR), node.port)
+        pharmacist = Actor(rx_pki, practitioner(PHARMACISTS[0]), node.port)
+        rx = rx_id(doctor.prescribe(lines=LINES))
+        pharmacist.dispense(rx, (1,))
+        doctor.close()
+        pharmacist.close()
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            signed = connection.execute(text("SELECT signed FROM prescriptions")).scalar_one()
+        assert PHRASE.encode() in bytes(signed)
+        with pytest.raises(FailedPrecondition, match="still stored in clear"):
+            shred_patient(engine, load_kek_file(kek_file), "11", PATIENT)
+        assert encrypt_in_place(engine, load_kek_file(kek_file)) >= 3  # records, act, dispensing
+        assert encrypt_in_place(engine, load_kek_file(kek_file)) == 0
+    finally:
+        engine.dispose()
+    assert PHRASE.encode() not in held(db_url)
+    with rx_node(rx_pki, db_url, kek_file=kek_file) as (node, _):
+        pharmacist = Actor(rx_pki, practitioner(PHARMACISTS[0]), node.port)
+        try:
+            again = pharmacist.get(rx)
+            assert PHRASE in str(P.Prescription.FromString(again.signed.prescription))
+            assert len(again.state.dispensations) == 1
+        finally:
+            pharmacist.close()
