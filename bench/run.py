@@ -14,6 +14,7 @@ Sections (bench/README.md says what each figure means):
   f  peak memory of the directory and the nodes during a
   g  e-prescription: dispense through the directory (p50, ratio to a view), 16 racing clients
   h  encryption at rest: view p50 with the nodes encrypted / in clear (same run), encrypt rate
+  i  backup and verify throughput (MB/s, records/s) of a node holding 100,000 records
 
 Prints a table on stdout (progress on stderr) and writes the figures as JSON.
 """
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.backup import BackupPlan, measure_backup
 from bench.encryption import measure_encryption
 from bench.federation import BenchFederation, BenchIdentities, FederationPlan, ViewPlan
 from bench.ingest import IngestPlan, measure_ingest
@@ -39,7 +41,7 @@ from bench.stats import Results
 from bench.views import Floor, measure_delay, measure_rss, measure_saturation, measure_views
 from dmp.regions import METROPOLITAN
 
-SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "h")
+SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 #: The benchmark's PostgreSQL: durable (the test cluster turns fsync, synchronous_commit and
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--quick", action="store_true", help="smaller sizes and fewer runs (for development)")
-    add("--only", action="append", metavar="SECTION", help="run only these sections (a..g)")
+    add("--only", action="append", metavar="SECTION", help="run only these sections (a..i)")
     add("--out", type=Path, default=DEFAULT_OUT, help="JSON file (default %(default)s)")
     add("--workdir", type=Path, help="keep the databases and logs here (default: a temp dir)")
     add("--keep", action="store_true", help="keep the temporary work directory")
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--directory-patients", type=int, help="default 10,000,000 (quick 1,000,000)"
     )
     group.add_argument("--directory-lookups", type=int, help="lookups per run (default 2000)")
+    group = parser.add_argument_group("i: backup")
+    group.add_argument(
+        "--backup-records", type=int, help="records the node holds (default 100,000; quick 20,000)"
+    )
     parser.add_argument(
         "--no-postgres", action="store_true", help="skip the PostgreSQL variants of d and e"
     )
@@ -117,7 +123,7 @@ def _sections(only: Sequence[str] | None) -> list[str]:
     chosen = {part.strip().lower() for item in only for part in item.split(",") if part.strip()}
     unknown = chosen - set(SECTIONS)
     if unknown:
-        raise SystemExit(f"bench: unknown section(s) {', '.join(sorted(unknown))}: a..g")
+        raise SystemExit(f"bench: unknown section(s) {', '.join(sorted(unknown))}: a..i")
     return [s for s in SECTIONS if s in chosen]
 
 
@@ -200,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         racers=args.rx_racers,
         per_racer=_pick(args.rx_per_racer, 10, 5, quick),
     )
+    backup = BackupPlan(records=_pick(args.backup_records, 100_000, 20_000, quick), seed=args.seed)
     directory_patients = _pick(args.directory_patients, 10_000_000, 1_000_000, quick)
     directory_lookups = _pick(args.directory_lookups, 2000, 500, quick)
     config: dict[str, Any] = {
@@ -210,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "views": vars(views),
         "ingest": vars(ingest),
         "prescriptions": vars(prescriptions),
+        "backup": vars(backup),
         "directory": {"patients": directory_patients, "lookups_per_run": directory_lookups},
         "postgresql_settings": POSTGRES_SETTINGS if not args.no_postgres else None,
         "sqlite": "WAL, synchronous=FULL (dmp/db.py), as the services run it",
@@ -232,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _federation_sections(workdir, plan, views, prescriptions, identities, sections, results)
         if "d" in sections:
             _ingest_section(workdir, identities, ingest, postgres, results)
+        if "i" in sections:
+            _backup_section(workdir, identities, backup, postgres, results, quick=quick)
         if "e" in sections:
             _directory_section(
                 workdir,
@@ -380,6 +390,33 @@ def _ingest_section(
         )
 
     _guarded(results, "d", on_postgres)
+
+
+def _backup_section(
+    workdir: Path,
+    identities: BenchIdentities,
+    plan: BackupPlan,
+    postgres: _Postgres,
+    results: Results,
+    *,
+    quick: bool,
+) -> None:
+    base = workdir / "backup"
+    base.mkdir(parents=True, exist_ok=True)
+    note = (
+        f"{plan.records} records (--quick or --backup-records), not the 100,000 of a full run"
+        if plan.records != 100_000
+        else ""
+    )
+
+    def on(engine: str, url: str | None) -> None:
+        if url is not None:
+            measure_backup(
+                engine, url, identities.pki_dir, identities.doctor, base, plan, results, note=note
+            )
+
+    _guarded(results, "i", lambda: on("sqlite", f"sqlite:///{base / 'node-11.db'}"))
+    _guarded(results, "i", lambda: on("postgresql", postgres.url("bench_backup")))
 
 
 def _directory_section(

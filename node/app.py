@@ -39,6 +39,7 @@ from dmp.v1 import (
 )
 from node.access import NodeAccess
 from node.access_matrix import load_matrix
+from node.backup_schedule import BackupScheduler
 from node.directives import DirectiveCache
 from node.keys import Sealer, foreign_keys, has_sealed_data
 from node.locator import OutboxDelivery
@@ -90,6 +91,11 @@ class NodeConfig(ServiceSettings):
     previous_kek_files: tuple[Path, ...] = ()
     #: Microseconds since the epoch (tests inject a clock to move time).
     clock: Callable[[], int] = now_us
+    #: Scheduled backups (node/backup_schedule.py): every this many seconds, into this
+    #: directory, keeping the newest `backup_keep`; none without `backup_every`.
+    backup_every: float | None = None
+    backup_keep: int = 7
+    backup_dir: Path | None = None
 
     def database_url(self) -> str:
         if self.db_url:
@@ -105,6 +111,7 @@ class RunningNode(RunningService):
     delivery: OutboxDelivery | None = None
     audit: AuditLog | None = None
     witness_publisher: HeadPublisher | None = None
+    backups: BackupScheduler | None = None
 
 
 def start_node(config: NodeConfig) -> RunningNode:
@@ -193,6 +200,19 @@ def start_node(config: NodeConfig) -> RunningNode:
         running.on_stop.append(publisher.close)  # the last checkpoint, to the directory
         running.on_stop.append(directory_channel.close)
     running.on_stop.append(engine.dispose)
+    backups = None
+    if config.backup_every:
+        backups = BackupScheduler(
+            engine,
+            credentials,
+            config.backup_dir or config.data_dir / "backups",
+            every=config.backup_every,
+            keep=config.backup_keep,
+            health_servicer=running.health,
+            kek=sealer.kek if sealer is not None else None,
+        )
+        backups.start()
+        running.on_stop.insert(0, backups.close)  # before the database closes
     delivery = None
     try:
         if config.consul_url:
@@ -220,6 +240,7 @@ def start_node(config: NodeConfig) -> RunningNode:
         delivery=delivery,
         audit=audit_log,
         witness_publisher=publisher,
+        backups=backups,
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from dmp.cli.common import add_pki, add_service_storage
 from dmp.server import host_port, run_until_signalled
 from dmp.tls import MiB
+from node import backup_cli
 from node.key_cli import register_keys
 
 
@@ -74,6 +75,22 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         " error, and the directory keeps refusing this node's new audit heads",
     )
     serve.add_argument(
+        "--backup-every",
+        metavar="DURATION",
+        help="back the node up every DURATION (90s, 15m, 6h, 1d) while it serves, each backup"
+        " verified by a restore; a failure is logged as an error and health service"
+        " dmp.node.Backup turns NOT_SERVING",
+    )
+    serve.add_argument(
+        "--backup-keep", type=int, default=7, metavar="N", help="verified backups kept (default 7)"
+    )
+    serve.add_argument(
+        "--backup-dir",
+        type=Path,
+        metavar="DIR",
+        help="where scheduled backups go (0700; default: DATA_DIR/backups)",
+    )
+    serve.add_argument(
         "--kek-file",
         type=Path,
         metavar="FILE",
@@ -92,15 +109,25 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     serve.set_defaults(handler=_serve)
     register_keys(node_sub)
+    backup_cli.register(node_sub)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from node.app import NodeConfig, start_node
+    from node.backup_schedule import parse_duration
 
     # Databases, their WAL and anything else this process writes: for its user only.
     os.umask(0o077)
     if args.audit_checkpoint_every <= 0:
         raise SystemExit("dmp: --audit-checkpoint-every must be positive")
+    every = None
+    if args.backup_every:
+        try:
+            every = parse_duration(args.backup_every)
+        except ValueError as exc:
+            raise SystemExit(f"dmp: --backup-every: {exc}") from None
+    if args.backup_keep < 1:
+        raise SystemExit("dmp: --backup-keep must be at least 1")
     config = NodeConfig(
         pki_dir=args.pki,
         region=args.region,
@@ -115,6 +142,9 @@ def _serve(args: argparse.Namespace) -> int:
         initialise=args.initialise,
         audit_checkpoint_every=args.audit_checkpoint_every,
         accept_missing_audit=args.accept_missing_audit,
+        backup_every=every,
+        backup_keep=args.backup_keep,
+        backup_dir=args.backup_dir,
         kek_file=args.kek_file,
         previous_kek_files=tuple(args.previous_kek_file),
     )

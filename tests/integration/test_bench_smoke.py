@@ -3,7 +3,7 @@
 A smoke test of the benchmark code only: no figure is checked (tests never assert timings).
 Every section runs, against 3 regions, a handful of patients and a 1,000-patient directory,
 a few dispensings and 16 racing clients on one prescription each, the nodes encrypted
-in place;
+in place, a backup of 40 records;
 PostgreSQL too when its binaries are there.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from bench.run import main
 from tests.postgres import find_binaries
 
-SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "h")
+SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
 
 
 def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
@@ -30,6 +30,7 @@ def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
         "--ingest-puts", "8", "--ingest-parallel", "2", "--ingest-batch", "20",
         "--directory-patients", "1000", "--directory-lookups", "10",
         "--rx-dispenses", "3", "--rx-racers", "16", "--rx-per-racer", "1",
+        "--backup-records", "40",
     ]  # fmt: skip
     if not postgres:
         argv.append("--no-postgres")
@@ -65,9 +66,15 @@ def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
         "g.race.dispensings_per_s",
         "h.view.encrypted_ratio",
         "h.encrypt.records_per_s",
+        "i.sqlite.backup_mb_s",
+        "i.sqlite.verify_records_s",
     ]
     if postgres:
-        expected += ["d.postgresql.ingest_batched", "e.postgresql.grpc.p99_ms"]
+        expected += [
+            "d.postgresql.ingest_batched",
+            "e.postgresql.grpc.p99_ms",
+            "i.postgresql.verify_mb_s",
+        ]
     missing = [key for key in expected if key not in figures]
     assert not missing, f"figures missing from the JSON: {missing}"
     goals = [figure for figure in figures.values() if figure["goal"] is not None]
