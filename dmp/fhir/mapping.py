@@ -263,28 +263,26 @@ def _code(record: record_pb2.Record) -> Resource:
     return {"coding": [_type_coding(record)], "text": record.title}
 
 
-def allergy_intolerance(record: record_pb2.Record, _content_url: str) -> Resource:
-    resource = _common(record, "AllergyIntolerance")
+def _recorded(record: record_pb2.Record, resource_type: str, patient_element: str) -> Resource:
+    """A coded resource about the patient (under `patient_element`), recorded by the
+    record's author on its clinical date."""
+    resource = _common(record, resource_type)
     resource["code"] = _code(record)
-    resource["patient"] = patient_reference(record.patient_ins)
+    resource[patient_element] = patient_reference(record.patient_ins)
     effective = _effective(record)
     if effective:
         resource["recordedDate"] = effective
     if record.author.identity:
         resource["recorder"] = author_reference(record.author)
     return resource
+
+
+def allergy_intolerance(record: record_pb2.Record, _content_url: str) -> Resource:
+    return _recorded(record, "AllergyIntolerance", "patient")
 
 
 def condition(record: record_pb2.Record, _content_url: str) -> Resource:
-    resource = _common(record, "Condition")
-    resource["code"] = _code(record)
-    resource["subject"] = patient_reference(record.patient_ins)
-    effective = _effective(record)
-    if effective:
-        resource["recordedDate"] = effective
-    if record.author.identity:
-        resource["recorder"] = author_reference(record.author)
-    return resource
+    return _recorded(record, "Condition", "subject")
 
 
 def immunization(record: record_pb2.Record, _content_url: str) -> Resource:
