@@ -127,7 +127,7 @@ class PrescriptionRelay:
             "GetPrescription",
             access_pb2.OPERATION_READ_PRESCRIPTION,
             request.prescription_id,
-            lambda stub, md, timeout: stub.GetPrescription(request, metadata=md, timeout=timeout),
+            request,
         )
         return answer
 
@@ -139,7 +139,7 @@ class PrescriptionRelay:
             "ClaimPrescription",
             access_pb2.OPERATION_DISPENSE,
             request.prescription_id,
-            lambda stub, md, timeout: stub.ClaimPrescription(request, metadata=md, timeout=timeout),
+            request,
         )
         return answer
 
@@ -151,9 +151,7 @@ class PrescriptionRelay:
             "ReleasePrescription",
             access_pb2.OPERATION_DISPENSE,
             request.prescription_id,
-            lambda stub, md, timeout: stub.ReleasePrescription(
-                request, metadata=md, timeout=timeout
-            ),
+            request,
         )
         return answer
 
@@ -165,9 +163,7 @@ class PrescriptionRelay:
             "DispensePrescription",
             access_pb2.OPERATION_DISPENSE,
             request.dispensation.prescription_id,
-            lambda stub, md, timeout: stub.DispensePrescription(
-                request, metadata=md, timeout=timeout
-            ),
+            request,
         )
         return answer
 
@@ -179,9 +175,7 @@ class PrescriptionRelay:
             "CancelPrescription",
             access_pb2.OPERATION_CANCEL_PRESCRIPTION,
             request.prescription_id,
-            lambda stub, md, timeout: stub.CancelPrescription(
-                request, metadata=md, timeout=timeout
-            ),
+            request,
         )
         return answer
 
@@ -191,8 +185,8 @@ class PrescriptionRelay:
         rpc: str,
         operation: access_pb2.Operation.ValueType,
         prescription_id: str,
-        send: Callable[[PrescriptionServiceStub, Any, float | None], Answer],
-    ) -> Answer:
+        request: Message,
+    ) -> Any:
         """Check the caller's assertion for `operation` on this prescription, relay the
         call with it to the node the id names, audit, and answer what the node answered."""
         event_type, detail = _ACTS[rpc]
@@ -201,7 +195,12 @@ class PrescriptionRelay:
             region = prescription_region(prescription_id)
             audited.detail = f"{detail}, relayed to region {region}"
             metadata = self._access.relay_act(context, audited, operation, prescription_id)
-            answer = self._call(region, lambda stub: send(stub, metadata, context.time_remaining()))
+            answer = self._call(
+                region,
+                lambda stub: getattr(stub, rpc)(
+                    request, metadata=metadata, timeout=context.time_remaining()
+                ),
+            )
             stored = getattr(answer, "prescription", None)
             if not audited.patient_ins and isinstance(stored, pb.StoredPrescription):
                 audited.patient_ins = _patient_of(stored)
