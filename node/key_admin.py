@@ -33,6 +33,7 @@ from node.models import (
     audit_checkpoints,
     audit_events,
 )
+from node.prescription_store import seal_free_text
 
 log = logging.getLogger("dmp.node.keys")
 
@@ -115,6 +116,13 @@ def _clear(column: Any) -> ColumnElement[bool]:
     return func.substr(column, 1, 1) != FORMAT
 
 
+def _clear_free_text() -> ColumnElement[bool]:
+    """A prescription whose free text (cancel reason, holder's pharmacy) is in clear."""
+    return PrescriptionRow.sealed.is_(None) & (
+        PrescriptionRow.cancel_reason.is_not(None) | PrescriptionRow.holder_pharmacy.is_not(None)
+    )
+
+
 def _seal_prescriptions(engine: Engine, sealer: Sealer, batch: int, sqlite: bool) -> int:
     """Seal the signed acts and dispensing messages still in clear (node/prescription_store.py
     seals them so), in committed batches."""
@@ -149,9 +157,29 @@ def _seal_prescriptions(engine: Engine, sealer: Sealer, batch: int, sqlite: bool
                 dispensation.message = seal(
                     key, dispensation.message, dispensation.id, 0, "dispensation"
                 )
-            if not acts and not given:
+            texts = list(
+                session.scalars(
+                    select(PrescriptionRow)
+                    .where(_clear_free_text())
+                    .limit(batch)
+                    .with_for_update()  # progress changes under the same lock
+                )
+            )
+            for row in texts:
+                key = sealer.key_for_write(session, row.patient_ins, now)
+                session.execute(
+                    update(PrescriptionRow)
+                    .where(PrescriptionRow.id == row.id, PrescriptionRow.version == row.version)
+                    .values(
+                        **seal_free_text(
+                            key, row.id, row.version, row.cancel_reason, row.holder_pharmacy
+                        )
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+            if not acts and not given and not texts:
                 return done
-            done += len(acts) + len(given)
+            done += len(acts) + len(given) + len(texts)
 
 
 def rotate_kek(
@@ -241,7 +269,8 @@ def shred_patient(
         clear += _count_in(
             session,
             PrescriptionRow,
-            (PrescriptionRow.patient_ins == patient_ins) & _clear(PrescriptionRow.signed),
+            (PrescriptionRow.patient_ins == patient_ins)
+            & (_clear(PrescriptionRow.signed) | _clear_free_text()),
         )
         if clear:
             raise FailedPrecondition(
