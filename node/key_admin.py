@@ -22,11 +22,12 @@ from dmp.db import writer
 from dmp.envelope import FORMAT, KeyEncryptionKey, seal
 from dmp.errors import FailedPrecondition
 from node import integrity
-from node.keys import SEALED_COLUMNS, Sealer, foreign_keys
+from node.keys import SEALED_COLUMNS, Sealer, foreign_keys, seal_traits
 from node.models import (
     DataKeyRow,
     DispensationRow,
     NodeBase,
+    PatientRow,
     PrescriptionRow,
     RecordContentRow,
     RecordRow,
@@ -104,6 +105,7 @@ def encrypt_in_place(
             on_batch(Progress(done, _count(engine, RecordRow, RecordRow.sealed.is_(None))))
     if limit is None:
         done += _seal_prescriptions(engine, sealer, batch, sqlite)
+        done += _seal_patients(engine, sealer, batch, sqlite)
     if sqlite and done:
         # Old pages in the -wal would still hold clear values: copy it back and empty it.
         with engine.connect() as connection:
@@ -114,6 +116,33 @@ def encrypt_in_place(
 def _clear(column: Any) -> ColumnElement[bool]:
     """A serialized message in clear: it never begins with the sealed format's byte."""
     return func.substr(column, 1, 1) != FORMAT
+
+
+def _seal_patients(engine: Engine, sealer: Sealer, batch: int, sqlite: bool) -> int:
+    """Seal the identity traits still in clear (node/store.py seals them so), in committed
+    batches; a write merging traits holds the same row lock."""
+    done = 0
+    while True:
+        with Session(writer(engine)) as session, session.begin():
+            if sqlite:
+                session.execute(text("PRAGMA secure_delete=ON"))
+            now = now_us()
+            rows = list(
+                session.scalars(
+                    select(PatientRow)
+                    .where(PatientRow.sealed.is_(None))
+                    .order_by(PatientRow.ins)
+                    .limit(batch)
+                    .with_for_update()
+                )
+            )
+            if not rows:
+                return done
+            for row in rows:
+                key = sealer.key_for_write(session, row.ins, now)
+                for name, value in seal_traits(key, row.traits()).items():
+                    setattr(row, name, value)
+            done += len(rows)
 
 
 def _clear_free_text() -> ColumnElement[bool]:
@@ -271,6 +300,9 @@ def shred_patient(
             PrescriptionRow,
             (PrescriptionRow.patient_ins == patient_ins)
             & (_clear(PrescriptionRow.signed) | _clear_free_text()),
+        )
+        clear += _count_in(
+            session, PatientRow, (PatientRow.ins == patient_ins) & PatientRow.sealed.is_(None)
         )
         if clear:
             raise FailedPrecondition(

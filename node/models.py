@@ -114,6 +114,9 @@ class PatientRow(TraitColumns, NodeBase):
     __tablename__ = "patients"
 
     ins: Mapped[str] = mapped_column(String(15), primary_key=True)
+    #: With encryption at rest: the free-text traits (names, birthplace) sealed with the
+    #: patient's data key and bound to their INS, those columns then empty (node/keys.py).
+    sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class PrescriptionRow(NodeBase):
