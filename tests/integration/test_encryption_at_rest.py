@@ -29,6 +29,7 @@ from dmp.v1 import patient_pb2, record_pb2
 from node.key_admin import encrypt_in_place, rotate_kek, shred_patient
 from node.keys import Sealer, open_traits
 from node.models import PatientRow
+from node.outbox import LocatorOutbox
 from tests.federation import (
     DOCTOR,
     OTHER_PATIENT,
@@ -304,9 +305,13 @@ def test_a_shredded_patient_is_unreadable_and_others_intact(
     with running_node(pki_dir, "11", db_url, kek_file=kek_file) as node:
         doctor = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
         try:
-            mine = put(doctor, draft(title=TITLE))
+            mine = put(doctor, draft(title=TITLE), patient=identity())
             theirs = put(doctor, draft(OTHER_PATIENT, title="Autre"), b"autre contenu")
             assert content(doctor, mine.id) == CONTENT
+            # The directory's outbox opens the sealed traits (no directory here: pending).
+            outbox = LocatorOutbox(engine, Sealer(load_kek_file(kek_file)))
+            (reported,) = [s.traits for s in outbox.pending().summaries if s.traits.ins == PATIENT]
+            assert (reported.birth_family_name, reported.birthplace_code) == (FAMILY, BIRTHPLACE)
             done = shred_patient(engine, load_kek_file(kek_file), "11", PATIENT, operator="ops")
             assert done.records == 1 and not done.already
             # While the node serves: the key is read on every call, never kept past a shred.
@@ -339,6 +344,15 @@ def test_a_shredded_patient_is_unreadable_and_others_intact(
         ).scalars()
         shreds = [e for e in map(json.loads, events) if e["event_type"] == "shred"]
     assert wrapped is None and shredded == done.shredded_us
+    # Their sealed identity traits open no more: only birth date and sex, kept in clear.
+    (reported,) = [s.traits for s in outbox.pending().summaries if s.traits.ins == PATIENT]
+    assert (reported.birth_family_name, reported.given_names, reported.birthplace_code) == (
+        "",
+        "",
+        "",
+    )
+    assert reported.birth_date == "1985-02-14"
+    assert_clear_of_phrases(db_url, engine)
     assert len(shreds) == 1 and shreds[0]["active_participant_user_id"] == "ops"
 
 
