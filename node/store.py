@@ -211,10 +211,7 @@ class RecordStore:
                 written.append(Written(found.id, found.patient_ins, found, message))
                 continue
             if draft.traits is not None and draft.traits not in merged:
-                ins = draft.traits.ins
-                if self.sealer is not None and ins not in keys:
-                    keys[ins] = self.sealer.key_for_write(session, ins, now)
-                _merge_traits(session, draft.traits, keys.get(ins))
+                _merge_traits(session, draft.traits, self.sealer, keys, now)
                 merged.add(draft.traits)
             if draft.record.supersedes:
                 insert_pending()  # the version it supersedes may be in this batch
@@ -552,10 +549,20 @@ def _not_yours(record_id: str) -> NotFound:
     return NotFound(f"record {record_id}: no record of yours with this id on this node")
 
 
-def _merge_traits(session: Session, traits: Traits, key: bytes | None) -> None:
+def _merge_traits(
+    session: Session, traits: Traits, sealer: Sealer | None, keys: dict[str, bytes], now: int
+) -> None:
     """Keep the traits writers give; refuse those that contradict the ones kept. With a
-    data key (encryption at rest) the free-text ones are stored sealed (node/keys.py)."""
-    row = session.get(PatientRow, traits.ins)
+    sealer (encryption at rest) the free-text ones are stored sealed with the patient's
+    data key (node/keys.py), which `keys` keeps for the rest of the write."""
+    # Locked, then the data key: `dmp node encrypt` seals this row under the same lock,
+    # taken in the same order (SQLite's unit of work holds the write lock already).
+    row = session.get(PatientRow, traits.ins, with_for_update=True)
+    key = None
+    if sealer is not None:
+        if traits.ins not in keys:
+            keys[traits.ins] = sealer.key_for_write(session, traits.ins, now)
+        key = keys[traits.ins]
     if row is None:
         values = PatientRow.values(traits) if key is None else seal_traits(key, traits)
         session.add(PatientRow(ins=traits.ins, **values))
