@@ -14,7 +14,7 @@ from sqlalchemy import text
 from dmp.db import make_engine
 from dmp.dbfile import sqlite_file
 from dmp.envelope import init_kek_file, load_kek_file
-from dmp.errors import FailedPrecondition
+from dmp.errors import DataLoss, FailedPrecondition
 from dmp.v1 import prescription_pb2 as P
 from node.key_admin import shred_patient
 from node.keys import Sealer
@@ -119,6 +119,21 @@ def test_prescriptions_are_sealed_and_served(
     stored = held(db_url)
     assert stored and PHRASE.encode() not in stored
     assert REASON.encode() not in stored and pharmacy.encode() not in stored
+    # Bound to its prescription: another's sealed free text moved onto it does not open.
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "UPDATE prescriptions SET sealed = (SELECT sealed FROM prescriptions"
+                    " WHERE id = :held) WHERE id = :cancelled"
+                ),
+                {"held": held_rx, "cancelled": cancelled},
+            )
+    finally:
+        engine.dispose()
+    with pytest.raises(DataLoss):
+        free_text(db_url, kek_file, cancelled)
     # Shredded: the act can no longer be read by anyone.
     engine = make_engine(db_url)
     try:
