@@ -22,17 +22,19 @@ from dmp.db import writer
 from dmp.envelope import FORMAT, KeyEncryptionKey, seal
 from dmp.errors import FailedPrecondition
 from node import integrity
-from node.keys import SEALED_COLUMNS, Sealer, foreign_keys
+from node.keys import SEALED_COLUMNS, Sealer, foreign_keys, seal_traits
 from node.models import (
     DataKeyRow,
     DispensationRow,
     NodeBase,
+    PatientRow,
     PrescriptionRow,
     RecordContentRow,
     RecordRow,
     audit_checkpoints,
     audit_events,
 )
+from node.prescription_store import seal_free_text
 
 log = logging.getLogger("dmp.node.keys")
 
@@ -103,6 +105,7 @@ def encrypt_in_place(
             on_batch(Progress(done, _count(engine, RecordRow, RecordRow.sealed.is_(None))))
     if limit is None:
         done += _seal_prescriptions(engine, sealer, batch, sqlite)
+        done += _seal_patients(engine, sealer, batch, sqlite)
     if sqlite and done:
         # Old pages in the -wal would still hold clear values: copy it back and empty it.
         with engine.connect() as connection:
@@ -113,6 +116,40 @@ def encrypt_in_place(
 def _clear(column: Any) -> ColumnElement[bool]:
     """A serialized message in clear: it never begins with the sealed format's byte."""
     return func.substr(column, 1, 1) != FORMAT
+
+
+def _seal_patients(engine: Engine, sealer: Sealer, batch: int, sqlite: bool) -> int:
+    """Seal the identity traits still in clear (node/store.py seals them so), in committed
+    batches; a write merging traits holds the same row lock."""
+    done = 0
+    while True:
+        with Session(writer(engine)) as session, session.begin():
+            if sqlite:
+                session.execute(text("PRAGMA secure_delete=ON"))
+            now = now_us()
+            rows = list(
+                session.scalars(
+                    select(PatientRow)
+                    .where(PatientRow.sealed.is_(None))
+                    .order_by(PatientRow.ins)
+                    .limit(batch)
+                    .with_for_update()
+                )
+            )
+            if not rows:
+                return done
+            for row in rows:
+                key = sealer.key_for_write(session, row.ins, now)
+                for name, value in seal_traits(key, row.traits()).items():
+                    setattr(row, name, value)
+            done += len(rows)
+
+
+def _clear_free_text() -> ColumnElement[bool]:
+    """A prescription whose free text (cancel reason, holder's pharmacy) is in clear."""
+    return PrescriptionRow.sealed.is_(None) & (
+        PrescriptionRow.cancel_reason.is_not(None) | PrescriptionRow.holder_pharmacy.is_not(None)
+    )
 
 
 def _seal_prescriptions(engine: Engine, sealer: Sealer, batch: int, sqlite: bool) -> int:
@@ -149,9 +186,29 @@ def _seal_prescriptions(engine: Engine, sealer: Sealer, batch: int, sqlite: bool
                 dispensation.message = seal(
                     key, dispensation.message, dispensation.id, 0, "dispensation"
                 )
-            if not acts and not given:
+            texts = list(
+                session.scalars(
+                    select(PrescriptionRow)
+                    .where(_clear_free_text())
+                    .limit(batch)
+                    .with_for_update()  # progress changes under the same lock
+                )
+            )
+            for row in texts:
+                key = sealer.key_for_write(session, row.patient_ins, now)
+                session.execute(
+                    update(PrescriptionRow)
+                    .where(PrescriptionRow.id == row.id, PrescriptionRow.version == row.version)
+                    .values(
+                        **seal_free_text(
+                            key, row.id, row.version, row.cancel_reason, row.holder_pharmacy
+                        )
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+            if not acts and not given and not texts:
                 return done
-            done += len(acts) + len(given)
+            done += len(acts) + len(given) + len(texts)
 
 
 def rotate_kek(
@@ -241,7 +298,11 @@ def shred_patient(
         clear += _count_in(
             session,
             PrescriptionRow,
-            (PrescriptionRow.patient_ins == patient_ins) & _clear(PrescriptionRow.signed),
+            (PrescriptionRow.patient_ins == patient_ins)
+            & (_clear(PrescriptionRow.signed) | _clear_free_text()),
+        )
+        clear += _count_in(
+            session, PatientRow, (PatientRow.ins == patient_ins) & PatientRow.sealed.is_(None)
         )
         if clear:
             raise FailedPrecondition(

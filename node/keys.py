@@ -5,7 +5,9 @@ What is sealed (AES-256-GCM, bound to record id, version and column): the conten
 the free-text metadata (title, type display, organization, author name) as one value in
 `records.sealed`, whose clear columns are then empty. What stays in clear is what queries
 need: INS, kind, type system and code, dates, status, version, ids, confidentiality, the
-hidden state, content type, size, and the SHA-256 of the plaintext content.
+hidden state, content type, size, and the SHA-256 of the plaintext content. A patient's
+free-text identity traits (names, birthplace) are sealed too, bound to their INS; their
+INS, birth date and sex stay in clear.
 
 The row hash (node/integrity.py) stays the hash of what is stored, ciphertext included;
 AES-GCM authenticates the sealed metadata and the plaintext's SHA-256 the content.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Table, func, select
@@ -29,12 +31,15 @@ from sqlalchemy.orm import Session
 
 from dmp.envelope import KeyCache, KeyEncryptionKey, new_data_key, open_value, seal
 from dmp.errors import FailedPrecondition
+from dmp.patients import Traits
 from node.integrity import hash_values
-from node.models import DataKeyRow
+from node.models import DataKeyRow, PatientRow
 
 DATA_KEYS: Table = DataKeyRow.__table__  # type: ignore[assignment]
 #: The free-text metadata columns, sealed together as one JSON value.
 SEALED_COLUMNS = ("title", "type_display", "organization", "author_name")
+#: A patient's free-text identity traits, sealed together in `patients.sealed`.
+SEALED_TRAITS = ("birth_family_name", "given_names", "birthplace_code")
 RECORD_SHREDDED = "RECORD_SHREDDED"
 
 
@@ -161,6 +166,31 @@ class Sealer:
     @staticmethod
     def open_content(key: bytes, row: Any, blob: bytes) -> bytes:
         return open_value(key, blob, row.id, row.version, "content")
+
+
+# -- patients' identity traits ----------------------------------------------------------
+
+
+def seal_traits(key: bytes, traits: Traits) -> dict[str, Any]:
+    """The stored form of a patient's traits: the free-text ones sealed (bound to the INS),
+    their columns empty; birth date and sex, which are not free text, in clear."""
+    values: dict[str, Any] = PatientRow.values(traits)
+    free = {name: values[name] for name in SEALED_TRAITS}
+    values.update(dict.fromkeys(SEALED_TRAITS, ""))
+    values["sealed"] = seal(key, json.dumps(free).encode(), traits.ins, 0, "traits")
+    return values
+
+
+def open_traits(key: bytes | None, row: PatientRow) -> Traits:
+    """A patient row's traits, opened if sealed; without the key (shredded) only those
+    kept in clear."""
+    if row.sealed is None:
+        return row.traits()
+    clear = row.traits()
+    if key is None:
+        return replace(clear, **dict.fromkeys(SEALED_TRAITS, ""))
+    opened: dict[str, str] = json.loads(open_value(key, row.sealed, row.ins, 0, "traits"))
+    return replace(clear, **{name: opened[name] for name in SEALED_TRAITS})
 
 
 def has_sealed_data(connection: Connection) -> bool:

@@ -114,6 +114,9 @@ class PatientRow(TraitColumns, NodeBase):
     __tablename__ = "patients"
 
     ins: Mapped[str] = mapped_column(String(15), primary_key=True)
+    #: With encryption at rest: the free-text traits (names, birthplace) sealed with the
+    #: patient's data key and bound to their INS, those columns then empty (node/keys.py).
+    sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class PrescriptionRow(NodeBase):
@@ -142,6 +145,10 @@ class PrescriptionRow(NodeBase):
     holder: Mapped[str | None] = mapped_column(String(100))
     holder_pharmacy: Mapped[str | None] = mapped_column(String(200))
     held_until_us: Mapped[int | None] = mapped_column(BigInteger)
+    #: With encryption at rest: the free text above (cancel reason, holder's pharmacy)
+    #: sealed with the patient's data key and bound to id and version, those columns then
+    #: empty (node/prescription_store.py).
+    sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     __table_args__ = (Index(None, "patient_ins", "authored_us"),)
 

@@ -10,7 +10,7 @@ written again in this region).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from dmp.db import writer
 from dmp.patients import Traits
+from node.keys import PatientKey, Sealer, open_traits
 from node.models import OutboxRow, PatientRow, RecordRow
 
 
@@ -48,8 +49,9 @@ def announce(session: Session, patients: Iterable[str], now_us: int) -> None:
 class LocatorOutbox:
     """The outbox of one node's database."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, sealer: Sealer | None = None) -> None:
         self._engine = engine
+        self._sealer = sealer
         self._writer = writer(engine)
 
     def pending(self, limit: int = 500) -> Pending:
@@ -73,11 +75,24 @@ class LocatorOutbox:
                 row.ins: row
                 for row in session.scalars(select(PatientRow).where(PatientRow.ins.in_(patients)))
             }
+            sealed = [ins for ins, row in known.items() if row.sealed is not None]
+            keys = {}
+            if sealed and self._sealer is not None:
+                keys = self._sealer.keys_for_read(session.connection(), sealed)
         summaries = [
-            FragmentSummary(known[ins].traits() if ins in known else Traits(ins), count, last)
+            FragmentSummary(self._traits(known.get(ins), keys, ins), count, last)
             for ins, count, last in counts
         ]
         return Pending(tuple(seq for seq, _ in rows), summaries)
+
+    @staticmethod
+    def _traits(row: PatientRow | None, keys: Mapping[str, PatientKey], ins: str) -> Traits:
+        """What a report says of a patient: their traits, opened if sealed; those kept in
+        clear only when their key is gone (shredded)."""
+        if row is None:
+            return Traits(ins)
+        found = keys.get(ins)
+        return open_traits(None if found is None else found.key, row)
 
     def acknowledge(self, seqs: Sequence[int]) -> None:
         """Forget the rows that were read and delivered: those, and no other."""

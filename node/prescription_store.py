@@ -9,17 +9,22 @@ it raises: whatever the isolation, no two dispensings can both apply to one vers
 
 With encryption at rest (node/keys.py) the signed act and each dispensing's message are
 sealed with the patient's data key, bound to their id and column (a serialized message
-never begins with the sealed format's byte, so old clear rows are told apart).
+never begins with the sealed format's byte, so old clear rows are told apart); the free
+text of its progress (cancel reason, holder's pharmacy) in `sealed`, bound to the id and
+the version it was written at, its clear columns then empty.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from dmp.clock import now_us as clock_now
 from dmp.envelope import is_sealed, open_value, seal
 from dmp.errors import DataLoss, FailedPrecondition, Unavailable
 from dmp.prescription_rules import Progress
@@ -43,6 +48,26 @@ def progress_of(row: PrescriptionRow) -> Progress:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class FreeText:
+    """A prescription's free text: why it was cancelled, which pharmacy holds it."""
+
+    cancel_reason: str | None
+    holder_pharmacy: str | None
+
+
+def seal_free_text(
+    key: bytes, prescription_id: str, version: int, reason: str | None, pharmacy: str | None
+) -> dict[str, object]:
+    """The stored form of a prescription's free text at `version`: sealed, columns empty."""
+    plain = json.dumps({"cancel_reason": reason, "holder_pharmacy": pharmacy}).encode()
+    return {
+        "cancel_reason": None,
+        "holder_pharmacy": None,
+        "sealed": seal(key, plain, prescription_id, version, "free_text"),
+    }
+
+
 def payload_digest(signed: prescription_pb2.SignedPrescription) -> str:
     return hashlib.sha256(signed.prescription).hexdigest()
 
@@ -64,7 +89,7 @@ class PrescriptionStore:
             return value
         return seal(self.sealer.key_for_write(session, ins, now), value, name, 0, column)
 
-    def _open(self, ins: str, value: bytes, name: str, column: str) -> bytes:
+    def _open(self, ins: str, value: bytes, name: str, column: str, version: int = 0) -> bytes:
         if not is_sealed(value):
             return value
         if self.sealer is None:
@@ -82,7 +107,16 @@ class PrescriptionStore:
             )
         if found.key is None:
             raise shredded_error(name, found.shredded_us or 0)
-        return open_value(found.key, value, name, 0, column)
+        return open_value(found.key, value, name, version, column)
+
+    def free_text_of(self, row: PrescriptionRow) -> FreeText:
+        """A row's cancel reason and holder's pharmacy, opened if sealed."""
+        if row.sealed is None:
+            return FreeText(row.cancel_reason, row.holder_pharmacy)
+        plain = json.loads(
+            self._open(row.patient_ins, row.sealed, row.id, "free_text", row.version)
+        )
+        return FreeText(plain["cancel_reason"], plain["holder_pharmacy"])
 
     def signed_of(self, row: PrescriptionRow) -> bytes:
         """The serialized SignedPrescription of a row, opened if sealed."""
@@ -197,6 +231,18 @@ class PrescriptionStore:
         }
         if cancel_reason is not None:
             values["cancel_reason"] = cancel_reason
+        if self.sealer is not None:
+            if cancel_reason is None:
+                values["cancel_reason"] = self.free_text_of(row).cancel_reason
+            values.update(
+                seal_free_text(
+                    self.sealer.key_for_write(session, row.patient_ins, clock_now()),
+                    row.id,
+                    row.version + 1,
+                    values["cancel_reason"],  # type: ignore[arg-type]
+                    values["holder_pharmacy"],  # type: ignore[arg-type]
+                )
+            )
         result = session.execute(
             update(PrescriptionRow)
             .where(PrescriptionRow.id == row.id, PrescriptionRow.version == row.version)

@@ -22,11 +22,14 @@ from dmp.dbfile import sqlite_file
 from dmp.envelope import FileKek, init_kek_file, load_kek_file
 from dmp.errors import FailedPrecondition
 from dmp.ins import make_ins
+from dmp.patients import Traits
 from dmp.server import error_reason
 from dmp.v1 import node_service_pb2 as pb
-from dmp.v1 import record_pb2
+from dmp.v1 import patient_pb2, record_pb2
 from node.key_admin import encrypt_in_place, rotate_kek, shred_patient
-from node.keys import Sealer
+from node.keys import Sealer, open_traits
+from node.models import PatientRow
+from node.outbox import LocatorOutbox
 from tests.federation import (
     DOCTOR,
     OTHER_PATIENT,
@@ -37,6 +40,7 @@ from tests.federation import (
     client,
     dmp_process,
     draft,
+    identity_of,
     running_node,
     wait_for,
 )
@@ -44,6 +48,15 @@ from tests.federation import (
 TITLE = "Zorglub titre confidentiel"
 CONTENT = b"Zorglub contenu clinique: diabete de type 2"
 PHRASES = (b"Zorglub", TITLE.encode(), b"diabete de type 2", b"CHU de Rennes")
+#: A patient's identity traits: their birth name, given name and birthplace (Ajaccio).
+FAMILY, GIVEN, BIRTHPLACE = "ZORGLUBIEN", "ZORGLUBETTE", "2A004"
+TRAIT_PHRASES = (FAMILY.encode(), GIVEN.encode(), BIRTHPLACE.encode())
+
+
+def identity(family: str = FAMILY, given: str = GIVEN) -> patient_pb2.PatientIdentity:
+    found = identity_of(PATIENT, family=family, given=(given,))
+    found.birthplace_code = BIRTHPLACE
+    return found
 
 
 @pytest.fixture
@@ -60,8 +73,13 @@ def engine(db_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def put(c: Client, record: record_pb2.Record, content: bytes = CONTENT) -> record_pb2.Record:
-    request = pb.PutRecordRequest(record=record, content=content)
+def put(
+    c: Client,
+    record: record_pb2.Record,
+    content: bytes = CONTENT,
+    patient: patient_pb2.PatientIdentity | None = None,
+) -> record_pb2.Record:
+    request = pb.PutRecordRequest(record=record, content=content, patient=patient)
     return c.node.PutRecord(request, timeout=10).record
 
 
@@ -105,14 +123,35 @@ def stored_bytes(db_url: str, engine: Engine) -> bytes:
             )
         ).all()
         events = connection.execute(text("SELECT event_json FROM audit_events")).scalars().all()
-    return b"".join(bytes(a) + bytes(b) + bytes(c) for a, b, c in rows) + "".join(events).encode()
+        patients = connection.execute(
+            text(
+                "SELECT convert_to(birth_family_name || given_names || birthplace_code,"
+                " 'UTF8') || coalesce(sealed, ''::bytea) FROM patients"
+            )
+        ).scalars()
+        traits = b"".join(bytes(p) for p in patients)
+    return (
+        b"".join(bytes(a) + bytes(b) + bytes(c) for a, b, c in rows)
+        + "".join(events).encode()
+        + traits
+    )
 
 
 def assert_clear_of_phrases(db_url: str, engine: Engine) -> None:
     held = stored_bytes(db_url, engine)
     assert held  # something was read
-    for phrase in PHRASES:
+    for phrase in (*PHRASES, *TRAIT_PHRASES):
         assert phrase not in held, phrase
+
+
+def stored_traits(engine: Engine, kek_file: Path) -> Traits:
+    """The patient's identity traits as a node with its KEK reads them (node/keys.py)."""
+    with Session(engine) as session:
+        row = session.get(PatientRow, PATIENT)
+        assert row is not None
+        connection = session.connection()
+        key = Sealer(load_kek_file(kek_file)).keys_for_read(connection, [PATIENT])
+        return open_traits(key[PATIENT].key, row)
 
 
 def test_the_database_holds_no_title_or_content_in_clear(
@@ -121,14 +160,22 @@ def test_the_database_holds_no_title_or_content_in_clear(
     with running_node(pki_dir, "11", db_url, kek_file=kek_file) as node:
         doctor = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
         try:
-            written = put(doctor, draft(title=TITLE))
+            written = put(doctor, draft(title=TITLE), patient=identity())
             assert written.title == TITLE and written.organization == "CHU de Rennes"
+            # The sealed traits are still checked: a contradicting identity is refused.
+            with pytest.raises(grpc.RpcError) as refused:
+                put(doctor, draft(title=TITLE), patient=identity(family="MARTIN"))
+            assert error_reason(refused.value) == "IDENTITY_CONFLICT"
+            put(doctor, draft(title="autre"), b"autre", patient=identity())  # same: accepted
+            traits = stored_traits(engine, kek_file)
+            assert (traits.birth_family_name, traits.given_names) == (FAMILY, GIVEN)
+            assert (traits.birthplace_code, traits.birth_date) == (BIRTHPLACE, "1985-02-14")
             again = put(doctor, draft(title=TITLE, record_id=written.id))  # a retry
             assert again.title == TITLE
             assert get(doctor, written.id).title == TITLE
             assert get(doctor, written.id).type_code.display == "Consultation note"
             assert content(doctor, written.id) == CONTENT
-            assert [r.title for r in listed(doctor)] == [TITLE]
+            assert sorted(r.title for r in listed(doctor)) == sorted([TITLE, "autre"])
             newer = draft(title=TITLE + " v2")
             newer.supersedes = written.id
             v2 = put(doctor, newer, CONTENT + b" v2")
@@ -258,9 +305,13 @@ def test_a_shredded_patient_is_unreadable_and_others_intact(
     with running_node(pki_dir, "11", db_url, kek_file=kek_file) as node:
         doctor = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
         try:
-            mine = put(doctor, draft(title=TITLE))
+            mine = put(doctor, draft(title=TITLE), patient=identity())
             theirs = put(doctor, draft(OTHER_PATIENT, title="Autre"), b"autre contenu")
             assert content(doctor, mine.id) == CONTENT
+            # The directory's outbox opens the sealed traits (no directory here: pending).
+            outbox = LocatorOutbox(engine, Sealer(load_kek_file(kek_file)))
+            (reported,) = [s.traits for s in outbox.pending().summaries if s.traits.ins == PATIENT]
+            assert (reported.birth_family_name, reported.birthplace_code) == (FAMILY, BIRTHPLACE)
             done = shred_patient(engine, load_kek_file(kek_file), "11", PATIENT, operator="ops")
             assert done.records == 1 and not done.already
             # While the node serves: the key is read on every call, never kept past a shred.
@@ -293,6 +344,15 @@ def test_a_shredded_patient_is_unreadable_and_others_intact(
         ).scalars()
         shreds = [e for e in map(json.loads, events) if e["event_type"] == "shred"]
     assert wrapped is None and shredded == done.shredded_us
+    # Their sealed identity traits open no more: only birth date and sex, kept in clear.
+    (reported,) = [s.traits for s in outbox.pending().summaries if s.traits.ins == PATIENT]
+    assert (reported.birth_family_name, reported.given_names, reported.birthplace_code) == (
+        "",
+        "",
+        "",
+    )
+    assert reported.birth_date == "1985-02-14"
+    assert_clear_of_phrases(db_url, engine)
     assert len(shreds) == 1 and shreds[0]["active_participant_user_id"] == "ops"
 
 
@@ -301,11 +361,15 @@ def test_a_node_in_clear_is_encrypted_in_place_resumably(
 ) -> None:
     with running_node(pki_dir, "11", db_url) as node:  # no KEK: stored in clear
         doctor = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
-        records = [put(doctor, draft(title=f"{TITLE} {n}"), CONTENT + b"%d" % n) for n in range(5)]
+        records = [
+            put(doctor, draft(title=f"{TITLE} {n}"), CONTENT + b"%d" % n, patient=identity())
+            for n in range(5)
+        ]
         doctor.close()
     with engine.connect() as connection:
         titles = connection.execute(text("SELECT title FROM records")).scalars().all()
-    assert all(TITLE in t for t in titles)  # in clear before
+        family = connection.execute(text("SELECT birth_family_name FROM patients")).scalar_one()
+    assert all(TITLE in t for t in titles) and family == FAMILY  # in clear before
     kek = load_kek_file(kek_file)
     with pytest.raises(FailedPrecondition, match="still stored in clear"):
         shred_patient(engine, kek, "11", PATIENT)
@@ -321,7 +385,7 @@ def test_a_node_in_clear_is_encrypted_in_place_resumably(
             )
             out, err = process.communicate(timeout=60)
             assert process.returncode == 0, err
-            assert "encrypted 3 record(s) in place" in out
+            assert "encrypted 4 record(s) in place" in out  # 3 records, the traits
             for n, record in enumerate(records):
                 assert get(doctor, record.id).title == f"{TITLE} {n}"
                 assert content(doctor, record.id) == CONTENT + b"%d" % n
@@ -344,6 +408,12 @@ def test_a_node_in_clear_is_encrypted_in_place_resumably(
         )
     assert TITLE.encode() not in held and b"diabete" not in held
     assert_clear_of_phrases(db_url, engine)
+    traits = stored_traits(engine, kek_file)
+    assert (traits.birth_family_name, traits.given_names, traits.birthplace_code) == (
+        FAMILY,
+        GIVEN,
+        BIRTHPLACE,
+    )
 
 
 def test_kek_files_are_private(tmp_path: Path) -> None:
