@@ -28,6 +28,8 @@ SECTION_TITLES = {
     "e": "e. directory at scale",
     "f": "f. peak memory during a",
     "g": "g. e-prescription dispensing",
+    "h": "h. encryption at rest",
+    "i": "i. backup and verify",
 }
 
 
