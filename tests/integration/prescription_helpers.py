@@ -5,7 +5,7 @@ node whose clock a test moves, and building and signing prescriptions."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -234,6 +234,23 @@ class Actor:
         request = node_service_pb2.ListRecordsRequest(patient_ins=ins)
         metadata = self._assertions.sign(ins, operation=access_pb2.OPERATION_VIEW)
         return list(self.records.ListRecords(request, timeout=30, metadata=metadata).records)
+
+
+@contextmanager
+def actor_pool(pki_dir: Path, port: int) -> Iterator[Callable[[str], Actor]]:
+    """One Actor an identity at the node on `port`, made on first use, all closed after."""
+    made: dict[str, Actor] = {}
+
+    def make(identity: str) -> Actor:
+        if identity not in made:
+            made[identity] = Actor(pki_dir, identity, port)
+        return made[identity]
+
+    try:
+        yield make
+    finally:
+        for one in made.values():
+            one.close()
 
 
 def rx_id(stored: P.StoredPrescription) -> str:

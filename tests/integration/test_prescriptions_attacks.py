@@ -19,6 +19,7 @@ from tests.federation import DOCTOR, NURSE, PATIENT, draft
 from tests.integration.prescription_helpers import (
     PHARMACISTS,
     Actor,
+    actor_pool,
     make_rx_pki,
     patient,
     practitioner,
@@ -43,16 +44,8 @@ def running(rx_pki: Path, db_url: str) -> Iterator[RunningNode]:
 
 @pytest.fixture
 def actor(rx_pki: Path, running: RunningNode) -> Iterator[Callable[[str], Actor]]:
-    made: dict[str, Actor] = {}
-
-    def make(identity: str) -> Actor:
-        if identity not in made:
-            made[identity] = Actor(rx_pki, identity, running.port)
-        return made[identity]
-
-    yield make
-    for one in made.values():
-        one.close()
+    with actor_pool(rx_pki, running.port) as make:
+        yield make
 
 
 @pytest.fixture

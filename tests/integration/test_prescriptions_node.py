@@ -37,6 +37,7 @@ from tests.integration.prescription_helpers import (
     READ,
     Actor,
     Clock,
+    actor_pool,
     make_rx_pki,
     patient,
     practitioner,
@@ -69,16 +70,8 @@ def clock(node: tuple[int, Clock]) -> Clock:
 
 @pytest.fixture
 def actor(rx_pki: Path, node: tuple[int, Clock]) -> Iterator[Callable[[str], Actor]]:
-    made: dict[str, Actor] = {}
-
-    def make(identity: str) -> Actor:
-        if identity not in made:
-            made[identity] = Actor(rx_pki, identity, node[0])
-        return made[identity]
-
-    yield make
-    for one in made.values():
-        one.close()
+    with actor_pool(rx_pki, node[0]) as make:
+        yield make
 
 
 @pytest.fixture
