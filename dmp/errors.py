@@ -18,12 +18,26 @@ class DmpError(Exception):
     #: For a failure that is not a domain error (dmp/failures.py): where the service's log
     #: holds its cause.
     ref: str = ""
+    #: Sent with the reason (ErrorInfo.metadata): e.g. where the region moved to.
+    metadata: dict[str, str]
+    #: Seconds after which a retry may succeed (sent as google.rpc.RetryInfo).
+    retry_after: float | None = None
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
+        self.metadata = dict(metadata or {})
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class InvalidArgument(DmpError):

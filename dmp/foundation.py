@@ -28,7 +28,7 @@ from dmp.dbfile import prepare_sqlite
 from dmp.identity import Role
 from dmp.nonces import StoredNonces
 from dmp.pki import CRL_FILE, Credentials, RevocationList, certificate_from_pem
-from dmp.server import FederationServer, ServiceSpec, start_server
+from dmp.server import FederationServer, ServiceGate, ServiceSpec, start_server
 from dmp.signing import SignatureVerifier
 from dmp.streams import StreamLimits
 from dmp.tls import DEFAULT_MAX_CONTENT
@@ -100,6 +100,7 @@ class Foundation:
         services: Sequence[ServiceSpec],
         *,
         max_content: int = DEFAULT_MAX_CONTENT,
+        gate: ServiceGate | None = None,
     ) -> FederationServer:
         """Start the server with the service's own services and the witness service, then
         the audit log; at stop: counted refusals and a last checkpoint, then the database."""
@@ -111,6 +112,7 @@ class Foundation:
             max_content=max_content,
             stream_limits=StreamLimits(idle_timeout=settings.stream_idle_timeout),
             refusals=self.auditor.refusals,
+            gate=gate,
         )
         self.audit_log.start()
         running.on_stop.append(self.auditor.close)

@@ -60,16 +60,22 @@ class CallContext:
 
 
 def abort_with(context: grpc.ServicerContext, error: DmpError) -> None:
-    """Abort the call with the error's status, its message and an ErrorInfo reason."""
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
+    """Abort the call with the error's status, its message, an ErrorInfo reason (with the
+    error's metadata) and, for an error worth retrying, a RetryInfo delay."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=ERROR_DOMAIN, metadata=getattr(error, "metadata", {})
+    )
     status = status_pb2.Status(code=error.code.value[0], message=error.message)
     status.details.add().Pack(info)
+    if error.retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(int(error.retry_after * 1000))
+        status.details.add().Pack(retry)
     context.set_trailing_metadata(((STATUS_DETAILS_KEY, status.SerializeToString()),))
     context.abort(error.code, error.message)
 
 
-def error_reason(error: grpc.RpcError) -> str | None:
-    """The ErrorInfo reason a federation server attached to an error, if any."""
+def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     for key, value in trailing or ():
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
@@ -77,8 +83,78 @@ def error_reason(error: grpc.RpcError) -> str | None:
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
-                    return str(info.reason)
+                    return info
     return None
+
+
+def error_reason(error: grpc.RpcError) -> str | None:
+    """The ErrorInfo reason a federation server attached to an error, if any."""
+    info = _error_info(error)
+    return None if info is None else str(info.reason)
+
+
+def error_metadata(error: grpc.RpcError) -> dict[str, str]:
+    """The ErrorInfo metadata a federation server attached to an error (e.g. `successor`,
+    where a region moved to)."""
+    info = _error_info(error)
+    return {} if info is None else dict(info.metadata)
+
+
+class ServiceGate:
+    """Closes a server to every call but health, reflection and the `open_to` services,
+    with the error the callers get (the hand-over's REGION_MOVING, then REGION_MOVED);
+    counts the calls it let in, so that closing can wait for them to finish."""
+
+    _ALWAYS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, open_to: Sequence[str] = ()) -> None:
+        self._open_to = tuple(f"/{name}/" for name in open_to) + self._ALWAYS
+        self._closed: DmpError | None = None
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    @property
+    def closed(self) -> DmpError | None:
+        return self._closed
+
+    def close(self, error: DmpError) -> None:
+        with self._idle:
+            self._closed = error
+
+    def open(self) -> None:
+        with self._idle:
+            self._closed = None
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until no call let in before the gate closed is running; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def exempt(self, method: str) -> bool:
+        return method.startswith(self._open_to)
+
+    @contextlib.contextmanager
+    def admit(self, method: str) -> Iterator[None]:
+        if self.exempt(method):
+            yield
+            return
+        with self._idle:
+            closed = self._closed
+            if closed is not None:  # a fresh one: calls are refused in parallel
+                raise type(closed)(
+                    closed.message,
+                    reason=closed.reason,
+                    metadata=closed.metadata,
+                    retry_after=closed.retry_after,
+                )
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.notify_all()
 
 
 class RevokedCertificate(Unauthenticated):
@@ -125,7 +201,9 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         streams: StreamGate | None = None,
         refusals: RefusalTrail | None = None,
         unary_workers: int = 32,
+        gate: ServiceGate | None = None,
     ) -> None:
+        self._gate = gate or ServiceGate()
         self._authenticate = authenticate
         self._streams = streams or StreamGate()
         self._refusals = refusals
@@ -178,6 +256,9 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return principal
 
     def _audit_refusal(self, who: Principal | None, method: str, error: DmpError) -> None:
+        if self._gate.closed is not None:  # handed over: this log takes no more events
+            log.warning("refused %s to %s: %s", method, who.uri if who else "-", error.message)
+            return
         if self._refusals is not None:
             event = refusal_event(who, method, error.code.name, error.message)
             self._refusals.record(who, event)
@@ -214,22 +295,37 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             caller = "-"
             principal: Principal | None = None
             try:
-                principal = self._caller(context, method)
-                caller = principal.uri
-                call = CallContext(context, principal)
-                if one_request:
-                    with self._streams.admit(principal, context, method, pending=True) as wait:
-                        request = wait.first(requests)
-                    with self._unary:
-                        return behavior(request, call)
-                with self._streams.admit(principal, context, method) as stream:
-                    return behavior(stream.requests(requests), call)
+                with self._gate.admit(method):
+                    principal = self._caller(context, method)
+                    caller = principal.uri
+                    return self._unary_call(
+                        behavior, requests, context, method, principal, one_request=one_request
+                    )
             except Exception as exc:
                 self._fail(context, method, exc, principal)
             finally:
                 _log_call(method, caller, context, start)
 
         return unary
+
+    def _unary_call(
+        self,
+        behavior: Callable[[Any, Any], Any],
+        requests: Iterator[Any],
+        context: grpc.ServicerContext,
+        method: str,
+        principal: Principal,
+        *,
+        one_request: bool = False,
+    ) -> Any:
+        call = CallContext(context, principal)
+        if one_request:
+            with self._streams.admit(principal, context, method, pending=True) as wait:
+                request = wait.first(requests)
+            with self._unary:
+                return behavior(request, call)
+        with self._streams.admit(principal, context, method) as stream:
+            return behavior(stream.requests(requests), call)
 
     def _wrap_stream(
         self, behavior: Callable[[Any, Any], Iterator[Any]], method: str, requests: bool
@@ -239,13 +335,16 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             caller = "-"
             principal: Principal | None = None
             try:
-                principal = self._caller(context, method)
-                caller = principal.uri
-                with self._streams.admit(principal, context, method) as stream:
-                    argument = stream.requests(requests_) if requests else stream.first(requests_)
-                    yield from stream.responses(
-                        iter(behavior(argument, CallContext(context, principal)))
-                    )
+                with self._gate.admit(method):
+                    principal = self._caller(context, method)
+                    caller = principal.uri
+                    with self._streams.admit(principal, context, method) as stream:
+                        argument = (
+                            stream.requests(requests_) if requests else stream.first(requests_)
+                        )
+                        yield from stream.responses(
+                            iter(behavior(argument, CallContext(context, principal)))
+                        )
             except Exception as exc:
                 self._fail(context, method, exc, principal)
             finally:
@@ -291,6 +390,8 @@ class FederationServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    #: Closes the server to all calls but health and reflection (a hand-over's freeze).
+    gate: ServiceGate = field(default_factory=ServiceGate)
     #: Run before draining (withdraw from discovery), then after the server stopped.
     before_stop: list[Callable[[], None]] = field(default_factory=list)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
@@ -314,17 +415,21 @@ def start_server(
     max_workers: int = 32,
     stream_limits: StreamLimits | None = None,
     refusals: RefusalTrail | None = None,
+    gate: ServiceGate | None = None,
 ) -> FederationServer:
     """Build, bind and start a mutual-TLS server with health and reflection.
 
     ``max_workers`` threads serve unary calls; the pool has one more for each stream the
     limits admit, so that streams never take a unary call's thread."""
     limits = stream_limits or StreamLimits()
-    gate = StreamGate(limits)
+    streams = StreamGate(limits)
+    service_gate = gate or ServiceGate()
     threads = max_workers + limits.total
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-        interceptors=[CallInterceptor(Authenticator(revocation), gate, refusals, max_workers)],
+        interceptors=[
+            CallInterceptor(Authenticator(revocation), streams, refusals, max_workers, service_gate)
+        ],
         options=server_options(max_content),
         maximum_concurrent_rpcs=threads * 8,
     )
@@ -344,8 +449,8 @@ def start_server(
     if port == 0:
         raise OSError(f"cannot listen on {listen}: address in use or not available")
     server.start()
-    running = FederationServer(server=server, port=port, health=health_servicer)
-    running.on_stop.append(gate.close)
+    running = FederationServer(server=server, port=port, health=health_servicer, gate=service_gate)
+    running.on_stop.append(streams.close)
     return running
 
 

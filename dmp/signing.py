@@ -110,3 +110,16 @@ class SignatureVerifier:
         except InvalidSignature:
             raise Unauthenticated(f"the signature is not by the key of {principal.uri}") from None
         return principal
+
+
+def signed_by(cert: x509.Certificate, payload: bytes, signature: bytes) -> bool:
+    """Whether the key of `cert` (ECDSA P-256) made `signature` over `payload`; the
+    certificate's own validity is the caller's to check."""
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return False
+    try:
+        key.verify(signature, payload, _ECDSA)
+    except InvalidSignature:
+        return False
+    return True

@@ -28,9 +28,11 @@ from dmp.pki import (
     node_tls_name,
 )
 from dmp.regions import check_region
-from dmp.server import ServiceSpec, host_port
+from dmp.server import ServiceGate, ServiceSpec, host_port
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import (
+    handover_pb2,
+    handover_pb2_grpc,
     node_service_pb2,
     node_service_pb2_grpc,
     prescription_pb2,
@@ -41,6 +43,9 @@ from node.access import NodeAccess
 from node.access_matrix import load_matrix
 from node.backup_schedule import BackupScheduler
 from node.directives import DirectiveCache
+from node.handover_source import HandoverSource
+from node.handover_state import FREEZING, FROZEN, HANDED_OVER, IN_CHARGE, PREDECESSOR, read
+from node.handover_watch import Background, HandoverWatch, moved, moving
 from node.keys import Sealer, foreign_keys, has_sealed_data
 from node.locator import OutboxDelivery
 from node.models import audit_checkpoints, audit_events, seen_nonces, witnessed_heads
@@ -64,6 +69,7 @@ TABLES = ServiceTables(
 )
 NODE_SERVICE = node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
 PRESCRIPTION_SERVICE = prescription_pb2.DESCRIPTOR.services_by_name["PrescriptionService"].full_name
+HANDOVER_SERVICE = handover_pb2.DESCRIPTOR.services_by_name["HandoverService"].full_name
 
 
 @dataclass
@@ -143,6 +149,7 @@ def start_node(config: NodeConfig) -> RunningNode:
     )
     engine, audit_log, auditor = base.engine, base.audit_log, base.auditor
     try:
+        gate = _handover_gate(engine, region)
         sealer = _sealer(engine, config.kek_file, config.previous_kek_files)
     except BaseException:
         engine.dispose()
@@ -189,10 +196,20 @@ def start_node(config: NodeConfig) -> RunningNode:
     def add_prescriptions(server: grpc.Server) -> None:
         prescription_pb2_grpc.add_PrescriptionServiceServicer_to_server(prescriptions, server)
 
+    handover_source = HandoverSource(engine, credentials, sealer)
+
+    def add_handover(server: grpc.Server) -> None:
+        handover_pb2_grpc.add_HandoverServiceServicer_to_server(handover_source, server)
+
     running = base.serve(
         config,
-        [ServiceSpec(NODE_SERVICE, add), ServiceSpec(PRESCRIPTION_SERVICE, add_prescriptions)],
+        [
+            ServiceSpec(NODE_SERVICE, add),
+            ServiceSpec(PRESCRIPTION_SERVICE, add_prescriptions),
+            ServiceSpec(HANDOVER_SERVICE, add_handover),
+        ],
         max_content=config.max_content,
+        gate=gate,
     )
     address = config.advertise or host_port(config.listen, running.port)
     if publisher is not None and directory_channel is not None:
@@ -213,35 +230,82 @@ def start_node(config: NodeConfig) -> RunningNode:
         )
         backups.start()
         running.on_stop.insert(0, backups.close)  # before the database closes
-    delivery = None
-    try:
-        if config.consul_url:
-            from dmp.discovery.consul import ConsulAnnouncer
+    delivery: list[OutboxDelivery] = []
 
-            consul = ConsulAnnouncer(config.consul_url, region, address)
-            consul.start()
-            running.before_stop.append(consul.close)  # withdraw before draining
-        if directory_channel is not None:
-            channel = directory_channel
-            delivery = OutboxDelivery(store, channel)
-            delivery.start()
-            running.on_stop.insert(0, delivery.close)
-            if not config.consul_url:
-                announcer = EmbeddedAnnouncer(channel, address)
-                announcer.start()
-                running.on_stop.insert(0, announcer.close)
+    def start_background() -> list[Callable[[], None]]:
+        """Announcing this node and delivering its outbox (stopped while it hands over)."""
+        stops: list[Callable[[], None]] = []
+        try:
+            if config.consul_url:
+                from dmp.discovery.consul import ConsulAnnouncer
+
+                consul = ConsulAnnouncer(config.consul_url, region, address)
+                consul.start()
+                stops.append(consul.close)  # withdraw before draining
+            if directory_channel is not None:
+                outbox = OutboxDelivery(store, directory_channel)
+                outbox.start()
+                delivery[:] = [outbox]
+                stops.append(outbox.close)
+                if not config.consul_url:
+                    announcer = EmbeddedAnnouncer(directory_channel, address)
+                    announcer.start()
+                    stops.insert(0, announcer.close)
+        except BaseException:
+            for stop in stops:
+                stop()
+            raise
+        return stops
+
+    background = Background(start_background)
+    watch = HandoverWatch(
+        engine,
+        region,
+        running,
+        audit_log,
+        auditor,
+        background,
+        [NODE_SERVICE, PRESCRIPTION_SERVICE],
+    )
+    try:
+        if watch.prepare():
+            background.start()
+        watch.start()
     except BaseException:
         running.stop(None)
         raise
+    running.before_stop.append(background.stop)  # withdraw before draining
+    running.before_stop.insert(0, watch.close)
     return RunningNode(
         server=running,
         store=store,
         region=region,
-        delivery=delivery,
+        delivery=delivery[0] if delivery else None,
         audit=audit_log,
         witness_publisher=publisher,
         backups=backups,
     )
+
+
+def _handover_gate(engine: Engine, region: str) -> ServiceGate:
+    """The server's gate, closed from the start on a node that froze or handed over its
+    region; a successor still receiving refuses to serve at all."""
+    gate = ServiceGate(open_to=[HANDOVER_SERVICE])
+    handover = read(engine)
+    if handover is None:
+        return gate
+    if handover.role == PREDECESSOR:
+        if handover.state in (FREEZING, FROZEN):
+            gate.close(moving(region))
+        elif handover.state == HANDED_OVER:
+            gate.close(moved(region, handover.peer_address))
+    elif handover.state != IN_CHARGE:
+        raise FailedPrecondition(
+            f"this database is still receiving region {region} from {handover.peer_address}:"
+            f" serve it with --successor-of {handover.peer_address} to finish the hand-over",
+            reason="HANDOVER_RECEIVING",
+        )
+    return gate
 
 
 def _sealer(

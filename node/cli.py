@@ -11,7 +11,7 @@ from typing import Any
 from dmp.cli.common import add_pki, add_service_storage
 from dmp.server import host_port, run_until_signalled
 from dmp.tls import MiB
-from node import backup_cli
+from node import backup_cli, handover_cli
 from node.key_cli import register_keys
 
 
@@ -107,9 +107,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="during an online `dmp node rotate-kek`: the old KEK, which then only opens"
         " the data keys not yet rewrapped (repeatable; drop it once the rotation is done)",
     )
+    serve.add_argument(
+        "--successor-of",
+        metavar="HOST:PORT",
+        help="take the region over from its node at HOST:PORT first (a hand-over its"
+        " operator started with `dmp node handover start --to` this node's certificate),"
+        " then serve it; resumes after a restart",
+    )
     serve.set_defaults(handler=_serve)
     register_keys(node_sub)
     backup_cli.register(node_sub)
+    handover_cli.register(node_sub)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -148,6 +156,20 @@ def _serve(args: argparse.Namespace) -> int:
         kek_file=args.kek_file,
         previous_kek_files=tuple(args.previous_kek_file),
     )
+    if args.successor_of:
+        from node.handover_cli import receive_for
+
+        port = args.listen.rsplit(":", 1)[-1]
+        advertise = args.advertise or (args.listen if port not in ("", "0") else "")
+        receive_for(
+            args.pki,
+            args.region,
+            config.database_url(),
+            args.successor_of,
+            args.kek_file,
+            advertise,
+            max_content=config.max_content + MiB,
+        )
     node = start_node(config)
     print(f"node {node.region} listening on {host_port(args.listen, node.port)}", flush=True)
     sys.stdout.flush()

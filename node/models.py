@@ -11,6 +11,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -174,6 +175,59 @@ class DispensationRow(NodeBase):
         UniqueConstraint("prescription_id", "dispensing"),
         UniqueConstraint("prescription_id", "idempotency_key"),
     )
+
+
+class HandoverRow(NodeBase):
+    """This node's hand-over of its region (node/handover_state.py): one row, id 1, as the
+    predecessor that streams to a successor or as the successor that receives."""
+
+    __tablename__ = "handover"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: "predecessor" or "successor".
+    role: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    #: The other node's certificate: pinned by the predecessor, learnt by the successor.
+    peer_cert_pem: Mapped[str] = mapped_column(Text)
+    #: Where the other node answers (the successor's advertised address, or the
+    #: predecessor's to pull from).
+    peer_address: Mapped[str] = mapped_column(String(300))
+    snapshot_done: Mapped[bool] = mapped_column(Boolean)
+    final_record_seq: Mapped[int | None] = mapped_column(BigInteger)
+    final_audit_seq: Mapped[int | None] = mapped_column(BigInteger)
+    final_root_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    #: The canonical JSON both nodes sign once the successor holds everything.
+    statement: Mapped[str | None] = mapped_column(Text)
+    predecessor_signature: Mapped[bytes | None] = mapped_column(LargeBinary)
+    successor_signature: Mapped[bytes | None] = mapped_column(LargeBinary)
+    started_us: Mapped[int] = mapped_column(BigInteger)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class HandoverChangeRow(NodeBase):
+    """The key of a row changed while a hand-over streams (written by triggers that exist
+    only then), deleted once the successor has applied it."""
+
+    __tablename__ = "handover_changes"
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    tbl: Mapped[str] = mapped_column(String(64))
+    #: JSON array of the row's primary key values (bytes as hex).
+    pk: Mapped[str] = mapped_column(Text)
+
+
+class HandoverProofRow(NodeBase):
+    """A hand-over this region's data went through, signed by both nodes; its audit event
+    holds `statement_sha256` (dmp audit verify checks both signatures)."""
+
+    __tablename__ = "handover_proofs"
+
+    statement_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    statement: Mapped[str] = mapped_column(Text)
+    predecessor_cert_pem: Mapped[str] = mapped_column(Text)
+    predecessor_signature: Mapped[bytes] = mapped_column(LargeBinary)
+    successor_cert_pem: Mapped[str] = mapped_column(Text)
+    successor_signature: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 #: The node's tamper-evident audit trail (dmp/audit/).

@@ -115,7 +115,7 @@ class _Inserter:
         return None
 
 
-def _reset_sequences(conn: Connection, tables: dict[str, Table]) -> None:
+def reset_sequences(conn: Connection, tables: dict[str, Table]) -> None:
     """PostgreSQL: each serial/identity key's sequence past the largest restored key."""
     for table in tables.values():
         for column in table.primary_key.columns:
@@ -167,7 +167,7 @@ def restore_backup(
                     f" {revision}: restore with the version that wrote it"
                 )
             if engine.dialect.name == "postgresql":
-                _reset_sequences(conn, tables)
+                reset_sequences(conn, tables)
     finally:
         engine.dispose()
     return RestoreSummary(manifest)

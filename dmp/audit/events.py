@@ -34,6 +34,8 @@ class EventType(enum.StrEnum):
     PRESCRIPTION_CANCEL = "prescription-cancel"
     # The node's operator destroyed a patient's data key (crypto-shredding).
     SHRED = "shred"
+    # The region's records and audit log passed to a successor host (node/handover_*.py).
+    HANDOVER = "handover"
 
 
 class Outcome(enum.IntEnum):
@@ -79,6 +81,9 @@ EVENT_TYPES: Final[Mapping[str, EventCode]] = {
     ),
     EventType.PRESCRIPTION_CANCEL: EventCode(
         "prescription-cancel", LOCAL_EVENT_SYSTEM, "Prescription cancelled", "U"
+    ),
+    EventType.HANDOVER: EventCode(
+        "handover", LOCAL_EVENT_SYSTEM, "Region handed over to a successor host", "E"
     ),
     EventType.SHRED: EventCode(
         "shred", LOCAL_EVENT_SYSTEM, "Patient's records crypto-shredded", "D"

@@ -1,0 +1,269 @@
+"""The rows a hand-over carries: which tables, how a changed row is named, how batches of
+rows are packed (sealed to the successor) and applied at the successor.
+
+Every table of the node's schema goes across but the hand-over's own state and change
+log. A batch is the framing of node backups (node/backup_format.py) sealed to the
+successor's certificate (dmp/sealed.py): per table a ``T`` frame (JSON: name, columns,
+the keys of rows deleted), then ``R`` frames of typed rows. Data keys travel unwrapped
+from the predecessor's KEK (inside the sealed batch only), marked with an empty
+``kek_id``: the successor wraps them with its own KEK before they touch its disk.
+
+Applying is idempotent: a row is updated where its key exists and inserted where not, a
+deleted key deleted, so that a batch applied twice (a successor that died before it
+acknowledged) leaves the same database.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import LargeBinary, Table, and_, delete, select, tuple_, update
+from sqlalchemy.engine import Connection
+
+from dmp.envelope import KeyEncryptionKey
+from dmp.errors import FailedPrecondition
+from dmp.sealed import SealedWriter, open_sealed
+from node.backup_format import ROWS, TABLE, FrameReader, decode_rows, encode_rows, frame
+from node.models import NodeBase
+
+#: Not handed over: the hand-over's own state and change log.
+LOCAL_TABLES: Final = frozenset({"handover", "handover_changes"})
+DATA_KEYS: Final = "data_keys"
+#: A batch holds at most about this many bytes of rows (one row may be larger).
+BATCH_BYTES: Final = 2 << 20
+BATCH_ROWS: Final = 2000
+
+
+def handed_tables() -> list[Table]:
+    """The tables a hand-over carries, parents before children (foreign keys)."""
+    return [t for t in NodeBase.metadata.sorted_tables if t.name not in LOCAL_TABLES]
+
+
+TABLES: Final[dict[str, Table]] = {t.name: t for t in handed_tables()}
+
+
+def key_columns(table: Table) -> list[str]:
+    return [c.name for c in table.primary_key.columns]
+
+
+def is_bytes(table: Table, column: str) -> bool:
+    return isinstance(table.c[column].type, LargeBinary)
+
+
+def decode_key(table: Table, pk_json: str) -> tuple[Any, ...]:
+    """A change's key (JSON array as the capture triggers write it) as column values."""
+    values = json.loads(pk_json)
+    key = []
+    for column, value in zip(key_columns(table), values, strict=True):
+        if is_bytes(table, column) and isinstance(value, str):
+            key.append(bytes.fromhex(value.removeprefix("\\x")))
+        else:
+            key.append(value)
+    return tuple(key)
+
+
+def _encode_key(key: Sequence[Any]) -> list[Any]:
+    return [value.hex() if isinstance(value, bytes) else value for value in key]
+
+
+def _key_filter(table: Table, keys: Sequence[tuple[Any, ...]]) -> Any:
+    columns = [table.c[name] for name in key_columns(table)]
+    if len(columns) == 1:
+        return columns[0].in_([key[0] for key in keys])
+    return tuple_(*columns).in_(keys)
+
+
+def _value(value: Any) -> Any:
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+class Unwrapper:
+    """Data keys out of the predecessor's KEK (None: a node without encryption at rest)."""
+
+    def __init__(self, unwrap: Callable[[str, bytes], bytes] | None) -> None:
+        self._unwrap = unwrap
+
+    def row(self, columns: list[str], row: Sequence[Any]) -> tuple[Any, ...]:
+        values = dict(zip(columns, (_value(v) for v in row), strict=True))
+        if values["wrapped"] is not None:
+            if self._unwrap is None:
+                raise FailedPrecondition(
+                    "this node holds data keys and was given no --kek-file: the hand-over"
+                    " needs the KEK to pass the patients' data keys on",
+                    reason="KEK_REQUIRED",
+                )
+            values["wrapped"] = self._unwrap(values["kek_id"], values["wrapped"])
+            values["kek_id"] = ""
+        return tuple(values[c] for c in columns)
+
+
+class BatchWriter:
+    """Rows of several tables into one sealed batch."""
+
+    def __init__(self, recipient: x509.Certificate, recipient_name: str, keys: Unwrapper):
+        self._recipient, self._name, self._keys = recipient, recipient_name, keys
+        self._parts: list[bytes] = []
+        self._table: str | None = None
+        self._rows: list[tuple[Any, ...]] = []
+        self.rows = 0
+        self.size = 0
+
+    def _flush_rows(self) -> None:
+        if self._rows:
+            self._parts.append(frame(ROWS, encode_rows(self._rows)))
+            self._rows = []
+
+    def _start(self, table: Table, deleted: Sequence[tuple[Any, ...]] = ()) -> None:
+        self._flush_rows()
+        header = {
+            "name": table.name,
+            "columns": [c.name for c in table.columns],
+            "deleted": [_encode_key(key) for key in deleted],
+        }
+        self._parts.append(frame(TABLE, json.dumps(header).encode()))
+        self._table = table.name
+
+    def add(self, table: Table, row: Sequence[Any]) -> None:
+        if self._table != table.name:
+            self._start(table)
+        columns = [c.name for c in table.columns]
+        values = (
+            self._keys.row(columns, row)
+            if table.name == DATA_KEYS
+            else tuple(_value(v) for v in row)
+        )
+        self._rows.append(values)
+        self.rows += 1
+        self.size += sum(len(v) if isinstance(v, bytes | str) else 8 for v in values)
+        if len(self._rows) >= 500:
+            self._flush_rows()
+
+    def delete(self, table: Table, keys: Sequence[tuple[Any, ...]]) -> None:
+        self._start(table, keys)
+        self._table = None  # rows after deletions start a new part
+        self.rows += len(keys)
+
+    @property
+    def full(self) -> bool:
+        return self.rows >= BATCH_ROWS or self.size >= BATCH_BYTES
+
+    def seal(self) -> bytes:
+        self._flush_rows()
+        out = io.BytesIO()
+        writer = SealedWriter(out, self._recipient, self._name)
+        for part in self._parts:
+            writer.write(part)
+        writer.close()
+        return out.getvalue()
+
+
+def snapshot_batches(
+    conn: Connection, new_batch: Callable[[], BatchWriter]
+) -> Iterator[BatchWriter]:
+    """Every handed-over row the connection's snapshot holds, in batches."""
+    batch = new_batch()
+    for table in handed_tables():
+        order = [table.c[name] for name in key_columns(table)]
+        rows = conn.execution_options(yield_per=1000).execute(select(table).order_by(*order))
+        for row in rows:
+            batch.add(table, row)
+            if batch.full:
+                yield batch
+                batch = new_batch()
+    if batch.rows:
+        yield batch
+
+
+def changed_rows(
+    conn: Connection, changes: Sequence[tuple[int, str, str]], batch: BatchWriter
+) -> None:
+    """The current state of the rows named by `changes` (seq, table, key) into `batch`:
+    a row that no longer exists goes as a deleted key. In the order of the changes, table
+    by table as they come (a row's parent was changed before it)."""
+    groups: list[tuple[Table, list[tuple[Any, ...]]]] = []
+    for _seq, name, pk in changes:
+        table = TABLES.get(name)
+        if table is None:
+            continue
+        key = decode_key(table, pk)
+        if groups and groups[-1][0] is table:
+            if key not in groups[-1][1]:
+                groups[-1][1].append(key)
+        else:
+            groups.append((table, [key]))
+    for table, keys in groups:
+        names = key_columns(table)
+        found = conn.execute(select(table).where(_key_filter(table, keys))).all()
+        present = set()
+        for row in found:
+            mapping = row._mapping
+            present.add(tuple(_value(mapping[name]) for name in names))
+            batch.add(table, row)
+        gone = [key for key in keys if tuple(key) not in present]
+        if gone:
+            batch.delete(table, gone)
+
+
+class Applier:
+    """Sealed batches into the successor's database, data keys wrapped with its KEK."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, kek: KeyEncryptionKey | None) -> None:
+        self._key = key
+        self._kek = kek
+
+    def apply(self, conn: Connection, sealed: bytes) -> int:
+        """Apply one batch in the caller's transaction; the number of rows it carried."""
+        table: Table | None = None
+        columns: list[str] = []
+        count = 0
+        for tag, payload in FrameReader(open_sealed(io.BytesIO(sealed), self._key)):
+            if tag == TABLE:
+                header = json.loads(payload)
+                table = TABLES.get(header["name"])
+                if table is None:
+                    raise FailedPrecondition(
+                        f"the predecessor sent table {header['name']}, which this node's"
+                        " schema does not have: run the same version on both nodes"
+                    )
+                columns = list(header["columns"])
+                missing = set(columns) - set(table.columns.keys())
+                if missing:
+                    raise FailedPrecondition(
+                        f"the predecessor's table {table.name} has columns {sorted(missing)}"
+                        " this node's schema does not have: run the same version on both"
+                    )
+                deleted = [decode_key(table, json.dumps(key)) for key in header["deleted"]]
+                if deleted:
+                    conn.execute(delete(table).where(_key_filter(table, deleted)))
+                    count += len(deleted)
+            elif tag == ROWS and table is not None:
+                rows = decode_rows(payload, len(columns))
+                for row in rows:
+                    self._upsert(conn, table, dict(zip(columns, row, strict=True)))
+                count += len(rows)
+        return count
+
+    def _upsert(self, conn: Connection, table: Table, values: dict[str, Any]) -> None:
+        if table.name == DATA_KEYS and values.get("wrapped") is not None and not values["kek_id"]:
+            if self._kek is None:
+                raise FailedPrecondition(
+                    "the predecessor encrypts records at rest and this node was given no"
+                    " --kek-file: create one with `dmp node init-kek FILE` and receive with"
+                    " --kek-file FILE",
+                    reason="KEK_REQUIRED",
+                )
+            values["wrapped"] = self._kek.wrap(values["wrapped"])
+            values["kek_id"] = self._kek.key_id
+        names = key_columns(table)
+        where = and_(*(table.c[name] == values[name] for name in names))
+        rest = {k: v for k, v in values.items() if k not in names}
+        if rest and conn.execute(update(table).where(where).values(rest)).rowcount:
+            return
+        if not rest and conn.execute(select(table.c[names[0]]).where(where)).first():
+            return
+        conn.execute(table.insert().values(values))
