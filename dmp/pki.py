@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -506,6 +507,17 @@ class Pki:
                 f" `dmp pki list --pki {self.directory}` shows the issued identities"
             )
         cert = _load_cert_file(cert_path, "certificate", "re-issue it with `dmp pki issue`")
+        self.revoke_certificate(cert)
+
+    def revoke_certificate(self, cert: x509.Certificate) -> None:
+        """Revoke a certificate this CA issued, current or not (a region's predecessor
+        node after a hand-over, whose identity the successor's certificate now holds)."""
+        try:
+            cert.verify_directly_issued_by(self._ca_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise FailedPrecondition(
+                f"this certificate was not issued by the CA in {self.directory}"
+            ) from None
         with self._locked():
             crl = self._read_crl()
             entries = list(crl)
@@ -521,7 +533,7 @@ class Pki:
             except x509.ExtensionNotFound:
                 number = 0
             self._write_crl(entries, crl_number=number + 1)
-        log.debug("revoked %s (serial %x)", cert_path.stem, cert.serial_number)
+        log.debug("revoked serial %x", cert.serial_number)
 
     # -- listing
 

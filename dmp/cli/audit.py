@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from dmp.audit.fhir import export_events
+from dmp.audit.handovers import verify_handovers
 from dmp.audit.log import AuditLog
 from dmp.audit.tables import audit_tables
 from dmp.audit.verify import VerifyReport, log_owner, verify_log
@@ -207,8 +208,19 @@ def _verify(args: argparse.Namespace) -> int:
             source_id=args.source or None,
             max_problems=max(1, args.max_problems),
         )
+        handovers = verify_handovers(engine, events, checkpoints, ca_pem, report.source_id)
     finally:
         engine.dispose()
+    if handovers.handovers or handovers.problems:
+        if handovers.ok:
+            print(
+                f"hand-overs: {handovers.handovers} verified (both nodes' signatures, the"
+                " event, the checkpoints on each side)"
+            )
+        else:
+            print(f"FAILED: {len(handovers.problems)} hand-over problems")
+            for line in handovers.problems:
+                print(line)
     witnessed = _witness_report(args, report.source_id, ca_pem)
     if witnessed is not None and not witnessed.ok:
         total = len(witnessed.problems) + witnessed.problems_omitted
@@ -228,7 +240,7 @@ def _verify(args: argparse.Namespace) -> int:
         print(problem)
     if report.problems_omitted:
         print(f"... and {report.problems_omitted} more problems")
-    return 0 if report.ok and (witnessed is None or witnessed.ok) else 1
+    return 0 if report.ok and handovers.ok and (witnessed is None or witnessed.ok) else 1
 
 
 def _witness_report(args: argparse.Namespace, source: str, ca_pem: bytes) -> WitnessReport | None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+from pathlib import Path
 
-from dmp.cli.common import add_pki
+from cryptography import x509
+
+from dmp.cli.common import CommandError, add_pki
 from dmp.identity import PROFESSIONS, Principal
 from dmp.pki import DEFAULT_HOSTS, Pki
 from dmp.printing import print_table
@@ -176,15 +179,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     revoke = commands.add_parser(
         "revoke",
-        help="revoke the current certificate of an identity",
-        description="Add the current certificate of IDENTITY to the revocation list (crl.pem)"
-        " and re-sign it. Nodes and the directory re-read crl.pem on change and refuse revoked"
-        " certificates; copy crl.pem to them if they do not share this directory.",
+        help="revoke the current certificate of an identity, or a certificate file",
+        description="Add the current certificate of IDENTITY (or the certificate in --cert"
+        " FILE: a region's predecessor node after a hand-over) to the revocation list"
+        " (crl.pem) and re-sign it. Nodes and the directory re-read crl.pem on change and"
+        " refuse revoked certificates; copy crl.pem to them if they do not share this"
+        " directory.",
     )
     revoke.add_argument(
         "identity",
         metavar="IDENTITY",
+        nargs="?",
         help="node-<region>, directory, practitioner-<RPPS> or patient-<INS>",
+    )
+    revoke.add_argument(
+        "--cert", type=Path, metavar="FILE", help="revoke this certificate (PEM) instead"
     )
     add_pki(revoke)
     revoke.set_defaults(handler=_revoke)
@@ -243,6 +252,16 @@ def _issue_patient(args: argparse.Namespace) -> int:
 
 def _revoke(args: argparse.Namespace) -> int:
     pki = Pki(args.pki)
+    if (args.identity is None) == (args.cert is None):
+        raise CommandError("give either IDENTITY or --cert FILE")
+    if args.cert is not None:
+        try:
+            cert = x509.load_pem_x509_certificate(args.cert.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"cannot read the certificate {args.cert}: {exc}") from None
+        pki.revoke_certificate(cert)
+        print(f"revoked {args.cert} (serial {cert.serial_number:x}): {pki.crl_path} updated")
+        return 0
     pki.revoke(args.identity)
     print(f"revoked {pki.cert_path(args.identity).stem}: {pki.crl_path} updated")
     return 0
