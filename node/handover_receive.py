@@ -55,6 +55,11 @@ from node.restore import reset_sequences
 log = logging.getLogger("dmp.node.handover")
 
 Progress = Callable[[str, int], None]
+#: Failures after which the successor tries again (the predecessor restarting, busy).
+_TRANSIENT = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+_RETRY_SECONDS = 0.5
 _PROOFS: Table = HandoverProofRow.__table__  # type: ignore[assignment]
 
 
@@ -158,34 +163,25 @@ def receive(
     applier = Applier(load_private_key(credentials.key_pem), kek)
     rows = 0
     try:
-        if not handover.snapshot_done:
-            log.info("hand-over: receiving a snapshot of region %s from %s", region, predecessor)
-            for batch in stub.StreamSnapshot(pb.StreamSnapshotRequest(successor_address=advertise)):
-                with writer(engine).begin() as conn:
-                    rows += applier.apply(conn, batch.sealed)
-                if progress:
-                    progress("snapshot", rows)
-            move(engine, {RECEIVING}, snapshot_done=True)
-        applied: list[int] = []
         while True:
-            answer = stub.PullChanges(
-                pb.PullChangesRequest(applied=applied, successor_address=advertise), timeout=60
-            )
-            applied = []
-            if answer.batch.sealed:
-                with writer(engine).begin() as conn:
-                    rows += applier.apply(conn, answer.batch.sealed)
-                applied = list(answer.changes)
-                if progress:
-                    progress("changes", rows)
-            elif answer.complete:
+            try:
+                more, answer = _pull(engine, stub, applier, advertise, progress, rows)
+                rows += more
+                proof = _confirm(engine, stub, credentials, ca, answer)
                 break
-        proof = _confirm(engine, stub, credentials, ca, answer)
-    except grpc.RpcError as exc:
-        raise HandoverRefused(
-            f"the predecessor at {predecessor} answered {exc.code().name}: {exc.details()}",
-            reason="HANDOVER_INTERRUPTED",
-        ) from None
+            except grpc.RpcError as exc:
+                if exc.code() not in _TRANSIENT:
+                    raise HandoverRefused(
+                        f"the predecessor at {predecessor} answered {exc.code().name}:"
+                        f" {exc.details()}",
+                        reason="HANDOVER_REFUSED",
+                    ) from None
+                log.warning(
+                    "hand-over: the predecessor at %s is not reachable (%s): retrying",
+                    predecessor,
+                    exc.code().name,
+                )
+                time.sleep(_RETRY_SECONDS)
     finally:
         channel.close()
     _take_charge(engine, credentials, answer, proof)
@@ -204,6 +200,42 @@ def receive(
         answer.final_audit_seq,
         time.monotonic() - started,
     )
+
+
+def _pull(
+    engine: Engine,
+    stub: handover_pb2_grpc.HandoverServiceStub,
+    applier: Applier,
+    advertise: str,
+    progress: Progress | None,
+    before: int,
+) -> tuple[int, pb.PullChangesResponse]:
+    """The snapshot (unless taken), then the changes until the predecessor froze and
+    none is left; the rows applied and the final answer. A rerun resumes."""
+    rows = 0
+    handover = read(engine)
+    assert handover is not None
+    if not handover.snapshot_done:
+        for batch in stub.StreamSnapshot(pb.StreamSnapshotRequest(successor_address=advertise)):
+            with writer(engine).begin() as conn:
+                rows += applier.apply(conn, batch.sealed)
+            if progress:
+                progress("snapshot", before + rows)
+        move(engine, {RECEIVING}, snapshot_done=True)
+    applied: list[int] = []
+    while True:
+        answer = stub.PullChanges(
+            pb.PullChangesRequest(applied=applied, successor_address=advertise), timeout=60
+        )
+        applied = []
+        if answer.batch.sealed:
+            with writer(engine).begin() as conn:
+                rows += applier.apply(conn, answer.batch.sealed)
+            applied = list(answer.changes)
+            if progress:
+                progress("changes", before + rows)
+        elif answer.complete:
+            return rows, answer
 
 
 def _confirm(
