@@ -5,6 +5,7 @@ throughout, on SQLite and PostgreSQL (A on one, B on the other)."""
 from __future__ import annotations
 
 import socket
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -14,6 +15,7 @@ from dmp.cli.main import main
 from dmp.client import DirectoryClient, NodeClient
 from dmp.pki import load_credentials
 from dmp.server import error_metadata, error_reason
+from tests.fake_consul import FakeConsul
 from tests.federation import DOCTOR, draft
 from tests.handover_rig import (
     REGION,
@@ -38,9 +40,26 @@ def _kek(path: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("backends", ["sqlite-to-postgresql", "postgresql-to-sqlite"])
+@pytest.mark.parametrize(
+    ("backends", "discovery"),
+    [
+        ("sqlite-to-postgresql", "embedded"),
+        ("postgresql-to-sqlite", "embedded"),
+        ("postgresql-to-sqlite", "consul"),
+    ],
+)
 def test_region_handed_over_while_writers_and_readers_run(
-    backends: str, tmp_path: Path, postgres_db_url: str
+    backends: str, discovery: str, tmp_path: Path, postgres_db_url: str
+) -> None:
+    with ExitStack() as stack:
+        consul = (
+            ["--consul", stack.enter_context(FakeConsul()).url] if discovery == "consul" else []
+        )
+        _handover_end_to_end(backends, consul, tmp_path, postgres_db_url)
+
+
+def _handover_end_to_end(
+    backends: str, consul: list[str], tmp_path: Path, postgres_db_url: str
 ) -> None:
     hosts = Hosts.make(tmp_path)
     a_url, b_url = f"sqlite:///{tmp_path / 'a.db'}", postgres_db_url
@@ -49,7 +68,7 @@ def test_region_handed_over_while_writers_and_readers_run(
     directory = Server(
         tmp_path / "directory.log",
         "directory", "serve", "--pki", str(hosts.national),
-        "--db", f"sqlite:///{tmp_path / 'directory.db'}",
+        "--db", f"sqlite:///{tmp_path / 'directory.db'}", *consul,
     )  # fmt: skip
     servers = [directory]
     try:
@@ -57,7 +76,7 @@ def test_region_handed_over_while_writers_and_readers_run(
         a = Server(
             tmp_path / "a.log",
             "node", "serve", "--pki", str(hosts.a), "--region", REGION, "--db", a_url,
-            "--directory", d_addr, "--kek-file", _kek(tmp_path / "a.kek"),
+            "--directory", d_addr, "--kek-file", _kek(tmp_path / "a.kek"), *consul,
         )  # fmt: skip
         servers.append(a)
         a_addr = a.address()
@@ -72,7 +91,7 @@ def test_region_handed_over_while_writers_and_readers_run(
             tmp_path / "b.log",
             "node", "serve", "--pki", str(hosts.b), "--region", REGION, "--db", b_url,
             "--directory", d_addr, "--kek-file", _kek(tmp_path / "b.kek"),
-            "--listen", b_addr, "--successor-of", a_addr,
+            "--listen", b_addr, "--successor-of", a_addr, *consul,
         )  # fmt: skip
         servers.append(b)
         b.wait_line("hand-over: changes")  # the snapshot is in; changes follow
@@ -111,9 +130,16 @@ def test_region_handed_over_while_writers_and_readers_run(
         assert error_metadata(refused.value)["successor"] == b_addr
         hosts.revoke_predecessor()
         as_a = load_credentials(hosts.a, f"node-{REGION}")
-        with DirectoryClient(d_addr, as_a) as c, pytest.raises(grpc.RpcError) as revoked:
-            c.list_nodes()
-        assert revoked.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+        def a_refused() -> bool:  # the directory re-reads its CRL within a second
+            with DirectoryClient(d_addr, as_a) as c:
+                try:
+                    c.list_nodes()
+                except grpc.RpcError as exc:
+                    return exc.code() is grpc.StatusCode.UNAUTHENTICATED
+            return False
+
+        until(a_refused, "the directory refusing A's revoked certificate")
 
         with DirectoryClient(d_addr, load_credentials(hosts.national, "directory")) as dc:
             nodes = {n.region: n for n in dc.list_nodes()}
