@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -35,9 +36,11 @@ from dmp.envelope import init_kek_file, load_kek_file
 from dmp.ins import make_ins
 from dmp.pki import Pki
 from dmp.prescriptions import verify_prescription
+from dmp.server import error_reason
 from dmp.v1 import node_service_pb2 as pb
 from dmp.v1 import record_pb2
 from node import integrity
+from node.key_admin import shred_patient
 from node.keys import Sealer, open_traits
 from node.models import (
     DispensationRow,
@@ -412,3 +415,82 @@ def _count(url: str) -> int:
             return len(list(session.scalars(select(RecordRow.id))))
     finally:
         engine.dispose()
+
+
+def _rows(url: str) -> dict[str, dict[str, Any]]:
+    """Every stored row of the patient tables, as stored (ciphertext too), but seq."""
+    engine = make_engine(url, pool_size=2)
+    tables = (RecordRow, PatientRow, PrescriptionRow, DispensationRow)
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        with Session(engine) as session:
+            for table in tables:
+                columns = [c.key for c in table.__table__.columns if c.key != "seq"]
+                for row in session.scalars(select(table)):
+                    values = {name: getattr(row, name) for name in columns}
+                    out[f"{table.__tablename__}/{values.get('id') or values['ins']}"] = values
+            return out
+    finally:
+        engine.dispose()
+
+
+def test_a_shredded_patient_leaves_as_metadata_only_and_stays_shredded(
+    rx_pki: Path, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kek, other_kek = tmp_path / "node-11.kek", tmp_path / "new-host.kek"
+    init_kek_file(kek)
+    init_kek_file(other_kek)
+    origin = f"sqlite:///{tmp_path / 'origin.db'}"
+    filled = fill(rx_pki, origin, kek)
+    engine = make_engine(origin, pool_size=2)
+    try:
+        shred_patient(engine, load_kek_file(kek), "11", PATIENT, operator="dpo")
+    finally:
+        engine.dispose()
+    stored = _rows(origin)
+    out = tmp_path / "package"
+    common = ["--pki", str(rx_pki), "--region", "11"]
+    assert main(["node", "export", "--format", "fhir-ndjson", "--out", str(out), "--db", origin,
+                 "--kek-file", str(kek), *common]) == 0  # fmt: skip
+    manifest = check_package(out, rx_pki)
+    shredded = manifest["extension"]["urn:dmp:fhir:reversibility-package"]["shredded"]
+    shredded_ids = {
+        key.partition("/")[2]
+        for key, row in stored.items()
+        if key.startswith("records/") and row["patient_ins"] == PATIENT
+    }
+    assert shredded["patients"] == 1 and shredded["records"] == len(shredded_ids) > 0
+    assert "metadata only" in shredded["note"]
+    binaries = {r["id"].rpartition(".")[2] for r in resources(out, "Binary")}
+    assert binaries and not binaries & shredded_ids  # no content of theirs leaves
+    marked = {
+        r["identifier"][0]["value"]
+        for name in RESOURCE_TYPES[:5]
+        for r in resources(out, name)
+        if any(e["url"] == "urn:dmp:fhir:crypto-shredded" for e in r.get("extension", []))
+    }
+    assert marked == shredded_ids
+    capsys.readouterr()
+    assert main(["node", "import", str(out), "--db", db_url, *common]) == 1  # no KEK
+    assert "import it into a node with a KEK" in capsys.readouterr().err
+    assert main(["node", "import", str(out), "--db", db_url, "--kek-file", str(other_kek),
+                 *common]) == 0  # fmt: skip
+    imported = _rows(db_url)
+    assert imported.keys() == stored.keys()
+    for key, row in stored.items():
+        if row.get("patient_ins", row.get("ins")) == PATIENT or key.startswith("dispensations/"):
+            assert imported[key] == row, key  # kept as stored: it opens no more
+    with rx_node(rx_pki, db_url, kek_file=other_kek) as (node, _):
+        doctor = client(rx_pki, practitioner(DOCTOR), node.port)
+        try:
+            record_id = filled.superseded
+            chunks = doctor.node.GetRecordContent(
+                pb.GetRecordContentRequest(record_id=record_id),
+                timeout=30,
+                metadata=doctor.md(op=READ_CONTENT, record_id=record_id),
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                b"".join(c.chunk for c in chunks)
+            assert error_reason(refused.value) == "RECORD_SHREDDED"
+        finally:
+            doctor.close()
