@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +41,23 @@ from node.fhir_package import (
     AUDIT,
     CHECKPOINTS,
     DISPENSATION,
+    DISPENSATION_FIELDS,
     DISPENSATION_ROW,
-    FORMAT,
-    MANIFEST_EXTENSION,
     NODE_RECORD,
+    PRESCRIPTION_FIELDS,
     PRESCRIPTION_STATE,
+    RECORD_FIELDS,
     SHREDDED,
     SIGNED_PRESCRIPTION,
     LineFile,
     PackageError,
+    PackageSummary,
     add_extension,
     b64,
+    build_manifest,
     compact,
     write_signed_manifest,
 )
-from node.integrity import HASHED_COLUMNS
 from node.keys import DATA_KEYS, Sealer, foreign_keys, has_sealed_data, open_traits
 from node.models import (
     DispensationRow,
@@ -71,34 +73,6 @@ PAGE = 200
 PATIENTS: Table = PatientRow.__table__  # type: ignore[assignment]
 PRESCRIPTIONS: Table = PrescriptionRow.__table__  # type: ignore[assignment]
 DISPENSATIONS: Table = DispensationRow.__table__  # type: ignore[assignment]
-#: A record's stored metadata as the package carries it (the hashed columns and the link
-#: to its prescription).
-RECORD_FIELDS = (*HASHED_COLUMNS, "prescription_id")
-#: A prescription's row as the package carries it (its progress and free text opened).
-PRESCRIPTION_FIELDS = (
-    "id",
-    "patient_ins",
-    "prescriber_rpps",
-    "authored_us",
-    "payload_sha256",
-    "created_us",
-    "version",
-    "dispensed",
-    "last_dispensed_us",
-    "cancelled_us",
-    "cancel_reason",
-    "holder",
-    "holder_pharmacy",
-    "held_until_us",
-)
-DISPENSATION_FIELDS = (
-    "id",
-    "prescription_id",
-    "dispensing",
-    "idempotency_key",
-    "pharmacist_identity",
-    "created_us",
-)
 _SHREDDED_TITLE = "[crypto-shredded: content and free text destroyed]"
 #: The MedicationRequest status of each state of a prescription (R4 has no "expired").
 _REQUEST_STATUS = {
@@ -108,19 +82,6 @@ _REQUEST_STATUS = {
     P.PRESCRIPTION_STATUS_CANCELLED: "cancelled",
     P.PRESCRIPTION_STATUS_EXPIRED: "stopped",
 }
-
-
-@dataclass
-class ExportSummary:
-    region: str
-    counts: dict[str, int] = field(default_factory=dict)
-    records: int = 0
-    shredded_patients: int = 0
-    shredded_records: int = 0
-    prescriptions: int = 0
-    dispensations: int = 0
-    audit_events: int = 0
-    manifest_sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +133,7 @@ def export_node(
     *,
     sealer: Sealer | None = None,
     progress: Callable[[str, int], None] | None = None,
-) -> ExportSummary:
+) -> PackageSummary:
     """Write the node's whole content into the new directory `out`, signed with the
     node's `credentials`; PackageError when it cannot."""
     signer = Signer(credentials)
@@ -180,7 +141,7 @@ def export_node(
         raise PackageError(f"the package of node {region} is signed by node-{region}'s key")
     _new_directory(out)
     files = _Files(out)
-    summary = ExportSummary(region)
+    summary = PackageSummary(region)
     try:
         with snapshot_connection(engine) as conn, conn.begin():
             transaction_us = now_us()
@@ -199,7 +160,7 @@ def export_node(
             exporter.audit()
     finally:
         files.close()
-    manifest = _manifest(region, signer, transaction_us, files, summary, shreds)
+    manifest = build_manifest(signer.principal.uri, transaction_us, files.files, summary)
     data = write_signed_manifest(out, manifest, signer)
     summary.manifest_sha256 = hashlib.sha256(data).hexdigest()
     summary.counts = {name: f.count for name, f in files.files.items()}
@@ -223,7 +184,7 @@ class _Exporter:
         sealer: Sealer | None,
         shreds: dict[str, _Shred],
         files: _Files,
-        summary: ExportSummary,
+        summary: PackageSummary,
     ) -> None:
         self.conn = conn
         self.region = region
@@ -279,6 +240,7 @@ class _Exporter:
             identity = open_traits(keys.get(ins), row).to_proto()
         resource = patient(identity)
         resource["meta"]["source"] = self.source
+        self.summary.patients += 1
         if shred is not None:
             self.summary.shredded_patients += 1
             add_extension(resource, SHREDDED, "String", shred.marker())
@@ -491,59 +453,3 @@ def _dispensation_row(row: Any, stored: bool = False) -> str:
     if stored:
         values["stored_message"] = b64(row.message)
     return compact(values)
-
-
-def _manifest(
-    region: str,
-    signer: Signer,
-    transaction_us: int,
-    files: _Files,
-    summary: ExportSummary,
-    shreds: dict[str, _Shred],
-) -> dict[str, Any]:
-    resources = sorted(name for name in files.files if name.endswith(".ndjson"))
-    output = [
-        {
-            "type": name.removesuffix(".ndjson"),
-            "url": name,
-            "count": files.files[name].count,
-        }
-        for name in resources
-    ]
-    ours: dict[str, Any] = {
-        "format": FORMAT,
-        "fhirVersion": "4.0.1",
-        "region": region,
-        "node": signer.principal.uri,
-        "records": summary.records,
-        "patients": files.files["Patient.ndjson"].count if "Patient.ndjson" in files.files else 0,
-        "prescriptions": summary.prescriptions,
-        "dispensations": summary.dispensations,
-        "audit": {
-            "events": summary.audit_events,
-            "checkpoints": files.files[CHECKPOINTS].count,
-            "log": AUDIT,
-            "checkpoints_file": CHECKPOINTS,
-        },
-        "shredded": {
-            "patients": summary.shredded_patients,
-            "records": summary.shredded_records,
-            "note": "records of crypto-shredded patients are exported as metadata only,"
-            f" marked by extension {SHREDDED}, with no Binary: their data key was destroyed"
-            " after the legal retention and their content and free text can no longer be read",
-        }
-        if shreds
-        else {"patients": 0, "records": 0},
-        "files": {
-            name: {"sha256": f.sha256, "bytes": f.size, "lines": f.count}
-            for name, f in sorted(files.files.items())
-        },
-    }
-    return {
-        "transactionTime": iso_instant(transaction_us),
-        "request": f"{signer.principal.uri}/$export?_outputFormat=application/fhir+ndjson",
-        "requiresAccessToken": False,
-        "output": output,
-        "error": [],
-        "extension": {MANIFEST_EXTENSION: ours},
-    }

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +25,26 @@ from sqlalchemy.orm import Session
 from dmp.audit.events import AuditEvent
 from dmp.audit.log import AuditLog
 from dmp.clock import now_us
-from dmp.db import make_engine, upgrade, writer
-from dmp.dbfile import prepare_sqlite, sqlite_file
+from dmp.db import writer
 from dmp.errors import DmpError
 from dmp.fhir.errors import FhirError
 from dmp.fhir.inbound import patient_traits
 from dmp.patients import TRAIT_NAMES, Traits, traits_of
 from dmp.v1 import prescription_pb2 as P
-from node.backup import VERSION_TABLE
-from node.fhir_export import DISPENSATION_FIELDS, PRESCRIPTION_FIELDS, RECORD_FIELDS
 from node.fhir_package import (
     DISPENSATION,
+    DISPENSATION_FIELDS,
     DISPENSATION_ROW,
     MANIFEST_EXTENSION,
     NODE_RECORD,
+    PRESCRIPTION_FIELDS,
     PRESCRIPTION_STATE,
+    RECORD_FIELDS,
     RECORD_TYPES,
     SHREDDED,
     SIGNED_PRESCRIPTION,
     PackageError,
+    PackageSummary,
     extension_value,
     json_extension,
     lines,
@@ -63,24 +63,13 @@ from node.models import (
 )
 from node.outbox import announce
 from node.prescription_store import PrescriptionStore, payload_digest, seal_free_text
-from node.restore import MIGRATIONS, _non_empty_table
+from node.restore import empty_database
 from node.store import CONTENTS, RECORDS
 
 BATCH = 200
 P_ROWS: Table = PrescriptionRow.__table__  # type: ignore[assignment]
 IMPORT_EVENT = "import"
 DCM_IMPORT = "110107"
-
-
-@dataclass
-class ImportSummary:
-    region: str
-    manifest_sha256: str
-    patients: int = 0
-    records: int = 0
-    shredded_records: int = 0
-    prescriptions: int = 0
-    dispensations: int = 0
 
 
 def import_package(
@@ -92,25 +81,16 @@ def import_package(
     sealer: Sealer | None = None,
     operator: str = "",
     region: str | None = None,
-) -> ImportSummary:
+) -> PackageSummary:
     """Import the package in `directory` into the empty database at `db_url` (of the
     node of `region`, when given: a package of another region's node is refused)."""
     manifest, data = verify_package(directory, ca, crl_path)
     ours = manifest["extension"][MANIFEST_EXTENSION]
-    summary = ImportSummary(str(ours["region"]), hashlib.sha256(data).hexdigest())
+    summary = PackageSummary(str(ours["region"]), hashlib.sha256(data).hexdigest())
     if region is not None and region != summary.region:
         raise PackageError(f"the package is node {summary.region}'s, not node {region}'s")
-    if sqlite_file(db_url) is not None:
-        prepare_sqlite(db_url)
-    engine = make_engine(db_url, pool_size=2)
+    engine = empty_database(db_url, "import", PackageError)
     try:
-        busy = _non_empty_table(engine)
-        if busy:
-            raise PackageError(
-                f"refusing to import into a database that is not empty (table {busy} holds"
-                " rows): import only into a new, empty node database"
-            )
-        upgrade(engine, MIGRATIONS, VERSION_TABLE)
         with Session(writer(engine)) as session, session.begin():
             _Importer(engine, session, directory, sealer, summary).run()
             AuditLog(
@@ -125,7 +105,7 @@ def import_package(
     return summary
 
 
-def _event(summary: ImportSummary, ours: dict[str, Any], operator: str) -> AuditEvent:
+def _event(summary: PackageSummary, ours: dict[str, Any], operator: str) -> AuditEvent:
     return AuditEvent(
         event_type=IMPORT_EVENT,
         event_id=DCM_IMPORT,
@@ -155,7 +135,7 @@ class _Importer:
         session: Session,
         directory: Path,
         sealer: Sealer | None,
-        summary: ImportSummary,
+        summary: PackageSummary,
     ) -> None:
         self.session = session
         self.directory = directory
@@ -213,6 +193,7 @@ class _Importer:
                 " import it into a node with a KEK (--kek-file)"
             )
         self.shredded.add(traits.ins)
+        self.summary.shredded_patients += 1
         self.session.add(
             DataKeyRow(
                 patient_ins=traits.ins,

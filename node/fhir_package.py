@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -29,9 +30,12 @@ from typing import Any, BinaryIO, Final
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from dmp.audit.events import iso_instant
 from dmp.errors import DmpError
+from dmp.fhir.systems import FHIR_VERSION
 from dmp.revocation import RevocationList
 from dmp.signing import SignatureVerifier, Signer
+from node.integrity import HASHED_COLUMNS
 
 FORMAT: Final = "dmp-fhir-ndjson-v1"
 MANIFEST: Final = "manifest.json"
@@ -63,6 +67,53 @@ RECORD_TYPES: Final = (
     "Observation",
 )
 FILE_MODE: Final = 0o600
+
+
+#: A record's stored metadata as the package carries it (the hashed columns and the link
+#: to its prescription).
+RECORD_FIELDS = (*HASHED_COLUMNS, "prescription_id")
+#: A prescription's row as the package carries it (its progress and free text opened).
+PRESCRIPTION_FIELDS = (
+    "id",
+    "patient_ins",
+    "prescriber_rpps",
+    "authored_us",
+    "payload_sha256",
+    "created_us",
+    "version",
+    "dispensed",
+    "last_dispensed_us",
+    "cancelled_us",
+    "cancel_reason",
+    "holder",
+    "holder_pharmacy",
+    "held_until_us",
+)
+DISPENSATION_FIELDS = (
+    "id",
+    "prescription_id",
+    "dispensing",
+    "idempotency_key",
+    "pharmacist_identity",
+    "created_us",
+)
+
+
+@dataclass
+class PackageSummary:
+    """What a package holds: counted by the export that writes it, the import that reads it."""
+
+    region: str
+    manifest_sha256: str = ""
+    patients: int = 0
+    records: int = 0
+    shredded_patients: int = 0
+    shredded_records: int = 0
+    prescriptions: int = 0
+    dispensations: int = 0
+    audit_events: int = 0
+    #: The lines of each file written (an export's).
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 class PackageError(DmpError):
@@ -227,3 +278,55 @@ def lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(value, dict):
                 raise PackageError(f"{path.name} line {number} is not a JSON object")
             yield number, value
+
+
+def build_manifest(
+    node: str, transaction_us: int, files: dict[str, LineFile], summary: PackageSummary
+) -> dict[str, Any]:
+    """The Bulk Data export manifest of the files written, with our extension."""
+    resources = sorted(name for name in files if name.endswith(".ndjson"))
+    output = [
+        {
+            "type": name.removesuffix(".ndjson"),
+            "url": name,
+            "count": files[name].count,
+        }
+        for name in resources
+    ]
+    ours: dict[str, Any] = {
+        "format": FORMAT,
+        "fhirVersion": FHIR_VERSION,
+        "region": summary.region,
+        "node": node,
+        "records": summary.records,
+        "patients": summary.patients,
+        "prescriptions": summary.prescriptions,
+        "dispensations": summary.dispensations,
+        "audit": {
+            "events": summary.audit_events,
+            "checkpoints": files[CHECKPOINTS].count,
+            "log": AUDIT,
+            "checkpoints_file": CHECKPOINTS,
+        },
+        "shredded": {
+            "patients": summary.shredded_patients,
+            "records": summary.shredded_records,
+            "note": "records of crypto-shredded patients are exported as metadata only,"
+            f" marked by extension {SHREDDED}, with no Binary: their data key was destroyed"
+            " after the legal retention and their content and free text can no longer be read",
+        }
+        if summary.shredded_patients
+        else {"patients": 0, "records": 0},
+        "files": {
+            name: {"sha256": f.sha256, "bytes": f.size, "lines": f.count}
+            for name, f in sorted(files.items())
+        },
+    }
+    return {
+        "transactionTime": iso_instant(transaction_us),
+        "request": f"{node}/$export?_outputFormat=application/fhir+ndjson",
+        "requiresAccessToken": False,
+        "output": output,
+        "error": [],
+        "extension": {MANIFEST_EXTENSION: ours},
+    }

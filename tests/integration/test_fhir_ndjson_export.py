@@ -15,8 +15,7 @@ import base64
 import hashlib
 import json
 import shutil
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,6 @@ from tests.integration.prescription_helpers import (
     rx_node,
 )
 from tests.integration.test_prescriptions_node import verifier
-from tests.postgres import PostgresCluster
 
 K = record_pb2
 #: A patient the node knows only from a record (no identity traits given).
@@ -100,24 +98,6 @@ def rx_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("ndjson-pki")
     make_rx_pki(directory)
     return directory
-
-
-@pytest.fixture
-def databases(
-    postgres_cluster: PostgresCluster, tmp_path: Path
-) -> Iterator[Callable[[str, str], str]]:
-    made: list[str] = []
-
-    def make(kind: str, name: str) -> str:
-        if kind == "sqlite":
-            return f"sqlite:///{tmp_path / f'{name}.db'}"
-        database = f"t_{uuid.uuid4().hex[:12]}_{name}"
-        made.append(database)
-        return str(postgres_cluster.create_database(database))
-
-    yield make
-    for database in made:
-        postgres_cluster.drop_database(database)
 
 
 @dataclass
@@ -247,6 +227,21 @@ def check_package(directory: Path, pki: Path) -> dict[str, Any]:
     return manifest
 
 
+def served_content(pki: Path, url: str, kek: Path, record_id: str) -> bytes:
+    """A record's content as a node started on the database serves it to its author."""
+    with rx_node(pki, url, kek_file=kek) as (node, _):
+        doctor = client(pki, practitioner(DOCTOR), node.port)
+        try:
+            chunks = doctor.node.GetRecordContent(
+                pb.GetRecordContentRequest(record_id=record_id),
+                timeout=30,
+                metadata=doctor.md(op=READ_CONTENT, record_id=record_id),
+            )
+            return b"".join(c.chunk for c in chunks)
+        finally:
+            doctor.close()
+
+
 def resources(directory: Path, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (directory / f"{name}.ndjson").read_bytes().splitlines()]
 
@@ -324,18 +319,7 @@ def test_export_validates_as_fhir_and_imports_back_every_record(
     assert f"{len(before['records'])} records" in events[0]["detail"]
 
     # The imported node serves the records, content included.
-    with rx_node(rx_pki, copy, kek_file=other_kek) as (node, _):
-        doctor = client(rx_pki, practitioner(DOCTOR), node.port)
-        try:
-            record_id = filled.superseded
-            chunks = doctor.node.GetRecordContent(
-                pb.GetRecordContentRequest(record_id=record_id),
-                timeout=30,
-                metadata=doctor.md(op=READ_CONTENT, record_id=record_id),
-            )
-            assert b"".join(c.chunk for c in chunks) == b"version 1"
-        finally:
-            doctor.close()
+    assert served_content(rx_pki, copy, other_kek, filled.superseded) == b"version 1"
 
 
 @pytest.fixture(scope="module")
@@ -480,17 +464,6 @@ def test_a_shredded_patient_leaves_as_metadata_only_and_stays_shredded(
     for key, row in stored.items():
         if row.get("patient_ins", row.get("ins")) == PATIENT or key.startswith("dispensations/"):
             assert imported[key] == row, key  # kept as stored: it opens no more
-    with rx_node(rx_pki, db_url, kek_file=other_kek) as (node, _):
-        doctor = client(rx_pki, practitioner(DOCTOR), node.port)
-        try:
-            record_id = filled.superseded
-            chunks = doctor.node.GetRecordContent(
-                pb.GetRecordContentRequest(record_id=record_id),
-                timeout=30,
-                metadata=doctor.md(op=READ_CONTENT, record_id=record_id),
-            )
-            with pytest.raises(grpc.RpcError) as refused:
-                b"".join(c.chunk for c in chunks)
-            assert error_reason(refused.value) == "RECORD_SHREDDED"
-        finally:
-            doctor.close()
+    with pytest.raises(grpc.RpcError) as refused:
+        served_content(rx_pki, db_url, other_kek, filled.superseded)
+    assert error_reason(refused.value) == "RECORD_SHREDDED"
