@@ -158,8 +158,12 @@ def export_node(
             exporter.records(progress)
             exporter.prescriptions()
             exporter.audit()
-    finally:
+    except BaseException:
         files.close()
+        for one in files.files.values():  # no half package left behind
+            one.path.unlink(missing_ok=True)
+        raise
+    files.close()
     manifest = build_manifest(signer.principal.uri, transaction_us, files.files, summary)
     data = write_signed_manifest(out, manifest, signer)
     summary.manifest_sha256 = hashlib.sha256(data).hexdigest()

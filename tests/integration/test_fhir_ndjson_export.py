@@ -104,6 +104,7 @@ def rx_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Filled:
     superseded: str
     hidden: str
+    revealed: str
     prescription: str
 
 
@@ -132,12 +133,16 @@ def fill(pki: Path, url: str, kek: Path) -> Filled:
         hidden = draft(title="Annonce diagnostique")
         hidden.hidden_from_patient = True
         hidden_id = _put(doctor, hidden, b"a annoncer en consultation")
+        revealed = draft(title="Résultat annoncé")
+        revealed.hidden_from_patient = True
+        revealed_id = _put(doctor, revealed, b"annonce faite")
+        doctor.RevealRecord(pb.RevealRecordRequest(record_id=revealed_id), timeout=30)
         note = draft(kind=K.RECORD_KIND_PATIENT_NOTE, code="51855-5", title="Ma note")
         _put(actor(patient(PATIENT)).records, note, b"")  # an empty content too
         prescriber = actor(practitioner(DOCTOR))
         stored = prescriber.prescribe(renewals=1)
         actor(practitioner(PHARMACIST)).dispense(rx_id(stored))
-    return Filled(first, hidden_id, rx_id(stored))
+    return Filled(first, hidden_id, revealed_id, rx_id(stored))
 
 
 def stored_node(url: str, kek: Path) -> dict[str, Any]:
@@ -295,6 +300,8 @@ def test_export_validates_as_fhir_and_imports_back_every_record(
     for record_id, values in before["records"].items():
         assert after["records"][record_id] == values, record_id
     assert after["records"][filled.hidden]["hidden_from_patient"] is True
+    assert after["records"][filled.hidden]["revealed_us"] is None
+    assert after["records"][filled.revealed]["revealed_us"] is not None
     assert after["patients"] == before["patients"] and len(after["patients"]) == 2
     assert after["prescriptions"] == before["prescriptions"]
     assert after["dispensations"] == before["dispensations"] and after["dispensations"]
@@ -334,6 +341,27 @@ def package(rx_pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(["node", "export", "--format", "fhir-ndjson", "--out", str(out), "--db", url,
                  "--kek-file", str(kek), "--pki", str(rx_pki), "--region", "11"]) == 0  # fmt: skip
     return out
+
+
+def test_an_export_needs_the_kek_and_a_new_directory_and_an_import_the_region(
+    rx_pki: Path, package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    origin = f"sqlite:///{package.parent / 'origin.db'}"
+    common = ["--pki", str(rx_pki), "--region", "11", "--db", origin]
+    out = tmp_path / "again"
+    assert main(["node", "export", "--format", "fhir-ndjson", "--out", str(out), *common]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "dmp: node 11's records are sealed at rest: give its --kek-file"
+    )
+    assert not list(out.iterdir())  # nothing half written
+    kek = str(package.parent / "node-11.kek")
+    assert main(["node", "export", "--format", "fhir-ndjson", "--out", str(package),
+                 "--kek-file", kek, *common]) == 1  # fmt: skip
+    assert "is not an empty directory" in capsys.readouterr().err
+    target = f"sqlite:///{tmp_path / 'target.db'}"
+    assert main(["node", "import", str(package), "--db", target, "--pki", str(rx_pki),
+                 "--region", "53"]) == 1  # fmt: skip
+    assert capsys.readouterr().err.strip() == "dmp: the package is node 11's, not node 53's"
 
 
 def _import(pki: Path, directory: Path, url: str) -> int:
