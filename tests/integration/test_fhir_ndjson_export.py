@@ -38,7 +38,7 @@ from dmp.prescriptions import verify_prescription
 from dmp.server import error_reason
 from dmp.v1 import node_service_pb2 as pb
 from dmp.v1 import record_pb2
-from node import integrity
+from node import fhir_export, fhir_import, integrity
 from node.key_admin import shred_patient
 from node.keys import Sealer, open_traits
 from node.models import (
@@ -259,7 +259,11 @@ def test_export_validates_as_fhir_and_imports_back_every_record(
     capsys: pytest.CaptureFixture[str],
     source: str,
     target: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Pages and batches of 2: every page boundary of the export and the import is crossed.
+    monkeypatch.setattr(fhir_export, "PAGE", 2)
+    monkeypatch.setattr(fhir_import, "BATCH", 2)
     kek, other_kek = tmp_path / "node-11.kek", tmp_path / "new-host.kek"
     init_kek_file(kek)
     init_kek_file(other_kek)
