@@ -11,7 +11,7 @@ from typing import Any
 from dmp.cli.common import add_pki, add_service_storage
 from dmp.server import host_port, run_until_signalled
 from dmp.tls import MiB
-from node import backup_cli, handover_cli
+from node import backup_cli, export_cli, handover_cli
 from node.key_cli import register_keys
 
 
@@ -117,6 +117,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     serve.set_defaults(handler=_serve)
     register_keys(node_sub)
     backup_cli.register(node_sub)
+    export_cli.register(node_sub)
     handover_cli.register(node_sub)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +132,27 @@ def reset_sequences(conn: Connection, tables: dict[str, Table]) -> None:
                 )
 
 
+def empty_database(db_url: str, what: str, error: Callable[[str], Exception]) -> Engine:
+    """An engine on the database at `db_url` (a missing SQLite file created 0600) once it
+    is found to hold no row, migrated to this node's schema; `error` naming a table that
+    holds rows otherwise (nothing is ever merged into a node's data)."""
+    if sqlite_file(db_url) is not None:
+        prepare_sqlite(db_url)
+    engine = make_engine(db_url, pool_size=2)
+    try:
+        busy = _non_empty_table(engine)
+        if busy:
+            raise error(
+                f"refusing to {what} into a database that is not empty (table {busy} holds"
+                f" rows): {what} only into a new, empty database"
+            )
+        upgrade(engine, MIGRATIONS, VERSION_TABLE)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
 def restore_backup(
     path: Path,
     key: ec.EllipticCurvePrivateKey,
@@ -141,17 +162,8 @@ def restore_backup(
     progress: Progress | None = None,
 ) -> RestoreSummary:
     """Restore `path` into the empty database at `db_url`; BackupError when it cannot."""
-    if sqlite_file(db_url) is not None:
-        prepare_sqlite(db_url)
-    engine = make_engine(db_url, pool_size=2)
+    engine = empty_database(db_url, "restore", BackupError)
     try:
-        busy = _non_empty_table(engine)
-        if busy:
-            raise BackupError(
-                f"refusing to restore into a database that is not empty (table {busy} holds"
-                " rows): restore only into a new, empty database"
-            )
-        upgrade(engine, MIGRATIONS, VERSION_TABLE)
         metadata = MetaData()
         with engine.connect() as conn:
             metadata.reflect(bind=conn)

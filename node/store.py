@@ -473,6 +473,12 @@ class RecordStore:
             )
         return stmt.order_by(RecordRow.effective_us.desc(), RecordRow.id.desc()).limit(size + 1)
 
+    def messages(self, connection: Connection, rows: Sequence[Any]) -> list[record_pb2.Record]:
+        """The messages of stored rows read outside any access scope (the operator's
+        export), integrity checked and sealed metadata opened, as every read gives them."""
+        integrity.check(rows, self.region)
+        return self._protos(connection, rows)
+
     # -- encryption at rest ----------------------------------------------------------------
 
     def _keys(self, connection: Connection, rows: Sequence[Any]) -> dict[str, PatientKey]:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.federation import make_pki
 from tests.integration.access_federation import Fed, K, Target, record, running_access_federation
+from tests.postgres import PostgresCluster
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +51,26 @@ def db_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
     yield make
     for database in made:
         cluster.drop_database(database)
+
+
+@pytest.fixture
+def databases(
+    postgres_cluster: PostgresCluster, tmp_path: Path
+) -> Iterator[Callable[[str, str], str]]:
+    """Make databases by engine and name, for tests that cross engines (a SQLite node's
+    data into PostgreSQL and back): SQLite files, PostgreSQL databases dropped after."""
+    made: list[str] = []
+
+    def make(kind: str, name: str) -> str:
+        if kind == "sqlite":
+            return f"sqlite:///{tmp_path / f'{name}.db'}"
+        database = f"t_{uuid.uuid4().hex[:12]}_{name}"
+        made.append(database)
+        return str(postgres_cluster.create_database(database))
+
+    yield make
+    for database in made:
+        postgres_cluster.drop_database(database)
 
 
 # -- the access-policy federation -----------------------------------------------------------

@@ -3,8 +3,7 @@ round, and the node started on the copy serves the same records, contents includ
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,6 @@ from dmp.v1 import node_service_pb2 as pb
 from node.backup import write_backup
 from node.restore import restore_backup
 from tests.federation import DOCTOR, PATIENT, READ_CONTENT, Client, client, draft, running_node
-from tests.postgres import PostgresCluster
-
-
-@pytest.fixture
-def databases(
-    postgres_cluster: PostgresCluster, tmp_path: Path
-) -> Iterator[Callable[[str, str], str]]:
-    made: list[str] = []
-
-    def make(kind: str, name: str) -> str:
-        if kind == "sqlite":
-            return f"sqlite:///{tmp_path / f'{name}.db'}"
-        database = f"t_{uuid.uuid4().hex[:12]}_{name}"
-        made.append(database)
-        return str(postgres_cluster.create_database(database))
-
-    yield make
-    for database in made:
-        postgres_cluster.drop_database(database)
 
 
 def _served(c: Client) -> dict[str, tuple[bytes, bytes]]:
