@@ -216,9 +216,9 @@ def _pull(
     handover = read(engine)
     assert handover is not None
     if not handover.snapshot_done:
-        for batch in stub.StreamSnapshot(pb.StreamSnapshotRequest(successor_address=advertise)):
+        for part in stub.StreamSnapshot(pb.StreamSnapshotRequest(successor_address=advertise)):
             with writer(engine).begin() as conn:
-                rows += applier.apply(conn, batch.sealed)
+                rows += applier.apply(conn, part.batch.sealed)
             if progress:
                 progress("snapshot", before + rows)
         move(engine, {RECEIVING}, snapshot_done=True)

@@ -87,7 +87,7 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
 
     def StreamSnapshot(
         self, request: pb.StreamSnapshotRequest, context: CallContext
-    ) -> Iterator[pb.HandoverBatch]:
+    ) -> Iterator[pb.StreamSnapshotResponse]:
         handover, successor = self._handover(context)
         if handover.state == HANDED_OVER:
             raise FailedPrecondition("this region is already handed over", reason="REGION_MOVED")
@@ -97,7 +97,9 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
         with snapshot_connection(self._engine) as conn, conn.begin():
             for batch in snapshot_batches(conn, lambda: self._batch(successor)):
                 sent += batch.rows
-                yield pb.HandoverBatch(sealed=batch.seal(), rows=batch.rows)
+                yield pb.StreamSnapshotResponse(
+                    batch=pb.HandoverBatch(sealed=batch.seal(), rows=batch.rows)
+                )
         log.info("hand-over: snapshot of %d rows sent", sent)
 
     def PullChanges(

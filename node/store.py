@@ -34,7 +34,7 @@ from dmp.errors import (
 )
 from dmp.fields import check_time
 from dmp.identity import Principal
-from dmp.patients import IDENTITY_CONFLICT, TRAIT_NAMES, Traits, conflict_message, traits_of
+from dmp.patients import Traits, traits_of
 from dmp.policy import ReadScope
 from dmp.records import (
     CONFIDENTIALITY_NAMES,
@@ -48,9 +48,10 @@ from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
 from node import integrity
 from node.integrity import hash_row, hash_values
-from node.keys import PatientKey, Sealer, open_traits, seal_traits, shredded_error
-from node.models import PatientRow, RecordContentRow, RecordRow
+from node.keys import PatientKey, Sealer, shredded_error
+from node.models import RecordContentRow, RecordRow
 from node.outbox import LocatorOutbox, Pending, announce
+from node.patient_traits import merge_traits
 from node.records import fingerprint, to_proto
 from node.scoping import readable, readable_key, readable_params, readable_shape
 
@@ -211,7 +212,7 @@ class RecordStore:
                 written.append(Written(found.id, found.patient_ins, found, message))
                 continue
             if draft.traits is not None and draft.traits not in merged:
-                _merge_traits(session, draft.traits, self.sealer, keys, now)
+                merge_traits(session, draft.traits, self.sealer, keys, now)
                 merged.add(draft.traits)
             if draft.record.supersedes:
                 insert_pending()  # the version it supersedes may be in this batch
@@ -553,44 +554,6 @@ def cannot_supersede(record: record_pb2.Record) -> FailedPrecondition:
 
 def _not_yours(record_id: str) -> NotFound:
     return NotFound(f"record {record_id}: no record of yours with this id on this node")
-
-
-def _merge_traits(
-    session: Session, traits: Traits, sealer: Sealer | None, keys: dict[str, bytes], now: int
-) -> None:
-    """Keep the traits writers give; refuse those that contradict the ones kept. With a
-    sealer (encryption at rest) the free-text ones are stored sealed with the patient's
-    data key (node/keys.py), which `keys` keeps for the rest of the write."""
-    # Locked, then the data key: `dmp node encrypt` seals this row under the same lock,
-    # taken in the same order (SQLite's unit of work holds the write lock already).
-    row = session.get(PatientRow, traits.ins, with_for_update=True)
-    key = None
-    if sealer is not None:
-        if traits.ins not in keys:
-            keys[traits.ins] = sealer.key_for_write(session, traits.ins, now)
-        key = keys[traits.ins]
-    if row is None:
-        values = PatientRow.values(traits) if key is None else seal_traits(key, traits)
-        session.add(PatientRow(ins=traits.ins, **values))
-        return
-    if row.sealed is not None and key is None:
-        raise FailedPrecondition(
-            f"patient {traits.ins}'s identity traits are encrypted on this node, which was"
-            " started without its KEK: restart it with --kek-file"
-        )
-    kept = open_traits(key, row)
-    conflicts = kept.contradicts(traits)
-    if conflicts:
-        raise FailedPrecondition(conflict_message(traits.ins, conflicts), reason=IDENTITY_CONFLICT)
-    merged = Traits(
-        traits.ins, *(getattr(kept, name) or getattr(traits, name) for name in TRAIT_NAMES)
-    )
-    if key is None:
-        row.fill(merged)
-        return
-    if merged != kept or row.sealed is None:
-        for name, value in seal_traits(key, merged).items():
-            setattr(row, name, value)
 
 
 def encode_cursor(effective_us: int, record_id: str, query_print: bytes) -> str:

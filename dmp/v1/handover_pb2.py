@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64mp/v1/handover.proto\x12\x06\x64mp.v1\"2\n\x15StreamSnapshotRequest\x12\x19\n\x11successor_address\x18\x01 \x01(\t\"-\n\rHandoverBatch\x12\x0e\n\x06sealed\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x03\"R\n\x12PullChangesRequest\x12\x0f\n\x07\x61pplied\x18\x01 \x03(\x03\x12\x19\n\x11successor_address\x18\x02 \x01(\t\x12\x10\n\x08max_rows\x18\x03 \x01(\x05\"\xdc\x01\n\x13PullChangesResponse\x12$\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x15.dmp.v1.HandoverBatch\x12\x0f\n\x07\x63hanges\x18\x02 \x03(\x03\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x18\n\x10\x66inal_record_seq\x18\x04 \x01(\x03\x12\x17\n\x0f\x66inal_audit_seq\x18\x05 \x01(\x03\x12\x17\n\x0f\x66inal_root_hash\x18\x06 \x01(\x0c\x12\x0f\n\x07pending\x18\x07 \x01(\x03\x12\x1f\n\x17predecessor_certificate\x18\x08 \x01(\x0c\"H\n\x16\x43onfirmHandoverRequest\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x1b\n\x13successor_signature\x18\x02 \x01(\x0c\"Y\n\x17\x43onfirmHandoverResponse\x12\x1d\n\x15predecessor_signature\x18\x01 \x01(\x0c\x12\x1f\n\x17predecessor_certificate\x18\x02 \x01(\x0c\x32\xf7\x01\n\x0fHandoverService\x12H\n\x0eStreamSnapshot\x12\x1d.dmp.v1.StreamSnapshotRequest\x1a\x15.dmp.v1.HandoverBatch0\x01\x12\x46\n\x0bPullChanges\x12\x1a.dmp.v1.PullChangesRequest\x1a\x1b.dmp.v1.PullChangesResponse\x12R\n\x0f\x43onfirmHandover\x12\x1e.dmp.v1.ConfirmHandoverRequest\x1a\x1f.dmp.v1.ConfirmHandoverResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64mp/v1/handover.proto\x12\x06\x64mp.v1\"2\n\x15StreamSnapshotRequest\x12\x19\n\x11successor_address\x18\x01 \x01(\t\">\n\x16StreamSnapshotResponse\x12$\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x15.dmp.v1.HandoverBatch\"-\n\rHandoverBatch\x12\x0e\n\x06sealed\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x03\"R\n\x12PullChangesRequest\x12\x0f\n\x07\x61pplied\x18\x01 \x03(\x03\x12\x19\n\x11successor_address\x18\x02 \x01(\t\x12\x10\n\x08max_rows\x18\x03 \x01(\x05\"\xdc\x01\n\x13PullChangesResponse\x12$\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x15.dmp.v1.HandoverBatch\x12\x0f\n\x07\x63hanges\x18\x02 \x03(\x03\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x18\n\x10\x66inal_record_seq\x18\x04 \x01(\x03\x12\x17\n\x0f\x66inal_audit_seq\x18\x05 \x01(\x03\x12\x17\n\x0f\x66inal_root_hash\x18\x06 \x01(\x0c\x12\x0f\n\x07pending\x18\x07 \x01(\x03\x12\x1f\n\x17predecessor_certificate\x18\x08 \x01(\x0c\"H\n\x16\x43onfirmHandoverRequest\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x1b\n\x13successor_signature\x18\x02 \x01(\x0c\"Y\n\x17\x43onfirmHandoverResponse\x12\x1d\n\x15predecessor_signature\x18\x01 \x01(\x0c\x12\x1f\n\x17predecessor_certificate\x18\x02 \x01(\x0c\x32\x80\x02\n\x0fHandoverService\x12Q\n\x0eStreamSnapshot\x12\x1d.dmp.v1.StreamSnapshotRequest\x1a\x1e.dmp.v1.StreamSnapshotResponse0\x01\x12\x46\n\x0bPullChanges\x12\x1a.dmp.v1.PullChangesRequest\x1a\x1b.dmp.v1.PullChangesResponse\x12R\n\x0f\x43onfirmHandover\x12\x1e.dmp.v1.ConfirmHandoverRequest\x1a\x1f.dmp.v1.ConfirmHandoverResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STREAMSNAPSHOTREQUEST']._serialized_start=33
   _globals['_STREAMSNAPSHOTREQUEST']._serialized_end=83
-  _globals['_HANDOVERBATCH']._serialized_start=85
-  _globals['_HANDOVERBATCH']._serialized_end=130
-  _globals['_PULLCHANGESREQUEST']._serialized_start=132
-  _globals['_PULLCHANGESREQUEST']._serialized_end=214
-  _globals['_PULLCHANGESRESPONSE']._serialized_start=217
-  _globals['_PULLCHANGESRESPONSE']._serialized_end=437
-  _globals['_CONFIRMHANDOVERREQUEST']._serialized_start=439
-  _globals['_CONFIRMHANDOVERREQUEST']._serialized_end=511
-  _globals['_CONFIRMHANDOVERRESPONSE']._serialized_start=513
-  _globals['_CONFIRMHANDOVERRESPONSE']._serialized_end=602
-  _globals['_HANDOVERSERVICE']._serialized_start=605
-  _globals['_HANDOVERSERVICE']._serialized_end=852
+  _globals['_STREAMSNAPSHOTRESPONSE']._serialized_start=85
+  _globals['_STREAMSNAPSHOTRESPONSE']._serialized_end=147
+  _globals['_HANDOVERBATCH']._serialized_start=149
+  _globals['_HANDOVERBATCH']._serialized_end=194
+  _globals['_PULLCHANGESREQUEST']._serialized_start=196
+  _globals['_PULLCHANGESREQUEST']._serialized_end=278
+  _globals['_PULLCHANGESRESPONSE']._serialized_start=281
+  _globals['_PULLCHANGESRESPONSE']._serialized_end=501
+  _globals['_CONFIRMHANDOVERREQUEST']._serialized_start=503
+  _globals['_CONFIRMHANDOVERREQUEST']._serialized_end=575
+  _globals['_CONFIRMHANDOVERRESPONSE']._serialized_start=577
+  _globals['_CONFIRMHANDOVERRESPONSE']._serialized_end=666
+  _globals['_HANDOVERSERVICE']._serialized_start=669
+  _globals['_HANDOVERSERVICE']._serialized_end=925
 # @@protoc_insertion_point(module_scope)

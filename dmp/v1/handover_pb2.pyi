@@ -39,6 +39,26 @@ class StreamSnapshotRequest(_message.Message):
 Global___StreamSnapshotRequest: _TypeAlias = StreamSnapshotRequest  # noqa: Y015
 
 @_typing.final
+class StreamSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def batch(self) -> Global___HandoverBatch: ...
+    def __init__(
+        self,
+        *,
+        batch: Global___HandoverBatch | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamSnapshotResponse: _TypeAlias = StreamSnapshotResponse  # noqa: Y015
+
+@_typing.final
 class HandoverBatch(_message.Message):
     """A batch of rows, sealed to the successor's certificate (the framing of node backups:
     per table its name, columns and deleted keys, then rows).

@@ -44,7 +44,7 @@ class HandoverServiceStub:
         self.StreamSnapshot = channel.unary_stream(
                 '/dmp.v1.HandoverService/StreamSnapshot',
                 request_serializer=dmp_dot_v1_dot_handover__pb2.StreamSnapshotRequest.SerializeToString,
-                response_deserializer=dmp_dot_v1_dot_handover__pb2.HandoverBatch.FromString,
+                response_deserializer=dmp_dot_v1_dot_handover__pb2.StreamSnapshotResponse.FromString,
                 _registered_method=True)
         self.PullChanges = channel.unary_unary(
                 '/dmp.v1.HandoverService/PullChanges',
@@ -102,7 +102,7 @@ def add_HandoverServiceServicer_to_server(servicer, server):
             'StreamSnapshot': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamSnapshot,
                     request_deserializer=dmp_dot_v1_dot_handover__pb2.StreamSnapshotRequest.FromString,
-                    response_serializer=dmp_dot_v1_dot_handover__pb2.HandoverBatch.SerializeToString,
+                    response_serializer=dmp_dot_v1_dot_handover__pb2.StreamSnapshotResponse.SerializeToString,
             ),
             'PullChanges': grpc.unary_unary_rpc_method_handler(
                     servicer.PullChanges,
@@ -148,7 +148,7 @@ class HandoverService:
             target,
             '/dmp.v1.HandoverService/StreamSnapshot',
             dmp_dot_v1_dot_handover__pb2.StreamSnapshotRequest.SerializeToString,
-            dmp_dot_v1_dot_handover__pb2.HandoverBatch.FromString,
+            dmp_dot_v1_dot_handover__pb2.StreamSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,7 +40,7 @@ class HandoverServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> HandoverServiceAsyncStub: ...
-    StreamSnapshot: _grpc.UnaryStreamMultiCallable[_handover_pb2.StreamSnapshotRequest, _handover_pb2.HandoverBatch]
+    StreamSnapshot: _grpc.UnaryStreamMultiCallable[_handover_pb2.StreamSnapshotRequest, _handover_pb2.StreamSnapshotResponse]
     """Every row the predecessor holds, from one consistent snapshot taken after the
     capture of changes began (rows changed meanwhile also come through PullChanges).
     """
@@ -69,7 +69,7 @@ class HandoverServiceAsyncStub(HandoverServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    StreamSnapshot: _aio.UnaryStreamMultiCallable[_handover_pb2.StreamSnapshotRequest, _handover_pb2.HandoverBatch]  # type: ignore[assignment]
+    StreamSnapshot: _aio.UnaryStreamMultiCallable[_handover_pb2.StreamSnapshotRequest, _handover_pb2.StreamSnapshotResponse]  # type: ignore[assignment]
     """Every row the predecessor holds, from one consistent snapshot taken after the
     capture of changes began (rows changed meanwhile also come through PullChanges).
     """
@@ -101,7 +101,7 @@ class HandoverServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _handover_pb2.StreamSnapshotRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_handover_pb2.HandoverBatch], _abc.AsyncIterator[_handover_pb2.HandoverBatch]]:
+    ) -> _typing.Union[_abc.Iterator[_handover_pb2.StreamSnapshotResponse], _abc.AsyncIterator[_handover_pb2.StreamSnapshotResponse]]:
         """Every row the predecessor holds, from one consistent snapshot taken after the
         capture of changes began (rows changed meanwhile also come through PullChanges).
         """
