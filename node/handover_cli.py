@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, inspect, select
+from sqlalchemy.exc import SQLAlchemyError
 
-from dmp.cli.common import add_pki
+from dmp.cli.common import CommandError, add_pki
 from dmp.db import make_engine, upgrade
 from dmp.dbfile import prepare_sqlite
 from dmp.envelope import load_kek_file
@@ -124,10 +125,23 @@ def open_node_database(url: str, *, create: bool = False) -> Engine:
 
 
 def _existing(args: argparse.Namespace) -> Engine:
+    """The database of an existing node, as it is (its serving process migrates it)."""
     url = _url(args)
     if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).exists():
-        raise SystemExit(f"dmp: no node database at {url}: give the node's --db or --data-dir")
-    return open_node_database(url)
+        raise CommandError(f"no node database at {url}: give the node's --db or --data-dir")
+    engine = make_engine(url, pool_size=2)
+    try:
+        present = inspect(engine).has_table("handover")
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise CommandError(f"cannot read the node's database: {exc.__class__.__name__}") from None
+    if not present:
+        engine.dispose()
+        raise CommandError(
+            "this node's database predates hand-overs: serve it once with this version"
+            " (it migrates at start), then run the hand-over"
+        )
+    return engine
 
 
 def check_successor(pki_dir: Path, region: str, pem: bytes) -> str:
@@ -168,7 +182,7 @@ def _start(args: argparse.Namespace) -> int:
     try:
         pem = args.to.read_bytes()
     except OSError as exc:
-        raise SystemExit(f"dmp: cannot read {args.to}: {exc.strerror}") from None
+        raise CommandError(f"cannot read {args.to}: {exc.strerror}") from None
     check_successor(args.pki, region, pem)
     engine = _existing(args)
     try:
@@ -198,11 +212,11 @@ def _complete(args: argparse.Namespace) -> int:
             move(engine, {STREAMING}, state=FREEZING)
         print(f"region {args.region}: no more writes accepted; waiting for the successor")
         deadline = time.monotonic() + args.wait
-        last = ""
+        last = handover.state
         while time.monotonic() < deadline:
             handover = read(engine)
             if handover is None:
-                raise SystemExit("dmp: the hand-over was aborted")
+                raise CommandError("the hand-over was aborted")
             if handover.state != last:
                 last = handover.state
                 if last == FROZEN:
@@ -222,8 +236,8 @@ def _complete(args: argparse.Namespace) -> int:
             time.sleep(0.05)
     finally:
         engine.dispose()
-    raise SystemExit(
-        f"dmp: the successor has not confirmed within {args.wait:g} s; this node stays"
+    raise CommandError(
+        f"the successor has not confirmed within {args.wait:g} s; this node stays"
         f" frozen ({last}): run `complete` again to keep waiting, or `abort` to serve again"
     )
 

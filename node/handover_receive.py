@@ -33,6 +33,7 @@ from dmp.db import writer
 from dmp.envelope import KeyEncryptionKey
 from dmp.errors import FailedPrecondition
 from dmp.pki import certificate_from_pem, load_private_key, node_tls_name, principal_from_pem
+from dmp.server import error_reason
 from dmp.signing import Signer, signed_by
 from dmp.tls import secure_channel
 from dmp.v1 import handover_pb2 as pb
@@ -174,7 +175,7 @@ def receive(
                     raise HandoverRefused(
                         f"the predecessor at {predecessor} answered {exc.code().name}:"
                         f" {exc.details()}",
-                        reason="HANDOVER_REFUSED",
+                        reason=error_reason(exc) or "HANDOVER_REFUSED",
                     ) from None
                 log.warning(
                     "hand-over: the predecessor at %s is not reachable (%s): retrying",

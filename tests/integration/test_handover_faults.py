@@ -1,0 +1,295 @@
+"""A hand-over under faults: kill -9 of the predecessor or the successor at each step,
+crashes between the successor's writes, an abort racing the confirmation, and successors
+that must be refused. Never two nodes accepting writes for the region at once."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dmp.cli.main import main
+from dmp.client import NodeClient
+from dmp.db import make_engine
+from dmp.errors import FailedPrecondition
+from dmp.pki import Pki, load_credentials
+from dmp.server import error_reason
+from dmp.tls import secure_channel
+from dmp.v1 import handover_pb2, handover_pb2_grpc
+from node import handover_receive, handover_rows
+from node.app import NodeConfig, start_node
+from node.handover_cli import open_node_database
+from node.handover_receive import HandoverRefused, receive
+from node.handover_state import FREEZING, FROZEN, HANDED_OVER, IN_CHARGE, read
+from tests.federation import DOCTOR, PATIENT, draft, identity_of
+from tests.handover_rig import REGION, Hosts, Server, Writer, handover_cli, read_back, until
+from tests.integration.test_handover import free_address
+
+
+def _put(address: str, pki: Path, record_id: str) -> bool:
+    """Whether the node at `address` accepts a write now."""
+    with NodeClient(address, load_credentials(pki, f"practitioner-{DOCTOR}")) as client:
+        try:
+            client.put_record(
+                draft(record_id=record_id), b"probe", patient=identity_of(PATIENT), timeout=5
+            )
+        except grpc.RpcError as exc:
+            assert exc.code() is grpc.StatusCode.UNAVAILABLE, exc.details()
+            return False
+    return True
+
+
+def _state(url: str) -> str | None:
+    engine = make_engine(url)
+    try:
+        handover = read(engine)
+    finally:
+        engine.dispose()
+    return handover.state if handover else None
+
+
+def test_kill_9_of_either_node_at_each_step_resumes_the_handover(
+    tmp_path: Path, db_factory: Callable[[str], str]
+) -> None:
+    hosts = Hosts.make(tmp_path)
+    a_url, b_url = db_factory("a"), f"sqlite:///{tmp_path / 'b.db'}"
+    a_addr, b_addr = free_address(), free_address()
+    a_args = ["node", "serve", "--pki", str(hosts.a), "--region", REGION, "--db", a_url,
+              "--listen", a_addr]  # fmt: skip
+    b_args = ["node", "serve", "--pki", str(hosts.b), "--region", REGION, "--db", b_url,
+              "--listen", b_addr, "--successor-of", a_addr]  # fmt: skip
+    servers: list[Server] = []
+
+    def run(name: str, args: list[str]) -> Server:
+        server = Server(tmp_path / f"{name}.log", *args)
+        servers.append(server)
+        return server
+
+    probes = 0
+
+    def accepting() -> tuple[bool, bool]:
+        nonlocal probes
+        probes += 1
+        return _put(a_addr, hosts.national, f"probe-a-{probes}"), _put(
+            b_addr, hosts.national, f"probe-b-{probes}"
+        )
+
+    a = run("a", a_args)
+    try:
+        a.address()
+        writer = Writer("w", hosts.national, a_addr).start()
+        until(lambda: len(writer.acked) > 20, "writes at A")
+        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        assert accepting() == (True, False)
+
+        b = run("b", b_args)  # killed while it receives, then started again
+        b.wait_line("hand-over:")
+        b.kill()
+        assert accepting() == (True, False)
+        b = run("b2", b_args)
+        b.wait_line("hand-over: changes")
+
+        a.kill()  # the predecessor dies while the successor pulls changes
+        assert _put(b_addr, hosts.national, "probe-b-while-a-down") is False
+        a = run("a2", a_args)
+        a.address()
+        until(lambda: len(writer.acked) > 60, "writes at A again")
+
+        done: list[int] = []
+        completing = threading.Thread(
+            target=lambda: done.append(handover_cli("complete", hosts.a, a_url, "--wait", "120"))
+        )
+        completing.start()
+        until(lambda: _state(a_url) in (FREEZING, FROZEN, HANDED_OVER), "the freeze request")
+        a.kill()  # the predecessor dies as it freezes
+        a = run("a3", a_args)
+        a.address()  # starts closed: frozen, no write accepted
+        completing.join(timeout=150)
+        assert done == [0]
+        assert b.address() == b_addr
+        assert accepting() == (False, True)
+        until(lambda: writer.address == b_addr and writer.acked[-1].at == b_addr, "writes at B")
+        writer.stop()
+    finally:
+        for server in reversed(servers):
+            if server.process.poll() is None:
+                server.stop()
+    assert not writer.errors
+    at_a = [i for i, item in enumerate(writer.acked) if item.at == a_addr]
+    at_b = [i for i, item in enumerate(writer.acked) if item.at == b_addr]
+    assert at_a and at_b and max(at_a) < min(at_b)  # one writer node at a time
+    b = run("b3", ["node", "serve", "--pki", str(hosts.b), "--region", REGION, "--db", b_url])
+    try:
+        assert read_back(hosts.national, b.address(), writer.acked) == []
+    finally:
+        b.stop()
+    assert _state(a_url) == HANDED_OVER and _state(b_url) == IN_CHARGE
+    assert main(["audit", "verify", "--pki", str(hosts.b), "--db", b_url]) == 0
+
+
+@contextmanager
+def _predecessor(hosts: Hosts, url: str) -> Iterator[str]:
+    node = start_node(NodeConfig(pki_dir=hosts.a, region=REGION, db_url=url))
+    try:
+        yield f"127.0.0.1:{node.port}"
+    finally:
+        node.stop(grace=None)
+
+
+def _receive(hosts: Hosts, url: str, address: str) -> handover_receive.Received:
+    engine = open_node_database(url, create=True)
+    try:
+        return receive(engine, load_credentials(hosts.b, f"node-{REGION}"), address, kek=None)
+    finally:
+        engine.dispose()
+
+
+def _write(address: str, hosts: Hosts, count: int, prefix: str) -> None:
+    for i in range(count):
+        assert _put(address, hosts.national, f"{prefix}-{i}")
+
+
+@pytest.mark.parametrize("crash", ["snapshot", "changes", "after-confirm"])
+def test_successor_crashing_between_its_writes_resumes(
+    crash: str, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hosts = Hosts.make(tmp_path)
+    b_url = f"sqlite:///{tmp_path / 'b.db'}"
+    with _predecessor(hosts, db_url) as a_addr:
+        _write(a_addr, hosts, 30, "before")
+        assert handover_cli("start", hosts.a, db_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        _write(a_addr, hosts, 5, "during")
+        assert handover_cli("complete", hosts.a, db_url, "--wait", "0") != 0  # frozen
+        until(lambda: _state(db_url) == FROZEN, "the freeze")
+
+        real_apply = handover_rows.Applier.apply
+        real_charge = handover_receive._take_charge
+        calls = {"n": 0}
+
+        def crashing_apply(self: handover_rows.Applier, conn: object, sealed: bytes) -> int:
+            calls["n"] += 1
+            if (crash == "snapshot" and calls["n"] == 1) or (
+                crash == "changes" and calls["n"] == 2
+            ):
+                raise RuntimeError("killed")
+            return real_apply(self, conn, sealed)  # type: ignore[arg-type]
+
+        def crashing_charge(*args: object) -> None:
+            raise RuntimeError("killed")
+
+        monkeypatch.setattr(handover_rows.Applier, "apply", crashing_apply)
+        if crash == "after-confirm":
+            monkeypatch.setattr(handover_receive, "_take_charge", crashing_charge)
+        with pytest.raises(RuntimeError, match="killed"):
+            _receive(hosts, b_url, a_addr)
+        monkeypatch.setattr(handover_rows.Applier, "apply", real_apply)
+        monkeypatch.setattr(handover_receive, "_take_charge", real_charge)
+        if crash == "after-confirm":
+            assert _state(db_url) == HANDED_OVER  # A let go; B must finish
+        else:
+            assert _state(db_url) == FROZEN
+        done = _receive(hosts, b_url, a_addr)
+        assert not done.already and done.final_record_seq == 35
+        assert _state(db_url) == HANDED_OVER and _state(b_url) == IN_CHARGE
+    assert main(["audit", "verify", "--pki", str(hosts.b), "--db", b_url]) == 0
+    engine = make_engine(b_url)
+    try:
+        with engine.connect() as conn:
+            events = conn.exec_driver_sql(
+                "SELECT count(*) FROM audit_events WHERE event_json LIKE '%\"handover\"%'"
+            ).scalar()
+    finally:
+        engine.dispose()
+    assert events == 1
+
+
+def test_abort_racing_the_confirmation_leaves_the_predecessor_in_charge(
+    tmp_path: Path, db_url: str
+) -> None:
+    hosts = Hosts.make(tmp_path)
+    b_url = f"sqlite:///{tmp_path / 'b.db'}"
+    with _predecessor(hosts, db_url) as a_addr:
+        _write(a_addr, hosts, 10, "before")
+        assert handover_cli("start", hosts.a, db_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        assert handover_cli("complete", hosts.a, db_url, "--wait", "0") != 0
+        until(lambda: _state(db_url) == FROZEN, "the freeze")
+        assert _put(a_addr, hosts.national, "while-frozen") is False
+        original = handover_receive._confirm
+
+        def abort_first(*args: object, **kwargs: object) -> object:
+            assert handover_cli("abort", hosts.a, db_url) == 0
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+
+        handover_receive._confirm = abort_first  # type: ignore[assignment]
+        try:
+            with pytest.raises(HandoverRefused) as refused:
+                _receive(hosts, b_url, a_addr)
+        finally:
+            handover_receive._confirm = original
+        assert refused.value.reason in ("NO_HANDOVER", "HANDOVER_ABORTED")
+        until(lambda: _put(a_addr, hosts.national, "after-abort"), "A serving again")
+        assert _state(b_url) == "receiving"
+        with pytest.raises(FailedPrecondition) as receiving:
+            start_node(NodeConfig(pki_dir=hosts.b, region=REGION, db_url=b_url))
+        assert receiving.value.reason == "HANDOVER_RECEIVING"
+
+
+def test_no_abort_once_handed_over(tmp_path: Path) -> None:
+    hosts = Hosts.make(tmp_path)
+    a_url, b_url = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    with _predecessor(hosts, a_url) as a_addr:
+        _write(a_addr, hosts, 3, "before")
+        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        result: list[int] = []
+        t = threading.Thread(target=lambda: result.append(handover_cli("complete", hosts.a, a_url)))
+        t.start()
+        _receive(hosts, b_url, a_addr)
+        t.join()
+        assert result == [0]
+        assert handover_cli("abort", hosts.a, a_url) != 0
+        with NodeClient(a_addr, load_credentials(hosts.national, f"practitioner-{DOCTOR}")) as c:
+            until(lambda: _moved(c), "A pointing to its successor")
+    assert _state(a_url) == HANDED_OVER
+
+
+def _moved(client: NodeClient) -> bool:
+    try:
+        client.put_record(draft(record_id="late"), b"late", timeout=5)
+    except grpc.RpcError as exc:
+        return error_reason(exc) == "REGION_MOVED"
+    return False
+
+
+def test_handover_refused_to_another_region_another_ca_or_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hosts = Hosts.make(tmp_path)
+    a_url = f"sqlite:///{tmp_path / 'a.db'}"
+    with _predecessor(hosts, a_url) as a_addr:
+        other_ca = Pki.init(tmp_path / "other-ca")
+        other_ca.issue_node(REGION)
+        for cert, why in [
+            (hosts.b / "node-11.pem", "not the node of region 53"),
+            (tmp_path / "other-ca" / "node-53.pem", "not issued by this federation's CA"),
+            (hosts.a / "node-53.pem", "this node's own"),
+        ]:
+            assert handover_cli("start", hosts.a, a_url, "--to", str(cert)) != 0
+            assert why in capsys.readouterr().err
+        assert _state(a_url) is None
+        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        # Another node of the federation, even of the region's CA, may not pull.
+        for intruder in ("node-11", "node-84"):
+            channel = secure_channel(
+                a_addr, load_credentials(hosts.b, intruder), server_name="node-53.dmp.internal"
+            )
+            stub = handover_pb2_grpc.HandoverServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as denied:
+                stub.PullChanges(handover_pb2.PullChangesRequest(), timeout=10)
+            channel.close()
+            assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert error_reason(denied.value) == "NOT_THE_SUCCESSOR"
+        assert _put(a_addr, hosts.national, "still-serving")
