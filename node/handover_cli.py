@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from dmp.audit.verify import log_owner
 from dmp.cli.common import CommandError, add_pki
 from dmp.db import make_engine, upgrade
 from dmp.dbfile import prepare_sqlite
@@ -41,7 +42,7 @@ from node.handover_state import (
     move,
     read,
 )
-from node.models import HandoverChangeRow
+from node.models import HandoverChangeRow, audit_events
 
 
 def register(node_sub: argparse._SubParsersAction[Any]) -> None:
@@ -190,6 +191,12 @@ def _start(args: argparse.Namespace) -> int:
             raise FailedPrecondition(
                 "a hand-over is already recorded on this node: `dmp node handover status`"
             )
+        owner = log_owner(engine, audit_events)
+        if owner and owner != f"urn:dmp:node:{region}":
+            raise FailedPrecondition(
+                f"this database is the one of {owner}, not of the node of region {region}:"
+                " give the --region of the node whose --db this is"
+            )
         start_capture(engine)
         begin(engine, PREDECESSOR, STREAMING, pem.decode("ascii"), "")
     finally:
@@ -208,11 +215,11 @@ def _complete(args: argparse.Namespace) -> int:
         handover = read(engine)
         if handover is None or handover.role != PREDECESSOR:
             raise FailedPrecondition("no hand-over was started on this node")
-        if handover.state == STREAMING:
-            move(engine, {STREAMING}, state=FREEZING)
+        last = handover.state
+        if handover.state == STREAMING and move(engine, {STREAMING}, state=FREEZING):
+            last = FREEZING
         print(f"region {args.region}: no more writes accepted; waiting for the successor")
         deadline = time.monotonic() + args.wait
-        last = handover.state
         while time.monotonic() < deadline:
             handover = read(engine)
             if handover is None:

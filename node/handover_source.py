@@ -44,6 +44,7 @@ _CHANGES: Table = HandoverChangeRow.__table__  # type: ignore[assignment]
 #: How long a pull waits for a change when there is none (the successor pulls again).
 _WAIT = 0.25
 _DEFAULT_ROWS = 2000
+_ACK_SLICE = 1000
 
 
 def _der(pem: bytes | str) -> bytes:
@@ -74,6 +75,14 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
             raise PermissionDenied(
                 f"{context.principal.uri} is not the successor this node's operator named:"
                 " only the certificate given to `dmp node handover start --to` may take over",
+                reason="NOT_THE_SUCCESSOR",
+            )
+        if context.principal.uri != f"urn:dmp:node:{self._region}":
+            # A pin of another region's node (`start --region` naming the wrong region on
+            # a host that runs several) must not open this region's data to it.
+            raise PermissionDenied(
+                f"{context.principal.uri} is not a node of region {self._region}: a region"
+                " is handed over only to a node of the same region",
                 reason="NOT_THE_SUCCESSOR",
             )
         return handover, x509.load_pem_x509_certificate(handover.peer_cert_pem.encode())
@@ -108,8 +117,14 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
         handover, successor = self._handover(context)
         self._note_address(handover, request.successor_address)
         if request.applied:
+            applied = list(request.applied)
             with writer(self._engine).begin() as conn:
-                conn.execute(delete(_CHANGES).where(_CHANGES.c.seq.in_(list(request.applied))))
+                # In slices: a statement binds a bounded number of values (SQLite,
+                # PostgreSQL), and a call failing after the freeze is audited, past the
+                # final sequence the successor must match.
+                for start in range(0, len(applied), _ACK_SLICE):
+                    slice_ = applied[start : start + _ACK_SLICE]
+                    conn.execute(delete(_CHANGES).where(_CHANGES.c.seq.in_(slice_)))
         limit = min(max(request.max_rows or _DEFAULT_ROWS, 1), 10_000)
         waited = threading.Event()
         while True:
@@ -153,8 +168,13 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
         with self._confirm:
             handover = read(self._engine) or handover
             if handover.state == HANDED_OVER:
-                if handover.statement is not None and (
-                    handover.statement.encode() == request.statement
+                # Only the successor database that won may hear the countersignature
+                # again (it died before taking charge): another database of the same
+                # certificate, holding the same statement, must not take charge too.
+                if (
+                    handover.statement is not None
+                    and handover.statement.encode() == request.statement
+                    and handover.successor_signature == request.successor_signature
                 ):
                     answer.predecessor_signature = handover.predecessor_signature or b""
                     return answer
