@@ -73,6 +73,12 @@ def read(engine: Engine) -> Handover | None:
     return Handover(**values)
 
 
+def handed_over(engine: Engine) -> bool:
+    """Whether this node handed its region over (it never serves it again)."""
+    handover = read(engine)
+    return handover is not None and handover.role == PREDECESSOR and handover.state == HANDED_OVER
+
+
 def begin(engine: Engine, role: str, state: str, peer_cert_pem: str, peer_address: str) -> None:
     """Start a hand-over; refused if one is already recorded."""
     now = now_us()

@@ -27,7 +27,7 @@ from node.handover_receive import HandoverRefused
 from node.handover_state import FROZEN, HANDED_OVER, IN_CHARGE, PREDECESSOR, RECEIVING, STREAMING
 from node.handover_state import begin as begin_handover
 from tests.federation import DOCTOR, PATIENT
-from tests.handover_rig import REGION, Hosts, handover_cli, until
+from tests.handover_rig import REGION, Hosts, Server, handover_cli, until
 from tests.integration.test_handover_faults import _predecessor, _put, _receive, _state, _write
 
 _NODE_NAME = f"node-{REGION}.dmp.internal"
@@ -294,3 +294,41 @@ def test_a_huge_acknowledgement_after_the_freeze_does_not_wedge_the_handover(
         done = _receive(hosts, b_url, a_addr)
         assert done.final_record_seq == 3
     assert _state(a_url) == HANDED_OVER and _state(b_url) == IN_CHARGE
+
+
+def test_the_predecessor_takes_no_more_backups_once_handed_over(tmp_path: Path) -> None:
+    """The outgoing host keeps no copy (CSP L1111-8): its scheduled backups stop with the
+    hand-over instead of writing the region's whole content again every period."""
+    hosts = Hosts.make(tmp_path)
+    a_url, b_url = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    backups = tmp_path / "a-backups"
+    config = NodeConfig(
+        pki_dir=hosts.a, region=REGION, db_url=a_url, backup_every=0.1, backup_dir=backups
+    )
+    node = start_node(config)
+    try:
+        a_addr = f"127.0.0.1:{node.port}"
+        _write(a_addr, hosts, 3, "before")
+        scheduler = node.backups
+        assert scheduler is not None
+        until(lambda: scheduler.runs > 0, "a first backup")
+        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        result: list[int] = []
+        t = threading.Thread(target=lambda: result.append(handover_cli("complete", hosts.a, a_url)))
+        t.start()
+        # The successor in its own process (migrations are not for two threads at once).
+        successor = Server(
+            tmp_path / "b.log",
+            "node", "handover", "receive", "--pki", str(hosts.b), "--region", REGION,
+            "--db", b_url, "--from", a_addr,
+        )  # fmt: skip
+        assert successor.process.wait(timeout=120) == 0
+        successor.stop()
+        t.join()
+        assert result == [0]
+        kept = set(backups.iterdir())
+        runs = scheduler.runs
+        until(lambda: scheduler.runs >= runs + 3, "three more backup periods")
+        assert set(backups.iterdir()) - kept == set()
+    finally:
+        node.stop(grace=None)
