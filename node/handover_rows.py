@@ -15,6 +15,7 @@ acknowledged) leaves the same database.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -207,6 +208,44 @@ def changed_rows(
         gone = [key for key in keys if tuple(key) not in present]
         if gone:
             batch.delete(table, gone)
+
+
+def _canonical(value: Any) -> bytes:
+    """One column value, typed and length-prefixed, the same read from either engine."""
+    value = _value(value)
+    if value is None:
+        return b"N"
+    if isinstance(value, bool):
+        return b"T" if value else b"F"
+    if isinstance(value, int):
+        data, tag = str(value).encode(), b"I"
+    elif isinstance(value, str):
+        data, tag = value.encode("utf-8"), b"S"
+    else:
+        data, tag = bytes(value), b"B"
+    return tag + len(data).to_bytes(8, "big") + data
+
+
+def rows_digest(conn: Connection) -> str:
+    """SHA-256 over every handed-over row the connection sees, whatever the engine and
+    the order it returns rows in; a data key counts without its wrapping (each host wraps
+    with its own KEK). Both nodes sign it: the successor holds exactly these rows."""
+    total = hashlib.sha256()
+    for table in sorted(handed_tables(), key=lambda t: t.name):
+        names = [c.name for c in table.columns]
+        hashes = []
+        for row in conn.execution_options(yield_per=1000).execute(select(table)):
+            values = dict(zip(names, row, strict=True))
+            if table.name == DATA_KEYS:
+                values["wrapped"] = values["wrapped"] is None
+                values["kek_id"] = None
+            hashes.append(hashlib.sha256(b"".join(_canonical(values[n]) for n in names)).digest())
+        hashes.sort()
+        part = hashlib.sha256(table.name.encode() + len(hashes).to_bytes(8, "big"))
+        for digest in hashes:
+            part.update(digest)
+        total.update(part.digest())
+    return total.hexdigest()
 
 
 class Applier:

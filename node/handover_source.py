@@ -23,7 +23,13 @@ from dmp.signing import Signer, signed_by
 from dmp.v1 import handover_pb2 as pb
 from dmp.v1 import handover_pb2_grpc
 from node.backup import snapshot_connection
-from node.handover_rows import BatchWriter, Unwrapper, changed_rows, snapshot_batches
+from node.handover_rows import (
+    BatchWriter,
+    Unwrapper,
+    changed_rows,
+    rows_digest,
+    snapshot_batches,
+)
 from node.handover_state import (
     FREEZING,
     FROZEN,
@@ -187,6 +193,8 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                     " `dmp node handover complete`; pull the changes until they are complete",
                     reason="HANDOVER_NOT_FROZEN",
                 )
+            with snapshot_connection(self._engine) as conn, conn.begin():
+                rows = rows_digest(conn)  # frozen: nothing changes it now
             expected = statement(
                 self._region,
                 self._credentials.cert_pem,
@@ -194,11 +202,12 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                 handover.final_record_seq,
                 handover.final_audit_seq or 0,
                 handover.final_root_hash or b"",
+                rows,
             )
             if request.statement != expected:
                 raise InvalidArgument(
                     "the statement does not match this node's final state: the successor does"
-                    " not hold exactly this node's last record and audit sequence"
+                    " not hold exactly this node's rows, last record and audit sequence"
                     f" (expected {expected.decode()})",
                     reason="HANDOVER_MISMATCH",
                 )

@@ -87,6 +87,13 @@ def _every_call(stub: handover_pb2_grpc.HandoverServiceStub) -> list[Callable[[]
     ]
 
 
+def _frozen(hosts: Hosts, url: str) -> None:
+    """`start`, then `complete` without waiting: the predecessor frozen, no successor."""
+    assert handover_cli("start", hosts.a, url, "--to", str(hosts.b / "node-53.pem")) == 0
+    assert handover_cli("complete", hosts.a, url, "--wait", "0") != 0
+    until(lambda: _state(url) == FROZEN, "the freeze")
+
+
 def test_nobody_but_the_pinned_successor_reads_or_forgets_anything(
     tmp_path: Path, db_url: str
 ) -> None:
@@ -129,9 +136,7 @@ def test_a_second_successor_database_never_takes_charge(
     primary, standby = f"sqlite:///{tmp_path / 'b1.db'}", f"sqlite:///{tmp_path / 'b2.db'}"
     with _predecessor(hosts, db_url) as a_addr:
         _write(a_addr, hosts, 5, "before")
-        assert handover_cli("start", hosts.a, db_url, "--to", str(hosts.b / "node-53.pem")) == 0
-        assert handover_cli("complete", hosts.a, db_url, "--wait", "0") != 0
-        until(lambda: _state(db_url) == FROZEN, "the freeze")
+        _frozen(hosts, db_url)
 
         def killed(*args: object, **kwargs: object) -> object:
             raise RuntimeError("killed")
@@ -157,9 +162,7 @@ def test_the_successor_that_won_gets_its_countersignature_again(
     b_url = f"sqlite:///{tmp_path / 'b.db'}"
     with _predecessor(hosts, db_url) as a_addr:
         _write(a_addr, hosts, 5, "before")
-        assert handover_cli("start", hosts.a, db_url, "--to", str(hosts.b / "node-53.pem")) == 0
-        assert handover_cli("complete", hosts.a, db_url, "--wait", "0") != 0
-        until(lambda: _state(db_url) == FROZEN, "the freeze")
+        _frozen(hosts, db_url)
 
         def killed(*args: object) -> None:
             raise RuntimeError("killed")
@@ -226,16 +229,21 @@ def test_a_node_of_another_region_never_pulls_this_region(tmp_path: Path, db_url
         assert _put(a_addr, hosts.national, "still-serving")
 
 
+def _hand_over(hosts: Hosts, a_url: str, a_addr: str, b_url: str) -> None:
+    """`start`, then `complete` while the successor receives into `b_url`."""
+    assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(handover_cli("complete", hosts.a, a_url)))
+    t.start()
+    _receive(hosts, b_url, a_addr)
+    t.join()
+    assert result == [0]
+
+
 def _handed_over(hosts: Hosts, a_url: str, b_url: str) -> None:
     with _predecessor(hosts, a_url) as a_addr:
         _write(a_addr, hosts, 3, "before")
-        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
-        result: list[int] = []
-        t = threading.Thread(target=lambda: result.append(handover_cli("complete", hosts.a, a_url)))
-        t.start()
-        _receive(hosts, b_url, a_addr)
-        t.join()
-        assert result == [0]
+        _hand_over(hosts, a_url, a_addr, b_url)
     # B serves a while: its own events and checkpoint after the hand-over.
     node = start_node(NodeConfig(pki_dir=hosts.b, region=REGION, db_url=b_url))
     try:
@@ -296,9 +304,7 @@ def test_a_huge_acknowledgement_after_the_freeze_does_not_wedge_the_handover(
     a_url, b_url = db_url, f"sqlite:///{tmp_path / 'b.db'}"
     with _predecessor(hosts, a_url) as a_addr:
         _write(a_addr, hosts, 3, "before")
-        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
-        assert handover_cli("complete", hosts.a, a_url, "--wait", "0") != 0
-        until(lambda: _state(a_url) == FROZEN, "the freeze")
+        _frozen(hosts, a_url)
         channel, stub = _stub(a_addr, hosts.b, f"node-{REGION}")
         try:
             answer = stub.PullChanges(
@@ -370,18 +376,13 @@ def _checkpoint_sizes(url: str) -> set[int]:
     return {int(size) for (size,) in rows}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: two receivers of the successor's certificate share one change log,"
-    " and the statement names only the last record and audit sequence; the fix is a digest"
-    " of every handed-over row in the statement (or the change log bound to one receiver)",
-)
 def test_changes_taken_by_another_receiver_are_not_missing_at_the_one_in_charge(
     tmp_path: Path,
 ) -> None:
     """The primary took the snapshot; a standby of the same certificate pulled and
-    acknowledged the last change (the predecessor's final checkpoint). The primary must
-    not take charge without it."""
+    acknowledged the last change (the predecessor's final checkpoint, which neither the
+    last record nor the audit root shows). The primary must not take charge without it:
+    the statement both sign names the digest of every row handed over."""
     hosts = Hosts.make(tmp_path)
     a_url, primary = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b1.db'}"
     credentials = load_credentials(hosts.b, f"node-{REGION}")
@@ -405,12 +406,11 @@ def test_changes_taken_by_another_receiver_are_not_missing_at_the_one_in_charge(
             stub.PullChanges(pb.PullChangesRequest(applied=answer.changes), timeout=30)
         finally:
             channel.close()
-        try:
+        with pytest.raises(HandoverRefused) as refused:
             _receive(hosts, primary, a_addr)
-        except HandoverRefused as refused:
-            assert refused.reason == "HANDOVER_MISMATCH"
-        else:
-            assert _checkpoint_sizes(a_url) <= _checkpoint_sizes(primary)
+        assert refused.value.reason == "HANDOVER_MISMATCH"
+        assert not _checkpoint_sizes(a_url) <= _checkpoint_sizes(primary)  # what it lacks
+        assert _state(a_url) == FROZEN and _state(primary) == RECEIVING  # nobody in charge
 
 
 def test_audit_verify_fails_on_a_checkpoint_after_the_handover_signed_by_the_predecessor(
@@ -459,13 +459,7 @@ def test_an_assertion_used_at_the_predecessor_is_refused_at_the_successor(
         assertion = client.assertion(PATIENT, operation=READ_RECORD, record_id=stored.id)
         request = npb.GetRecordRequest(record_id=stored.id)
         client.stub.GetRecord(request, metadata=assertion, timeout=10)  # used once at A
-        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
-        result: list[int] = []
-        t = threading.Thread(target=lambda: result.append(handover_cli("complete", hosts.a, a_url)))
-        t.start()
-        _receive(hosts, b_url, a_addr)
-        t.join()
-        assert result == [0]
+        _hand_over(hosts, a_url, a_addr, b_url)
     b = start_node(NodeConfig(pki_dir=hosts.b, region=REGION, db_url=b_url))
     try:
         with NodeClient(f"127.0.0.1:{b.port}", doctor) as at_b:
