@@ -35,9 +35,12 @@ from node.models import NodeBase
 #: Not handed over: the hand-over's own state and change log.
 LOCAL_TABLES: Final = frozenset({"handover", "handover_changes"})
 DATA_KEYS: Final = "data_keys"
-#: A batch holds at most about this many bytes of rows (one row may be larger).
-BATCH_BYTES: Final = 2 << 20
+#: A batch holds at most about this many bytes of rows, or one row alone: so that it
+#: fits in one message of any node (whose limit is its largest content plus 1 MiB).
+BATCH_BYTES: Final = 960 << 10
 BATCH_ROWS: Final = 2000
+#: At most this many keys of one table are read in one statement.
+_GROUP_KEYS: Final = 500
 
 
 def handed_tables() -> list[Table]:
@@ -129,6 +132,10 @@ class BatchWriter:
         self._parts.append(frame(TABLE, json.dumps(header).encode()))
         self._table = table.name
 
+    def fits(self, row: Sequence[Any]) -> bool:
+        """Whether `row` may join this batch (a first row always may)."""
+        return not self.rows or self.size + _size(row) <= BATCH_BYTES
+
     def add(self, table: Table, row: Sequence[Any]) -> None:
         if self._table != table.name:
             self._start(table)
@@ -140,7 +147,7 @@ class BatchWriter:
         )
         self._rows.append(values)
         self.rows += 1
-        self.size += sum(len(v) if isinstance(v, bytes | str) else 8 for v in values)
+        self.size += _size(values)
         if len(self._rows) >= 500:
             self._flush_rows()
 
@@ -163,6 +170,10 @@ class BatchWriter:
         return out.getvalue()
 
 
+def _size(row: Sequence[Any]) -> int:
+    return sum(len(v) if isinstance(v, bytes | str | memoryview) else 8 for v in row)
+
+
 def snapshot_batches(
     conn: Connection, new_batch: Callable[[], BatchWriter]
 ) -> Iterator[BatchWriter]:
@@ -172,6 +183,9 @@ def snapshot_batches(
         order = [table.c[name] for name in key_columns(table)]
         rows = conn.execution_options(yield_per=1000).execute(select(table).order_by(*order))
         for row in rows:
+            if not batch.fits(row):
+                yield batch
+                batch = new_batch()
             batch.add(table, row)
             if batch.full:
                 yield batch
@@ -182,32 +196,52 @@ def snapshot_batches(
 
 def changed_rows(
     conn: Connection, changes: Sequence[tuple[int, str, str]], batch: BatchWriter
-) -> None:
-    """The current state of the rows named by `changes` (seq, table, key) into `batch`:
-    a row that no longer exists goes as a deleted key. In the order of the changes, table
-    by table as they come (a row's parent was changed before it)."""
-    groups: list[tuple[Table, list[tuple[Any, ...]]]] = []
-    for _seq, name, pk in changes:
-        table = TABLES.get(name)
+) -> int:
+    """The current state of the rows named by `changes` (seq, table, key) into `batch`,
+    as far as it holds them: a row that no longer exists goes as a deleted key. In the
+    order of the changes, table by table as they come (a row's parent was changed before
+    it). Returns how many of the first changes the batch covers (the rest are sent in a
+    later batch)."""
+    covered = 0
+    while covered < len(changes):
+        table = TABLES.get(changes[covered][1])
         if table is None:
+            covered += 1
             continue
-        key = decode_key(table, pk)
-        if groups and groups[-1][0] is table:
-            if key not in groups[-1][1]:
-                groups[-1][1].append(key)
-        else:
-            groups.append((table, [key]))
-    for table, keys in groups:
+        # The next run of changes of one table: each key with the index of its first change.
+        first: dict[tuple[Any, ...], int] = {}
+        end = covered
+        while end < len(changes) and changes[end][1] == table.name:
+            key = decode_key(table, changes[end][2])
+            if key not in first:
+                if len(first) >= _GROUP_KEYS:
+                    break
+                first[key] = end
+            end += 1
         names = key_columns(table)
-        found = conn.execute(select(table).where(_key_filter(table, keys))).all()
-        present = set()
-        for row in found:
-            mapping = row._mapping
-            present.add(tuple(_value(mapping[name]) for name in names))
-            batch.add(table, row)
-        gone = [key for key in keys if tuple(key) not in present]
+        found = {
+            tuple(_value(row._mapping[name]) for name in names): row
+            for row in conn.execute(select(table).where(_key_filter(table, list(first))))
+        }
+        gone: list[tuple[Any, ...]] = []
+        stop: int | None = None
+        for key, index in first.items():
+            row = found.get(tuple(key))
+            if row is None:
+                gone.append(key)
+            elif batch.fits(row):
+                batch.add(table, row)
+            else:
+                stop = index  # this change and those after it: the next batch
+                break
         if gone:
             batch.delete(table, gone)
+        if stop is not None:
+            return stop
+        covered = end
+        if batch.full:
+            break
+    return covered
 
 
 def _canonical(value: Any) -> bytes:

@@ -125,3 +125,55 @@ def test_the_successor_holds_every_row_of_the_predecessor_with_its_own_kek(
     with pytest.raises(FailedPrecondition) as wrong:
         start_node(NodeConfig(pki_dir=hosts.b, region=REGION, db_url=b_url, kek_file=a_kek))
     assert wrong.value.reason == "WRONG_KEK"
+
+
+def test_large_records_written_while_streaming_still_reach_the_successor(
+    tmp_path: Path,
+) -> None:
+    """The snapshot and the changes go in batches within the message size both ends
+    accept: records near the node's largest content, before and while the hand-over
+    streams, must not make one answer too large to send (the successor would ask for it
+    again forever, and neither node would accept writes once A froze)."""
+    hosts = Hosts.make(tmp_path)
+    a_url, b_url = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    limit = 2 << 20
+    node = start_node(NodeConfig(pki_dir=hosts.a, region=REGION, db_url=a_url, max_content=limit))
+    try:
+        a_addr = f"127.0.0.1:{node.port}"
+        acked: list[Acked] = []
+        doctor = load_credentials(hosts.national, f"practitioner-{DOCTOR}")
+        with NodeClient(a_addr, doctor) as c:
+
+            def put(n: int, size: int) -> None:
+                content = bytes([n]) * size
+                record = c.put_record(
+                    draft(title=f"large {n}"), content, patient=identity_of(PATIENT)
+                )
+                acked.append(Acked(record.id, record.sha256, content, a_addr))
+
+            # In the snapshot: a batch three quarters full, then a row as large as allowed.
+            put(0, limit * 3 // 4)
+            put(1, limit - 1000)
+            assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+            for n in range(2, 5):  # then as changes: three such rows
+                put(n, limit - 1000)
+        result: list[int] = []
+        completing = threading.Thread(
+            target=lambda: result.append(handover_cli("complete", hosts.a, a_url))
+        )
+        completing.start()
+        engine = open_node_database(b_url, create=True)
+        try:
+            receive(engine, load_credentials(hosts.b, f"node-{REGION}"), a_addr, kek=None,
+                    max_content=limit + (1 << 20))  # fmt: skip
+        finally:
+            engine.dispose()
+        completing.join(timeout=90)
+        assert result == [0]
+    finally:
+        node.stop(grace=None)
+    b = start_node(NodeConfig(pki_dir=hosts.b, region=REGION, db_url=b_url, max_content=limit))
+    try:
+        assert read_back(hosts.national, f"127.0.0.1:{b.port}", acked) == []
+    finally:
+        b.stop(grace=None)
