@@ -142,6 +142,13 @@ def _existing(args: argparse.Namespace) -> Engine:
             "this node's database predates hand-overs: serve it once with this version"
             " (it migrates at start), then run the hand-over"
         )
+    owner = log_owner(engine, audit_events)
+    if owner and owner != f"urn:dmp:node:{check_region(args.region)}":
+        engine.dispose()
+        raise CommandError(
+            f"this database is the one of {owner}, not of the node of region {args.region}:"
+            " give the --region of the node whose --db this is"
+        )
     return engine
 
 
@@ -190,12 +197,6 @@ def _start(args: argparse.Namespace) -> int:
         if read(engine) is not None:
             raise FailedPrecondition(
                 "a hand-over is already recorded on this node: `dmp node handover status`"
-            )
-        owner = log_owner(engine, audit_events)
-        if owner and owner != f"urn:dmp:node:{region}":
-            raise FailedPrecondition(
-                f"this database is the one of {owner}, not of the node of region {region}:"
-                " give the --region of the node whose --db this is"
             )
         start_capture(engine)
         begin(engine, PREDECESSOR, STREAMING, pem.decode("ascii"), "")

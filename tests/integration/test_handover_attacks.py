@@ -199,6 +199,13 @@ def test_start_refuses_the_database_of_another_region(
         assert main(start) != 0
         assert "not of the node of region 11" in capsys.readouterr().err
         assert _state(db_url) is None
+        assert handover_cli("start", hosts.a, db_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        for step in ("status", "complete", "abort"):  # each refuses the wrong --region
+            other = ["node", "handover", step, "--pki", str(hosts.a), "--region", "11",
+                     "--db", db_url]  # fmt: skip
+            assert main(other) != 0
+            assert "not of the node of region 11" in capsys.readouterr().err
+        assert _state(db_url) == STREAMING
 
 
 def test_a_node_of_another_region_never_pulls_this_region(tmp_path: Path, db_url: str) -> None:
