@@ -373,6 +373,21 @@ class _SnapshotOnly:
         raise RuntimeError("killed")
 
 
+def _snapshot_only(hosts: Hosts, url: str, a_addr: str) -> None:
+    """The successor receiving into `url`, killed once it took the snapshot."""
+    credentials = load_credentials(hosts.b, f"node-{REGION}")
+    channel, stub = _stub(a_addr, hosts.b, f"node-{REGION}")
+    engine = open_node_database(url, create=True)
+    try:
+        begin_handover(engine, SUCCESSOR, RECEIVING, "", a_addr)
+        applier = Applier(load_private_key(credentials.key_pem), None)
+        with pytest.raises(RuntimeError, match="killed"):
+            handover_receive._pull(engine, _SnapshotOnly(stub), applier, "", None, 0)  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+        channel.close()
+
+
 def _checkpoint_sizes(url: str) -> set[int]:
     engine = make_engine(url)
     try:
@@ -392,19 +407,11 @@ def test_changes_taken_by_another_receiver_are_not_missing_at_the_one_in_charge(
     the statement both sign names the digest of every row handed over."""
     hosts = Hosts.make(tmp_path)
     a_url, primary = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b1.db'}"
-    credentials = load_credentials(hosts.b, f"node-{REGION}")
     with _predecessor(hosts, a_url) as a_addr:
         _write(a_addr, hosts, 3, "before")
         assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        _snapshot_only(hosts, primary, a_addr)
         channel, stub = _stub(a_addr, hosts.b, f"node-{REGION}")
-        engine = open_node_database(primary, create=True)
-        try:
-            begin_handover(engine, SUCCESSOR, RECEIVING, "", a_addr)
-            applier = Applier(load_private_key(credentials.key_pem), None)
-            with pytest.raises(RuntimeError, match="killed"):
-                handover_receive._pull(engine, _SnapshotOnly(stub), applier, "", None, 0)  # type: ignore[arg-type]
-        finally:
-            engine.dispose()
         assert handover_cli("complete", hosts.a, a_url, "--wait", "0") != 0
         until(lambda: _state(a_url) == FROZEN, "the freeze")
         try:  # the standby
@@ -506,3 +513,27 @@ def test_the_successor_served_on_a_fresh_database_does_not_accept_writes(
             assert not _put(f"127.0.0.1:{b.port}", hosts.national, "at-b-too")
         finally:
             b.stop(grace=None)
+
+
+def test_a_successor_database_of_an_aborted_handover_is_refused_then_a_new_one_takes_over(
+    tmp_path: Path,
+) -> None:
+    """A aborts after B took its snapshot, serves, and starts a new hand-over to the same
+    certificate; B resumes on the database of the first one (no new snapshot). It must
+    not take charge without what A wrote between the two; a new database does."""
+    hosts = Hosts.make(tmp_path)
+    a_url = f"sqlite:///{tmp_path / 'a.db'}"
+    stale, fresh = f"sqlite:///{tmp_path / 'b1.db'}", f"sqlite:///{tmp_path / 'b2.db'}"
+    with _predecessor(hosts, a_url) as a_addr:
+        _write(a_addr, hosts, 3, "before")
+        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        _snapshot_only(hosts, stale, a_addr)
+        assert handover_cli("abort", hosts.a, a_url) == 0
+        until(lambda: _put(a_addr, hosts.national, "between"), "A serving again")
+        _frozen(hosts, a_url)
+        with pytest.raises(HandoverRefused) as refused:
+            _receive(hosts, stale, a_addr)
+        assert refused.value.reason == "HANDOVER_MISMATCH"
+        assert _state(a_url) == FROZEN and _state(stale) == RECEIVING
+        assert _receive(hosts, fresh, a_addr).final_record_seq == 4
+    assert _state(a_url) == HANDED_OVER and _state(fresh) == IN_CHARGE
