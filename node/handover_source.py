@@ -66,6 +66,8 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
         self._signer = Signer(credentials)
         self._keys = Unwrapper(sealer.unwrap_key if sealer is not None else None)
         self._confirm = threading.Lock()
+        self._digest_lock = threading.Lock()
+        self._digest: tuple[tuple[int, int, int], str] | None = None
 
     def _handover(self, context: CallContext) -> tuple[Handover, x509.Certificate]:
         """The running hand-over, once the caller is its successor."""
@@ -154,6 +156,9 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                     )
             handover = read(self._engine) or handover
             if handover.state in (FROZEN, HANDED_OVER):
+                if handover.state == FROZEN and not self._digest_lock.locked():
+                    # Hashed while the successor hashes its own copy (ConfirmHandover).
+                    threading.Thread(target=self._hash_ahead, args=(handover,), daemon=True).start()
                 return pb.PullChangesResponse(
                     complete=True,
                     final_record_seq=handover.final_record_seq or 0,
@@ -165,6 +170,22 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                 return pb.PullChangesResponse()
             waited.wait(_WAIT)
             waited.set()
+
+    def _hash_ahead(self, handover: Handover) -> None:
+        try:
+            self._rows_digest(handover)
+        except Exception:  # ConfirmHandover hashes again, and says why it cannot
+            log.exception("hand-over: hashing the rows handed over failed")
+
+    def _rows_digest(self, handover: Handover) -> str:
+        """The digest of every row handed over, once per freeze (nothing changes them
+        then; a successor that retries its confirmation does not wait for it again)."""
+        key = (handover.started_us, handover.final_record_seq or 0, handover.final_audit_seq or 0)
+        with self._digest_lock:
+            if self._digest is None or self._digest[0] != key:
+                with snapshot_connection(self._engine) as conn, conn.begin():
+                    self._digest = (key, rows_digest(conn))
+            return self._digest[1]
 
     def ConfirmHandover(
         self, request: pb.ConfirmHandoverRequest, context: CallContext
@@ -193,8 +214,7 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                     " `dmp node handover complete`; pull the changes until they are complete",
                     reason="HANDOVER_NOT_FROZEN",
                 )
-            with snapshot_connection(self._engine) as conn, conn.begin():
-                rows = rows_digest(conn)  # frozen: nothing changes it now
+            rows = self._rows_digest(handover)
             expected = statement(
                 self._region,
                 self._credentials.cert_pem,
