@@ -7,17 +7,21 @@ byte. Everything is sealed to that certificate (node/handover_rows.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine, Table, delete, func, select
 
 from dmp.credentials import Credentials
 from dmp.db import writer
-from dmp.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from dmp.errors import DmpError, FailedPrecondition, InvalidArgument, PermissionDenied
+from dmp.failures import public_failure
 from dmp.server import CallContext
 from dmp.signing import Signer, signed_by
 from dmp.v1 import handover_pb2 as pb
@@ -51,11 +55,45 @@ _CHANGES: Table = HandoverChangeRow.__table__  # type: ignore[assignment]
 _WAIT = 0.25
 _DEFAULT_ROWS = 2000
 _ACK_SLICE = 1000
+_R = TypeVar("_R")
+_T = TypeVar("_T")
 
 
 def _der(pem: bytes | str) -> bytes:
     data = pem.encode("ascii") if isinstance(pem, str) else pem
     return x509.load_pem_x509_certificate(data).public_bytes(serialization.Encoding.DER)
+
+
+def _unaudited(method: Callable[..., _R]) -> Callable[..., _R]:
+    """A failure that is not a domain error, answered as dmp/failures.py says (logged
+    there under a reference) but not audited by the server: after the freeze an event
+    past the final sequence would keep the successor from ever matching this node."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except (DmpError, grpc.RpcError):
+            raise
+        except Exception as exc:
+            raise public_failure(exc, f"HandoverService/{method.__name__}") from None
+
+    return call
+
+
+def _unaudited_stream(method: Callable[..., Iterator[_T]]) -> Callable[..., Iterator[_T]]:
+    """`_unaudited` for a method that answers a stream."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Iterator[_T]:
+        try:
+            yield from method(*args, **kwargs)
+        except (DmpError, grpc.RpcError):
+            raise
+        except Exception as exc:
+            raise public_failure(exc, f"HandoverService/{method.__name__}") from None
+
+    return call
 
 
 class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
@@ -102,6 +140,7 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
         if address and address != handover.peer_address:
             move(self._engine, {STREAMING, FREEZING, FROZEN}, peer_address=address[:300])
 
+    @_unaudited_stream
     def StreamSnapshot(
         self, request: pb.StreamSnapshotRequest, context: CallContext
     ) -> Iterator[pb.StreamSnapshotResponse]:
@@ -119,6 +158,7 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                 )
         log.info("hand-over: snapshot of %d rows sent", sent)
 
+    @_unaudited
     def PullChanges(
         self, request: pb.PullChangesRequest, context: CallContext
     ) -> pb.PullChangesResponse:
@@ -187,6 +227,7 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                     self._digest = (key, rows_digest(conn))
             return self._digest[1]
 
+    @_unaudited
     def ConfirmHandover(
         self, request: pb.ConfirmHandoverRequest, context: CallContext
     ) -> pb.ConfirmHandoverResponse:

@@ -9,9 +9,11 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import exc as sa_exc
 
 from dmp.audit.checkpoints import sign_checkpoint
 from dmp.audit.merkle import MerkleFrontier
@@ -25,7 +27,7 @@ from dmp.tls import secure_channel
 from dmp.v1 import handover_pb2 as pb
 from dmp.v1 import handover_pb2_grpc
 from dmp.v1 import node_service_pb2 as npb
-from node import handover_receive
+from node import handover_receive, handover_rows, handover_source
 from node.app import NodeConfig, start_node
 from node.handover_capture import start_capture
 from node.handover_cli import open_node_database
@@ -537,3 +539,30 @@ def test_a_successor_database_of_an_aborted_handover_is_refused_then_a_new_one_t
         assert _state(a_url) == FROZEN and _state(stale) == RECEIVING
         assert _receive(hosts, fresh, a_addr).final_record_seq == 4
     assert _state(a_url) == HANDED_OVER and _state(fresh) == IN_CHARGE
+
+
+def test_a_failure_of_the_predecessor_after_the_freeze_does_not_wedge_the_handover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once frozen, the predecessor's database fails one pull (every connection busy):
+    the successor retries, and the failure is not audited past the final sequence (which
+    the successor could then never match: neither node would accept writes)."""
+    hosts = Hosts.make(tmp_path)
+    a_url, b_url = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    real = handover_rows.changed_rows
+    failures: list[int] = []
+
+    def busy_once(*args: Any) -> int:
+        if not failures:
+            failures.append(1)
+            raise sa_exc.TimeoutError("every connection is busy")
+        return real(*args)
+
+    with _predecessor(hosts, a_url) as a_addr:
+        _write(a_addr, hosts, 3, "before")
+        _frozen(hosts, a_url)
+        monkeypatch.setattr(handover_source, "changed_rows", busy_once)
+        done = _receive(hosts, b_url, a_addr)
+    assert failures and done.final_record_seq == 3
+    assert _state(a_url) == HANDED_OVER and _state(b_url) == IN_CHARGE
+    assert main(["audit", "verify", "--pki", str(hosts.b), "--db", b_url]) == 0
