@@ -238,7 +238,7 @@ def test_abort_racing_the_confirmation_leaves_the_predecessor_in_charge(
         assert receiving.value.reason == "HANDOVER_RECEIVING"
 
 
-def test_no_abort_once_handed_over(tmp_path: Path) -> None:
+def test_no_abort_once_handed_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hosts = Hosts.make(tmp_path)
     a_url, b_url = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     with _predecessor(hosts, a_url) as a_addr:
@@ -251,6 +251,13 @@ def test_no_abort_once_handed_over(tmp_path: Path) -> None:
         t.join()
         assert result == [0]
         assert handover_cli("abort", hosts.a, a_url) != 0
+        kek = tmp_path / "a.kek"
+        assert main(["node", "init-kek", str(kek)]) == 0
+        capsys.readouterr()
+        # Nor an operator's task writing into the predecessor's database: it would not
+        # reach the successor.
+        assert main(["node", "encrypt", "--db", a_url, "--kek-file", str(kek)]) != 0
+        assert "handing its region over" in capsys.readouterr().err
         with NodeClient(a_addr, load_credentials(hosts.national, f"practitioner-{DOCTOR}")) as c:
             until(lambda: _moved(c), "A pointing to its successor")
     assert _state(a_url) == HANDED_OVER
