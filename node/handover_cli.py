@@ -280,8 +280,11 @@ def _status(args: argparse.Namespace) -> int:
     print(
         f"region {args.region}: {handover.role} {handover.state}"
         f"; peer {handover.peer_address or '-'}"
-        f"; snapshot {'taken' if handover.snapshot_done else 'not taken'}"
-        f"; changes not yet applied {pending}"
+        + (
+            f"; snapshot {'applied' if handover.snapshot_done else 'not yet applied'}"
+            if handover.role == "successor"
+            else f"; changed rows not yet applied by the successor {pending}"
+        )
         + (
             f"; final record {handover.final_record_seq}, audit {handover.final_audit_seq}"
             if handover.final_record_seq is not None

@@ -300,3 +300,28 @@ def test_handover_refused_to_another_region_another_ca_or_itself(
             assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
             assert error_reason(denied.value) == "NOT_THE_SUCCESSOR"
         assert _put(a_addr, hosts.national, "still-serving")
+
+
+def test_audit_verify_refuses_a_forged_handover_proof(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hosts = Hosts.make(tmp_path)
+    a_url, b_url = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    with _predecessor(hosts, a_url) as a_addr:
+        _write(a_addr, hosts, 3, "before")
+        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        assert handover_cli("complete", hosts.a, a_url, "--wait", "0") != 0
+        until(lambda: _state(a_url) == FROZEN, "the freeze")
+        _receive(hosts, b_url, a_addr)
+    assert main(["audit", "verify", "--pki", str(hosts.b), "--db", b_url]) == 0
+    assert "hand-overs: 1 verified" in capsys.readouterr().out
+    engine = make_engine(b_url)
+    try:
+        with engine.begin() as conn:  # the host of B rewrites who signed, say
+            conn.exec_driver_sql(
+                "UPDATE handover_proofs SET predecessor_signature = successor_signature"
+            )
+    finally:
+        engine.dispose()
+    assert main(["audit", "verify", "--pki", str(hosts.b), "--db", b_url]) == 1
+    assert "the predecessor's signature does not verify" in capsys.readouterr().out
