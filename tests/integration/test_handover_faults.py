@@ -19,9 +19,9 @@ from dmp.errors import FailedPrecondition
 from dmp.pki import Pki, load_credentials
 from dmp.server import error_reason
 from dmp.tls import secure_channel
-from dmp.v1 import handover_pb2, handover_pb2_grpc
+from dmp.v1 import handover_pb2, handover_pb2_grpc, node_service_pb2
 from node import handover_receive, handover_rows
-from node.app import NodeConfig, start_node
+from node.app import NodeConfig, RunningNode, start_node
 from node.handover_cli import open_node_database
 from node.handover_receive import HandoverRefused, receive
 from node.handover_state import FREEZING, FROZEN, HANDED_OVER, IN_CHARGE, read
@@ -132,8 +132,10 @@ def test_kill_9_of_either_node_at_each_step_resumes_the_handover(
 
 
 @contextmanager
-def _predecessor(hosts: Hosts, url: str) -> Iterator[str]:
+def _predecessor(hosts: Hosts, url: str, nodes: list[RunningNode] | None = None) -> Iterator[str]:
     node = start_node(NodeConfig(pki_dir=hosts.a, region=REGION, db_url=url))
+    if nodes is not None:
+        nodes.append(node)
     try:
         yield f"127.0.0.1:{node.port}"
     finally:
@@ -325,3 +327,40 @@ def test_audit_verify_refuses_a_forged_handover_proof(
         engine.dispose()
     assert main(["audit", "verify", "--pki", str(hosts.b), "--db", b_url]) == 1
     assert "the predecessor's signature does not verify" in capsys.readouterr().out
+
+
+def test_a_stream_left_open_does_not_hold_the_freeze(tmp_path: Path) -> None:
+    hosts = Hosts.make(tmp_path)
+    a_url = f"sqlite:///{tmp_path / 'a.db'}"
+    nodes: list[RunningNode] = []
+    with _predecessor(hosts, a_url, nodes) as a_addr:
+        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        hold = threading.Event()
+
+        def requests() -> Iterator[node_service_pb2.IngestRecordsRequest]:
+            yield node_service_pb2.IngestRecordsRequest(
+                put=node_service_pb2.PutRecordRequest(
+                    record=draft(record_id="streamed"), content=b"s", patient=identity_of(PATIENT)
+                )
+            )
+            hold.wait(60)  # a client that never closes its stream
+
+        doctor = load_credentials(hosts.national, f"practitioner-{DOCTOR}")
+        with NodeClient(a_addr, doctor) as client:
+            outcome: list[grpc.StatusCode] = []
+
+            def ingest() -> None:
+                try:
+                    client.stub.IngestRecords(requests(), timeout=60)
+                    outcome.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    outcome.append(exc.code())
+
+            streaming = threading.Thread(target=ingest)
+            streaming.start()
+            until(lambda: nodes[0].server.gate.in_flight == 1, "the stream open at A")
+            assert handover_cli("complete", hosts.a, a_url, "--wait", "0") != 0
+            until(lambda: _state(a_url) == FROZEN, "the freeze despite the open stream")
+            hold.set()
+            streaming.join(timeout=60)
+        assert outcome == [grpc.StatusCode.CANCELLED]
