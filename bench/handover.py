@@ -16,6 +16,7 @@ must be listed by B (a lost write fails the section).
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from sqlalchemy import func, select
 
 from bench.backup import BackupPlan, _load
 from bench.clients import channel, patient_call_metadata, wait_ready
@@ -41,6 +43,7 @@ from dmp.server import error_metadata, error_reason
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc
 from node.handover_state import read
 from node.handover_watch import RETRY_SECONDS
+from node.models import HandoverChangeRow
 from tests.postgres import free_port
 
 REGION = "11"
@@ -56,8 +59,15 @@ _TAKEN_OVER = re.compile(r"taken over from (\S+): (\d+) rows in ([0-9.]+) s")
 class HandoverPlan:
     records: int = 100_000
     writers: int = 4
+    #: Puts per second of all the writers together, each writer paced to its share; 0:
+    #: every writer puts as fast as its node answers.
+    rate: float = 100.0
     #: Seconds the writers run on the predecessor after the snapshot, before `complete`.
     settle_seconds: float = 3.0
+    #: `complete` waits (at most `catch_up_seconds`) until the successor has at most this
+    #: many changed rows left to apply, as an operator watching `handover status` would.
+    caught_up_rows: int = 1000
+    catch_up_seconds: float = 600.0
     #: Seconds the writers run on the successor after its first acknowledged put.
     after_seconds: float = 2.0
     seed: int = 0
@@ -79,6 +89,7 @@ class _Writers:
     identity: str
     source: _Source
     count: int
+    rate: float
     acks: list[_Ack] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     moving: int = 0
@@ -113,7 +124,13 @@ class _Writers:
         conn = channel(address, self.pki_dir, self.identity)
         try:
             stub = node_service_pb2_grpc.NodeServiceStub(conn)
+            interval = self.count / self.rate if self.rate > 0 else 0.0
+            due = time.monotonic() + interval * n / self.count
             while not self._stop.is_set():
+                pause = due - time.monotonic()
+                if pause > 0 and self._stop.wait(pause):
+                    break
+                due = max(due + interval, time.monotonic())
                 request = self._next()
                 given_up = time.monotonic() + PUT_GIVE_UP_SECONDS
                 while not self._stop.is_set():
@@ -175,7 +192,6 @@ class _Successor:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.lines: list[tuple[float, str]] = []
-        self.listening = threading.Event()
         self.started = 0.0
         self._reader: threading.Thread | None = None
 
@@ -188,10 +204,10 @@ class _Successor:
     def _read(self, process: subprocess.Popen[str]) -> None:
         assert process.stdout is not None
         for line in process.stdout:
-            self.lines.append((time.monotonic(), line.strip()))
+            at = time.monotonic()
             if "listening on" in line:
                 self.service.address = line.rsplit(" ", 1)[1].strip()
-                self.listening.set()
+            self.lines.append((at, line.strip()))
 
     def first(self, text: str) -> float | None:
         return next((at for at, line in self.lines if text in line), None)
@@ -267,12 +283,29 @@ def _listed(address: str, pki_dir: Path, identity: str, patients: Sequence[str])
     return ids
 
 
+def _wait_caught_up(url: str, rows: int, timeout: float) -> tuple[float, int]:
+    """Wait until the predecessor has at most `rows` changes the successor has not applied
+    (what `dmp node handover status` counts); the seconds waited and the count then."""
+    engine = make_engine(url, pool_size=1)
+    started = time.monotonic()
+    try:
+        while True:
+            with engine.connect() as conn:
+                count = select(func.count()).select_from(HandoverChangeRow.__table__)
+                pending = int(conn.execute(count).scalar_one())
+            if pending <= rows or time.monotonic() - started > timeout:
+                return time.monotonic() - started, pending
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
 def _quiet_gap(times: Sequence[float], start: float, end: float) -> tuple[float, float]:
     """The longest interval between consecutive acknowledgements that overlaps
     [start, end]: (its length, where it began relative to `start`)."""
     ordered = sorted(times)
     best = (0.0, 0.0)
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in itertools.pairwise(ordered):
         if after >= start and before <= end and after - before > best[0]:
             best = (after - before, before - start)
     return best
@@ -336,23 +369,27 @@ def measure_handover(
             BackupPlan(records=plan.records, seed=plan.seed),
             section="j",
         )
-        writers = _Writers(predecessor.address, operator, writer, source, plan.writers)
+        writers = _Writers(predecessor.address, operator, writer, source, plan.writers, plan.rate)
         writers.start()
         on_a = ["--pki", str(a_dir), "--region", REGION, "--db", a_url]
         say(f"j: {pair}: handover start, {plan.writers} writers running")
-        _cli(["node", "handover", "start", "--to", str(b_dir / f"node-{REGION}.pem"), *on_a], "start")
+        certificate = str(b_dir / f"node-{REGION}.pem")
+        _cli(["node", "handover", "start", "--to", certificate, *on_a], "start")
         successor.service.args += ["--successor-of", predecessor.address]
         successor.start()
-        successor.wait_for("hand-over: snapshot", timeout=120)
+        first_progress = successor.wait_for("hand-over: snapshot", timeout=120)
         snapshot_done = _wait_snapshot(b_url, timeout=1800)
         say(f"j: {pair}: snapshot applied in {snapshot_done - successor.started:.1f} s")
         time.sleep(plan.settle_seconds)
-        say(f"j: {pair}: handover complete")
+        caught_up, pending = _wait_caught_up(a_url, plan.caught_up_rows, plan.catch_up_seconds)
+        say(
+            f"j: {pair}: handover complete ({pending} changes not yet applied by the successor,"
+            f" {caught_up:.1f} s after the settling)"
+        )
         t0 = time.monotonic()
         _cli(["node", "handover", "complete", *on_a], "complete")
         completed = time.monotonic()
-        if not successor.listening.wait(timeout=120):
-            raise BenchError(f"the successor did not serve: see {successor.service.log_path}")
+        listening = successor.wait_for("listening on", timeout=120)
         deadline = time.monotonic() + 60
         while not writers.acknowledged_by(successor.service.address):
             if time.monotonic() > deadline or writers.errors:
@@ -388,7 +425,8 @@ def measure_handover(
     rows = int(matched.group(2)) if matched else 0
     snapshot_s = snapshot_done - successor.started
     gap, gap_at = _quiet_gap([ack.at for ack in writers.acks], t0, first_b)
-    label = f"{a_engine} -> {b_engine}, {plan.records} records, {plan.writers} writers"
+    pace = f"{plan.rate:g} puts/s" if plan.rate > 0 else "unpaced"
+    label = f"{a_engine} -> {b_engine}, {plan.records} records, {plan.writers} writers {pace}"
     results.figure(
         f"j.{pair}.switch_s",
         "j",
@@ -421,7 +459,11 @@ def measure_handover(
         "puts_acknowledged": len(acked),
         "puts_acknowledged_by_successor": len(writers.acknowledged_by(successor.service.address)),
         "snapshot_seconds": round(snapshot_s, 2),
+        "successor_first_progress_after_start_s": round(first_progress - successor.started, 2),
+        "catch_up_wait_s": round(caught_up, 2),
+        "changes_pending_before_complete": pending,
         "complete_seconds": round(completed - t0, 2),
+        "successor_listening_after_complete_s": round(listening - t0, 2),
         "first_refusal_after_complete_s": (
             round(writers.first_moving - t0, 3) if writers.first_moving is not None else None
         ),

@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--handover-writers", type=int, default=4, help="writer threads")
     group.add_argument(
+        "--handover-rate",
+        type=float,
+        default=100.0,
+        help="puts/s of all the writers together (default 100; 0: as fast as they can)",
+    )
+    group.add_argument(
         "--handover-settle",
         type=float,
         help="seconds of writes after the snapshot, before `complete` (default 3, quick 2)",
@@ -226,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handover = HandoverPlan(
         records=_pick(args.handover_records, 100_000, 20_000, quick),
         writers=args.handover_writers,
+        rate=args.handover_rate,
         settle_seconds=_pick(args.handover_settle, 3.0, 2.0, quick),
         seed=args.seed,
     )
