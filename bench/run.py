@@ -424,6 +424,13 @@ def _ingest_section(
     _guarded(results, "d", on_postgres)
 
 
+def _size_note(records: int, option: str) -> str:
+    """The figures' note when a node holds fewer or more records than a full run's."""
+    if records == 100_000:
+        return ""
+    return f"{records} records (--quick or {option}), not the 100,000 of a full run"
+
+
 def _backup_section(
     workdir: Path,
     identities: BenchIdentities,
@@ -435,11 +442,7 @@ def _backup_section(
 ) -> None:
     base = workdir / "backup"
     base.mkdir(parents=True, exist_ok=True)
-    note = (
-        f"{plan.records} records (--quick or --backup-records), not the 100,000 of a full run"
-        if plan.records != 100_000
-        else ""
-    )
+    note = _size_note(plan.records, "--backup-records")
 
     def on(engine: str, url: str | None) -> None:
         if url is not None:
@@ -460,11 +463,7 @@ def _handover_section(
 ) -> None:
     base = workdir / "handover"
     base.mkdir(parents=True, exist_ok=True)
-    note = (
-        f"{plan.records} records (--quick or --handover-records), not the 100,000 of a full run"
-        if plan.records != 100_000
-        else ""
-    )
+    note = _size_note(plan.records, "--handover-records")
 
     def on(a: str, a_url: str | None, b: str, b_url: str | None) -> None:
         if a_url is not None and b_url is not None:
