@@ -1,6 +1,6 @@
 """`make bench`: the federation's figures against the goals of issue 6.
 
-    python -m bench.run                      # everything, about ten minutes on 2 cores
+    python -m bench.run                      # everything: ten minutes on 2 cores, j nine more
     python -m bench.run --quick              # smaller sizes, fewer runs (a few minutes)
     python -m bench.run --only a --only b    # some sections only
     python -m bench.run --out /tmp/x.json    # elsewhere than bench/results/latest.json
