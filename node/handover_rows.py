@@ -22,8 +22,9 @@ from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import LargeBinary, Table, and_, delete, select, tuple_, update
+from sqlalchemy import LargeBinary, Table, and_, bindparam, delete, select, tuple_, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from dmp.envelope import KeyEncryptionKey
 from dmp.errors import FailedPrecondition
@@ -242,13 +243,16 @@ class Applier:
                     conn.execute(delete(table).where(_key_filter(table, deleted)))
                     count += len(deleted)
             elif tag == ROWS and table is not None:
-                rows = decode_rows(payload, len(columns))
-                for row in rows:
-                    self._upsert(conn, table, dict(zip(columns, row, strict=True)))
+                rows = [
+                    self._wrapped(table, dict(zip(columns, row, strict=True)))
+                    for row in decode_rows(payload, len(columns))
+                ]
+                upsert_many(conn, table, rows)
                 count += len(rows)
         return count
 
-    def _upsert(self, conn: Connection, table: Table, values: dict[str, Any]) -> None:
+    def _wrapped(self, table: Table, values: dict[str, Any]) -> dict[str, Any]:
+        """A data key received in clear, wrapped with this node's KEK."""
         if table.name == DATA_KEYS and values.get("wrapped") is not None and not values["kek_id"]:
             if self._kek is None:
                 raise FailedPrecondition(
@@ -259,11 +263,44 @@ class Applier:
                 )
             values["wrapped"] = self._kek.wrap(values["wrapped"])
             values["kek_id"] = self._kek.key_id
-        names = key_columns(table)
-        where = and_(*(table.c[name] == values[name] for name in names))
-        rest = {k: v for k, v in values.items() if k not in names}
-        if rest and conn.execute(update(table).where(where).values(rest)).rowcount:
-            return
-        if not rest and conn.execute(select(table.c[names[0]]).where(where)).first():
-            return
-        conn.execute(table.insert().values(values))
+        return values
+
+
+def upsert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Rows in by key: inserted in one statement when none is there yet (a snapshot into
+    an empty database, new rows of a change batch), else the existing ones updated and
+    the others inserted, each in one executemany."""
+    if not rows:
+        return
+    try:
+        with conn.begin_nested():
+            conn.execute(table.insert(), rows)
+        return
+    except IntegrityError:
+        pass
+    names = key_columns(table)
+    keys = [tuple(row[name] for name in names) for row in rows]
+    existing = {
+        tuple(_value(v) for v in found)
+        for found in conn.execute(
+            select(*(table.c[name] for name in names)).where(_key_filter(table, keys))
+        )
+    }
+    fresh = [row for row, key in zip(rows, keys, strict=True) if key not in existing]
+    known = [row for row, key in zip(rows, keys, strict=True) if key in existing]
+    if fresh:
+        conn.execute(table.insert(), fresh)
+    rest = [c.name for c in table.columns if c.name not in names]
+    if known and rest:
+        statement = (
+            update(table)
+            .where(and_(*(table.c[name] == bindparam(f"key_{name}") for name in names)))
+            .values({name: bindparam(f"new_{name}") for name in rest})
+        )
+        conn.execute(
+            statement,
+            [
+                {**{f"key_{n}": row[n] for n in names}, **{f"new_{n}": row.get(n) for n in rest}}
+                for row in known
+            ],
+        )
