@@ -182,32 +182,49 @@ def snapshot_batches(
 
 def changed_rows(
     conn: Connection, changes: Sequence[tuple[int, str, str]], batch: BatchWriter
-) -> None:
-    """The current state of the rows named by `changes` (seq, table, key) into `batch`:
-    a row that no longer exists goes as a deleted key. In the order of the changes, table
-    by table as they come (a row's parent was changed before it)."""
-    groups: list[tuple[Table, list[tuple[Any, ...]]]] = []
+) -> list[int]:
+    """The current state of the rows named by `changes` (seq, table, key) into `batch`,
+    until it is full; the seqs of the changes it carries. A row that no longer exists goes
+    as a deleted key. Table by table, parents before children (a record before its
+    content, a prescription before its dispensings): what matters is each row's current
+    state, and no handed-over row is deleted while rows refer to it."""
+    wanted: dict[str, dict[tuple[Any, ...], None]] = {}
     for _seq, name, pk in changes:
         table = TABLES.get(name)
-        if table is None:
+        if table is not None:
+            wanted.setdefault(name, {})[decode_key(table, pk)] = None
+    carried: set[tuple[str, tuple[Any, ...]]] = set()
+    for table in handed_tables():
+        if table.name not in wanted:
             continue
-        key = decode_key(table, pk)
-        if groups and groups[-1][0] is table:
-            if key not in groups[-1][1]:
-                groups[-1][1].append(key)
-        else:
-            groups.append((table, [key]))
-    for table, keys in groups:
+        keys = list(wanted[table.name])
         names = key_columns(table)
-        found = conn.execute(select(table).where(_key_filter(table, keys))).all()
-        present = set()
-        for row in found:
-            mapping = row._mapping
-            present.add(tuple(_value(mapping[name]) for name in names))
-            batch.add(table, row)
+        present: set[tuple[Any, ...]] = set()
+        full = False
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            for row in conn.execute(select(table).where(_key_filter(table, chunk))):
+                if batch.full:
+                    full = True
+                    break
+                mapping = row._mapping
+                key = tuple(_value(mapping[name]) for name in names)
+                present.add(key)
+                batch.add(table, row)
+                carried.add((table.name, key))
+            if full:
+                break
+        if full:
+            break
         gone = [key for key in keys if tuple(key) not in present]
         if gone:
             batch.delete(table, gone)
+            carried.update((table.name, tuple(key)) for key in gone)
+    return [
+        seq
+        for seq, name, pk in changes
+        if name not in TABLES or (name, decode_key(TABLES[name], pk)) in carried
+    ]
 
 
 class Applier:

@@ -125,11 +125,11 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                 pending = int(conn.execute(select(func.count()).select_from(_CHANGES)).scalar_one())
                 if changes:
                     batch = self._batch(successor)
-                    changed_rows(conn, changes, batch)
+                    carried = changed_rows(conn, changes, batch)
                     return pb.PullChangesResponse(
                         batch=pb.HandoverBatch(sealed=batch.seal(), rows=batch.rows),
-                        changes=[seq for seq, _, _ in changes],
-                        pending=pending - len(changes),
+                        changes=carried,
+                        pending=pending - len(carried),
                     )
             handover = read(self._engine) or handover
             if handover.state in (FROZEN, HANDED_OVER):
