@@ -43,6 +43,8 @@ from node.handover_state import (
 )
 from node.models import HandoverChangeRow
 
+_CHANGES = HandoverChangeRow.__table__
+
 
 def register(node_sub: argparse._SubParsersAction[Any]) -> None:
     parser = node_sub.add_parser(
@@ -71,6 +73,19 @@ def register(node_sub: argparse._SubParsersAction[Any]) -> None:
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for the successor's confirmation (default 60)",
+    )
+    complete.add_argument(
+        "--behind",
+        type=int,
+        default=1000,
+        metavar="ROWS",
+        help="first wait, still serving, until the successor is at most ROWS changed rows"
+        " behind (default 1000): the shorter the catch-up after the freeze",
+    )
+    complete.add_argument(
+        "--now",
+        action="store_true",
+        help="freeze at once, without waiting for the successor to catch up",
     )
     complete.set_defaults(handler=_complete)
     abort = sub.add_parser("abort", help="give up before the successor confirmed: serve again")
@@ -208,10 +223,12 @@ def _complete(args: argparse.Namespace) -> int:
         handover = read(engine)
         if handover is None or handover.role != PREDECESSOR:
             raise FailedPrecondition("no hand-over was started on this node")
+        deadline = time.monotonic() + args.wait
         if handover.state == STREAMING:
+            if not args.now:
+                _catch_up(engine, args.behind, deadline)
             move(engine, {STREAMING}, state=FREEZING)
         print(f"region {args.region}: no more writes accepted; waiting for the successor")
-        deadline = time.monotonic() + args.wait
         last = handover.state
         while time.monotonic() < deadline:
             handover = read(engine)
@@ -242,6 +259,37 @@ def _complete(args: argparse.Namespace) -> int:
     )
 
 
+def _pending(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(_CHANGES)).scalar_one())
+
+
+def _catch_up(engine: Engine, behind: int, deadline: float) -> None:
+    """Before freezing: wait (still serving) until the successor has taken its snapshot
+    and applied all but `behind` changed rows, so that the freeze is short."""
+    said = False
+    while True:
+        handover = read(engine)
+        pending = _pending(engine)
+        started = handover is not None and handover.snapshot_done
+        if started and pending <= behind:
+            return
+        if time.monotonic() >= deadline:
+            raise CommandError(
+                "the successor has not caught up"
+                + (
+                    f" ({pending} changed rows behind)"
+                    if started
+                    else " (it has not taken its snapshot)"
+                )
+                + ": this node keeps serving; run `complete` again once it has"
+            )
+        if not said:
+            print(f"waiting for the successor to catch up ({pending} changed rows behind)")
+            said = True
+        time.sleep(0.1)
+
+
 def _abort(args: argparse.Namespace) -> int:
     engine = _existing(args)
     try:
@@ -269,9 +317,7 @@ def _status(args: argparse.Namespace) -> int:
     try:
         handover = read(engine)
         with engine.connect() as conn:
-            pending = conn.execute(
-                select(func.count()).select_from(HandoverChangeRow.__table__)
-            ).scalar_one()
+            pending = conn.execute(select(func.count()).select_from(_CHANGES)).scalar_one()
     finally:
         engine.dispose()
     if handover is None:
@@ -280,11 +326,8 @@ def _status(args: argparse.Namespace) -> int:
     print(
         f"region {args.region}: {handover.role} {handover.state}"
         f"; peer {handover.peer_address or '-'}"
-        + (
-            f"; snapshot {'applied' if handover.snapshot_done else 'not yet applied'}"
-            if handover.role == "successor"
-            else f"; changed rows not yet applied by the successor {pending}"
-        )
+        + f"; snapshot {'taken' if handover.snapshot_done else 'not yet taken'}"
+        + ("" if handover.role == "successor" else f"; changed rows not yet applied {pending}")
         + (
             f"; final record {handover.final_record_seq}, audit {handover.final_audit_seq}"
             if handover.final_record_seq is not None

@@ -100,6 +100,7 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                 yield pb.StreamSnapshotResponse(
                     batch=pb.HandoverBatch(sealed=batch.seal(), rows=batch.rows)
                 )
+        move(self._engine, {STREAMING, FREEZING, FROZEN}, snapshot_done=True)
         log.info("hand-over: snapshot of %d rows sent", sent)
 
     def PullChanges(

@@ -165,7 +165,7 @@ def test_successor_crashing_between_its_writes_resumes(
         _write(a_addr, hosts, 30, "before")
         assert handover_cli("start", hosts.a, db_url, "--to", str(hosts.b / "node-53.pem")) == 0
         _write(a_addr, hosts, 5, "during")
-        assert handover_cli("complete", hosts.a, db_url, "--wait", "0") != 0  # frozen
+        assert handover_cli("complete", hosts.a, db_url, "--wait", "0", "--now") != 0  # frozen
         until(lambda: _state(db_url) == FROZEN, "the freeze")
 
         real_apply = handover_rows.Applier.apply
@@ -217,7 +217,7 @@ def test_abort_racing_the_confirmation_leaves_the_predecessor_in_charge(
     with _predecessor(hosts, db_url) as a_addr:
         _write(a_addr, hosts, 10, "before")
         assert handover_cli("start", hosts.a, db_url, "--to", str(hosts.b / "node-53.pem")) == 0
-        assert handover_cli("complete", hosts.a, db_url, "--wait", "0") != 0
+        assert handover_cli("complete", hosts.a, db_url, "--wait", "0", "--now") != 0
         until(lambda: _state(db_url) == FROZEN, "the freeze")
         assert _put(a_addr, hosts.national, "while-frozen") is False
         original = handover_receive._confirm
@@ -290,6 +290,11 @@ def test_handover_refused_to_another_region_another_ca_or_itself(
             assert why in capsys.readouterr().err
         assert _state(a_url) is None
         assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        capsys.readouterr()
+        # No freeze before the successor took its snapshot (unless --now): A keeps serving.
+        assert handover_cli("complete", hosts.a, a_url, "--wait", "0.2") != 0
+        assert "has not taken its snapshot" in capsys.readouterr().err
+        assert _state(a_url) == "streaming"
         # Another node of the federation, even of the region's CA, may not pull.
         for intruder in ("node-11", "node-84"):
             channel = secure_channel(
@@ -312,7 +317,7 @@ def test_audit_verify_refuses_a_forged_handover_proof(
     with _predecessor(hosts, a_url) as a_addr:
         _write(a_addr, hosts, 3, "before")
         assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
-        assert handover_cli("complete", hosts.a, a_url, "--wait", "0") != 0
+        assert handover_cli("complete", hosts.a, a_url, "--wait", "0", "--now") != 0
         until(lambda: _state(a_url) == FROZEN, "the freeze")
         _receive(hosts, b_url, a_addr)
     assert main(["audit", "verify", "--pki", str(hosts.b), "--db", b_url]) == 0
@@ -359,7 +364,7 @@ def test_a_stream_left_open_does_not_hold_the_freeze(tmp_path: Path) -> None:
             streaming = threading.Thread(target=ingest)
             streaming.start()
             until(lambda: nodes[0].server.gate.in_flight == 1, "the stream open at A")
-            assert handover_cli("complete", hosts.a, a_url, "--wait", "0") != 0
+            assert handover_cli("complete", hosts.a, a_url, "--wait", "0", "--now") != 0
             until(lambda: _state(a_url) == FROZEN, "the freeze despite the open stream")
             hold.set()
             streaming.join(timeout=60)
