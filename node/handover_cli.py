@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from dmp.audit.events import AuditEvent, EventType
+from dmp.audit.log import AuditLog
 from dmp.cli.common import CommandError, add_pki
 from dmp.db import make_engine, upgrade
 from dmp.dbfile import prepare_sqlite
@@ -159,6 +161,23 @@ def _existing(args: argparse.Namespace) -> Engine:
     return engine
 
 
+def _audit(engine: Engine, region: str, detail: str) -> None:
+    """The operator's step, in the node's own audit log (handed over with the rest)."""
+    from node.models import audit_checkpoints, audit_events
+
+    log = AuditLog(
+        engine, audit_events, audit_checkpoints, source_id=f"urn:dmp:node:{region}", region=region
+    )
+    log.record(
+        AuditEvent(
+            event_type=EventType.HANDOVER,
+            active_participant_user_id="urn:dmp:operator",
+            active_participant_role="operator",
+            detail=detail,
+        )
+    )
+
+
 def check_successor(pki_dir: Path, region: str, pem: bytes) -> str:
     """Refuse a successor certificate that is not a current node certificate of this
     region from this CA, or is this node's own; its principal's URI."""
@@ -207,6 +226,7 @@ def _start(args: argparse.Namespace) -> int:
             )
         start_capture(engine)
         begin(engine, PREDECESSOR, STREAMING, pem.decode("ascii"), "")
+        _audit(engine, region, f"hand-over started to certificate {certificate_sha256(pem)}")
     finally:
         engine.dispose()
     print(
@@ -306,6 +326,7 @@ def _abort(args: argparse.Namespace) -> int:
         if not forget(engine, {STREAMING, FREEZING, FROZEN}):
             raise FailedPrecondition("the successor confirmed meanwhile: the region is handed over")
         stop_capture(engine)
+        _audit(engine, check_region(args.region), "hand-over aborted: this node serves again")
     finally:
         engine.dispose()
     print(f"hand-over of region {args.region} aborted: this node serves it again")
