@@ -202,7 +202,7 @@ def test_successor_crashing_between_its_writes_resumes(
     try:
         with engine.connect() as conn:
             events = conn.exec_driver_sql(
-                "SELECT count(*) FROM audit_events WHERE event_json LIKE '%\"detail\":\"statement %'"
+                'SELECT count(*) FROM audit_events WHERE event_json LIKE \'%"detail":"statement %\''
             ).scalar()
     finally:
         engine.dispose()
