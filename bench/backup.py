@@ -38,7 +38,10 @@ class BackupPlan:
     seed: int = 0
 
 
-def _load(address: str, pki_dir: Path, writer: str, plan: BackupPlan) -> None:
+def _load(
+    address: str, pki_dir: Path, writer: str, plan: BackupPlan, *, section: str = "i"
+) -> None:
+    """Store `plan.records` records at the node at `address` through IngestRecords streams."""
     conn = channel(address, pki_dir, writer)
     try:
         wait_ready(conn)
@@ -60,7 +63,7 @@ def _load(address: str, pki_dir: Path, writer: str, plan: BackupPlan) -> None:
             if answer.stored_count != count:
                 raise BenchError(f"IngestRecords stored {answer.stored_count} of {count}")
             stored += count
-            say(f"i: {stored}/{plan.records} records loaded")
+            say(f"{section}: {stored}/{plan.records} records loaded")
     finally:
         conn.close()
 

@@ -30,6 +30,7 @@ SECTION_TITLES = {
     "g": "g. e-prescription dispensing",
     "h": "h. encryption at rest",
     "i": "i. backup and verify",
+    "j": "j. hand-over to a successor host",
 }
 
 

@@ -1,6 +1,6 @@
 """`make bench`: the federation's figures against the goals of issue 6.
 
-    python -m bench.run                      # everything, about ten minutes on 2 cores
+    python -m bench.run                      # everything: ten minutes on 2 cores, j nine more
     python -m bench.run --quick              # smaller sizes, fewer runs (a few minutes)
     python -m bench.run --only a --only b    # some sections only
     python -m bench.run --out /tmp/x.json    # elsewhere than bench/results/latest.json
@@ -15,6 +15,7 @@ Sections (bench/README.md says what each figure means):
   g  e-prescription: dispense through the directory (p50, ratio to a view), 16 racing clients
   h  encryption at rest: view p50 with the nodes encrypted / in clear (same run), encrypt rate
   i  backup and verify throughput (MB/s, records/s) of a node holding 100,000 records
+  j  hand-over of a node holding 100,000 records to a successor host while 4 writers run
 
 Prints a table on stdout (progress on stderr) and writes the figures as JSON.
 """
@@ -34,6 +35,7 @@ from typing import Any
 from bench.backup import BackupPlan, measure_backup
 from bench.encryption import measure_encryption
 from bench.federation import BenchFederation, BenchIdentities, FederationPlan, ViewPlan
+from bench.handover import HandoverPlan, measure_handover
 from bench.ingest import IngestPlan, measure_ingest
 from bench.prescriptions import PrescriptionPlan, measure_prescriptions
 from bench.report import ROOT, document, git_state, machine, say, table, write_json
@@ -41,7 +43,7 @@ from bench.stats import Results
 from bench.views import Floor, measure_delay, measure_rss, measure_saturation, measure_views
 from dmp.regions import METROPOLITAN
 
-SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
+SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j")
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 #: The benchmark's PostgreSQL: durable (the test cluster turns fsync, synchronous_commit and
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--quick", action="store_true", help="smaller sizes and fewer runs (for development)")
-    add("--only", action="append", metavar="SECTION", help="run only these sections (a..i)")
+    add("--only", action="append", metavar="SECTION", help="run only these sections (a..j)")
     add("--out", type=Path, default=DEFAULT_OUT, help="JSON file (default %(default)s)")
     add("--workdir", type=Path, help="keep the databases and logs here (default: a temp dir)")
     add("--keep", action="store_true", help="keep the temporary work directory")
@@ -105,8 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--backup-records", type=int, help="records the node holds (default 100,000; quick 20,000)"
     )
+    group = parser.add_argument_group("j: hand-over to a successor host")
+    group.add_argument(
+        "--handover-records",
+        type=int,
+        help="records the predecessor holds (default 100,000; quick 20,000)",
+    )
+    group.add_argument("--handover-writers", type=int, default=4, help="writer threads")
+    group.add_argument(
+        "--handover-rate",
+        type=float,
+        default=100.0,
+        help="puts/s of all the writers together (default 100; 0: as fast as they can)",
+    )
+    group.add_argument(
+        "--handover-settle",
+        type=float,
+        help="seconds of writes after the snapshot, before `complete` (default 3, quick 2)",
+    )
     parser.add_argument(
-        "--no-postgres", action="store_true", help="skip the PostgreSQL variants of d and e"
+        "--no-postgres",
+        action="store_true",
+        help="skip the PostgreSQL variants of d, e and i; j hands over from SQLite to SQLite",
     )
     return parser
 
@@ -123,7 +145,7 @@ def _sections(only: Sequence[str] | None) -> list[str]:
     chosen = {part.strip().lower() for item in only for part in item.split(",") if part.strip()}
     unknown = chosen - set(SECTIONS)
     if unknown:
-        raise SystemExit(f"bench: unknown section(s) {', '.join(sorted(unknown))}: a..i")
+        raise SystemExit(f"bench: unknown section(s) {', '.join(sorted(unknown))}: a..j")
     return [s for s in SECTIONS if s in chosen]
 
 
@@ -207,6 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_racer=_pick(args.rx_per_racer, 10, 5, quick),
     )
     backup = BackupPlan(records=_pick(args.backup_records, 100_000, 20_000, quick), seed=args.seed)
+    handover = HandoverPlan(
+        records=_pick(args.handover_records, 100_000, 20_000, quick),
+        writers=args.handover_writers,
+        rate=args.handover_rate,
+        settle_seconds=_pick(args.handover_settle, 3.0, 2.0, quick),
+        seed=args.seed,
+    )
     directory_patients = _pick(args.directory_patients, 10_000_000, 1_000_000, quick)
     directory_lookups = _pick(args.directory_lookups, 2000, 500, quick)
     config: dict[str, Any] = {
@@ -218,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ingest": vars(ingest),
         "prescriptions": vars(prescriptions),
         "backup": vars(backup),
+        "handover": vars(handover),
         "directory": {"patients": directory_patients, "lookups_per_run": directory_lookups},
         "postgresql_settings": POSTGRES_SETTINGS if not args.no_postgres else None,
         "sqlite": "WAL, synchronous=FULL (dmp/db.py), as the services run it",
@@ -242,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _ingest_section(workdir, identities, ingest, postgres, results)
         if "i" in sections:
             _backup_section(workdir, identities, backup, postgres, results, quick=quick)
+        if "j" in sections:
+            _handover_section(workdir, identities, handover, postgres, results)
         if "e" in sections:
             _directory_section(
                 workdir,
@@ -392,6 +424,13 @@ def _ingest_section(
     _guarded(results, "d", on_postgres)
 
 
+def _size_note(records: int, option: str) -> str:
+    """The figures' note when a node holds fewer or more records than a full run's."""
+    if records == 100_000:
+        return ""
+    return f"{records} records (--quick or {option}), not the 100,000 of a full run"
+
+
 def _backup_section(
     workdir: Path,
     identities: BenchIdentities,
@@ -403,11 +442,7 @@ def _backup_section(
 ) -> None:
     base = workdir / "backup"
     base.mkdir(parents=True, exist_ok=True)
-    note = (
-        f"{plan.records} records (--quick or --backup-records), not the 100,000 of a full run"
-        if plan.records != 100_000
-        else ""
-    )
+    note = _size_note(plan.records, "--backup-records")
 
     def on(engine: str, url: str | None) -> None:
         if url is not None:
@@ -417,6 +452,42 @@ def _backup_section(
 
     _guarded(results, "i", lambda: on("sqlite", f"sqlite:///{base / 'node-11.db'}"))
     _guarded(results, "i", lambda: on("postgresql", postgres.url("bench_backup")))
+
+
+def _handover_section(
+    workdir: Path,
+    identities: BenchIdentities,
+    plan: HandoverPlan,
+    postgres: _Postgres,
+    results: Results,
+) -> None:
+    base = workdir / "handover"
+    base.mkdir(parents=True, exist_ok=True)
+    note = _size_note(plan.records, "--handover-records")
+
+    def on(a: str, a_url: str | None, b: str, b_url: str | None) -> None:
+        if a_url is not None and b_url is not None:
+            measure_handover(
+                a, a_url, b, b_url, identities.pki_dir, identities.doctor, base, plan, results,
+                note=note,
+            )  # fmt: skip
+
+    def sqlite(name: str) -> str:
+        return f"sqlite:///{base / name}"
+
+    if not postgres.enabled:
+        _guarded(results, "j", lambda: on("sqlite", sqlite("a.db"), "sqlite", sqlite("b.db")))
+        return
+    _guarded(
+        results,
+        "j",
+        lambda: on("sqlite", sqlite("a.db"), "postgresql", postgres.url("bench_handover_b")),
+    )
+    _guarded(
+        results,
+        "j",
+        lambda: on("postgresql", postgres.url("bench_handover_a"), "sqlite", sqlite("b2.db")),
+    )
 
 
 def _directory_section(

@@ -61,7 +61,8 @@ class Service:
     address: str = ""
     _log: IO[str] | None = None
 
-    def start(self, timeout: float = 30.0) -> str:
+    def spawn(self) -> subprocess.Popen[str]:
+        """Start the process, its stderr to the log, its stdout a pipe for the caller."""
         # Logs name callers (INS numbers in patients' URIs): for the demo's user only.
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)
@@ -74,10 +75,15 @@ class Service:
             text=True,
             start_new_session=True,  # Ctrl-C in the demo's terminal reaches only the demo
         )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
+        return self.process
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Spawn, then wait for its first line, 'listening on HOST:PORT'."""
+        process = self.spawn()
+        assert process.stdout is not None
+        line = process.stdout.readline()
         if "listening on" not in line:
-            self.process.wait(timeout=timeout)
+            process.wait(timeout=timeout)
             raise DemoError(f"{self.name} did not start: see {self.log_path}")
         self.address = line.rsplit(" ", 1)[1].strip()
         return self.address

@@ -111,11 +111,17 @@ class ServiceGate:
         self._open_to = tuple(f"/{name}/" for name in open_to) + self._ALWAYS
         self._closed: DmpError | None = None
         self._in_flight = 0
+        self._calls: set[grpc.ServicerContext] = set()
         self._idle = threading.Condition()
 
     @property
     def closed(self) -> DmpError | None:
         return self._closed
+
+    @property
+    def in_flight(self) -> int:
+        """How many calls it let in are running."""
+        return self._in_flight
 
     def close(self, error: DmpError) -> None:
         with self._idle:
@@ -130,11 +136,20 @@ class ServiceGate:
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
+    def cancel_in_flight(self) -> int:
+        """Cancel the calls still running (streams left open across a freeze): their
+        peers see CANCELLED and retry; what they committed stays. How many were."""
+        with self._idle:
+            calls = list(self._calls)
+        for context in calls:
+            context.cancel()
+        return len(calls)
+
     def exempt(self, method: str) -> bool:
         return method.startswith(self._open_to)
 
     @contextlib.contextmanager
-    def admit(self, method: str) -> Iterator[None]:
+    def admit(self, method: str, context: grpc.ServicerContext | None = None) -> Iterator[None]:
         if self.exempt(method):
             yield
             return
@@ -148,11 +163,14 @@ class ServiceGate:
                     retry_after=closed.retry_after,
                 )
             self._in_flight += 1
+            if context is not None:
+                self._calls.add(context)
         try:
             yield
         finally:
             with self._idle:
                 self._in_flight -= 1
+                self._calls.discard(context)
                 if self._in_flight == 0:
                     self._idle.notify_all()
 
@@ -295,7 +313,7 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             caller = "-"
             principal: Principal | None = None
             try:
-                with self._gate.admit(method):
+                with self._gate.admit(method, context):
                     principal = self._caller(context, method)
                     caller = principal.uri
                     return self._unary_call(
@@ -335,7 +353,7 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             caller = "-"
             principal: Principal | None = None
             try:
-                with self._gate.admit(method):
+                with self._gate.admit(method, context):
                     principal = self._caller(context, method)
                     caller = principal.uri
                     with self._streams.admit(principal, context, method) as stream:

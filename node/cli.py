@@ -162,6 +162,12 @@ def _serve(args: argparse.Namespace) -> int:
 
         port = args.listen.rsplit(":", 1)[-1]
         advertise = args.advertise or (args.listen if port not in ("", "0") else "")
+        if not advertise:
+            print(
+                "dmp: warning: no --advertise and --listen on port 0: the predecessor cannot"
+                " point its callers to this node's address (the directory still routes here)",
+                file=sys.stderr,
+            )
         receive_for(
             args.pki,
             args.region,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from sqlalchemy import Engine, Table, text
 from sqlalchemy.engine import Connection
@@ -26,7 +27,6 @@ from node.handover_rows import handed_tables, is_bytes, key_columns
 
 log = logging.getLogger("dmp.node.handover")
 
-_FUNCTION = "dmp_handover_capture"
 _OPS = ("INSERT", "UPDATE", "DELETE")
 
 
@@ -53,59 +53,92 @@ def _create_sqlite(conn: Connection) -> None:
             )
 
 
+def _pg_key(table: Table, row: str) -> str:
+    parts = [
+        f"encode({row}.\"{name}\", 'hex')" if is_bytes(table, name) else f'{row}."{name}"'
+        for name in key_columns(table)
+    ]
+    return f"jsonb_build_array({', '.join(parts)})::text"
+
+
 def _create_postgresql(conn: Connection) -> None:
-    conn.exec_driver_sql("SET LOCAL lock_timeout = '300ms'")
     names = ", ".join(f'"{t.name}"' for t in handed_tables())
     conn.exec_driver_sql(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE")
-    conn.exec_driver_sql(
-        f"CREATE OR REPLACE FUNCTION {_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $$"
-        " DECLARE doc jsonb; keys jsonb := '[]'::jsonb; col text;"
-        " BEGIN"
-        " IF TG_OP = 'DELETE' THEN doc := to_jsonb(OLD); ELSE doc := to_jsonb(NEW); END IF;"
-        " FOREACH col IN ARRAY TG_ARGV LOOP"
-        " keys := keys || jsonb_build_array(doc -> col); END LOOP;"
-        " INSERT INTO handover_changes (tbl, pk) VALUES (TG_TABLE_NAME, keys::text);"
-        " RETURN NULL; END $$"
-    )
+    # Created where missing (a DROP would take an ACCESS EXCLUSIVE lock, blocking reads).
+    present = {
+        str(name)
+        for (name,) in conn.exec_driver_sql(
+            "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+            " WHERE t.tgname = 'dmp_handover'"
+        )
+    }
     for table in handed_tables():
-        args = ", ".join(f"'{name}'" for name in key_columns(table))
-        conn.exec_driver_sql(f'DROP TRIGGER IF EXISTS dmp_handover ON "{table.name}"')
+        if table.name in present:
+            continue
+        # One function a table, naming the key columns: the row itself (a content of
+        # megabytes) is never converted.
+        insert = f"INSERT INTO handover_changes (tbl, pk) VALUES ('{table.name}', "
+        conn.exec_driver_sql(
+            f"CREATE OR REPLACE FUNCTION {_function(table)}() RETURNS trigger"
+            " LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF TG_OP = 'DELETE' THEN {insert}{_pg_key(table, 'OLD')});"
+            f" ELSE {insert}{_pg_key(table, 'NEW')}); END IF; RETURN NULL; END $$"
+        )
         conn.exec_driver_sql(
             f'CREATE TRIGGER dmp_handover AFTER INSERT OR UPDATE OR DELETE ON "{table.name}"'
-            f" FOR EACH ROW EXECUTE FUNCTION {_FUNCTION}({args})"
+            f" FOR EACH ROW EXECUTE FUNCTION {_function(table)}()"
         )
 
 
-def start_capture(engine: Engine, attempts: int = 100) -> None:
-    """Create the capture triggers (idempotent), waiting for in-flight writers."""
-    for attempt in range(attempts):
+def _function(table: Table) -> str:
+    return f"dmp_handover_{table.name}"
+
+
+def _retrying(engine: Engine, work: Callable[[Connection], None], what: str) -> None:
+    """`work` in one write transaction, again while PostgreSQL's locks time out (a
+    bounded wait each time: never a writer stuck behind us for long, never a deadlock)."""
+    for attempt in range(100):
         try:
             with writer(engine).begin() as conn:
                 if conn.dialect.name == "postgresql":
-                    _create_postgresql(conn)
-                else:
-                    _create_sqlite(conn)
+                    conn.exec_driver_sql("SET LOCAL lock_timeout = '300ms'")
+                work(conn)
             return
         except OperationalError as exc:
             if "lock" not in str(exc).lower():
                 raise
-            log.info("capture of changes: tables busy, retrying (%d)", attempt + 1)
+            log.info("%s: tables busy, retrying (%d)", what, attempt + 1)
             time.sleep(0.05)
-    raise Unavailable("the node's tables stayed busy: could not start capturing changes; retry")
+    raise Unavailable(f"the node's tables stayed busy: could not {what}; retry")
+
+
+def start_capture(engine: Engine) -> None:
+    """Create the capture triggers (idempotent), waiting for in-flight writers."""
+
+    def create(conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            _create_postgresql(conn)
+        else:
+            _create_sqlite(conn)
+
+    _retrying(engine, create, "start capturing changes")
 
 
 def stop_capture(engine: Engine) -> None:
     """Drop the capture triggers and forget the captured changes."""
-    with writer(engine).begin() as conn:
-        for table in handed_tables():
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql(f'DROP TRIGGER IF EXISTS dmp_handover ON "{table.name}"')
-            else:
-                for op in _OPS:
-                    conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {_trigger(table, op)}")
+    _retrying(engine, _drop, "stop capturing changes")
+
+
+def _drop(conn: Connection) -> None:
+    for table in handed_tables():
         if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {_FUNCTION}()")
-        conn.execute(text("DELETE FROM handover_changes"))
+            conn.exec_driver_sql(f'DROP TRIGGER IF EXISTS dmp_handover ON "{table.name}"')
+        else:
+            for op in _OPS:
+                conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {_trigger(table, op)}")
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {_function(table)}()")
+    conn.execute(text("DELETE FROM handover_changes"))
 
 
 def capturing(conn: Connection) -> bool:

@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from dmp.audit.events import AuditEvent, EventType
+from dmp.audit.log import AuditLog
 from dmp.audit.verify import log_owner
 from dmp.cli.common import CommandError, add_pki
 from dmp.db import make_engine, upgrade
@@ -44,6 +46,8 @@ from node.handover_state import (
 )
 from node.models import HandoverChangeRow, audit_events
 
+_CHANGES = HandoverChangeRow.__table__
+
 
 def register(node_sub: argparse._SubParsersAction[Any]) -> None:
     parser = node_sub.add_parser(
@@ -72,6 +76,19 @@ def register(node_sub: argparse._SubParsersAction[Any]) -> None:
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for the successor's confirmation (default 60)",
+    )
+    complete.add_argument(
+        "--behind",
+        type=int,
+        default=1000,
+        metavar="ROWS",
+        help="first wait, still serving, until the successor is at most ROWS changed rows"
+        " behind (default 1000): the shorter the catch-up after the freeze",
+    )
+    complete.add_argument(
+        "--now",
+        action="store_true",
+        help="freeze at once, without waiting for the successor to catch up",
     )
     complete.set_defaults(handler=_complete)
     abort = sub.add_parser("abort", help="give up before the successor confirmed: serve again")
@@ -152,6 +169,23 @@ def _existing(args: argparse.Namespace) -> Engine:
     return engine
 
 
+def _audit(engine: Engine, region: str, detail: str) -> None:
+    """The operator's step, in the node's own audit log (handed over with the rest)."""
+    from node.models import audit_checkpoints, audit_events
+
+    log = AuditLog(
+        engine, audit_events, audit_checkpoints, source_id=f"urn:dmp:node:{region}", region=region
+    )
+    log.record(
+        AuditEvent(
+            event_type=EventType.HANDOVER,
+            active_participant_user_id="urn:dmp:operator",
+            active_participant_role="operator",
+            detail=detail,
+        )
+    )
+
+
 def check_successor(pki_dir: Path, region: str, pem: bytes) -> str:
     """Refuse a successor certificate that is not a current node certificate of this
     region from this CA, or is this node's own; its principal's URI."""
@@ -200,6 +234,7 @@ def _start(args: argparse.Namespace) -> int:
             )
         start_capture(engine)
         begin(engine, PREDECESSOR, STREAMING, pem.decode("ascii"), "")
+        _audit(engine, region, f"hand-over started to certificate {certificate_sha256(pem)}")
     finally:
         engine.dispose()
     print(
@@ -216,11 +251,13 @@ def _complete(args: argparse.Namespace) -> int:
         handover = read(engine)
         if handover is None or handover.role != PREDECESSOR:
             raise FailedPrecondition("no hand-over was started on this node")
-        last = handover.state
-        if handover.state == STREAMING and move(engine, {STREAMING}, state=FREEZING):
-            last = FREEZING
-        print(f"region {args.region}: no more writes accepted; waiting for the successor")
         deadline = time.monotonic() + args.wait
+        if handover.state == STREAMING:
+            if not args.now:
+                _catch_up(engine, args.behind, deadline)
+            move(engine, {STREAMING}, state=FREEZING)
+        print(f"region {args.region}: no more writes accepted; waiting for the successor")
+        last = FREEZING if handover.state == STREAMING else handover.state
         while time.monotonic() < deadline:
             handover = read(engine)
             if handover is None:
@@ -250,6 +287,37 @@ def _complete(args: argparse.Namespace) -> int:
     )
 
 
+def _pending(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(_CHANGES)).scalar_one())
+
+
+def _catch_up(engine: Engine, behind: int, deadline: float) -> None:
+    """Before freezing: wait (still serving) until the successor has taken its snapshot
+    and applied all but `behind` changed rows, so that the freeze is short."""
+    said = False
+    while True:
+        handover = read(engine)
+        pending = _pending(engine)
+        started = handover is not None and handover.snapshot_done
+        if started and pending <= behind:
+            return
+        if time.monotonic() >= deadline:
+            raise CommandError(
+                "the successor has not caught up"
+                + (
+                    f" ({pending} changed rows behind)"
+                    if started
+                    else " (it has not taken its snapshot)"
+                )
+                + ": this node keeps serving; run `complete` again once it has"
+            )
+        if not said:
+            print(f"waiting for the successor to catch up ({pending} changed rows behind)")
+            said = True
+        time.sleep(0.1)
+
+
 def _abort(args: argparse.Namespace) -> int:
     engine = _existing(args)
     try:
@@ -266,6 +334,7 @@ def _abort(args: argparse.Namespace) -> int:
         if not forget(engine, {STREAMING, FREEZING, FROZEN}):
             raise FailedPrecondition("the successor confirmed meanwhile: the region is handed over")
         stop_capture(engine)
+        _audit(engine, check_region(args.region), "hand-over aborted: this node serves again")
     finally:
         engine.dispose()
     print(f"hand-over of region {args.region} aborted: this node serves it again")
@@ -277,9 +346,7 @@ def _status(args: argparse.Namespace) -> int:
     try:
         handover = read(engine)
         with engine.connect() as conn:
-            pending = conn.execute(
-                select(func.count()).select_from(HandoverChangeRow.__table__)
-            ).scalar_one()
+            pending = conn.execute(select(func.count()).select_from(_CHANGES)).scalar_one()
     finally:
         engine.dispose()
     if handover is None:
@@ -288,8 +355,8 @@ def _status(args: argparse.Namespace) -> int:
     print(
         f"region {args.region}: {handover.role} {handover.state}"
         f"; peer {handover.peer_address or '-'}"
-        f"; snapshot {'taken' if handover.snapshot_done else 'not taken'}"
-        f"; changes not yet applied {pending}"
+        + f"; snapshot {'taken' if handover.snapshot_done else 'not yet taken'}"
+        + ("" if handover.role == "successor" else f"; changed rows not yet applied {pending}")
         + (
             f"; final record {handover.final_record_seq}, audit {handover.final_audit_seq}"
             if handover.final_record_seq is not None

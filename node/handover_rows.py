@@ -23,8 +23,9 @@ from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import LargeBinary, Table, and_, delete, select, tuple_, update
+from sqlalchemy import LargeBinary, Table, and_, bindparam, delete, select, tuple_, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from dmp.envelope import KeyEncryptionKey
 from dmp.errors import FailedPrecondition
@@ -196,52 +197,49 @@ def snapshot_batches(
 
 def changed_rows(
     conn: Connection, changes: Sequence[tuple[int, str, str]], batch: BatchWriter
-) -> int:
+) -> list[int]:
     """The current state of the rows named by `changes` (seq, table, key) into `batch`,
-    as far as it holds them: a row that no longer exists goes as a deleted key. In the
-    order of the changes, table by table as they come (a row's parent was changed before
-    it). Returns how many of the first changes the batch covers (the rest are sent in a
-    later batch)."""
-    covered = 0
-    while covered < len(changes):
-        table = TABLES.get(changes[covered][1])
-        if table is None:
-            covered += 1
+    until it is full; the seqs of the changes it carries. A row that no longer exists goes
+    as a deleted key. Table by table, parents before children (a record before its
+    content, a prescription before its dispensings): what matters is each row's current
+    state, and no handed-over row is deleted while rows refer to it."""
+    wanted: dict[str, dict[tuple[Any, ...], None]] = {}
+    for _seq, name, pk in changes:
+        table = TABLES.get(name)
+        if table is not None:
+            wanted.setdefault(name, {})[decode_key(table, pk)] = None
+    carried: set[tuple[str, tuple[Any, ...]]] = set()
+    for table in handed_tables():
+        if table.name not in wanted:
             continue
-        # The next run of changes of one table: each key with the index of its first change.
-        first: dict[tuple[Any, ...], int] = {}
-        end = covered
-        while end < len(changes) and changes[end][1] == table.name:
-            key = decode_key(table, changes[end][2])
-            if key not in first:
-                if len(first) >= _GROUP_KEYS:
-                    break
-                first[key] = end
-            end += 1
+        keys = list(wanted[table.name])
         names = key_columns(table)
-        found = {
-            tuple(_value(row._mapping[name]) for name in names): row
-            for row in conn.execute(select(table).where(_key_filter(table, list(first))))
-        }
-        gone: list[tuple[Any, ...]] = []
-        stop: int | None = None
-        for key, index in first.items():
-            row = found.get(tuple(key))
-            if row is None:
-                gone.append(key)
-            elif batch.fits(row):
+        present: set[tuple[Any, ...]] = set()
+        full = False
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            for row in conn.execute(select(table).where(_key_filter(table, chunk))):
+                if not batch.fits(row):  # a batch fits in one message
+                    full = True
+                    break
+                mapping = row._mapping
+                key = tuple(_value(mapping[name]) for name in names)
+                present.add(key)
                 batch.add(table, row)
-            else:
-                stop = index  # this change and those after it: the next batch
+                carried.add((table.name, key))
+            if full:
                 break
+        if full:
+            break
+        gone = [key for key in keys if tuple(key) not in present]
         if gone:
             batch.delete(table, gone)
-        if stop is not None:
-            return stop
-        covered = end
-        if batch.full:
-            break
-    return covered
+            carried.update((table.name, tuple(key)) for key in gone)
+    return [
+        seq
+        for seq, name, pk in changes
+        if name not in TABLES or (name, decode_key(TABLES[name], pk)) in carried
+    ]
 
 
 def _canonical(value: Any) -> bytes:
@@ -315,13 +313,16 @@ class Applier:
                     conn.execute(delete(table).where(_key_filter(table, deleted)))
                     count += len(deleted)
             elif tag == ROWS and table is not None:
-                rows = decode_rows(payload, len(columns))
-                for row in rows:
-                    self._upsert(conn, table, dict(zip(columns, row, strict=True)))
+                rows = [
+                    self._wrapped(table, dict(zip(columns, row, strict=True)))
+                    for row in decode_rows(payload, len(columns))
+                ]
+                upsert_many(conn, table, rows)
                 count += len(rows)
         return count
 
-    def _upsert(self, conn: Connection, table: Table, values: dict[str, Any]) -> None:
+    def _wrapped(self, table: Table, values: dict[str, Any]) -> dict[str, Any]:
+        """A data key received in clear, wrapped with this node's KEK."""
         if table.name == DATA_KEYS and values.get("wrapped") is not None and not values["kek_id"]:
             if self._kek is None:
                 raise FailedPrecondition(
@@ -332,11 +333,44 @@ class Applier:
                 )
             values["wrapped"] = self._kek.wrap(values["wrapped"])
             values["kek_id"] = self._kek.key_id
-        names = key_columns(table)
-        where = and_(*(table.c[name] == values[name] for name in names))
-        rest = {k: v for k, v in values.items() if k not in names}
-        if rest and conn.execute(update(table).where(where).values(rest)).rowcount:
-            return
-        if not rest and conn.execute(select(table.c[names[0]]).where(where)).first():
-            return
-        conn.execute(table.insert().values(values))
+        return values
+
+
+def upsert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Rows in by key: inserted in one statement when none is there yet (a snapshot into
+    an empty database, new rows of a change batch), else the existing ones updated and
+    the others inserted, each in one executemany."""
+    if not rows:
+        return
+    try:
+        with conn.begin_nested():
+            conn.execute(table.insert(), rows)
+        return
+    except IntegrityError:
+        pass
+    names = key_columns(table)
+    keys = [tuple(row[name] for name in names) for row in rows]
+    existing = {
+        tuple(_value(v) for v in found)
+        for found in conn.execute(
+            select(*(table.c[name] for name in names)).where(_key_filter(table, keys))
+        )
+    }
+    fresh = [row for row, key in zip(rows, keys, strict=True) if key not in existing]
+    known = [row for row, key in zip(rows, keys, strict=True) if key in existing]
+    if fresh:
+        conn.execute(table.insert(), fresh)
+    rest = [c.name for c in table.columns if c.name not in names]
+    if known and rest:
+        statement = (
+            update(table)
+            .where(and_(*(table.c[name] == bindparam(f"key_{name}") for name in names)))
+            .values({name: bindparam(f"new_{name}") for name in rest})
+        )
+        conn.execute(
+            statement,
+            [
+                {**{f"key_{n}": row[n] for n in names}, **{f"new_{n}": row.get(n) for n in rest}}
+                for row in known
+            ],
+        )

@@ -156,6 +156,7 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                 yield pb.StreamSnapshotResponse(
                     batch=pb.HandoverBatch(sealed=batch.seal(), rows=batch.rows)
                 )
+        move(self._engine, {STREAMING, FREEZING, FROZEN}, snapshot_done=True)
         log.info("hand-over: snapshot of %d rows sent", sent)
 
     @_unaudited
@@ -188,11 +189,11 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                 pending = int(conn.execute(select(func.count()).select_from(_CHANGES)).scalar_one())
                 if changes:
                     batch = self._batch(successor)
-                    covered = changed_rows(conn, changes, batch)
+                    carried = changed_rows(conn, changes, batch)
                     return pb.PullChangesResponse(
                         batch=pb.HandoverBatch(sealed=batch.seal(), rows=batch.rows),
-                        changes=[seq for seq, _, _ in changes[:covered]],
-                        pending=pending - covered,
+                        changes=carried,
+                        pending=pending - len(carried),
                     )
             handover = read(self._engine) or handover
             if handover.state in (FROZEN, HANDED_OVER):

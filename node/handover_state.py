@@ -162,3 +162,23 @@ def statement(
         sort_keys=True,
         separators=(",", ":"),
     ).encode()
+
+
+def refuse_if_not_in_charge(engine: Engine, task: str) -> None:
+    """Refuse an operator's task that writes into a node's database once it stopped
+    accepting writes for a hand-over, or before a successor took charge: what it wrote
+    would not reach the node in charge."""
+    handover = read(engine)
+    if handover is None:
+        return
+    if handover.role == PREDECESSOR and handover.state in (FREEZING, FROZEN, HANDED_OVER):
+        raise FailedPrecondition(
+            f"{task}: this node is handing its region over ({handover.state}); run it on the"
+            " successor once it is in charge, or `dmp node handover abort` first",
+            reason="REGION_MOVING" if handover.state != HANDED_OVER else "REGION_MOVED",
+        )
+    if handover.role == SUCCESSOR and handover.state != IN_CHARGE:
+        raise FailedPrecondition(
+            f"{task}: this node is still receiving its region; finish the hand-over first",
+            reason="HANDOVER_RECEIVING",
+        )

@@ -32,6 +32,8 @@ log = logging.getLogger("dmp.node.handover")
 
 #: How often the serving node looks at its hand-over state.
 POLL_SECONDS = 0.1
+#: Seconds the calls in flight at the freeze have to finish before they are cancelled.
+DRAIN_SECONDS = 3.0
 #: Seconds a caller is told to wait before retrying while the region moves.
 RETRY_SECONDS = 0.5
 _RECORDS: Table = RecordRow.__table__  # type: ignore[assignment]
@@ -154,8 +156,16 @@ class HandoverWatch:
         log.warning("hand-over of region %s: no more calls accepted (freezing)", self._region)
         self._server.gate.close(moving(self._region))
         self.state = FREEZING  # an abort from here reopens
-        while not self._server.gate.drain(timeout=5.0):
-            log.warning("hand-over: waiting for calls in flight to finish")
+        if not self._server.gate.drain(timeout=DRAIN_SECONDS):
+            cancelled = self._server.gate.cancel_in_flight()
+            log.warning(
+                "hand-over: cancelled %d call(s) still running after %g s (their clients"
+                " retry: what they committed is handed over)",
+                cancelled,
+                DRAIN_SECONDS,
+            )
+            while not self._server.gate.drain(timeout=5.0):
+                log.warning("hand-over: waiting for cancelled calls to end")
         self._background.stop()
         if self._auditor.refusals is not None:
             self._auditor.refusals.flush()

@@ -75,14 +75,20 @@ def _database(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kek-file", type=Path, required=True, metavar="FILE")
 
 
-def _open(url: str) -> Engine:
+def _open(url: str, task: str) -> Engine:
     from node.app import MIGRATIONS
+    from node.handover_state import refuse_if_not_in_charge
 
     path = sqlite_file(url)
     if path is not None and not path.exists():
         raise FailedPrecondition(f"no database at {path}")
     engine = make_engine(url)
-    upgrade(engine, MIGRATIONS, "alembic_version_node")
+    try:
+        upgrade(engine, MIGRATIONS, "alembic_version_node")
+        refuse_if_not_in_charge(engine, task)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
@@ -100,7 +106,7 @@ def _encrypt(args: argparse.Namespace) -> int:
     from node.key_admin import Progress, encrypt_in_place
 
     kek = load_kek_file(args.kek_file)
-    engine = _open(args.db)
+    engine = _open(args.db, "dmp node encrypt")
 
     def show(progress: Progress) -> None:
         print(f"\rsealed {progress.done}, {progress.remaining} left", end="", file=sys.stderr)
@@ -119,7 +125,7 @@ def _rotate(args: argparse.Namespace) -> int:
     from node.key_admin import Progress, rotate_kek
 
     old, new = load_kek_file(args.kek_file), load_kek_file(args.new_kek_file)
-    engine = _open(args.db)
+    engine = _open(args.db, "dmp node rotate-kek")
 
     def show(progress: Progress) -> None:
         print(f"\rrewrapped {progress.done}, {progress.remaining} left", end="", file=sys.stderr)
@@ -142,7 +148,7 @@ def _shred(args: argparse.Namespace) -> int:
 
     kek = load_kek_file(args.kek_file)
     ins = normalize_ins(args.patient)
-    engine = _open(args.db)
+    engine = _open(args.db, "dmp node shred")
     try:
         done = shred_patient(engine, kek, check_region(args.region), ins, operator=args.operator)
     finally:

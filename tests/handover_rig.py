@@ -23,7 +23,7 @@ from dmp.client import DirectoryClient, NodeClient, view_request
 from dmp.pki import load_credentials
 from dmp.server import error_metadata, error_reason
 from dmp.v1 import directory_service_pb2 as dpb
-from tests.federation import DOCTOR, PATIENT, draft, identity_of, make_pki
+from tests.federation import DOCTOR, PATIENT, draft, identity_of, make_pki, wait_for
 
 REGION = "53"
 
@@ -249,9 +249,5 @@ def read_back(pki: Path, address: str, acked: list[Acked]) -> list[str]:
 
 
 def until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    """`wait_for` with room for a loaded machine: hand-overs run several processes."""
+    wait_for(condition, what, timeout)

@@ -27,6 +27,9 @@ from dmp.signing import signed_by
 
 PROOFS_TABLE = "handover_proofs"
 _HANDOVER_EVENT = '"event_type":"handover"'
+#: How the successor's event of taking the log over begins (node/handover_receive.py);
+#: the operator's start and abort of a hand-over are handover events too.
+_TAKEOVER_DETAIL = '"detail":"statement '
 
 
 @dataclass
@@ -141,11 +144,14 @@ def verify_handovers(
 def _unproven_events(
     conn: Connection, events: Table, proven: set[int], problems: list[str]
 ) -> None:
-    """A hand-over event whose signed proof is not kept (deleted, or never valid): without
-    it nothing says who held the log on each side, so the log does not verify."""
+    """A successor's hand-over event whose signed proof is not kept (deleted, or never
+    valid): without it nothing says who held the log on each side; the log fails."""
     for (seq,) in conn.execute(
         select(events.c.seq)
-        .where(events.c.event_json.contains(_HANDOVER_EVENT, autoescape=True))
+        .where(
+            events.c.event_json.contains(_HANDOVER_EVENT, autoescape=True),
+            events.c.event_json.contains(_TAKEOVER_DETAIL, autoescape=True),
+        )
         .order_by(events.c.seq)
     ):
         if int(seq) not in proven:

@@ -211,16 +211,6 @@ def _verify(args: argparse.Namespace) -> int:
         handovers = verify_handovers(engine, events, checkpoints, ca_pem, report.source_id)
     finally:
         engine.dispose()
-    if handovers.handovers or handovers.problems:
-        if handovers.ok:
-            print(
-                f"hand-overs: {handovers.handovers} verified (both nodes' signatures, the"
-                " event, the checkpoints on each side)"
-            )
-        else:
-            print(f"FAILED: {len(handovers.problems)} hand-over problems")
-            for line in handovers.problems:
-                print(line)
     witnessed = _witness_report(args, report.source_id, ca_pem)
     if witnessed is not None and not witnessed.ok:
         total = len(witnessed.problems) + witnessed.problems_omitted
@@ -238,6 +228,17 @@ def _verify(args: argparse.Namespace) -> int:
     print(_verdict(report, witnessed))
     for problem in report.problems:
         print(problem)
+    if handovers.handovers or handovers.problems:
+        if handovers.ok:
+            print(
+                f"hand-overs: {handovers.handovers} verified (both nodes' signatures, the"
+                " event, the checkpoints on each side)"
+            )
+        else:
+            print(f"FAILED: {len(handovers.problems)} hand-over problems")
+            for line in handovers.problems:
+                print(line)
+
     if report.problems_omitted:
         print(f"... and {report.problems_omitted} more problems")
     return 0 if report.ok and handovers.ok and (witnessed is None or witnessed.ok) else 1

@@ -3,7 +3,8 @@
 A smoke test of the benchmark code only: no figure is checked (tests never assert timings).
 Every section runs, against 3 regions, a handful of patients and a 1,000-patient directory,
 a few dispensings and 16 racing clients on one prescription each, the nodes encrypted
-in place, a backup of 40 records;
+in place, a backup of 40 records, a hand-over of a node holding 200 records while 2 writers
+write (and every write they were told was stored read back at the successor);
 PostgreSQL too when its binaries are there.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from bench.run import main
 from tests.postgres import find_binaries
 
-SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
+SECTIONS = ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j")
 
 
 def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
@@ -31,6 +32,7 @@ def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
         "--directory-patients", "1000", "--directory-lookups", "10",
         "--rx-dispenses", "3", "--rx-racers", "16", "--rx-per-racer", "1",
         "--backup-records", "40",
+        "--handover-records", "200", "--handover-writers", "2", "--handover-settle", "0.5",
     ]  # fmt: skip
     if not postgres:
         argv.append("--no-postgres")
@@ -74,7 +76,11 @@ def test_bench_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
             "d.postgresql.ingest_batched",
             "e.postgresql.grpc.p99_ms",
             "i.postgresql.verify_mb_s",
+            "j.sqlite_to_postgresql.switch_s",
+            "j.postgresql_to_sqlite.unavailable_s",
         ]
+    else:
+        expected += ["j.sqlite_to_sqlite.switch_s", "j.sqlite_to_sqlite.snapshot_records_s"]
     missing = [key for key in expected if key not in figures]
     assert not missing, f"figures missing from the JSON: {missing}"
     goals = [figure for figure in figures.values() if figure["goal"] is not None]

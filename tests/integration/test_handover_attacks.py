@@ -92,7 +92,7 @@ def _every_call(stub: handover_pb2_grpc.HandoverServiceStub) -> list[Callable[[]
 def _frozen(hosts: Hosts, url: str) -> None:
     """`start`, then `complete` without waiting: the predecessor frozen, no successor."""
     assert handover_cli("start", hosts.a, url, "--to", str(hosts.b / "node-53.pem")) == 0
-    assert handover_cli("complete", hosts.a, url, "--wait", "0") != 0
+    assert handover_cli("complete", hosts.a, url, "--wait", "0", "--now") != 0
     until(lambda: _state(url) == FROZEN, "the freeze")
 
 
@@ -290,7 +290,7 @@ def test_complete_status_and_abort_twice_without_a_running_node(
     assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
     assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) != 0
     capsys.readouterr()
-    assert handover_cli("complete", hosts.a, a_url, "--wait", "0") != 0
+    assert handover_cli("complete", hosts.a, a_url, "--wait", "0", "--now") != 0
     assert "stays frozen (freezing)" in capsys.readouterr().err
     assert handover_cli("status", hosts.a, a_url) == 0
     assert "predecessor freezing" in capsys.readouterr().out
@@ -414,7 +414,7 @@ def test_changes_taken_by_another_receiver_are_not_missing_at_the_one_in_charge(
         assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
         _snapshot_only(hosts, primary, a_addr)
         channel, stub = _stub(a_addr, hosts.b, f"node-{REGION}")
-        assert handover_cli("complete", hosts.a, a_url, "--wait", "0") != 0
+        assert handover_cli("complete", hosts.a, a_url, "--wait", "0", "--now") != 0
         until(lambda: _state(a_url) == FROZEN, "the freeze")
         try:  # the standby
             answer = stub.PullChanges(pb.PullChangesRequest(), timeout=30)
@@ -552,7 +552,7 @@ def test_a_failure_of_the_predecessor_after_the_freeze_does_not_wedge_the_handov
     real = handover_rows.changed_rows
     failures: list[int] = []
 
-    def busy_once(*args: Any) -> int:
+    def busy_once(*args: Any) -> list[int]:
         if not failures:
             failures.append(1)
             raise sa_exc.TimeoutError("every connection is busy")

@@ -19,9 +19,9 @@ from dmp.errors import FailedPrecondition
 from dmp.pki import Pki, load_credentials
 from dmp.server import error_reason
 from dmp.tls import secure_channel
-from dmp.v1 import handover_pb2, handover_pb2_grpc
+from dmp.v1 import handover_pb2, handover_pb2_grpc, node_service_pb2
 from node import handover_receive, handover_rows
-from node.app import NodeConfig, start_node
+from node.app import NodeConfig, RunningNode, start_node
 from node.handover_cli import open_node_database
 from node.handover_receive import HandoverRefused, receive
 from node.handover_state import FREEZING, FROZEN, HANDED_OVER, IN_CHARGE, read
@@ -132,8 +132,10 @@ def test_kill_9_of_either_node_at_each_step_resumes_the_handover(
 
 
 @contextmanager
-def _predecessor(hosts: Hosts, url: str) -> Iterator[str]:
+def _predecessor(hosts: Hosts, url: str, nodes: list[RunningNode] | None = None) -> Iterator[str]:
     node = start_node(NodeConfig(pki_dir=hosts.a, region=REGION, db_url=url))
+    if nodes is not None:
+        nodes.append(node)
     try:
         yield f"127.0.0.1:{node.port}"
     finally:
@@ -163,7 +165,7 @@ def test_successor_crashing_between_its_writes_resumes(
         _write(a_addr, hosts, 30, "before")
         assert handover_cli("start", hosts.a, db_url, "--to", str(hosts.b / "node-53.pem")) == 0
         _write(a_addr, hosts, 5, "during")
-        assert handover_cli("complete", hosts.a, db_url, "--wait", "0") != 0  # frozen
+        assert handover_cli("complete", hosts.a, db_url, "--wait", "0", "--now") != 0  # frozen
         until(lambda: _state(db_url) == FROZEN, "the freeze")
 
         real_apply = handover_rows.Applier.apply
@@ -200,7 +202,7 @@ def test_successor_crashing_between_its_writes_resumes(
     try:
         with engine.connect() as conn:
             events = conn.exec_driver_sql(
-                "SELECT count(*) FROM audit_events WHERE event_json LIKE '%\"handover\"%'"
+                'SELECT count(*) FROM audit_events WHERE event_json LIKE \'%"detail":"statement %\''
             ).scalar()
     finally:
         engine.dispose()
@@ -215,7 +217,7 @@ def test_abort_racing_the_confirmation_leaves_the_predecessor_in_charge(
     with _predecessor(hosts, db_url) as a_addr:
         _write(a_addr, hosts, 10, "before")
         assert handover_cli("start", hosts.a, db_url, "--to", str(hosts.b / "node-53.pem")) == 0
-        assert handover_cli("complete", hosts.a, db_url, "--wait", "0") != 0
+        assert handover_cli("complete", hosts.a, db_url, "--wait", "0", "--now") != 0
         until(lambda: _state(db_url) == FROZEN, "the freeze")
         assert _put(a_addr, hosts.national, "while-frozen") is False
         original = handover_receive._confirm
@@ -238,7 +240,7 @@ def test_abort_racing_the_confirmation_leaves_the_predecessor_in_charge(
         assert receiving.value.reason == "HANDOVER_RECEIVING"
 
 
-def test_no_abort_once_handed_over(tmp_path: Path) -> None:
+def test_no_abort_once_handed_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hosts = Hosts.make(tmp_path)
     a_url, b_url = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     with _predecessor(hosts, a_url) as a_addr:
@@ -251,6 +253,13 @@ def test_no_abort_once_handed_over(tmp_path: Path) -> None:
         t.join()
         assert result == [0]
         assert handover_cli("abort", hosts.a, a_url) != 0
+        kek = tmp_path / "a.kek"
+        assert main(["node", "init-kek", str(kek)]) == 0
+        capsys.readouterr()
+        # Nor an operator's task writing into the predecessor's database: it would not
+        # reach the successor.
+        assert main(["node", "encrypt", "--db", a_url, "--kek-file", str(kek)]) != 0
+        assert "handing its region over" in capsys.readouterr().err
         with NodeClient(a_addr, load_credentials(hosts.national, f"practitioner-{DOCTOR}")) as c:
             until(lambda: _moved(c), "A pointing to its successor")
     assert _state(a_url) == HANDED_OVER
@@ -281,6 +290,11 @@ def test_handover_refused_to_another_region_another_ca_or_itself(
             assert why in capsys.readouterr().err
         assert _state(a_url) is None
         assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        capsys.readouterr()
+        # No freeze before the successor took its snapshot (unless --now): A keeps serving.
+        assert handover_cli("complete", hosts.a, a_url, "--wait", "0.2") != 0
+        assert "has not taken its snapshot" in capsys.readouterr().err
+        assert _state(a_url) == "streaming"
         # Another node of the federation, even of the region's CA, may not pull.
         for intruder in ("node-11", "node-84"):
             channel = secure_channel(
@@ -293,3 +307,65 @@ def test_handover_refused_to_another_region_another_ca_or_itself(
             assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
             assert error_reason(denied.value) == "NOT_THE_SUCCESSOR"
         assert _put(a_addr, hosts.national, "still-serving")
+
+
+def test_audit_verify_refuses_a_forged_handover_proof(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hosts = Hosts.make(tmp_path)
+    a_url, b_url = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    with _predecessor(hosts, a_url) as a_addr:
+        _write(a_addr, hosts, 3, "before")
+        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        assert handover_cli("complete", hosts.a, a_url, "--wait", "0", "--now") != 0
+        until(lambda: _state(a_url) == FROZEN, "the freeze")
+        _receive(hosts, b_url, a_addr)
+    assert main(["audit", "verify", "--pki", str(hosts.b), "--db", b_url]) == 0
+    assert "hand-overs: 1 verified" in capsys.readouterr().out
+    engine = make_engine(b_url)
+    try:
+        with engine.begin() as conn:  # the host of B rewrites who signed, say
+            conn.exec_driver_sql(
+                "UPDATE handover_proofs SET predecessor_signature = successor_signature"
+            )
+    finally:
+        engine.dispose()
+    assert main(["audit", "verify", "--pki", str(hosts.b), "--db", b_url]) == 1
+    assert "the predecessor's signature does not verify" in capsys.readouterr().out
+
+
+def test_a_stream_left_open_does_not_hold_the_freeze(tmp_path: Path) -> None:
+    hosts = Hosts.make(tmp_path)
+    a_url = f"sqlite:///{tmp_path / 'a.db'}"
+    nodes: list[RunningNode] = []
+    with _predecessor(hosts, a_url, nodes) as a_addr:
+        assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
+        hold = threading.Event()
+
+        def requests() -> Iterator[node_service_pb2.IngestRecordsRequest]:
+            yield node_service_pb2.IngestRecordsRequest(
+                put=node_service_pb2.PutRecordRequest(
+                    record=draft(record_id="streamed"), content=b"s", patient=identity_of(PATIENT)
+                )
+            )
+            hold.wait(60)  # a client that never closes its stream
+
+        doctor = load_credentials(hosts.national, f"practitioner-{DOCTOR}")
+        with NodeClient(a_addr, doctor) as client:
+            outcome: list[grpc.StatusCode] = []
+
+            def ingest() -> None:
+                try:
+                    client.stub.IngestRecords(requests(), timeout=60)
+                    outcome.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    outcome.append(exc.code())
+
+            streaming = threading.Thread(target=ingest)
+            streaming.start()
+            until(lambda: nodes[0].server.gate.in_flight == 1, "the stream open at A")
+            assert handover_cli("complete", hosts.a, a_url, "--wait", "0", "--now") != 0
+            until(lambda: _state(a_url) == FROZEN, "the freeze despite the open stream")
+            hold.set()
+            streaming.join(timeout=60)
+        assert outcome == [grpc.StatusCode.CANCELLED]

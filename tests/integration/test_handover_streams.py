@@ -1,5 +1,5 @@
 """A write stream (IngestRecords) open across the predecessor's freeze: what it sends is
-stored and reaches the successor; a client that holds it open holds the freeze."""
+stored and reaches the successor; a client that holds it open does not hold the freeze."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import pytest
 
 from dmp.client import NodeClient
 from dmp.db import make_engine
@@ -87,7 +86,9 @@ def test_a_write_stream_open_across_the_freeze_reaches_the_successor(
         until(lambda: _admitted(node), "the stream admitted")
         result: list[int] = []
         completing = threading.Thread(
-            target=lambda: result.append(handover_cli("complete", hosts.a, db_url, "--wait", "120"))
+            target=lambda: result.append(
+                handover_cli("complete", hosts.a, db_url, "--wait", "120", "--now")
+            )
         )
         completing.start()
         until(lambda: _state(db_url) == FREEZING, "the freeze requested")
@@ -106,13 +107,6 @@ def test_a_write_stream_open_across_the_freeze_reaches_the_successor(
     assert {"before", "stream-1", "stream-2"} <= _record_ids(b_url)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: the freeze waits without bound for calls admitted before it (a"
-    " client that keeps a stream open keeps every writer of the region refused); the"
-    " fix is in the server's gate (dmp/server.py): cancel what is still running after a"
-    " bounded drain",
-)
 def test_a_client_holding_a_write_stream_does_not_hold_the_freeze(tmp_path: Path) -> None:
     hosts = Hosts.make(tmp_path)
     a_url = f"sqlite:///{tmp_path / 'a.db'}"
@@ -123,7 +117,9 @@ def test_a_client_holding_a_write_stream_does_not_hold_the_freeze(tmp_path: Path
         assert handover_cli("start", hosts.a, a_url, "--to", str(hosts.b / "node-53.pem")) == 0
         sending = stream.start()
         until(lambda: _admitted(node), "the stream admitted")
-        assert handover_cli("complete", hosts.a, a_url, "--wait", "20") != 0  # no successor
+        assert (
+            handover_cli("complete", hosts.a, a_url, "--wait", "20", "--now") != 0
+        )  # no successor
         assert _state(a_url) == FROZEN
     finally:
         stream.go.set()
