@@ -29,6 +29,7 @@ from dmp.dbfile import private_directory
 from dmp.envelope import KeyEncryptionKey
 from dmp.pki import Credentials
 from node.backup import BackupError, write_backup
+from node.handover_state import handed_over
 from node.restore import verify_backup
 
 log = logging.getLogger("dmp.node.backup")
@@ -76,6 +77,8 @@ class BackupScheduler:
         self.last_ok: Path | None = None
         self.last_problem = ""
         self.runs = 0
+        #: The region was handed over: backups stopped.
+        self.region_gone = False
         private_directory(directory)
         self._status(health_pb2.HealthCheckResponse.UNKNOWN)
 
@@ -100,7 +103,17 @@ class BackupScheduler:
         return sorted(self._directory.glob(f"node-{self._region}-*{SUFFIX}"))
 
     def run_once(self) -> bool:
-        """One backup, verified, then the retention; True when it verified."""
+        """One backup, verified, then the retention; True when it verified; none
+        once this node handed its region over: the outgoing host keeps no copy."""
+        if handed_over(self._engine):
+            self.runs += 1
+            if not self.region_gone:
+                self.region_gone = True
+                log.warning(
+                    "region %s was handed over to its successor: no more scheduled backups",
+                    self._region,
+                )
+            return False
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         path = self._directory / f"node-{self._region}-{stamp}{SUFFIX}"
         started = time.monotonic()

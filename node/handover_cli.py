@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dmp.audit.events import AuditEvent, EventType
 from dmp.audit.log import AuditLog
+from dmp.audit.verify import log_owner
 from dmp.cli.common import CommandError, add_pki
 from dmp.db import make_engine, upgrade
 from dmp.dbfile import prepare_sqlite
@@ -43,7 +44,7 @@ from node.handover_state import (
     move,
     read,
 )
-from node.models import HandoverChangeRow
+from node.models import HandoverChangeRow, audit_events
 
 _CHANGES = HandoverChangeRow.__table__
 
@@ -158,6 +159,13 @@ def _existing(args: argparse.Namespace) -> Engine:
             "this node's database predates hand-overs: serve it once with this version"
             " (it migrates at start), then run the hand-over"
         )
+    owner = log_owner(engine, audit_events)
+    if owner and owner != f"urn:dmp:node:{check_region(args.region)}":
+        engine.dispose()
+        raise CommandError(
+            f"this database is the one of {owner}, not of the node of region {args.region}:"
+            " give the --region of the node whose --db this is"
+        )
     return engine
 
 
@@ -249,7 +257,7 @@ def _complete(args: argparse.Namespace) -> int:
                 _catch_up(engine, args.behind, deadline)
             move(engine, {STREAMING}, state=FREEZING)
         print(f"region {args.region}: no more writes accepted; waiting for the successor")
-        last = handover.state
+        last = FREEZING if handover.state == STREAMING else handover.state
         while time.monotonic() < deadline:
             handover = read(engine)
             if handover is None:

@@ -38,7 +38,7 @@ from dmp.signing import Signer, signed_by
 from dmp.tls import secure_channel
 from dmp.v1 import handover_pb2 as pb
 from dmp.v1 import handover_pb2_grpc
-from node.handover_rows import Applier, handed_tables
+from node.handover_rows import Applier, handed_tables, rows_digest
 from node.handover_state import (
     IN_CHARGE,
     RECEIVING,
@@ -263,6 +263,8 @@ def _confirm(
             f" {final.final_audit_seq} (or the audit roots differ): not taking charge",
             reason="HANDOVER_MISMATCH",
         )
+    with engine.connect() as conn:
+        rows = rows_digest(conn)
     text = statement(
         region,
         final.predecessor_certificate,
@@ -270,9 +272,14 @@ def _confirm(
         record_seq,
         audit_seq,
         root,
+        rows,
     )
-    signature = Signer(credentials).sign(text)
-    move(engine, {RECEIVING}, statement=text.decode(), successor_signature=signature)
+    kept = read(engine)
+    if kept is not None and kept.statement == text.decode() and kept.successor_signature:
+        signature = kept.successor_signature  # the one the predecessor may have recorded
+    else:
+        signature = Signer(credentials).sign(text)
+        move(engine, {RECEIVING}, statement=text.decode(), successor_signature=signature)
     answer = stub.ConfirmHandover(
         pb.ConfirmHandoverRequest(statement=text, successor_signature=signature), timeout=30
     )

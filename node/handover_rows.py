@@ -15,6 +15,7 @@ acknowledged) leaves the same database.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -35,9 +36,12 @@ from node.models import NodeBase
 #: Not handed over: the hand-over's own state and change log.
 LOCAL_TABLES: Final = frozenset({"handover", "handover_changes"})
 DATA_KEYS: Final = "data_keys"
-#: A batch holds at most about this many bytes of rows (one row may be larger).
-BATCH_BYTES: Final = 2 << 20
+#: A batch holds at most about this many bytes of rows, or one row alone: so that it
+#: fits in one message of any node (whose limit is its largest content plus 1 MiB).
+BATCH_BYTES: Final = 960 << 10
 BATCH_ROWS: Final = 2000
+#: At most this many keys of one table are read in one statement.
+_GROUP_KEYS: Final = 500
 
 
 def handed_tables() -> list[Table]:
@@ -129,6 +133,10 @@ class BatchWriter:
         self._parts.append(frame(TABLE, json.dumps(header).encode()))
         self._table = table.name
 
+    def fits(self, row: Sequence[Any]) -> bool:
+        """Whether `row` may join this batch (a first row always may)."""
+        return not self.rows or self.size + _size(row) <= BATCH_BYTES
+
     def add(self, table: Table, row: Sequence[Any]) -> None:
         if self._table != table.name:
             self._start(table)
@@ -140,7 +148,7 @@ class BatchWriter:
         )
         self._rows.append(values)
         self.rows += 1
-        self.size += sum(len(v) if isinstance(v, bytes | str) else 8 for v in values)
+        self.size += _size(values)
         if len(self._rows) >= 500:
             self._flush_rows()
 
@@ -163,6 +171,10 @@ class BatchWriter:
         return out.getvalue()
 
 
+def _size(row: Sequence[Any]) -> int:
+    return sum(len(v) if isinstance(v, bytes | str | memoryview) else 8 for v in row)
+
+
 def snapshot_batches(
     conn: Connection, new_batch: Callable[[], BatchWriter]
 ) -> Iterator[BatchWriter]:
@@ -172,6 +184,9 @@ def snapshot_batches(
         order = [table.c[name] for name in key_columns(table)]
         rows = conn.execution_options(yield_per=1000).execute(select(table).order_by(*order))
         for row in rows:
+            if not batch.fits(row):
+                yield batch
+                batch = new_batch()
             batch.add(table, row)
             if batch.full:
                 yield batch
@@ -204,7 +219,7 @@ def changed_rows(
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             for row in conn.execute(select(table).where(_key_filter(table, chunk))):
-                if batch.full:
+                if not batch.fits(row):  # a batch fits in one message
                     full = True
                     break
                 mapping = row._mapping
@@ -225,6 +240,44 @@ def changed_rows(
         for seq, name, pk in changes
         if name not in TABLES or (name, decode_key(TABLES[name], pk)) in carried
     ]
+
+
+def _canonical(value: Any) -> bytes:
+    """One column value, typed and length-prefixed, the same read from either engine."""
+    value = _value(value)
+    if value is None:
+        return b"N"
+    if isinstance(value, bool):
+        return b"T" if value else b"F"
+    if isinstance(value, int):
+        data, tag = str(value).encode(), b"I"
+    elif isinstance(value, str):
+        data, tag = value.encode("utf-8"), b"S"
+    else:
+        data, tag = bytes(value), b"B"
+    return tag + len(data).to_bytes(8, "big") + data
+
+
+def rows_digest(conn: Connection) -> str:
+    """SHA-256 over every handed-over row the connection sees, whatever the engine and
+    the order it returns rows in; a data key counts without its wrapping (each host wraps
+    with its own KEK). Both nodes sign it: the successor holds exactly these rows."""
+    total = hashlib.sha256()
+    for table in sorted(handed_tables(), key=lambda t: t.name):
+        names = [c.name for c in table.columns]
+        hashes = []
+        for row in conn.execution_options(yield_per=1000).execute(select(table)):
+            values = dict(zip(names, row, strict=True))
+            if table.name == DATA_KEYS:
+                values["wrapped"] = values["wrapped"] is None
+                values["kek_id"] = None
+            hashes.append(hashlib.sha256(b"".join(_canonical(values[n]) for n in names)).digest())
+        hashes.sort()
+        part = hashlib.sha256(table.name.encode() + len(hashes).to_bytes(8, "big"))
+        for digest in hashes:
+            part.update(digest)
+        total.update(part.digest())
+    return total.hexdigest()
 
 
 class Applier:

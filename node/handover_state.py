@@ -73,6 +73,12 @@ def read(engine: Engine) -> Handover | None:
     return Handover(**values)
 
 
+def handed_over(engine: Engine) -> bool:
+    """Whether this node handed its region over (it never serves it again)."""
+    handover = read(engine)
+    return handover is not None and handover.role == PREDECESSOR and handover.state == HANDED_OVER
+
+
 def begin(engine: Engine, role: str, state: str, peer_cert_pem: str, peer_address: str) -> None:
     """Start a hand-over; refused if one is already recorded."""
     now = now_us()
@@ -136,13 +142,16 @@ def statement(
     final_record_seq: int,
     final_audit_seq: int,
     final_root_hash: bytes,
+    rows_sha256: str,
 ) -> bytes:
     """The canonical statement both nodes sign: this region's records up to
-    `final_record_seq` and audit log up to `final_audit_seq` (root `final_root_hash`) passed
-    from the first certificate's node to the second's."""
+    `final_record_seq` and audit log up to `final_audit_seq` (root `final_root_hash`),
+    every row handed over hashing to `rows_sha256` (node/handover_rows.py), passed from the
+    first certificate's node to the second's."""
     return json.dumps(
         {
-            "format": "dmp-handover-1",
+            "format": "dmp-handover-2",
+            "rows_sha256": rows_sha256,
             "region": region,
             "predecessor_certificate_sha256": certificate_sha256(predecessor_pem),
             "successor_certificate_sha256": certificate_sha256(successor_pem),

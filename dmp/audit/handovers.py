@@ -19,12 +19,17 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine, MetaData, Table, select
+from sqlalchemy.engine import Connection
 
 from dmp.certificates import principal_from_certificate
 from dmp.errors import DmpError
 from dmp.signing import signed_by
 
 PROOFS_TABLE = "handover_proofs"
+_HANDOVER_EVENT = '"event_type":"handover"'
+#: How the successor's event of taking the log over begins (node/handover_receive.py);
+#: the operator's start and abort of a hand-over are handover events too.
+_TAKEOVER_DETAIL = '"detail":"statement '
 
 
 @dataclass
@@ -64,9 +69,9 @@ def verify_handovers(
     with engine.connect() as conn:
         metadata.reflect(bind=conn, only=lambda name, _: name == PROOFS_TABLE)
         proofs = metadata.tables.get(PROOFS_TABLE)
-        if proofs is None:
-            return report
-        rows = [dict(row) for row in conn.execute(select(proofs)).mappings()]
+        rows = (
+            [] if proofs is None else [dict(row) for row in conn.execute(select(proofs)).mappings()]
+        )
         signers = {
             int(size): str(pem)
             for size, pem in conn.execute(
@@ -109,11 +114,7 @@ def verify_handovers(
             event = conn.execute(
                 select(events.c.event_json).where(events.c.seq == final + 1)
             ).scalar()
-            if (
-                event is None
-                or '"event_type":"handover"' not in str(event)
-                or digest not in str(event)
-            ):
+            if event is None or _HANDOVER_EVENT not in str(event) or digest not in str(event):
                 problems.append(f"{name}: audit event {final + 1} is not its hand-over event")
             if final and roots.get(final, b"").hex() != statement["final_audit_root"]:
                 problems.append(
@@ -122,6 +123,7 @@ def verify_handovers(
                 )
             parsed.append((final, old, new))
             report.handovers += 1
+        _unproven_events(conn, events, {final + 1 for final, _, _ in parsed}, report.problems)
     parsed.sort()
     for size, pem in signers.items():
         expected = _expected_signer(parsed, size)
@@ -137,6 +139,26 @@ def verify_handovers(
                 " log then (hand-overs say who was)"
             )
     return report
+
+
+def _unproven_events(
+    conn: Connection, events: Table, proven: set[int], problems: list[str]
+) -> None:
+    """A successor's hand-over event whose signed proof is not kept (deleted, or never
+    valid): without it nothing says who held the log on each side; the log fails."""
+    for (seq,) in conn.execute(
+        select(events.c.seq)
+        .where(
+            events.c.event_json.contains(_HANDOVER_EVENT, autoescape=True),
+            events.c.event_json.contains(_TAKEOVER_DETAIL, autoescape=True),
+        )
+        .order_by(events.c.seq)
+    ):
+        if int(seq) not in proven:
+            problems.append(
+                f"audit event {seq} is a hand-over event without a verified hand-over proof"
+                f" ({PROOFS_TABLE}): the statement both nodes signed is missing"
+            )
 
 
 def _expected_signer(handovers: list[tuple[int, str, str]], size: int) -> str | None:
