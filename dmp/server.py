@@ -298,7 +298,9 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             if isinstance(exc, grpc.RpcError) and not context.is_active():
                 raise exc  # the peer went away
             error = public_failure(exc, method)
-            if self._refusals is not None:  # a failure no audited call recorded
+            if self._gate.closed is not None:  # handed over: its log takes no more events
+                log.warning("%s failed after the gate closed: %s", method, error.message)
+            elif self._refusals is not None:  # a failure no audited call recorded
                 event = refusal_event(who, method, error.code.name, error.message)
                 # If it cannot be written the audit log said why; the caller gets the failure.
                 with contextlib.suppress(DmpError):
