@@ -25,7 +25,7 @@ from node.app import NodeConfig, RunningNode, start_node
 from node.handover_cli import open_node_database
 from node.handover_receive import HandoverRefused, receive
 from node.handover_state import FREEZING, FROZEN, HANDED_OVER, IN_CHARGE, read
-from tests.federation import DOCTOR, PATIENT, draft, identity_of
+from tests.federation import DOCTOR, PATIENT, draft, identity_of, running_directory
 from tests.handover_rig import REGION, Hosts, Server, Writer, handover_cli, read_back, until
 from tests.integration.test_handover import free_address
 
@@ -369,3 +369,40 @@ def test_a_stream_left_open_does_not_hold_the_freeze(tmp_path: Path) -> None:
             hold.set()
             streaming.join(timeout=60)
         assert outcome == [grpc.StatusCode.CANCELLED]
+
+
+def test_a_successor_served_without_successor_of_is_refused_once_a_head_was_witnessed(
+    tmp_path: Path,
+) -> None:
+    """Host B's operator forgets --successor-of: with the directory, which witnessed A's
+    audit head, B's empty log is refused before it serves (the gap without a directory, or
+    before A's first witnessed head, is test_handover_attacks' strict xfail)."""
+    hosts = Hosts.make(tmp_path)
+    a_url, b_url = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    with running_directory(hosts.national, f"sqlite:///{tmp_path / 'd.db'}") as directory:
+        d_addr = f"127.0.0.1:{directory.port}"
+        a = start_node(
+            NodeConfig(
+                pki_dir=hosts.a, region=REGION, db_url=a_url, directory=d_addr,
+                audit_checkpoint_every=1,
+            )
+        )  # fmt: skip
+        try:
+            assert _put(f"127.0.0.1:{a.port}", hosts.national, "at-a")
+            refused: list[FailedPrecondition] = []
+
+            def b_refused() -> bool:
+                try:
+                    b = start_node(
+                        NodeConfig(pki_dir=hosts.b, region=REGION, db_url=b_url, directory=d_addr)
+                    )
+                except FailedPrecondition as exc:
+                    refused.append(exc)
+                    return True
+                b.stop(grace=None)  # A's head not witnessed yet: try again
+                return False
+
+            until(b_refused, "B refused for the head the directory witnessed from A")
+            assert refused[-1].reason == "AUDIT_BEHIND_WITNESS"
+        finally:
+            a.stop(grace=None)
