@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -260,3 +262,22 @@ def _issue_command(identity: str, pki_dir: Path) -> str:
 def _canonical_identity(identity: str) -> str:
     role, key = parse_identity(identity)
     return Principal(role=role, key=key).identity
+
+
+def certificate_sha256(cert: x509.Certificate | bytes | str) -> str:
+    """SHA-256 of a certificate's DER (given as a certificate or its PEM): how a signed
+    statement names a node's certificate, and how two PEMs are compared."""
+    if not isinstance(cert, x509.Certificate):
+        cert = x509.load_pem_x509_certificate(
+            cert.encode("ascii") if isinstance(cert, str) else cert
+        )
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether the CA signed `cert` (its validity dates and the CRL are the caller's)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

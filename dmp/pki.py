@@ -32,7 +32,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -66,6 +65,7 @@ from dmp.certificates import (
     certificate_dns_names,
     certificate_from_pem,
     generate_key,
+    issued_by,
     load_private_key,
     node_tls_name,
     principal_from_certificate,
@@ -512,12 +512,10 @@ class Pki:
     def revoke_certificate(self, cert: x509.Certificate) -> None:
         """Revoke a certificate this CA issued, current or not (a region's predecessor
         node after a hand-over, whose identity the successor's certificate now holds)."""
-        try:
-            cert.verify_directly_issued_by(self._ca_cert)
-        except (ValueError, TypeError, InvalidSignature):
+        if not issued_by(cert, self._ca_cert):
             raise FailedPrecondition(
                 f"this certificate was not issued by the CA in {self.directory}"
-            ) from None
+            )
         with self._locked():
             crl = self._read_crl()
             entries = list(crl)

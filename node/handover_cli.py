@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dmp.audit.events import AuditEvent, EventType
 from dmp.audit.log import AuditLog
 from dmp.audit.verify import log_owner
+from dmp.certificates import certificate_sha256, issued_by
 from dmp.cli.common import CommandError, add_pki
 from dmp.db import make_engine, upgrade
 from dmp.dbfile import prepare_sqlite
@@ -39,7 +40,6 @@ from node.handover_state import (
     PREDECESSOR,
     STREAMING,
     begin,
-    certificate_sha256,
     forget,
     move,
     read,
@@ -196,13 +196,11 @@ def check_successor(pki_dir: Path, region: str, pem: bytes) -> str:
     except DmpError as exc:
         raise FailedPrecondition(f"the successor certificate: {exc.message}") from None
     ca = certificate_from_pem(own.ca_pem)
-    try:
-        cert.verify_directly_issued_by(ca)
-    except Exception:
+    if not issued_by(cert, ca):
         raise FailedPrecondition(
             "the successor certificate is not issued by this federation's CA: the national"
             f" operator issues it with `dmp pki issue node --region {region}`"
-        ) from None
+        )
     if who.uri != f"urn:dmp:node:{region}" or node_tls_name(region) not in (
         certificate_dns_names(cert)
     ):

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection
 from dmp.audit.events import AuditEvent, EventType
 from dmp.audit.log import AuditLog
 from dmp.audit.merkle import MerkleFrontier
+from dmp.certificates import certificate_sha256, issued_by
 from dmp.credentials import Credentials
 from dmp.db import writer
 from dmp.envelope import KeyEncryptionKey
@@ -44,7 +45,6 @@ from node.handover_state import (
     RECEIVING,
     SUCCESSOR,
     begin,
-    certificate_sha256,
     move,
     move_in,
     read,
@@ -110,13 +110,8 @@ def _audit_root(engine: Engine, size: int) -> tuple[int, bytes]:
 
 
 def _check_predecessor(pem: bytes, ca: x509.Certificate, region: str) -> None:
-    cert = certificate_from_pem(pem)
-    try:
-        cert.verify_directly_issued_by(ca)
-    except Exception:
-        raise HandoverRefused(
-            "the predecessor's certificate is not issued by this federation's CA"
-        ) from None
+    if not issued_by(certificate_from_pem(pem), ca):
+        raise HandoverRefused("the predecessor's certificate is not issued by this federation's CA")
     who = principal_from_pem(pem)
     if who.uri != f"urn:dmp:node:{region}":
         raise HandoverRefused(f"the predecessor is {who.uri}, not the node of region {region}")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine, Table, delete, func, select
 
+from dmp.certificates import certificate_sha256
 from dmp.credentials import Credentials
 from dmp.db import writer
 from dmp.errors import DmpError, FailedPrecondition, InvalidArgument, PermissionDenied
@@ -57,11 +58,6 @@ _DEFAULT_ROWS = 2000
 _ACK_SLICE = 1000
 _R = TypeVar("_R")
 _T = TypeVar("_T")
-
-
-def _der(pem: bytes | str) -> bytes:
-    data = pem.encode("ascii") if isinstance(pem, str) else pem
-    return x509.load_pem_x509_certificate(data).public_bytes(serialization.Encoding.DER)
 
 
 def _unaudited(method: Callable[..., _R]) -> Callable[..., _R]:
@@ -117,7 +113,7 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                 reason="NO_HANDOVER",
             )
         pems = context.auth_context().get("x509_pem_cert") or [b""]
-        if _der(pems[0]) != _der(handover.peer_cert_pem):
+        if certificate_sha256(pems[0]) != certificate_sha256(handover.peer_cert_pem):
             raise PermissionDenied(
                 f"{context.principal.uri} is not the successor this node's operator named:"
                 " only the certificate given to `dmp node handover start --to` may take over",
@@ -175,7 +171,7 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                     slice_ = applied[start : start + _ACK_SLICE]
                     conn.execute(delete(_CHANGES).where(_CHANGES.c.seq.in_(slice_)))
         limit = min(max(request.max_rows or _DEFAULT_ROWS, 1), 10_000)
-        waited = threading.Event()
+        waited = False
         while True:
             with self._engine.connect() as conn:
                 changes = [
@@ -207,10 +203,10 @@ class HandoverSource(handover_pb2_grpc.HandoverServiceServicer):
                     final_root_hash=handover.final_root_hash or b"",
                     predecessor_certificate=self._credentials.cert_pem,
                 )
-            if waited.is_set() or not context.is_active():
+            if waited or not context.is_active():
                 return pb.PullChangesResponse()
-            waited.wait(_WAIT)
-            waited.set()
+            time.sleep(_WAIT)
+            waited = True
 
     def _hash_ahead(self, handover: Handover) -> None:
         try:

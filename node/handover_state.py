@@ -15,16 +15,14 @@ point leaves a state a restart resumes from.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Final
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine, Table, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
+from dmp.certificates import certificate_sha256
 from dmp.clock import now_us
 from dmp.db import writer
 from dmp.errors import FailedPrecondition
@@ -126,13 +124,6 @@ def forget(engine: Engine, from_states: frozenset[str] | set[str]) -> bool:
             delete(_T).where(_T.c.id == 1, _T.c.state.in_(sorted(from_states)))
         ).rowcount
     return bool(done)
-
-
-def certificate_sha256(pem: str | bytes) -> str:
-    """SHA-256 of a certificate's DER: how the statement names each node."""
-    data = pem.encode("ascii") if isinstance(pem, str) else pem
-    cert = x509.load_pem_x509_certificate(data)
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def statement(

@@ -17,11 +17,10 @@ import json
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine, MetaData, Table, select
 from sqlalchemy.engine import Connection
 
-from dmp.certificates import principal_from_certificate
+from dmp.certificates import certificate_sha256, issued_by, principal_from_certificate
 from dmp.errors import DmpError
 from dmp.signing import signed_by
 
@@ -42,23 +41,20 @@ class HandoverReport:
         return not self.problems
 
 
-def _sha256(cert: x509.Certificate) -> str:
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
 def _cert(pem: str, ca: x509.Certificate, owner: str, what: str, problems: list[str]) -> str:
     """The SHA-256 of a certificate of the log's owner issued by the CA; "" if not."""
     try:
         cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
-        cert.verify_directly_issued_by(ca)
-        who = principal_from_certificate(cert).uri
-    except (ValueError, TypeError, DmpError, Exception):
+        who = principal_from_certificate(cert).uri if issued_by(cert, ca) else ""
+    except (ValueError, DmpError):
+        who = ""
+    if not who:
         problems.append(f"{what}: the certificate is not one the federation CA issued")
         return ""
     if owner and who != owner:
         problems.append(f"{what}: the certificate names {who}, not the log's owner {owner}")
         return ""
-    return _sha256(cert)
+    return certificate_sha256(cert)
 
 
 def verify_handovers(
@@ -130,7 +126,7 @@ def verify_handovers(
         if expected is None:
             continue
         try:
-            actual = _sha256(x509.load_pem_x509_certificate(pem.encode("ascii")))
+            actual = certificate_sha256(pem)
         except ValueError:
             continue  # verify_log reports a bad checkpoint certificate
         if actual != expected:
