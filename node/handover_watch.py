@@ -30,8 +30,9 @@ from node.models import RecordRow, audit_checkpoints
 
 log = logging.getLogger("dmp.node.handover")
 
-#: How often the serving node looks at its hand-over state.
+#: How often the serving node looks at its hand-over state while one runs, and otherwise.
 POLL_SECONDS = 0.1
+IDLE_POLL_SECONDS = 1.0
 #: Seconds the calls in flight at the freeze have to finish before they are cancelled.
 DRAIN_SECONDS = 3.0
 #: Seconds a caller is told to wait before retrying while the region moves.
@@ -118,11 +119,16 @@ class HandoverWatch:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(POLL_SECONDS):
+        wait = POLL_SECONDS
+        while not self._stop.wait(wait):
             try:
-                self._follow(read(self._engine))
+                handover = read(self._engine)
+                self._follow(handover)
             except Exception:
                 log.exception("hand-over: cannot read this node's hand-over state; retrying")
+                continue
+            # Without a hand-over, a look a second is enough: `start` comes before `complete`.
+            wait = POLL_SECONDS if handover is not None else IDLE_POLL_SECONDS
 
     def _follow(self, handover: Handover | None, *, starting: bool = False) -> None:
         state = handover.state if handover and handover.role == PREDECESSOR else None
