@@ -29,10 +29,13 @@ class DirectoryAccess:
         operation: Operation.ValueType,
         patient_ins: str | None = None,
         record_id: str | None = None,
+        *,
+        audited: AuditedCall | None = None,
     ) -> tuple[VerifiedAssertion, PatientDirectives, bytes | None]:
         """The caller's verified assertion (for this operation, on this record) and the
-        patient's directives, or a refusal."""
-        assertion = self._signed_by_caller(context, operation, record_id)
+        patient's directives, or a refusal. With `audited`, the assertion's nonce is only
+        reserved, and commits with that call's audit event."""
+        assertion = self._signed_by_caller(context, operation, record_id, audited)
         if patient_ins is not None and patient_ins != assertion.patient_ins:
             raise PermissionDenied("the access assertion is for another patient")
         directives, signed = self._directives.current(assertion.patient_ins)
@@ -40,9 +43,17 @@ class DirectoryAccess:
         return assertion, directives, signed
 
     def _signed_by_caller(
-        self, context: CallContext, operation: Operation.ValueType, record_id: str | None
+        self,
+        context: CallContext,
+        operation: Operation.ValueType,
+        record_id: str | None,
+        audited: AuditedCall | None = None,
     ) -> VerifiedAssertion:
-        assertion = self._verifier.verify(context.invocation_metadata(), operation, record_id)
+        assertion = self._verifier.verify(
+            context.invocation_metadata(), operation, record_id, defer_nonce=audited is not None
+        )
+        if audited is not None:
+            audited.nonce = assertion.nonce_due  # stored even if refused below
         if assertion.subject.uri != context.principal.uri:
             raise PermissionDenied("an access assertion is used by its signer only")
         return assertion
@@ -57,7 +68,9 @@ class DirectoryAccess:
     ) -> Metadata:
         """Check a read, name its caller in the call's audit, and give what travels with
         it to the nodes (directory/relay.py)."""
-        assertion, _, signed = self.reader(context, operation, patient_ins, record_id)
+        assertion, _, signed = self.reader(
+            context, operation, patient_ins, record_id, audited=audited
+        )
         audited.caller(assertion)
         return forward_metadata(assertion, signed, audited.request_id)
 

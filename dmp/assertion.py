@@ -23,7 +23,7 @@ from dmp.clock import from_us, now_us, to_us
 from dmp.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from dmp.identity import Principal, Role
 from dmp.ins import normalize_ins
-from dmp.nonces import MAX_NONCE_BYTES, MemoryNonces, NonceLedger
+from dmp.nonces import MAX_NONCE_BYTES, MemoryNonces, NonceLedger, StoredNonces
 from dmp.purposes import Purpose
 from dmp.signing import SignatureVerifier, Signer
 from dmp.v1 import access_pb2
@@ -135,6 +135,14 @@ class VerifiedAssertion:
     record_id: str
     #: The metadata as received, to forward unchanged.
     raw: bytes
+    #: Set when the nonce is only reserved (verify(defer_nonce=True)): until when it must
+    #: be remembered. The call's audit commit then inserts it (dmp/audit/calls.py).
+    nonce_keep_until_us: int = 0
+
+    @property
+    def nonce_due(self) -> tuple[bytes, int] | None:
+        """The nonce still to insert durably, with its keep-until, if any."""
+        return (self.nonce, self.nonce_keep_until_us) if self.nonce_keep_until_us else None
 
     @property
     def purpose_name(self) -> str:
@@ -170,10 +178,17 @@ class AssertionVerifier:
         metadata: Metadata,
         operation: access_pb2.Operation.ValueType,
         record_id: str | None = None,
+        *,
+        defer_nonce: bool = False,
     ) -> VerifiedAssertion:
         """The assertion of this call, once it is valid, allows `operation` (on
         `record_id`, for a record read) and was never used before; Unauthenticated when it
-        is not valid, PermissionDenied when it allows something else."""
+        is not valid, PermissionDenied when it allows something else.
+
+        With `defer_nonce` (and a ledger that can), the nonce is only reserved here: the
+        returned assertion's `nonce_due` must then be committed with the call's audit event
+        before any data is answered (AuditedCall does), which refuses a replay the memory
+        of this process did not catch."""
         raw = assertion_bytes(metadata)
         if raw is None:
             raise Unauthenticated(
@@ -226,8 +241,15 @@ class AssertionVerifier:
                 f" it must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} random bytes"
             )
         _check_operation(assertion, operation, record_id)
-        if not self._nonces.first_time(assertion.nonce, expires + CLOCK_SKEW_US, now):
-            raise Unauthenticated("the access assertion was already used: sign a new one per call")
+        keep_until = expires + CLOCK_SKEW_US
+        deferred = defer_nonce and isinstance(self._nonces, StoredNonces)
+        if deferred:
+            assert isinstance(self._nonces, StoredNonces)
+            first = self._nonces.reserve(assertion.nonce, keep_until, now)
+        else:
+            first = self._nonces.first_time(assertion.nonce, keep_until, now)
+        if not first:
+            raise replayed()
         return VerifiedAssertion(
             subject=signer,
             patient_ins=patient,
@@ -238,7 +260,12 @@ class AssertionVerifier:
             operation=assertion.operation,
             record_id=assertion.record_id,
             raw=raw,
+            nonce_keep_until_us=keep_until if deferred else 0,
         )
+
+
+def replayed() -> Unauthenticated:
+    return Unauthenticated("the access assertion was already used: sign a new one per call")
 
 
 def _check_operation(

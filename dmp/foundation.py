@@ -141,7 +141,8 @@ def open_foundation(
     ca = certificate_from_pem(credentials.ca_pem)
     revocation = RevocationList(pki_dir / CRL_FILE, ca)
     signatures = SignatureVerifier(ca, revocation)
-    assertions = AssertionVerifier(signatures, nonces=StoredNonces(engine, tables.seen_nonces))
+    nonces = StoredNonces(engine, tables.seen_nonces)
+    assertions = AssertionVerifier(signatures, nonces=nonces)
     audit_log = AuditLog(
         engine,
         tables.audit_events,
@@ -151,6 +152,7 @@ def open_foundation(
         signer=credentials,
         checkpoint_interval=settings.audit_checkpoint_interval,
         checkpoint_every=settings.audit_checkpoint_every,
+        nonces=nonces,
     )
     auditor = Auditor(audit_log, RefusalTrail(audit_log, window=settings.refusal_window))
     witness = WitnessServicer(

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 #: Writes one batch; returns one outcome per item, in order (a value, or the error that
 #: caller must raise). An exception it raises is `on_failure`'s to turn into the outcome of
 #: every item of the batch.
 WriteBatch = Callable[[Sequence[T]], Sequence[R | BaseException]]
+
+
+class Pending(Protocol[R_co]):
+    def result(self) -> R_co:
+        """Wait for the commit; the outcome, or raise the caller's error."""
+        ...
 
 
 class _Waiter(Generic[T, R]):
@@ -28,6 +35,13 @@ class _Waiter(Generic[T, R]):
         self.item = item
         self.done = threading.Event()
         self.outcome: R | BaseException | None = None
+
+    def result(self) -> R:
+        self.done.wait()
+        outcome = self.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome  # type: ignore[return-value]
 
 
 class GroupCommit(Generic[T, R]):
@@ -48,6 +62,11 @@ class GroupCommit(Generic[T, R]):
 
     def submit(self, item: T) -> R:
         """Wait until `item` is committed with the others waiting; its outcome, or raise."""
+        return self.start(item).result()
+
+    def start(self, item: T) -> Pending[R]:
+        """Hand `item` over and return at once: its `result()` waits for the commit (so
+        that the caller's own work overlaps the disk flush)."""
         waiter: _Waiter[T, R] = _Waiter(item)
         with self._ready:
             self._queue.append(waiter)
@@ -55,11 +74,7 @@ class GroupCommit(Generic[T, R]):
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
             self._ready.notify()
-        waiter.done.wait()
-        outcome = waiter.outcome
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome  # type: ignore[return-value]
+        return waiter
 
     def _run(self) -> None:
         """Write the waiting items, batch after batch, for as long as the process lives."""

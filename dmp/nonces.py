@@ -11,6 +11,12 @@ The check is on the path of every read, so concurrent callers share one transact
 moment in one statement (``INSERT ... ON CONFLICT DO NOTHING RETURNING nonce``) and learns
 from what came back which were new. Expired nonces are deleted by that same thread now and
 then.
+
+A read pays one durable commit, not two: its nonce can instead be *reserved* (refused at
+once if this process saw it already) and inserted in the very transaction that commits the
+read's audit event (dmp/audit/log.py), which refuses the call if the insert finds it there
+(another process, or before a restart). Either way no data is answered before the nonce is
+durable.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Protocol
 
 from sqlalchemy import BigInteger, Column, Engine, Index, LargeBinary, MetaData, Table, delete
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from dmp.clock import now_us
@@ -78,7 +85,8 @@ class MemoryNonces:
 
 
 class StoredNonces:
-    """Nonces in the service's database: a replay is refused across restarts and replicas."""
+    """Nonces in the service's database: a replay is refused across restarts and replicas.
+    Those seen lately are also kept in memory, to refuse a replay at once."""
 
     def __init__(
         self,
@@ -98,27 +106,50 @@ class StoredNonces:
         self._commits: GroupCommit[tuple[bytes, int], bool] = GroupCommit(
             "nonce-commit", self._insert_batch, _unavailable, max_batch=_BATCH
         )
+        self._recent = MemoryNonces()
+        self._purge_lock = threading.Lock()
 
     def first_time(self, nonce: bytes, keep_until_us: int, now: int) -> bool:
         """Raises Unavailable when the database cannot say (the call must then fail)."""
         return self._commits.submit((nonce, keep_until_us))
 
-    def _insert_batch(self, batch: Sequence[tuple[bytes, int]]) -> list[bool | BaseException]:
+    def reserve(self, nonce: bytes, keep_until_us: int, now: int) -> bool:
+        """False if this process saw `nonce` lately; else it is held in memory, and the
+        caller must insert it durably (`insert_in` in the call's audit commit, or
+        `first_time`) before answering anything."""
+        return self._recent.first_time(nonce, keep_until_us, now)
+
+    def insert_in(self, conn: Connection, items: Sequence[tuple[bytes, int]]) -> set[bytes]:
+        """Insert nonces in the caller's transaction; those of them that were new."""
         rows: dict[bytes, int] = {}
-        for nonce, keep_until in batch:
+        for nonce, keep_until in items:
             rows.setdefault(nonce, keep_until)
-        stmt = (
-            self._insert(self._table)
-            .values([{"nonce": n, "keep_until_us": k} for n, k in rows.items()])
-            .on_conflict_do_nothing(index_elements=["nonce"])
-            .returning(self._table.c.nonce)
-        )
+        if not rows:
+            return set()
         now = self._clock()
+        with self._purge_lock:
+            purge, self._next_purge = (
+                (True, now + self._purge_every_us)
+                if now >= self._next_purge
+                else (False, self._next_purge)
+            )
+        if purge:
+            conn.execute(delete(self._table).where(self._table.c.keep_until_us < now))
+        values = [{"nonce": n, "keep_until_us": k} for n, k in rows.items()]
+        inserted: set[bytes] = set()
+        for start in range(0, len(values), _BATCH):
+            stmt = (
+                self._insert(self._table)
+                .values(values[start : start + _BATCH])
+                .on_conflict_do_nothing(index_elements=["nonce"])
+                .returning(self._table.c.nonce)
+            )
+            inserted.update(bytes(n) for n in conn.execute(stmt).scalars())
+        return inserted
+
+    def _insert_batch(self, batch: Sequence[tuple[bytes, int]]) -> list[bool | BaseException]:
         with self._writer.begin() as conn:
-            if now >= self._next_purge:
-                conn.execute(delete(self._table).where(self._table.c.keep_until_us < now))
-                self._next_purge = now + self._purge_every_us
-            inserted = {bytes(n) for n in conn.execute(stmt).scalars()}
+            inserted = self.insert_in(conn, batch)
         # Within one batch the first waiter of a nonce gets it; any other is a replay.
         outcomes: list[bool | BaseException] = []
         for nonce, _ in batch:

@@ -50,6 +50,7 @@ class UnitOfWork:
     def commit(self) -> None:
         self.session.commit()
         self.committed = True
+        self._audited.nonce = None  # inserted with the event (AuditedCall.append)
         if self._on_commit is not None:
             self._on_commit()
 

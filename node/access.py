@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dmp.assertion import AssertionVerifier, Operation, VerifiedAssertion
+from dmp.audit.calls import AuditedCall
 from dmp.clock import now_us
 from dmp.directives import PatientDirectives
 from dmp.errors import PermissionDenied
@@ -54,13 +55,21 @@ class NodeAccess:
         operation: Operation.ValueType,
         patient_ins: str | None = None,
         record_id: str | None = None,
+        *,
+        audited: AuditedCall | None = None,
     ) -> tuple[Caller, ReadScope]:
         """Check a read: the assertion (for this operation, on this record), who carries
         it, the patient, the directives. The directory relays an assertion for the same
-        operation only: the view's assertion serves a node's list, never a record read."""
+        operation only: the view's assertion serves a node's list, never a record read.
+        With `audited`, the assertion's nonce is only reserved, and commits with that
+        call's audit event (one durable commit for the read)."""
         transport = context.principal
         metadata = context.invocation_metadata()
-        assertion = self._verifier.verify(metadata, operation, record_id)
+        assertion = self._verifier.verify(
+            metadata, operation, record_id, defer_nonce=audited is not None
+        )
+        if audited is not None:
+            audited.nonce = assertion.nonce_due  # stored even if refused below
         if assertion.subject.uri != transport.uri and transport.role is not Role.DIRECTORY:
             raise PermissionDenied(
                 "an access assertion is used by its signer, or relayed by the directory only"

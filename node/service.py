@@ -232,7 +232,9 @@ class RecordService:
         patient_ins: str | None = None,
         record_id: str | None = None,
     ) -> ReadScope:
-        caller, scope = self._access.reader(context, operation, patient_ins, record_id)
+        caller, scope = self._access.reader(
+            context, operation, patient_ins, record_id, audited=audited
+        )
         audited.caller(caller.assertion)
         return scope
 

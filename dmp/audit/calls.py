@@ -24,6 +24,7 @@ from dmp.audit.refusals import RefusalTrail
 from dmp.clock import from_us
 from dmp.errors import DmpError
 from dmp.failures import public_failure
+from dmp.group_commit import Pending
 from dmp.identity import Principal, Role
 from dmp.server import CallContext
 from dmp.v1 import audit_pb2
@@ -59,12 +60,15 @@ class AuditedCall:
     record_ids: Sequence[str] = field(default_factory=tuple)
     detail: str = ""
     recorded: bool = False
+    #: The assertion's nonce, only reserved so far: it commits with this call's event.
+    nonce: tuple[bytes, int] | None = None
 
     def caller(self, assertion: VerifiedAssertion | None, subject: Principal | None = None) -> None:
         self.assertion = assertion
         self.subject = assertion.subject if assertion is not None else subject
         if assertion is not None:
             self.patient_ins = assertion.patient_ins
+            self.nonce = assertion.nonce_due
 
     def event(self, status: str = "OK", event_type: str | None = None) -> AuditEvent:
         who = self.subject or self.transport
@@ -92,8 +96,17 @@ class AuditedCall:
         """Record the allowed access, committed: call before returning any data."""
         if record_ids:
             self.record_ids = record_ids
-        self.log.record(self.event())
+        self.log.record(self.event(), self.nonce)
+        self.nonce = None
         self.recorded = True
+
+    def start_commit(self) -> Pending[int]:
+        """commit() begun now and waited for later (`result()`, which the call must wait
+        for before answering): the flush overlaps the call's own work. The event is the
+        one this call describes now."""
+        pending = self.log.start_record(self.event(), self.nonce)
+        self.nonce = None
+        return _Committing(self, pending)
 
     def commit_each(self, patients: Sequence[str]) -> None:
         """Record the allowed access as one event per patient it touched, committed."""
@@ -102,15 +115,29 @@ class AuditedCall:
             self.patient_ins = ins
             events.append(self.event())
         if events:
-            self.log.record_many(events)
+            self.log.record_many(events, self.nonce)
+            self.nonce = None
         self.recorded = True
 
     def append(self, session: Session, record_ids: Sequence[str] = ()) -> None:
         """Append the allowed write's event in the write's own transaction."""
         if record_ids:
             self.record_ids = record_ids
-        self.log.append(session, self.event())
+        self.log.append(session, self.event(), self.nonce)
         self.recorded = True
+
+
+class _Committing:
+    """An audit commit under way; the call is recorded once it is durable."""
+
+    def __init__(self, audited: AuditedCall, pending: Pending[int]) -> None:
+        self._audited = audited
+        self._pending = pending
+
+    def result(self) -> int:
+        seq = self._pending.result()
+        self._audited.recorded = True
+        return seq
 
 
 class Auditor:
@@ -134,7 +161,11 @@ class Auditor:
         )
         try:
             yield audited
+            if audited.nonce is not None:  # the call ended without its audit commit
+                self.log.store_nonce(audited.nonce)
         except DmpError as exc:
+            if audited.nonce is not None:
+                self.log.store_nonce(audited.nonce)
             if not audited.recorded:
                 status = exc.code.name
                 kind = EventType.REFUSED if status in _REFUSALS else event_type
@@ -146,6 +177,8 @@ class Auditor:
                     self._record_failure(event)
             raise
         except Exception as exc:
+            if audited.nonce is not None:
+                self.log.store_nonce(audited.nonce)
             if isinstance(exc, grpc.RpcError) and not context.is_active():
                 raise  # the peer cancelled its call: nothing failed here
             error = public_failure(exc, f"{event_type} by {context.principal.uri}")

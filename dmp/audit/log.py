@@ -21,13 +21,15 @@ from sqlalchemy.event import listen
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from dmp.assertion import replayed
 from dmp.audit.checkpoints import Checkpoint, sign_checkpoint
 from dmp.audit.events import AuditEvent
 from dmp.audit.merkle import MerkleFrontier, event_leaf_hash
 from dmp.db import writer
 from dmp.errors import DataLoss, DmpError, FailedPrecondition
 from dmp.failures import audit_failure
-from dmp.group_commit import GroupCommit
+from dmp.group_commit import GroupCommit, Pending
+from dmp.nonces import StoredNonces
 from dmp.pki import Credentials
 
 log = logging.getLogger("dmp.audit")
@@ -43,7 +45,10 @@ class LoggedEvent:
     hash_ok: bool
 
 
-#: An event waiting to be committed, the signal that it was, and its seq or error.
+#: An event waiting to be committed, with the nonce of the call's assertion to insert in the
+#: same transaction (None when there is none, or it is already stored).
+_Item = tuple[AuditEvent, "Nonce | None"]
+Nonce = tuple[bytes, int]
 
 
 class AuditLog:
@@ -76,6 +81,7 @@ class AuditLog:
         signer: Credentials | None = None,
         checkpoint_interval: float = 60.0,
         checkpoint_every: int = 1000,
+        nonces: StoredNonces | None = None,
     ) -> None:
         if signer is not None and signer.principal.uri != source_id:
             raise FailedPrecondition(
@@ -105,8 +111,10 @@ class AuditLog:
         self._last_checkpoint = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The seen nonces (same database): a read's nonce commits with its event.
+        self._nonces = nonces
         # Group commit of record() (dmp/group_commit.py).
-        self._commits: GroupCommit[AuditEvent, int] = GroupCommit(
+        self._commits: GroupCommit[_Item, int] = GroupCommit(
             "audit-commit", self._commit_batch, self._failure
         )
 
@@ -135,15 +143,31 @@ class AuditLog:
         values["audit_source_region"] = region
         return AuditEvent.from_dict(values)
 
-    def append(self, session_or_connection: Session | Connection, event: AuditEvent) -> int:
+    def append(
+        self,
+        session_or_connection: Session | Connection,
+        event: AuditEvent,
+        nonce: Nonce | None = None,
+    ) -> int:
         """Append ``event`` in the caller's transaction and return its seq. Nothing is kept
-        if that transaction rolls back. Raises Unavailable if the database refuses."""
-        return self.append_many(session_or_connection, [event])[0]
+        if that transaction rolls back. Raises Unavailable if the database refuses, and
+        Unauthenticated if ``nonce`` (inserted in the same transaction) was already used."""
+        return self.append_many(session_or_connection, [event], nonce)[0]
 
     def append_many(
-        self, session_or_connection: Session | Connection, events: Iterable[AuditEvent]
+        self,
+        session_or_connection: Session | Connection,
+        events: Iterable[AuditEvent],
+        nonce: Nonce | None = None,
     ) -> list[int]:
         """Append several events in the caller's transaction (one INSERT); their seqs."""
+        if nonce is not None:
+            conn = (
+                session_or_connection.connection()
+                if isinstance(session_or_connection, Session)
+                else session_or_connection
+            )
+            self._insert_nonces(conn, [nonce], replay_raises=True)
         seqs = self._insert(session_or_connection, [self._own(event) for event in events])
         self._count(session_or_connection, seqs)
         return seqs
@@ -189,35 +213,81 @@ class AuditLog:
         last = conn.execute(select(func.max(self._events.c.seq))).scalar()
         return int(last or 0) + 1
 
-    def record(self, event: AuditEvent) -> int:
+    def record(self, event: AuditEvent, nonce: Nonce | None = None) -> int:
         """Append ``event`` in a transaction of its own, committed before this returns.
         Raises ``Unavailable("audit trail unavailable: ...")`` when it cannot be written
         (``ResourceExhausted`` on a full disk): the caller must then not serve the data.
+        With ``nonce`` (a call's assertion nonce only reserved so far) the nonce is inserted
+        in the same transaction, and a nonce already stored fails the call (Unauthenticated)
+        without its event: a read pays one durable commit for both.
 
         Concurrent callers share commits (group commit): one thread writes every event
         waiting at that moment in one transaction, so a busy service pays one durable
         commit for many reads instead of one each."""
-        return self._commits.submit(self._own(event))
+        return self._commits.submit((self._own(event), nonce))
 
-    def record_many(self, events: Sequence[AuditEvent]) -> list[int]:
+    def start_record(self, event: AuditEvent, nonce: Nonce | None = None) -> Pending[int]:
+        """record() without waiting: the commit starts now, ``result()`` waits for it (so
+        that a caller's own work overlaps the flush; it answers only after result())."""
+        return self._commits.start((self._own(event), nonce))
+
+    def record_many(self, events: Sequence[AuditEvent], nonce: Nonce | None = None) -> list[int]:
         """Append several events in one transaction of their own, committed on return."""
         try:
             with self._writer.begin() as conn:
+                if nonce is not None:
+                    self._insert_nonces(conn, [nonce], replay_raises=True)
                 seqs = self._insert(conn, [self._own(event) for event in events])
         except SQLAlchemyError as exc:
             raise audit_failure(exc, f"audit record in {self.source_id}") from exc
         self._count(None, seqs)
         return seqs
 
-    def _commit_batch(self, events: Sequence[AuditEvent]) -> list[int | BaseException]:
-        """Write one batch of waiting events in one transaction (group commit)."""
+    def store_nonce(self, nonce: Nonce) -> None:
+        """Insert a reserved nonce on its own (a call that ended without its audit commit:
+        a refusal, a failure), so that it stays refused after a restart. Errors are logged."""
+        if self._nonces is None:
+            return
+        try:
+            self._nonces.first_time(nonce[0], nonce[1], 0)
+        except DmpError as exc:
+            log.error("an assertion nonce could not be stored: %s", exc.message)
+
+    def _insert_nonces(
+        self, conn: Connection, nonces: Sequence[Nonce], *, replay_raises: bool = False
+    ) -> set[bytes]:
+        if self._nonces is None:
+            raise FailedPrecondition(f"the audit log of {self.source_id} keeps no nonces")
+        fresh = self._nonces.insert_in(conn, nonces)
+        if replay_raises and len(fresh) < len({n for n, _ in nonces}):
+            raise replayed()
+        return fresh
+
+    def _commit_batch(self, items: Sequence[_Item]) -> list[int | BaseException]:
+        """Write one batch of waiting events in one transaction (group commit), with the
+        nonces they carry; an event whose nonce was already stored is not written, and its
+        caller is refused."""
+        outcomes: list[int | BaseException | None] = [None] * len(items)
         try:
             with self._writer.begin() as conn:
-                seqs = self._insert(conn, list(events))
+                nonces = [nonce for _, nonce in items if nonce is not None]
+                fresh = self._insert_nonces(conn, nonces) if nonces else set()
+                kept: list[AuditEvent] = []
+                for index, (event, nonce) in enumerate(items):
+                    if nonce is not None:
+                        if nonce[0] not in fresh:
+                            outcomes[index] = replayed()
+                            continue
+                        fresh.discard(nonce[0])  # a second item of the same nonce is a replay
+                    kept.append(event)
+                seqs = self._insert(conn, kept)
+        except SQLAlchemyError as exc:
+            return [audit_failure(exc, f"audit record in {self.source_id}")] * len(items)
         except DmpError as exc:
-            return [exc] * len(events)
+            return [exc] * len(items)
         self._count(None, seqs)
-        return list(seqs)
+        it = iter(seqs)
+        return [next(it) if outcome is None else outcome for outcome in outcomes]
 
     def _failure(self, exc: Exception) -> BaseException:
         return audit_failure(exc, f"audit record in {self.source_id}")
