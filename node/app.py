@@ -29,6 +29,7 @@ from dmp.pki import (
 )
 from dmp.regions import check_region
 from dmp.server import ServiceGate, ServiceSpec, host_port
+from dmp.shared_commit import BatchStats
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import (
     handover_pb2,
@@ -118,6 +119,8 @@ class RunningNode(RunningService):
     audit: AuditLog | None = None
     witness_publisher: HeadPublisher | None = None
     backups: BackupScheduler | None = None
+    #: How single puts shared their commits (counted: batches, calls, the largest batch).
+    puts: BatchStats | None = None
 
 
 def start_node(config: NodeConfig) -> RunningNode:
@@ -177,7 +180,8 @@ def start_node(config: NodeConfig) -> RunningNode:
         publisher = HeadPublisher(
             audit_log, engine, base.subtrees, lambda: {"the directory": directory_stub}
         )
-    servicer = NodeServicer(RecordService(engine, store, access, auditor))
+    records = RecordService(engine, store, access, auditor)
+    servicer = NodeServicer(records)
     prescriptions = PrescriptionServicer(
         PrescriptionService(
             engine,
@@ -284,6 +288,7 @@ def start_node(config: NodeConfig) -> RunningNode:
         audit=audit_log,
         witness_publisher=publisher,
         backups=backups,
+        puts=records.shared.stats,
     )
 
 

@@ -8,9 +8,11 @@ The servicer (node/servicer.py) unpacks a request, calls one of these, packs the
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from dmp import tokens
 from dmp.audit.calls import AuditedCall, Auditor, history_events
@@ -21,6 +23,7 @@ from dmp.ins import normalize_ins
 from dmp.policy import ReadScope, check_history
 from dmp.records import kind_name
 from dmp.server import CallContext
+from dmp.shared_commit import SharedCommit
 from dmp.unit_of_work import UnitOfWork
 from dmp.v1 import access_pb2, node_service_pb2, record_pb2
 from node.access import NodeAccess
@@ -43,6 +46,10 @@ class RecordService:
         self._records = records
         self._access = access
         self._auditor = auditor
+        # Concurrent single puts share one transaction and one durable commit.
+        self.shared: SharedCommit[list[Written]] = SharedCommit(
+            engine, auditor.log, on_commit=records.notify, name="put-commit"
+        )
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -52,19 +59,27 @@ class RecordService:
         """Store one record durably; idempotent on its id."""
         with self._auditor.call(context, EventType.WRITE, put.record.patient_ins) as audited:
             draft = self._draft(context, put)
+            writer = context.principal
             try:
-                written = self._write(context.principal, audited, [draft])
+                written = self._put(writer, audited, draft)
             except IntegrityError:
                 # A concurrent write won a race (PostgreSQL): the same record id (answer as
                 # a retry), or the same new patient's identity row (write again, once).
                 existing = self._records.find(draft.record_id)
                 if existing is None:
-                    written = self._write(context.principal, audited, [draft])
+                    written = self._put(writer, audited, draft)
                 else:
                     record = self._records.same_or_conflict(existing, draft)
                     audited.commit([record.id])
                     return record
             return written[0].record(self._records.region)
+
+    def _put(self, writer: Principal, audited: AuditedCall, draft: Draft) -> list[Written]:
+        """Write one record in the next shared transaction (dmp/shared_commit.py): its
+        answer once its record and its audit event are durable."""
+        return self.shared.submit(
+            audited, lambda unit: self._write_in(unit, writer, audited, [draft])
+        )
 
     def ingest_records(
         self, context: CallContext, puts: Iterable[node_service_pb2.PutRecordRequest]
@@ -124,17 +139,24 @@ class RecordService:
     def _write(
         self, writer: Principal, audited: AuditedCall, drafts: Sequence[Draft]
     ) -> list[Written]:
-        """In one unit of work: the supersede checks, the records, their outbox entry and
-        one audit event per patient."""
+        """A batch of one call in a unit of work of its own (an ingest stream's)."""
         with self._unit(audited) as uow:
-            previous = self._records.versions_to_retire(uow.session, drafts)
-            self._check_supersede(writer, drafts, previous)
-            written = self._records.write(uow.session, drafts)
-            if len(written) == 1 and written[0].supersedes:
-                audited.detail = f"supersedes {written[0].supersedes}"
-            for patient_ins, ids in _ids_by_patient(written).items():
-                uow.audit(ids, patient_ins)
+            written = self._write_in(uow, writer, audited, drafts)
             uow.commit()
+        return written
+
+    def _write_in(
+        self, unit: _Unit, writer: Principal, audited: AuditedCall, drafts: Sequence[Draft]
+    ) -> list[Written]:
+        """In the unit's transaction: the supersede checks, the records, their outbox entry
+        and one audit event per patient."""
+        previous = self._records.versions_to_retire(unit.session, drafts)
+        self._check_supersede(writer, drafts, previous)
+        written = self._records.write(unit.session, drafts)
+        if len(written) == 1 and written[0].supersedes:
+            audited.detail = f"supersedes {written[0].supersedes}"
+        for patient_ins, ids in _ids_by_patient(written).items():
+            unit.audit(ids, patient_ins)
         return written
 
     def _check_supersede(
@@ -235,6 +257,15 @@ class RecordService:
         caller, scope = self._access.reader(context, operation, patient_ins, record_id)
         audited.caller(caller.assertion)
         return scope
+
+
+class _Unit(Protocol):
+    """Where a write runs: its own unit of work or its part of a shared transaction."""
+
+    @property
+    def session(self) -> Session: ...
+
+    def audit(self, record_ids: Sequence[str] = (), patient_ins: str | None = None) -> None: ...
 
 
 def _ids_by_patient(written: Sequence[Written]) -> dict[str, list[str]]:
