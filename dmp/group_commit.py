@@ -61,6 +61,11 @@ class GroupCommit(Generic[T, R]):
             raise outcome
         return outcome  # type: ignore[return-value]
 
+    def waiting(self) -> int:
+        """How many items wait for the next batch."""
+        with self._ready:
+            return len(self._queue)
+
     def _run(self) -> None:
         """Write the waiting items, batch after batch, for as long as the process lives."""
         while True:

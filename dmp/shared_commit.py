@@ -95,6 +95,8 @@ class BatchStats:
     largest: int = 0
     #: Batches written again one call at a time, because one call was refused.
     one_by_one: int = 0
+    #: Calls in the transaction being written now (0 between transactions).
+    writing: int = 0
 
 
 class SharedCommit(Generic[T, R]):
@@ -125,13 +127,24 @@ class SharedCommit(Generic[T, R]):
         call's allowed-access event was committed."""
         return self._commits.submit(SharedCall(audited, item))
 
+    def waiting(self) -> int:
+        """How many calls wait for the next shared transaction."""
+        return self._commits.waiting()
+
     def _write_batch(self, calls: Sequence[SharedCall[T]]) -> list[R | BaseException]:
+        self.stats.writing = len(calls)
+        try:
+            return self._write(calls)
+        finally:
+            self.stats.writing = 0
+
+    def _write(self, calls: Sequence[SharedCall[T]]) -> list[R | BaseException]:
         session = Session(self._engine, expire_on_commit=False)
         try:
             session.begin()
             outcomes = self._together(session, calls)
             if outcomes is None:
-                self.stats.one_by_one += 1
+                self.stats.one_by_one += len(calls) > 1
                 outcomes = [self._alone(session, call, len(calls) == 1) for call in calls]
             done = [c for c, o in zip(calls, outcomes, strict=True) if _ok(o)]
             if not done:
