@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -140,8 +141,10 @@ class SharedCommit(Generic[T, R]):
 
     def _write(self, calls: Sequence[SharedCall[T]]) -> list[R | BaseException]:
         session = Session(self._engine, expire_on_commit=False)
+        connection: Connection | None = None
         try:
             session.begin()
+            connection = session.connection()
             outcomes = self._together(session, calls)
             if outcomes is None:
                 self.stats.one_by_one += len(calls) > 1
@@ -157,6 +160,10 @@ class SharedCommit(Generic[T, R]):
         except Exception as exc:
             for call in calls:
                 call.audited.recorded = False  # its failure is audited by the call (calls.py)
+            if connection is not None:
+                # Never back to the pool in whatever state a failed COMMIT left it (its
+                # transaction may still be open): closed, which rolls back what it holds.
+                connection.invalidate()
             return [exc] * len(calls)
         finally:
             session.close()

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, event, text
+from sqlalchemy.engine import Connection
 
 from dmp.db import make_engine
 from dmp.shared_commit import SharedCommit
@@ -244,3 +245,43 @@ def test_two_new_versions_of_one_record_in_one_batch_never_fork_it(
         if e.get("event_type") == "write" and e.get("status_code") == "OK"
     )
     assert written == Counter([mine.id, winner.id, twice.id, twice.id, *(r.id for r in good)])
+
+
+def test_a_shared_commit_that_fails_fails_every_call_of_its_batch(
+    pki_dir: Path, db_url: str, node: RunningNode
+) -> None:
+    """Nothing is acknowledged that is not durable: when the batch's COMMIT fails, each of
+    its calls fails (and is audited as failed), and none of its records is stored."""
+    failing = [True]
+
+    def fail_commit(conn: Connection) -> None:
+        if failing[0] and threading.current_thread().name == "put-commit":
+            raise OSError("the disk went away")
+
+    event.listen(Engine, "commit", fail_commit)
+    doctor = client(pki_dir, f"practitioner-{DOCTOR}", node.port)
+    try:
+        records = [draft(record_id=str(uuid.uuid4()), title=f"Perdu {n}") for n in range(6)]
+        answers = race(db_url, node, [(doctor, put_request(r)) for r in records])
+        assert answers == ["INTERNAL"] * len(records)
+        failing[0] = False
+        again = doctor.node.PutRecord(put_request(records[0]), timeout=10).record
+        assert again.id == records[0].id
+    finally:
+        event.remove(Engine, "commit", fail_commit)
+        doctor.close()
+    statuses = Counter(
+        str(e.get("status_code"))
+        for e in events(db_url)
+        if e.get("event_type") == "write"
+        and e.get("participant_object_record_ids") in [[r.id] for r in records]
+    )
+    # One failure event per call (of ours, audited at once), then the retry's OK.
+    assert statuses == Counter({"INTERNAL": len(records), "OK": 1})
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            stored = set(conn.execute(text("SELECT id FROM records")).scalars())
+    finally:
+        engine.dispose()
+    assert stored == {records[0].id}
