@@ -24,6 +24,7 @@ from node.models import OutboxRow, PatientRow, RecordRow
 
 #: The Core table (a batch insert needs no ORM object per row).
 OUTBOX: Table = OutboxRow.__table__  # type: ignore[assignment]
+_ANNOUNCE = insert(OUTBOX)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def announce(session: Session, patients: Iterable[str], now_us: int) -> None:
     """Add one outbox row per patient, in the transaction of the write that stores them."""
     rows = [{"patient_ins": ins, "created_us": now_us} for ins in sorted(set(patients))]
     if rows:
-        session.connection().execute(insert(OUTBOX), rows)
+        session.connection().execute(_ANNOUNCE, rows)
 
 
 class LocatorOutbox:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from dmp.errors import FailedPrecondition
@@ -13,20 +13,22 @@ from dmp.patients import IDENTITY_CONFLICT, TRAIT_NAMES, Traits, conflict_messag
 from node.keys import Sealer, open_traits, seal_traits
 from node.models import PatientRow
 
+#: Built once (its construction and cache key cost more than its execution).
+_LOCK_PATIENTS = (
+    select(PatientRow)
+    .where(PatientRow.ins.in_(bindparam("patients", expanding=True)))
+    .order_by(PatientRow.ins)
+    .with_for_update()
+    .execution_options(populate_existing=True)
+)
+
 
 def lock_patients(session: Session, patients: Iterable[str]) -> dict[str, PatientRow]:
     """The stored rows of these patients, locked (in one statement, as of now), by INS."""
     wanted = sorted(set(patients))
     if not wanted:
         return {}
-    statement = (
-        select(PatientRow)
-        .where(PatientRow.ins.in_(wanted))
-        .order_by(PatientRow.ins)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    return {row.ins: row for row in session.scalars(statement)}
+    return {row.ins: row for row in session.scalars(_LOCK_PATIENTS, {"patients": wanted})}
 
 
 def merge_traits(

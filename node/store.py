@@ -61,6 +61,10 @@ CHUNK_SIZE = 1024 * 1024
 #: Core tables for batch inserts (no ORM object per record).
 RECORDS: Table = RecordRow.__table__  # type: ignore[assignment]
 CONTENTS: Table = RecordContentRow.__table__  # type: ignore[assignment]
+#: Built once: a statement's construction and cache key cost more than its execution.
+_STORED_IDS = select(RECORDS.c.id).where(RECORDS.c.id.in_(bindparam("ids", expanding=True)))
+_INSERT_RECORDS = insert(RECORDS)
+_INSERT_CONTENTS = insert(CONTENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,9 +194,7 @@ class RecordStore:
         ids = [d.record_id for d in drafts]
         connection = session.connection()
         # Ids first (a new record's usually are not stored), the rows of the ones that are.
-        present = list(
-            connection.execute(select(RECORDS.c.id).where(RECORDS.c.id.in_(ids))).scalars()
-        )
+        present = list(connection.execute(_STORED_IDS, {"ids": ids}).scalars())
         known: dict[str, RecordRow] = {}
         if present:
             known = {
@@ -212,8 +214,8 @@ class RecordStore:
         def insert_pending() -> None:
             if pending:
                 session.flush()  # the patients' rows first (Core statements do not flush)
-                connection.execute(insert(RECORDS), pending)
-                connection.execute(insert(CONTENTS), contents)
+                connection.execute(_INSERT_RECORDS, pending)
+                connection.execute(_INSERT_CONTENTS, contents)
                 pending.clear()
                 contents.clear()
 
