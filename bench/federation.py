@@ -105,6 +105,10 @@ class Dataset:
         return sum(len(regions) for regions in self.placement.values())
 
 
+#: Doctors with a certificate of their own, who write records in section d.
+WRITERS = 4
+
+
 @dataclass
 class BenchIdentities:
     """The benchmark's PKI: a node certificate per region, the directory, a doctor who
@@ -116,6 +120,9 @@ class BenchIdentities:
     #: One pharmacist a pharmacy racing in section g (the first is `pharmacist`): a
     #: person's own calls are limited at the directory, as one person's should be.
     pharmacies: tuple[str, ...] = ()
+    #: Doctors writing at once in section d (the first is `doctor`): many clients of a node
+    #: are many people, each with their own certificate and channel.
+    writers: tuple[str, ...] = ()
 
     @classmethod
     def make(
@@ -124,9 +131,11 @@ class BenchIdentities:
         people = synth.practitioners(40 * pharmacies, seed=seed)
         doctors = [p for p in people if p[1] == "doctor"]
         pharmacists = [p for p in people if p[1] == "pharmacist"][:pharmacies] or doctors[:1]
-        make_pki(pki_dir, regions, [doctors[0], *pharmacists], [])
+        writers = doctors[:WRITERS]
+        make_pki(pki_dir, regions, [*writers, *pharmacists], [])
         names = tuple(f"practitioner-{p[0]}" for p in pharmacists)
-        return cls(pki_dir, f"practitioner-{doctors[0][0]}", names[0], names)
+        doctor_names = tuple(f"practitioner-{p[0]}" for p in writers)
+        return cls(pki_dir, doctor_names[0], names[0], names, doctor_names)
 
 
 @dataclass

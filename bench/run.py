@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("d: ingest")
     group.add_argument("--ingest-puts", type=int, help="single puts per run (default 400)")
     group.add_argument("--ingest-parallel", type=int, default=4, help="parallel put clients")
+    group.add_argument(
+        "--ingest-concurrent",
+        type=int,
+        default=16,
+        help="concurrent put clients, over the writers' channels (default 16)",
+    )
     group.add_argument("--ingest-batch", type=int, help="records per stream (default 5000)")
     group = parser.add_argument_group("e: directory at scale")
     group.add_argument(
@@ -219,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs=runs,
         puts=_pick(args.ingest_puts, 400, 200, quick),
         parallel=args.ingest_parallel,
+        concurrent=args.ingest_concurrent,
         batch=_pick(args.ingest_batch, 5000, 2000, quick),
         seed=args.seed,
     )
@@ -403,6 +410,7 @@ def _ingest_section(
             plan,
             results,
             note="SQLite WAL, synchronous=FULL: every commit is fsynced",
+            writers=identities.writers,
         ),
     )
 
@@ -419,6 +427,7 @@ def _ingest_section(
             plan,
             results,
             note="PostgreSQL fsync=on, synchronous_commit=on, full_page_writes=on",
+            writers=identities.writers,
         )
 
     _guarded(results, "d", on_postgres)

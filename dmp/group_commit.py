@@ -76,6 +76,11 @@ class GroupCommit(Generic[T, R]):
             self._ready.notify()
         return waiter
 
+    def waiting(self) -> int:
+        """How many items wait for the next batch."""
+        with self._ready:
+            return len(self._queue)
+
     def _run(self) -> None:
         """Write the waiting items, batch after batch, for as long as the process lives."""
         while True:

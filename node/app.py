@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from sqlalchemy import Engine
@@ -29,6 +30,7 @@ from dmp.pki import (
 )
 from dmp.regions import check_region
 from dmp.server import ServiceGate, ServiceSpec, host_port
+from dmp.shared_commit import SharedCommit
 from dmp.tls import DEFAULT_MAX_CONTENT, secure_channel
 from dmp.v1 import (
     handover_pb2,
@@ -118,6 +120,8 @@ class RunningNode(RunningService):
     audit: AuditLog | None = None
     witness_publisher: HeadPublisher | None = None
     backups: BackupScheduler | None = None
+    #: The shared commits of single puts (`stats` counts their batches).
+    puts: SharedCommit[Any, Any] | None = None
 
 
 def start_node(config: NodeConfig) -> RunningNode:
@@ -177,7 +181,8 @@ def start_node(config: NodeConfig) -> RunningNode:
         publisher = HeadPublisher(
             audit_log, engine, base.subtrees, lambda: {"the directory": directory_stub}
         )
-    servicer = NodeServicer(RecordService(engine, store, access, auditor))
+    records = RecordService(engine, store, access, auditor)
+    servicer = NodeServicer(records)
     prescriptions = PrescriptionServicer(
         PrescriptionService(
             engine,
@@ -284,6 +289,7 @@ def start_node(config: NodeConfig) -> RunningNode:
         audit=audit_log,
         witness_publisher=publisher,
         backups=backups,
+        puts=records.shared,
     )
 
 

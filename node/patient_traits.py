@@ -3,6 +3,9 @@ what is kept, a contradiction refused, the free-text ones sealed under encryptio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from dmp.errors import FailedPrecondition
@@ -10,16 +13,42 @@ from dmp.patients import IDENTITY_CONFLICT, TRAIT_NAMES, Traits, conflict_messag
 from node.keys import Sealer, open_traits, seal_traits
 from node.models import PatientRow
 
+#: Built once (its construction and cache key cost more than its execution).
+_LOCK_PATIENTS = (
+    select(PatientRow)
+    .where(PatientRow.ins.in_(bindparam("patients", expanding=True)))
+    .order_by(PatientRow.ins)
+    .with_for_update()
+    .execution_options(populate_existing=True)
+)
+
+
+def lock_patients(session: Session, patients: Iterable[str]) -> dict[str, PatientRow]:
+    """The stored rows of these patients, locked (in one statement, as of now), by INS."""
+    wanted = sorted(set(patients))
+    if not wanted:
+        return {}
+    return {row.ins: row for row in session.scalars(_LOCK_PATIENTS, {"patients": wanted})}
+
 
 def merge_traits(
-    session: Session, traits: Traits, sealer: Sealer | None, keys: dict[str, bytes], now: int
+    session: Session,
+    traits: Traits,
+    sealer: Sealer | None,
+    keys: dict[str, bytes],
+    now: int,
+    locked: dict[str, PatientRow] | None = None,
 ) -> None:
     """Keep the traits writers give; refuse those that contradict the ones kept. With a
     sealer (encryption at rest) the free-text ones are stored sealed with the patient's
-    data key (node/keys.py), which `keys` keeps for the rest of the write."""
+    data key (node/keys.py), which `keys` keeps for the rest of the write. `locked`: the
+    rows of the write's patients, already read and locked (`lock_patients`)."""
     # Locked, then the data key: `dmp node encrypt` seals this row under the same lock,
     # taken in the same order (SQLite's unit of work holds the write lock already).
-    row = session.get(PatientRow, traits.ins, with_for_update=True)
+    if locked is not None:
+        row = locked.get(traits.ins)
+    else:
+        row = session.get(PatientRow, traits.ins, with_for_update=True)
     key = None
     if sealer is not None:
         if traits.ins not in keys:
@@ -27,7 +56,10 @@ def merge_traits(
         key = keys[traits.ins]
     if row is None:
         values = PatientRow.values(traits) if key is None else seal_traits(key, traits)
-        session.add(PatientRow(ins=traits.ins, **values))
+        added = PatientRow(ins=traits.ins, **values)
+        session.add(added)
+        if locked is not None:
+            locked[traits.ins] = added  # a later draft of the write finds it
         return
     if row.sealed is not None and key is None:
         raise FailedPrecondition(

@@ -11,16 +11,17 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from dmp import tokens
 from dmp.audit.calls import AuditedCall, Auditor, history_events
 from dmp.audit.events import AuditEvent, EventType
 from dmp.errors import DmpError
-from dmp.identity import Principal
 from dmp.ins import normalize_ins
 from dmp.policy import ReadScope, check_history
 from dmp.records import kind_name
 from dmp.server import CallContext
+from dmp.shared_commit import SharedCall, SharedCommit
 from dmp.unit_of_work import UnitOfWork
 from dmp.v1 import access_pb2, node_service_pb2, record_pb2
 from node.access import NodeAccess
@@ -43,6 +44,10 @@ class RecordService:
         self._records = records
         self._access = access
         self._auditor = auditor
+        # Concurrent single puts share one transaction and one durable commit.
+        self.shared: SharedCommit[Draft, Written] = SharedCommit(
+            engine, auditor.log, self._write_puts, on_commit=records.notify, name="put-commit"
+        )
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -53,18 +58,38 @@ class RecordService:
         with self._auditor.call(context, EventType.WRITE, put.record.patient_ins) as audited:
             draft = self._draft(context, put)
             try:
-                written = self._write(context.principal, audited, [draft])
+                written = self._put(audited, draft)
             except IntegrityError:
                 # A concurrent write won a race (PostgreSQL): the same record id (answer as
                 # a retry), or the same new patient's identity row (write again, once).
                 existing = self._records.find(draft.record_id)
                 if existing is None:
-                    written = self._write(context.principal, audited, [draft])
+                    written = self._put(audited, draft)
                 else:
                     record = self._records.same_or_conflict(existing, draft)
                     audited.commit([record.id])
                     return record
-            return written[0].record(self._records.region)
+            return written.record(self._records.region)
+
+    def _put(self, audited: AuditedCall, draft: Draft) -> Written:
+        """Write one record in the next shared transaction (dmp/shared_commit.py): its
+        answer once its record and its audit event are durable."""
+        return self.shared.submit(audited, draft)
+
+    def _write_puts(self, session: Session, calls: Sequence[SharedCall[Draft]]) -> list[Written]:
+        """The records of several single puts at once (one statement per table), each
+        call's audit event naming its record and the version it retired."""
+        drafts = [call.item for call in calls]
+        previous = self._records.versions_to_retire(session, drafts)
+        self._check_supersede(drafts, previous)
+        written = self._records.write(session, drafts)
+        for call, record in zip(calls, written, strict=True):
+            ids = [record.id]
+            if record.supersedes:
+                call.audited.detail = f"supersedes {record.supersedes}"
+                ids.append(record.supersedes)
+            call.audit(ids, record.patient_ins)
+        return written
 
     def ingest_records(
         self, context: CallContext, puts: Iterable[node_service_pb2.PutRecordRequest]
@@ -81,14 +106,14 @@ class RecordService:
                 try:
                     batch.append(self._draft(context, put))
                 except DmpError as exc:
-                    stored += self._flush(context.principal, audited, batch)
+                    stored += self._flush(audited, batch)
                     exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
                     raise
                 size += len(put.content)
                 if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
-                    stored += self._flush(context.principal, audited, batch)
+                    stored += self._flush(audited, batch)
                     batch, size = [], 0
-            stored += self._flush(context.principal, audited, batch)
+            stored += self._flush(audited, batch)
             return stored
 
     def reveal_record(self, context: CallContext, record_id: str) -> record_pb2.Record:
@@ -115,20 +140,18 @@ class RecordService:
         self._access.writer(context, kind_name(put.record.kind), put.record.patient_ins)
         return draft
 
-    def _flush(self, writer: Principal, audited: AuditedCall, batch: list[Draft]) -> int:
+    def _flush(self, audited: AuditedCall, batch: list[Draft]) -> int:
         if not batch:
             return 0
-        self._write(writer, audited, batch)
+        self._write(audited, batch)
         return len(batch)
 
-    def _write(
-        self, writer: Principal, audited: AuditedCall, drafts: Sequence[Draft]
-    ) -> list[Written]:
-        """In one unit of work: the supersede checks, the records, their outbox entry and
-        one audit event per patient."""
+    def _write(self, audited: AuditedCall, drafts: Sequence[Draft]) -> list[Written]:
+        """In one unit of work (an ingest stream's batch): the supersede checks, the
+        records, their outbox entry and one audit event per patient."""
         with self._unit(audited) as uow:
             previous = self._records.versions_to_retire(uow.session, drafts)
-            self._check_supersede(writer, drafts, previous)
+            self._check_supersede(drafts, previous)
             written = self._records.write(uow.session, drafts)
             if len(written) == 1 and written[0].supersedes:
                 audited.detail = f"supersedes {written[0].supersedes}"
@@ -137,17 +160,16 @@ class RecordService:
             uow.commit()
         return written
 
-    def _check_supersede(
-        self, writer: Principal, drafts: Sequence[Draft], previous: dict[str, RecordRow]
-    ) -> None:
+    def _check_supersede(self, drafts: Sequence[Draft], previous: dict[str, RecordRow]) -> None:
         """Only who may replace a record writes its new version (dmp/policy.py); one answer
         whether the record is missing, another patient's or not theirs (the store answers
-        for missing ones)."""
+        for missing ones). Each draft's writer is its author."""
         in_batch = {d.record_id: d for d in drafts}
         for draft in drafts:
             replaced = draft.record.supersedes
             if not replaced:
                 continue
+            writer = draft.author
             row = previous.get(replaced)
             if row is not None:  # e-prescription's records are the node's (prescription_id)
                 allowed = (
@@ -157,11 +179,14 @@ class RecordService:
                         writer, row.author_identity, row.kind, row.type_code
                     )
                 )
-            elif replaced in in_batch:  # written by this writer, earlier in this batch
-                earlier = in_batch[replaced].record
-                allowed = earlier.patient_ins == draft.record.patient_ins and (
+            elif replaced in in_batch:  # written earlier in this batch (by its author)
+                earlier = in_batch[replaced]
+                allowed = earlier.record.patient_ins == draft.record.patient_ins and (
                     self._access.may_supersede(
-                        writer, writer.uri, kind_name(earlier.kind), earlier.type_code.code
+                        writer,
+                        earlier.author.uri,
+                        kind_name(earlier.record.kind),
+                        earlier.record.type_code.code,
                     )
                 )
             else:

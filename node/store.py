@@ -51,7 +51,7 @@ from node.integrity import hash_row, hash_values
 from node.keys import PatientKey, Sealer, shredded_error
 from node.models import RecordContentRow, RecordRow
 from node.outbox import LocatorOutbox, Pending, announce
-from node.patient_traits import merge_traits
+from node.patient_traits import lock_patients, merge_traits
 from node.records import fingerprint, to_proto
 from node.scoping import readable, readable_key, readable_params, readable_shape
 
@@ -61,6 +61,10 @@ CHUNK_SIZE = 1024 * 1024
 #: Core tables for batch inserts (no ORM object per record).
 RECORDS: Table = RecordRow.__table__  # type: ignore[assignment]
 CONTENTS: Table = RecordContentRow.__table__  # type: ignore[assignment]
+#: Built once: a statement's construction and cache key cost more than its execution.
+_STORED_IDS = select(RECORDS.c.id).where(RECORDS.c.id.in_(bindparam("ids", expanding=True)))
+_INSERT_RECORDS = insert(RECORDS)
+_INSERT_CONTENTS = insert(CONTENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,9 +192,18 @@ class RecordStore:
         """Insert the drafts in the session's transaction (one INSERT per table for a batch);
         same id and same content is a retry, same id and other content is refused."""
         ids = [d.record_id for d in drafts]
-        known = {
-            row.id: row for row in session.scalars(select(RecordRow).where(RecordRow.id.in_(ids)))
-        }
+        connection = session.connection()
+        # Ids first (a new record's usually are not stored), the rows of the ones that are.
+        present = list(connection.execute(_STORED_IDS, {"ids": ids}).scalars())
+        known: dict[str, RecordRow] = {}
+        if present:
+            known = {
+                row.id: row
+                for row in session.scalars(select(RecordRow).where(RecordRow.id.in_(present)))
+            }
+        #: The values of the records this write inserts (a row made only for a repeat).
+        fresh: dict[str, dict[str, Any]] = {}
+        patients = lock_patients(session, (d.traits.ins for d in drafts if d.traits is not None))
         pending: list[dict[str, Any]] = []
         contents: list[dict[str, Any]] = []
         written: list[Written] = []
@@ -200,24 +213,27 @@ class RecordStore:
 
         def insert_pending() -> None:
             if pending:
-                session.execute(insert(RECORDS), pending)
-                session.execute(insert(CONTENTS), contents)
+                session.flush()  # the patients' rows first (Core statements do not flush)
+                connection.execute(_INSERT_RECORDS, pending)
+                connection.execute(_INSERT_CONTENTS, contents)
                 pending.clear()
                 contents.clear()
 
         for draft in drafts:
             found = known.get(draft.record_id)
+            if found is None and draft.record_id in fresh:  # the same id twice in the batch
+                found = known[draft.record_id] = RecordRow(**fresh[draft.record_id])
             if found is not None:
                 message = self.same_or_conflict(found, draft, session)
                 written.append(Written(found.id, found.patient_ins, found, message))
                 continue
             if draft.traits is not None and draft.traits not in merged:
-                merge_traits(session, draft.traits, self.sealer, keys, now)
+                merge_traits(session, draft.traits, self.sealer, keys, now, patients)
                 merged.add(draft.traits)
             if draft.record.supersedes:
                 insert_pending()  # the version it supersedes may be in this batch
             values = self._new_row(session, draft, now)
-            known[draft.record_id] = RecordRow(**values)
+            fresh[draft.record_id] = values
             stored, content = values, draft.content
             if self.sealer is not None:
                 ins = draft.record.patient_ins

@@ -35,6 +35,9 @@ from dmp.pki import Credentials
 log = logging.getLogger("dmp.audit")
 
 
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+
+
 @dataclass(frozen=True)
 class LoggedEvent:
     """An event as read back from the log, with its position and whether its stored leaf
@@ -92,6 +95,9 @@ class AuditLog:
         self._engine = engine
         self._writer = writer(engine)
         self._events = events_table
+        # Built once: a statement's construction and cache key cost more than running it.
+        self._max_seq = select(func.max(events_table.c.seq))
+        self._append_rows = insert(events_table)
         self._checkpoints = checkpoints_table
         self.source_id = source_id
         self.region = region
@@ -201,7 +207,7 @@ class AuditLog:
                         "request_id": event.request_id,
                     }
                 )
-            conn.execute(insert(self._events), rows)
+            conn.execute(self._append_rows, rows)
         except SQLAlchemyError as exc:
             raise audit_failure(exc, f"audit append to {self.source_id}") from exc
         return list(range(first, first + len(owned)))
@@ -209,8 +215,8 @@ class AuditLog:
     def _next_seq(self, conn: Connection) -> int:
         if conn.dialect.name == "postgresql":
             # Held until the caller's transaction ends: the next appender reads our seq.
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": self._lock_key})
-        last = conn.execute(select(func.max(self._events.c.seq))).scalar()
+            conn.execute(_ADVISORY_LOCK, {"key": self._lock_key})
+        last = conn.execute(self._max_seq).scalar()
         return int(last or 0) + 1
 
     def record(self, event: AuditEvent, nonce: Nonce | None = None) -> int:
