@@ -3,6 +3,9 @@ what is kept, a contradiction refused, the free-text ones sealed under encryptio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dmp.errors import FailedPrecondition
@@ -20,6 +23,44 @@ def merge_traits(
     # Locked, then the data key: `dmp node encrypt` seals this row under the same lock,
     # taken in the same order (SQLite's unit of work holds the write lock already).
     row = session.get(PatientRow, traits.ins, with_for_update=True)
+    _merge(session, row, traits, sealer, keys, now)
+
+
+def merge_all(
+    session: Session,
+    given: Iterable[Traits],
+    sealer: Sealer | None,
+    keys: dict[str, bytes],
+    now: int,
+) -> None:
+    """`merge_traits` of several patients' traits (a batch), their rows read and locked
+    in one statement, in the order of their INS (as every writer locks them)."""
+    given = list(dict.fromkeys(given))
+    if not given:
+        return
+    wanted = sorted({traits.ins for traits in given})
+    rows: dict[str, PatientRow | None] = {
+        row.ins: row
+        for row in session.scalars(
+            select(PatientRow)
+            .where(PatientRow.ins.in_(wanted))
+            .order_by(PatientRow.ins)
+            .with_for_update()
+        )
+    }
+    for traits in given:
+        rows[traits.ins] = _merge(session, rows.get(traits.ins), traits, sealer, keys, now)
+
+
+def _merge(
+    session: Session,
+    row: PatientRow | None,
+    traits: Traits,
+    sealer: Sealer | None,
+    keys: dict[str, bytes],
+    now: int,
+) -> PatientRow:
+    """Merge `traits` into the patient's locked row (None: not kept yet); the row kept."""
     key = None
     if sealer is not None:
         if traits.ins not in keys:
@@ -27,8 +68,9 @@ def merge_traits(
         key = keys[traits.ins]
     if row is None:
         values = PatientRow.values(traits) if key is None else seal_traits(key, traits)
-        session.add(PatientRow(ins=traits.ins, **values))
-        return
+        row = PatientRow(ins=traits.ins, **values)
+        session.add(row)
+        return row
     if row.sealed is not None and key is None:
         raise FailedPrecondition(
             f"patient {traits.ins}'s identity traits are encrypted on this node, which was"
@@ -43,7 +85,8 @@ def merge_traits(
     )
     if key is None:
         row.fill(merged)
-        return
+        return row
     if merged != kept or row.sealed is None:
         for name, value in seal_traits(key, merged).items():
             setattr(row, name, value)
+    return row

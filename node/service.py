@@ -76,10 +76,13 @@ class RecordService:
             stored = 0
             batch: list[Draft] = []
             size = 0
+            # The (kind, patient) writes the policy allowed this writer, this batch: its
+            # answer is the same for every record of the pair, asked once a batch.
+            allowed: set[tuple[int, str]] = set()
             for index, put in enumerate(puts):
                 audited.patient_ins = put.record.patient_ins  # a refusal names its patient
                 try:
-                    batch.append(self._draft(context, put))
+                    batch.append(self._ingest_draft(context, put, allowed))
                 except DmpError as exc:
                     stored += self._flush(context.principal, audited, batch)
                     exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
@@ -88,8 +91,24 @@ class RecordService:
                 if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
                     stored += self._flush(context.principal, audited, batch)
                     batch, size = [], 0
+                    allowed.clear()
             stored += self._flush(context.principal, audited, batch)
             return stored
+
+    def _ingest_draft(
+        self,
+        context: CallContext,
+        put: node_service_pb2.PutRecordRequest,
+        allowed: set[tuple[int, str]],
+    ) -> Draft:
+        """`_draft`, the access check asked once per (kind, patient) in `allowed`."""
+        patient = put.patient if put.HasField("patient") else None
+        draft = self._records.prepare(context.principal, put.record, put.content, patient)
+        pair = (put.record.kind, put.record.patient_ins)
+        if pair not in allowed:
+            self._access.writer(context, kind_name(pair[0]), pair[1])
+            allowed.add(pair)
+        return draft
 
     def reveal_record(self, context: CallContext, record_id: str) -> record_pb2.Record:
         """The author makes a record hidden from the patient visible to them. Revealing is a
@@ -132,8 +151,7 @@ class RecordService:
             written = self._records.write(uow.session, drafts)
             if len(written) == 1 and written[0].supersedes:
                 audited.detail = f"supersedes {written[0].supersedes}"
-            for patient_ins, ids in _ids_by_patient(written).items():
-                uow.audit(ids, patient_ins)
+            audited.append_each(uow.session, _ids_by_patient(written))
             uow.commit()
         return written
 

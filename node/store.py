@@ -51,7 +51,7 @@ from node.integrity import hash_row, hash_values
 from node.keys import PatientKey, Sealer, shredded_error
 from node.models import RecordContentRow, RecordRow
 from node.outbox import LocatorOutbox, Pending, announce
-from node.patient_traits import merge_traits
+from node.patient_traits import merge_all
 from node.records import fingerprint, to_proto
 from node.scoping import readable, readable_key, readable_params, readable_shape
 
@@ -194,9 +194,20 @@ class RecordStore:
         pending: list[dict[str, Any]] = []
         contents: list[dict[str, Any]] = []
         written: list[Written] = []
-        merged: set[Traits] = set()
         now = self._clock()
         keys: dict[str, bytes] = {}
+        # The patients of the new records (an id's first draft), each row locked and merged
+        # once per batch, before their records.
+        seen = set(known)
+        given: list[Traits] = []
+        for draft in drafts:
+            if draft.record_id not in seen:
+                seen.add(draft.record_id)
+                if draft.traits is not None:
+                    given.append(draft.traits)
+        merge_all(session, given, self.sealer, keys, now)
+        #: Rows this write inserts, by id: a row object only for an id sent twice.
+        fresh: dict[str, dict[str, Any]] = {}
 
         def insert_pending() -> None:
             if pending:
@@ -207,17 +218,16 @@ class RecordStore:
 
         for draft in drafts:
             found = known.get(draft.record_id)
+            if found is None and draft.record_id in fresh:
+                found = known[draft.record_id] = RecordRow(**fresh[draft.record_id])
             if found is not None:
                 message = self.same_or_conflict(found, draft, session)
                 written.append(Written(found.id, found.patient_ins, found, message))
                 continue
-            if draft.traits is not None and draft.traits not in merged:
-                merge_traits(session, draft.traits, self.sealer, keys, now)
-                merged.add(draft.traits)
             if draft.record.supersedes:
                 insert_pending()  # the version it supersedes may be in this batch
             values = self._new_row(session, draft, now)
-            known[draft.record_id] = RecordRow(**values)
+            fresh[draft.record_id] = values
             stored, content = values, draft.content
             if self.sealer is not None:
                 ins = draft.record.patient_ins
