@@ -14,7 +14,6 @@ from sqlalchemy import (
     Select,
     Table,
     bindparam,
-    insert,
     select,
     tuple_,
     update,
@@ -47,6 +46,7 @@ from dmp.records import (
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
 from node import integrity
+from node.bulk import insert_rows
 from node.integrity import hash_row, hash_values
 from node.keys import PatientKey, Sealer, shredded_error
 from node.models import RecordContentRow, RecordRow
@@ -143,14 +143,23 @@ class RecordStore:
         patient: patient_pb2.PatientIdentity | None,
         *,
         prescription_id: str | None = None,
+        traits_memo: dict[bytes, Traits] | None = None,
     ) -> Draft:
         """Validate a record to write (nothing of who may write it: the use case asks).
         `prescription_id` links a record the node writes from e-prescription to its
-        prescription (Record.prescription_id is output only: a writer's is ignored)."""
+        prescription (Record.prescription_id is output only: a writer's is ignored).
+        `traits_memo` keeps the traits of identities already read (a stream sends a
+        patient's identity with each of their records), by the identity's bytes."""
         validate_draft(record)
         traits = None
         if patient is not None and patient.ins:
-            traits = traits_of(patient, "patient")
+            if traits_memo is None:
+                traits = traits_of(patient, "patient")
+            else:
+                wire = patient.SerializeToString()
+                traits = traits_memo.get(wire)
+                if traits is None:
+                    traits = traits_memo[wire] = traits_of(patient, "patient")
             if traits.ins != record.patient_ins:
                 raise InvalidArgument("patient.ins differs from record.patient_ins")
         if len(content) > self.max_content:
@@ -211,8 +220,8 @@ class RecordStore:
 
         def insert_pending() -> None:
             if pending:
-                session.execute(insert(RECORDS), pending)
-                session.execute(insert(CONTENTS), contents)
+                insert_rows(session, RECORDS, pending)
+                insert_rows(session, CONTENTS, contents)
                 pending.clear()
                 contents.clear()
 
