@@ -18,6 +18,7 @@ from dmp.audit.events import AuditEvent, EventType
 from dmp.errors import DmpError
 from dmp.identity import Principal
 from dmp.ins import normalize_ins
+from dmp.patients import Traits
 from dmp.policy import ReadScope, check_history
 from dmp.records import kind_name
 from dmp.server import CallContext
@@ -79,10 +80,11 @@ class RecordService:
             # The (kind, patient) writes the policy allowed this writer, this batch: its
             # answer is the same for every record of the pair, asked once a batch.
             allowed: set[tuple[int, str]] = set()
+            identities: dict[bytes, Traits] = {}  # read once a batch
             for index, put in enumerate(puts):
                 audited.patient_ins = put.record.patient_ins  # a refusal names its patient
                 try:
-                    batch.append(self._ingest_draft(context, put, allowed))
+                    batch.append(self._ingest_draft(context, put, allowed, identities))
                 except DmpError as exc:
                     stored += self._flush(context.principal, audited, batch)
                     exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
@@ -92,6 +94,7 @@ class RecordService:
                     stored += self._flush(context.principal, audited, batch)
                     batch, size = [], 0
                     allowed.clear()
+                    identities.clear()
             stored += self._flush(context.principal, audited, batch)
             return stored
 
@@ -100,10 +103,14 @@ class RecordService:
         context: CallContext,
         put: node_service_pb2.PutRecordRequest,
         allowed: set[tuple[int, str]],
+        identities: dict[bytes, Traits],
     ) -> Draft:
-        """`_draft`, the access check asked once per (kind, patient) in `allowed`."""
+        """`_draft`, the access check asked once per (kind, patient) in `allowed`, each
+        identity read once in `identities`."""
         patient = put.patient if put.HasField("patient") else None
-        draft = self._records.prepare(context.principal, put.record, put.content, patient)
+        draft = self._records.prepare(
+            context.principal, put.record, put.content, patient, traits_memo=identities
+        )
         pair = (put.record.kind, put.record.patient_ins)
         if pair not in allowed:
             self._access.writer(context, kind_name(pair[0]), pair[1])
