@@ -6,13 +6,14 @@ of writing, each run several times with records never stored before:
 
 - single PutRecord calls one after the other (each acknowledged once durable);
 - single PutRecord calls from a few client threads at once;
-- one IngestRecords stream (the node commits a batch of up to 1,000 records at a time).
+- one IngestRecords stream, several records a message (the node commits a batch of up
+  to 1,000 records at a time).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from bench.procs import BenchError
 from bench.report import say
 from bench.stats import Goal, Results
 from dmp import synth
+from dmp.client import ingest_messages
 from dmp.demo import Service
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc
 
@@ -125,13 +127,9 @@ def measure_ingest(
             for request in requests:
                 put(request)
 
-        def stream(requests: Sequence[node_service_pb2.PutRecordRequest]) -> int:
-            def items() -> Iterator[node_service_pb2.IngestRecordsRequest]:
-                for request in requests:
-                    yield node_service_pb2.IngestRecordsRequest(put=request)
-
+        def stream(messages: Sequence[node_service_pb2.IngestRecordsRequest]) -> int:
             metadata = patient_call_metadata(pki_dir, writer, None, "WRITE")
-            answer = stub.IngestRecords(items(), timeout=600, metadata=metadata)
+            answer = stub.IngestRecords(iter(messages), timeout=600, metadata=metadata)
             return int(answer.stored_count)
 
         # One record per patient first: the node then knows every patient's traits. (On
@@ -168,9 +166,11 @@ def measure_ingest(
                 headline=True,
             ).values.append(rate)
 
-            requests = source.requests(f"bat{run}", plan.batch)
+            # Built before the clock starts, as the client's messages (several records
+            # each, as dmp/client.py sends them).
+            messages = list(ingest_messages(source.requests(f"bat{run}", plan.batch)))
             start = time.perf_counter()
-            stored = stream(requests)
+            stored = stream(messages)
             rate = plan.batch / (time.perf_counter() - start)
             if stored != plan.batch:
                 raise BenchError(f"IngestRecords stored {stored} of {plan.batch} records")
