@@ -5,7 +5,7 @@ rows without SQLAlchemy's per-row parameter processing.
 - PostgreSQL: `COPY ... FROM STDIN` (psycopg), the fastest way in; COPY fires the
   tables' row triggers as INSERT does (the hand-over's capture triggers,
   node/handover_capture.py);
-- any other dialect, or rows not all of one shape: SQLAlchemy Core's executemany.
+- any other dialect: SQLAlchemy Core's executemany.
 
 The columns of these tables are plain strings, integers, booleans and bytes, which both
 drivers adapt as SQLAlchemy would (tests/integration/test_bulk_insert.py compares the rows
@@ -15,6 +15,7 @@ stored both ways).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
@@ -28,36 +29,33 @@ _statements: dict[tuple[str, str, tuple[str, ...]], tuple[str, tuple[str, ...]]]
 
 
 def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert `rows` (column values by name) in the session's transaction."""
+    """Insert `rows` (column values by name) in the session's transaction, in order; rows
+    of several shapes (other columns given) as one statement per run of one shape."""
     if not rows:
-        return
-    columns = tuple(rows[0])
-    if any(len(row) != len(columns) for row in rows):
-        session.execute(insert(table), list(rows))
         return
     connection = session.connection()
     dialect = connection.dialect.name
     driver_error = connection.dialect.loaded_dbapi.Error
-    try:
-        if dialect == "sqlite":
-            _executemany(connection, table, columns, rows)
-        elif dialect == "postgresql":
-            _copy(connection, table, columns, rows)
-        else:
-            session.execute(insert(table), list(rows))
-    except KeyError:  # a row without one of the first row's columns: not one shape
-        session.execute(insert(table), list(rows))
-    except driver_error as exc:
-        # As SQLAlchemy raises it (IntegrityError, OperationalError...), without the
-        # statement's parameters (patient data).
-        raise sa_exc.DBAPIError.instance(
-            f"bulk insert into {table.name}",
-            None,
-            exc,
-            driver_error,
-            hide_parameters=True,
-            dialect=connection.dialect,
-        ) from exc
+    for columns, run in groupby(rows, key=tuple):
+        shaped = list(run)
+        try:
+            if dialect == "sqlite":
+                _executemany(connection, table, columns, shaped)
+            elif dialect == "postgresql":
+                _copy(connection, table, columns, shaped)
+            else:
+                session.execute(insert(table), shaped)
+        except driver_error as exc:
+            # As SQLAlchemy raises it (IntegrityError, OperationalError...), without the
+            # statement's parameters (patient data).
+            raise sa_exc.DBAPIError.instance(
+                f"bulk insert into {table.name}",
+                None,
+                exc,
+                driver_error,
+                hide_parameters=True,
+                dialect=connection.dialect,
+            ) from exc
 
 
 def _values(columns: tuple[str, ...], rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -75,11 +73,11 @@ def _executemany(
     if found is None:
         compiled = insert(table).compile(dialect=connection.dialect, column_keys=list(columns))
         order = tuple(compiled.positiontup or ())
-        if sorted(order) != sorted(columns):
-            raise KeyError("the compiled statement binds other parameters")
+        if sorted(order) != sorted(columns):  # never: one parameter per column given
+            raise ValueError(f"INSERT INTO {table.name}: unexpected parameters")
         found = _statements[key] = (compiled.string, order)
     sql, order = found
-    values = _values(order, rows)  # before the statement: a KeyError inserts nothing
+    values = _values(order, rows)
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         cursor.executemany(sql, values)
@@ -90,7 +88,7 @@ def _executemany(
 def _copy(
     connection: Connection, table: Table, columns: tuple[str, ...], rows: Sequence[dict[str, Any]]
 ) -> None:
-    values = _values(columns, rows)  # before the COPY: a KeyError inserts nothing
+    values = _values(columns, rows)
     quote = connection.dialect.identifier_preparer.quote
     names = ", ".join(quote(table.c[name].name) for name in columns)
     sql = f"COPY {quote(table.name)} ({names}) FROM STDIN"
