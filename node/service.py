@@ -25,6 +25,7 @@ from dmp.server import CallContext
 from dmp.unit_of_work import UnitOfWork
 from dmp.v1 import access_pb2, node_service_pb2, record_pb2
 from node.access import NodeAccess
+from node.ingest_batches import BatchWriter
 from node.models import RecordRow
 from node.store import Draft, RecordStore, Written, cannot_supersede
 
@@ -72,31 +73,34 @@ class RecordService:
     ) -> int:
         """Store a stream of records, one unit of work per batch; return how many. Each batch
         is durable when the next starts; a failure names the item and how many were stored
-        before it (puts are idempotent: sending the whole stream again is safe)."""
+        before it (puts are idempotent: sending the whole stream again is safe). A batch is
+        written while the next one is read and validated (node/ingest_batches.py)."""
         with self._auditor.call(context, EventType.WRITE) as audited:
-            stored = 0
-            batch: list[Draft] = []
-            size = 0
-            # The (kind, patient) writes the policy allowed this writer, this batch: its
-            # answer is the same for every record of the pair, asked once a batch.
-            allowed: set[tuple[int, str]] = set()
-            identities: dict[bytes, Traits] = {}  # read once a batch
-            for index, put in enumerate(puts):
-                audited.patient_ins = put.record.patient_ins  # a refusal names its patient
-                try:
-                    batch.append(self._ingest_draft(context, put, allowed, identities))
-                except DmpError as exc:
-                    stored += self._flush(context.principal, audited, batch)
-                    exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
-                    raise
-                size += len(put.content)
-                if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
-                    stored += self._flush(context.principal, audited, batch)
-                    batch, size = [], 0
-                    allowed.clear()
-                    identities.clear()
-            stored += self._flush(context.principal, audited, batch)
-            return stored
+            writer = context.principal
+            batches = BatchWriter(lambda own, drafts: self._flush(writer, own, drafts), audited)
+            try:
+                batch: list[Draft] = []
+                size = 0
+                # The (kind, patient) writes the policy allowed this writer, this batch: its
+                # answer is the same for every record of the pair, asked once a batch.
+                allowed: set[tuple[int, str]] = set()
+                identities: dict[bytes, Traits] = {}  # read once a batch
+                for index, put in enumerate(puts):
+                    audited.patient_ins = put.record.patient_ins  # a refusal names its patient
+                    try:
+                        batch.append(self._ingest_draft(context, put, allowed, identities))
+                    except DmpError as exc:
+                        stored = batches.wait() + self._flush(writer, audited, batch)
+                        exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
+                        raise
+                    size += len(put.content)
+                    if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
+                        batches.submit(batch)
+                        batch, size = [], 0
+                        allowed, identities = set(), {}
+                return batches.wait() + self._flush(writer, audited, batch)
+            finally:
+                batches.close()
 
     def _ingest_draft(
         self,
@@ -141,7 +145,7 @@ class RecordService:
         self._access.writer(context, kind_name(put.record.kind), put.record.patient_ins)
         return draft
 
-    def _flush(self, writer: Principal, audited: AuditedCall, batch: list[Draft]) -> int:
+    def _flush(self, writer: Principal, audited: AuditedCall, batch: Sequence[Draft]) -> int:
         if not batch:
             return 0
         self._write(writer, audited, batch)

@@ -16,13 +16,22 @@ from sqlalchemy.orm import Session
 
 from dmp.client import ingest_messages
 from dmp.db import make_engine, upgrade, writer
+from dmp.ins import make_ins
 from dmp.v1 import node_service_pb2 as pb
 from dmp.v1 import record_pb2
 from node.app import MIGRATIONS, RunningNode
 from node.bulk import insert_rows
 from node.models import OutboxRow
 from node.store import CONTENTS, RECORDS
-from tests.federation import DOCTOR, OTHER_PATIENT, PATIENT, Client, client, draft, running_node
+from tests.federation import (
+    DOCTOR,
+    OTHER_PATIENT,
+    PATIENT,
+    Client,
+    client,
+    draft,
+    running_node,
+)
 
 
 @pytest.fixture
@@ -264,3 +273,28 @@ def test_a_bulk_insert_failure_is_sqlalchemys_and_stores_nothing(engine: Engine)
     with Session(engine) as session:
         ids = session.scalars(select(RECORDS.c.id).order_by(RECORDS.c.id)).all()
     assert ids == ["dup"]
+
+
+def test_each_batch_audits_one_event_per_patient_naming_their_records(
+    doctor: Client, node: RunningNode
+) -> None:
+    """Batches are written while the next is read (node/ingest_batches.py): each batch's
+    events name its patients and their records only, whatever the reader meanwhile (which
+    names each record's patient as it reads it, for a refusal's event)."""
+    patients = [make_ins(f"18502751{n:05d}") for n in range(600)]
+    records = [
+        draft(record_id=f"a{i:04d}", patient=patients[i % len(patients)]) for i in range(3000)
+    ]
+    answer = doctor.node.IngestRecords(ingest_messages(puts(records)), timeout=60)
+    assert answer.stored_count == 3000
+    assert node.audit is not None
+    for ins in patients:
+        events = [
+            e.event
+            for e in node.audit.events_for_patient(ins, limit=100)
+            if e.event.event_type == "write"
+        ]
+        assert len(events) == 3  # one a batch of 1,000 records
+        assert all(e.participant_object_patient_ins == ins for e in events)
+        named = sorted(i for e in events for i in e.participant_object_record_ids)
+        assert named == sorted(r.id for r in records if r.patient_ins == ins)
