@@ -24,7 +24,7 @@ from bench.procs import BenchError
 from bench.report import say
 from bench.stats import Goal, Results
 from dmp import synth
-from dmp.client import ingest_messages
+from dmp.client import INGEST_MESSAGE_RECORDS, ingest_messages
 from dmp.demo import Service
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc
 
@@ -106,6 +106,7 @@ def measure_ingest(
             "puts_per_run": plan.puts,
             "parallel_clients": plan.parallel,
             "records_per_stream": plan.batch,
+            "records_per_message": INGEST_MESSAGE_RECORDS,
             "mean_content_bytes": round(
                 sum(len(r.content) for r in source.requests("probe", 200)) / 200
             ),
