@@ -124,11 +124,12 @@ def _getter(row: Any) -> Callable[[Any], tuple[Any, ...]]:
     return getter
 
 
+_hashed_values = itemgetter(*HASHED_COLUMNS)
+
+
 def hash_values(values: Mapping[str, Any]) -> str:
     """The row hash of a row given as column values (an INSERT's parameters)."""
-    return _digest(
-        [values[name] for name in HASHED_COLUMNS] + [values.get(name) for name in OPTIONAL_COLUMNS]
-    )
+    return _digest([*_hashed_values(values), *(values.get(name) for name in OPTIONAL_COLUMNS)])
 
 
 def hash_row(row: Any, **changed: Any) -> str:
