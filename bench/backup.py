@@ -11,7 +11,6 @@ for each, on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +20,11 @@ from bench.procs import BenchError
 from bench.report import say
 from bench.stats import Results
 from dmp.certificates import load_private_key
+from dmp.client import ingest_messages
 from dmp.db import make_engine
 from dmp.demo import Service
 from dmp.pki import Pki, load_credentials
-from dmp.v1 import node_service_pb2, node_service_pb2_grpc
+from dmp.v1 import node_service_pb2_grpc
 from node.backup import write_backup
 from node.restore import verify_backup
 
@@ -52,14 +52,8 @@ def _load(
             count = min(plan.stream, plan.records - stored)
             requests = source.requests(f"bk{stored}", count)
 
-            def items(
-                requests: list[node_service_pb2.PutRecordRequest] = requests,
-            ) -> Iterator[node_service_pb2.IngestRecordsRequest]:
-                for request in requests:
-                    yield node_service_pb2.IngestRecordsRequest(put=request)
-
             metadata = patient_call_metadata(pki_dir, writer, None, "WRITE")
-            answer = stub.IngestRecords(items(), timeout=600, metadata=metadata)
+            answer = stub.IngestRecords(ingest_messages(requests), timeout=600, metadata=metadata)
             if answer.stored_count != count:
                 raise BenchError(f"IngestRecords stored {answer.stored_count} of {count}")
             stored += count

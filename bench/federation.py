@@ -28,6 +28,7 @@ from bench.procs import (
 )
 from bench.stats import Results
 from dmp import synth
+from dmp.client import ingest_messages
 from dmp.demo import Service, make_pki, node_service, wait_until
 from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import (
@@ -272,7 +273,7 @@ class BenchFederation:
     def _ingest(self, dataset: Dataset) -> None:
         """One IngestRecords stream per node and writer (dispensations by a pharmacist)."""
         plan = self.plan
-        by_stream: dict[tuple[str, str], list[node_service_pb2.IngestRecordsRequest]] = {}
+        by_stream: dict[tuple[str, str], list[node_service_pb2.PutRecordRequest]] = {}
         for patient in dataset.patients:
             identity = patient.to_proto()
             records = synth.records_for(
@@ -291,7 +292,7 @@ class BenchFederation:
                     patient=identity,
                 )
                 stream = by_stream.setdefault((record.region, writer), [])
-                stream.append(node_service_pb2.IngestRecordsRequest(put=put))
+                stream.append(put)
 
         def send(key: tuple[str, str]) -> int:
             region, writer = key
@@ -299,7 +300,8 @@ class BenchFederation:
             try:
                 stub = node_service_pb2_grpc.NodeServiceStub(conn)
                 metadata = patient_call_metadata(self.pki_dir, writer, None, "WRITE")
-                answer = stub.IngestRecords(iter(by_stream[key]), timeout=600, metadata=metadata)
+                messages = ingest_messages(by_stream[key])
+                answer = stub.IngestRecords(messages, timeout=600, metadata=metadata)
                 return int(answer.stored_count)
             finally:
                 conn.close()

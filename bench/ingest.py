@@ -7,7 +7,8 @@ of writing, each run several times with records never stored before:
 - single PutRecord calls one after the other (each acknowledged once durable);
 - single PutRecord calls from a few client threads at once (`parallel`), and from many
   (`concurrent`, client threads spread over a few channels and identities);
-- one IngestRecords stream (the node commits a batch of up to 1,000 records at a time).
+- one IngestRecords stream, several records a message (the node commits a batch of up
+  to 1,000 records at a time).
 
 And, to read the write figures against the disk, how many durable commits per second the
 same database takes in the same run: a loop of tiny write transactions (one row inserted,
@@ -19,7 +20,7 @@ dropped after.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from bench.procs import BenchError
 from bench.report import say
 from bench.stats import Goal, Results
 from dmp import synth
+from dmp.client import INGEST_MESSAGE_RECORDS, ingest_messages
 from dmp.db import make_engine, writer
 from dmp.demo import Service
 from dmp.v1 import node_service_pb2, node_service_pb2_grpc
@@ -122,6 +124,7 @@ def measure_ingest(
             "concurrent_identities": len(people),
             "records_per_stream": plan.batch,
             "durable_commits_per_run": plan.commits,
+            "records_per_message": INGEST_MESSAGE_RECORDS,
             "mean_content_bytes": round(
                 sum(len(r.content) for r in source.requests("probe", 200)) / 200
             ),
@@ -156,13 +159,9 @@ def measure_ingest(
                 list(pool.map(put_all, shares, range(clients) if spread else [0] * clients))
                 return plan.puts / (time.perf_counter() - start)
 
-        def stream(requests: Sequence[node_service_pb2.PutRecordRequest]) -> int:
-            def items() -> Iterator[node_service_pb2.IngestRecordsRequest]:
-                for request in requests:
-                    yield node_service_pb2.IngestRecordsRequest(put=request)
-
+        def stream(messages: Sequence[node_service_pb2.IngestRecordsRequest]) -> int:
             metadata = patient_call_metadata(pki_dir, writer, None, "WRITE")
-            answer = stub.IngestRecords(items(), timeout=600, metadata=metadata)
+            answer = stub.IngestRecords(iter(messages), timeout=600, metadata=metadata)
             return int(answer.stored_count)
 
         # One record per patient first: the node then knows every patient's traits. (On
@@ -219,9 +218,11 @@ def measure_ingest(
                 headline=True,
             ).values.append(put_at_once(f"con{run}", plan.concurrent, spread=True))
 
-            requests = source.requests(f"bat{run}", plan.batch)
+            # Built before the clock starts, as the client's messages (several records
+            # each, as dmp/client.py sends them).
+            messages = list(ingest_messages(source.requests(f"bat{run}", plan.batch)))
             start = time.perf_counter()
-            stored = stream(requests)
+            stored = stream(messages)
             rate = plan.batch / (time.perf_counter() - start)
             if stored != plan.batch:
                 raise BenchError(f"IngestRecords stored {stored} of {plan.batch} records")

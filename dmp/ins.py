@@ -42,15 +42,26 @@ def normalize_ins(value: str, field: str = "ins") -> str:
     return ins
 
 
+#: INS found valid as stored, remembered (a bounded number): a stream of records names
+#: the same patients again and again, and the key check is the costly part.
+_STORED_OK: set[str] = set()
+_STORED_OK_MAX = 1 << 16
+
+
 def stored_ins(value: str, field: str) -> str:
     """The INS of something a node stores: valid and written as stored (no spaces, upper
     case), since a patient's data is found, read and audited under that one spelling."""
+    if value in _STORED_OK:
+        return value
     ins = normalize_ins(value, field)
     if ins != value:
         raise InvalidArgument(
             f"{field} {value!r} must be written as {ins} (no spaces, upper case): the"
             " patient's data is found, read and audited under that INS"
         )
+    if len(_STORED_OK) >= _STORED_OK_MAX:
+        _STORED_OK.clear()
+    _STORED_OK.add(ins)
     return ins
 
 

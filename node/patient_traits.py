@@ -23,32 +23,47 @@ _LOCK_PATIENTS = (
 )
 
 
-def lock_patients(session: Session, patients: Iterable[str]) -> dict[str, PatientRow]:
-    """The stored rows of these patients, locked (in one statement, as of now), by INS."""
-    wanted = sorted(set(patients))
-    if not wanted:
-        return {}
-    return {row.ins: row for row in session.scalars(_LOCK_PATIENTS, {"patients": wanted})}
-
-
 def merge_traits(
+    session: Session, traits: Traits, sealer: Sealer | None, keys: dict[str, bytes], now: int
+) -> None:
+    """Keep the traits writers give; refuse those that contradict the ones kept. With a
+    sealer (encryption at rest) the free-text ones are stored sealed with the patient's
+    data key (node/keys.py), which `keys` keeps for the rest of the write."""
+    # Locked, then the data key: `dmp node encrypt` seals this row under the same lock,
+    # taken in the same order (SQLite's unit of work holds the write lock already).
+    row = session.get(PatientRow, traits.ins, with_for_update=True)
+    _merge(session, row, traits, sealer, keys, now)
+
+
+def merge_all(
     session: Session,
+    given: Iterable[Traits],
+    sealer: Sealer | None,
+    keys: dict[str, bytes],
+    now: int,
+) -> None:
+    """`merge_traits` of several patients' traits (a batch), their rows read and locked
+    in one statement, in the order of their INS (as every writer locks them)."""
+    given = list(dict.fromkeys(given))
+    if not given:
+        return
+    wanted = sorted({traits.ins for traits in given})
+    rows: dict[str, PatientRow | None] = {
+        row.ins: row for row in session.scalars(_LOCK_PATIENTS, {"patients": wanted})
+    }
+    for traits in given:
+        rows[traits.ins] = _merge(session, rows.get(traits.ins), traits, sealer, keys, now)
+
+
+def _merge(
+    session: Session,
+    row: PatientRow | None,
     traits: Traits,
     sealer: Sealer | None,
     keys: dict[str, bytes],
     now: int,
-    locked: dict[str, PatientRow] | None = None,
-) -> None:
-    """Keep the traits writers give; refuse those that contradict the ones kept. With a
-    sealer (encryption at rest) the free-text ones are stored sealed with the patient's
-    data key (node/keys.py), which `keys` keeps for the rest of the write. `locked`: the
-    rows of the write's patients, already read and locked (`lock_patients`)."""
-    # Locked, then the data key: `dmp node encrypt` seals this row under the same lock,
-    # taken in the same order (SQLite's unit of work holds the write lock already).
-    if locked is not None:
-        row = locked.get(traits.ins)
-    else:
-        row = session.get(PatientRow, traits.ins, with_for_update=True)
+) -> PatientRow:
+    """Merge `traits` into the patient's locked row (None: not kept yet); the row kept."""
     key = None
     if sealer is not None:
         if traits.ins not in keys:
@@ -56,11 +71,9 @@ def merge_traits(
         key = keys[traits.ins]
     if row is None:
         values = PatientRow.values(traits) if key is None else seal_traits(key, traits)
-        added = PatientRow(ins=traits.ins, **values)
-        session.add(added)
-        if locked is not None:
-            locked[traits.ins] = added  # a later draft of the write finds it
-        return
+        row = PatientRow(ins=traits.ins, **values)
+        session.add(row)
+        return row
     if row.sealed is not None and key is None:
         raise FailedPrecondition(
             f"patient {traits.ins}'s identity traits are encrypted on this node, which was"
@@ -75,7 +88,8 @@ def merge_traits(
     )
     if key is None:
         row.fill(merged)
-        return
+        return row
     if merged != kept or row.sealed is None:
         for name, value in seal_traits(key, merged).items():
             setattr(row, name, value)
+    return row

@@ -18,6 +18,7 @@ from dmp.audit.calls import AuditedCall, Auditor, history_events
 from dmp.audit.events import AuditEvent, EventType
 from dmp.errors import DmpError
 from dmp.ins import normalize_ins
+from dmp.patients import Traits
 from dmp.policy import ReadScope, check_history
 from dmp.records import kind_name
 from dmp.server import CallContext
@@ -25,6 +26,7 @@ from dmp.shared_commit import SharedCall, SharedCommit
 from dmp.unit_of_work import UnitOfWork
 from dmp.v1 import access_pb2, node_service_pb2, record_pb2
 from node.access import NodeAccess
+from node.ingest_batches import BatchWriter
 from node.models import RecordRow
 from node.store import Draft, RecordStore, Written, cannot_supersede
 
@@ -96,25 +98,52 @@ class RecordService:
     ) -> int:
         """Store a stream of records, one unit of work per batch; return how many. Each batch
         is durable when the next starts; a failure names the item and how many were stored
-        before it (puts are idempotent: sending the whole stream again is safe)."""
+        before it (puts are idempotent: sending the whole stream again is safe). A batch is
+        written while the next one is read and validated (node/ingest_batches.py)."""
         with self._auditor.call(context, EventType.WRITE) as audited:
-            stored = 0
-            batch: list[Draft] = []
-            size = 0
-            for index, put in enumerate(puts):
-                audited.patient_ins = put.record.patient_ins  # a refusal names its patient
-                try:
-                    batch.append(self._draft(context, put))
-                except DmpError as exc:
-                    stored += self._flush(audited, batch)
-                    exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
-                    raise
-                size += len(put.content)
-                if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
-                    stored += self._flush(audited, batch)
-                    batch, size = [], 0
-            stored += self._flush(audited, batch)
-            return stored
+            batches = BatchWriter(self._flush, audited)
+            try:
+                batch: list[Draft] = []
+                size = 0
+                # The (kind, patient) writes the policy allowed this writer, this batch: its
+                # answer is the same for every record of the pair, asked once a batch.
+                allowed: set[tuple[int, str]] = set()
+                identities: dict[bytes, Traits] = {}  # read once a batch
+                for index, put in enumerate(puts):
+                    audited.patient_ins = put.record.patient_ins  # a refusal names its patient
+                    try:
+                        batch.append(self._ingest_draft(context, put, allowed, identities))
+                    except DmpError as exc:
+                        stored = batches.wait() + self._flush(audited, batch)
+                        exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
+                        raise
+                    size += len(put.content)
+                    if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
+                        batches.submit(batch)
+                        batch, size = [], 0
+                        allowed, identities = set(), {}
+                return batches.wait() + self._flush(audited, batch)
+            finally:
+                batches.close()
+
+    def _ingest_draft(
+        self,
+        context: CallContext,
+        put: node_service_pb2.PutRecordRequest,
+        allowed: set[tuple[int, str]],
+        identities: dict[bytes, Traits],
+    ) -> Draft:
+        """`_draft`, the access check asked once per (kind, patient) in `allowed`, each
+        identity read once in `identities`."""
+        patient = put.patient if put.HasField("patient") else None
+        draft = self._records.prepare(
+            context.principal, put.record, put.content, patient, traits_memo=identities
+        )
+        pair = (put.record.kind, put.record.patient_ins)
+        if pair not in allowed:
+            self._access.writer(context, kind_name(pair[0]), pair[1])
+            allowed.add(pair)
+        return draft
 
     def reveal_record(self, context: CallContext, record_id: str) -> record_pb2.Record:
         """The author makes a record hidden from the patient visible to them. Revealing is a
@@ -140,7 +169,7 @@ class RecordService:
         self._access.writer(context, kind_name(put.record.kind), put.record.patient_ins)
         return draft
 
-    def _flush(self, audited: AuditedCall, batch: list[Draft]) -> int:
+    def _flush(self, audited: AuditedCall, batch: Sequence[Draft]) -> int:
         if not batch:
             return 0
         self._write(audited, batch)
@@ -155,8 +184,7 @@ class RecordService:
             written = self._records.write(uow.session, drafts)
             if len(written) == 1 and written[0].supersedes:
                 audited.detail = f"supersedes {written[0].supersedes}"
-            for patient_ins, ids in _ids_by_patient(written).items():
-                uow.audit(ids, patient_ins)
+            audited.append_each(uow.session, _ids_by_patient(written))
             uow.commit()
         return written
 

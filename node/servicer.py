@@ -21,8 +21,9 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     def IngestRecords(
         self, request_iterator: Iterator[pb.IngestRecordsRequest], context: CallContext
     ) -> pb.IngestRecordsResponse:
-        puts = (r.put for r in request_iterator)
-        return pb.IngestRecordsResponse(stored_count=self._records.ingest_records(context, puts))
+        return pb.IngestRecordsResponse(
+            stored_count=self._records.ingest_records(context, _puts(request_iterator))
+        )
 
     def GetRecord(self, request: pb.GetRecordRequest, context: CallContext) -> pb.GetRecordResponse:
         return pb.GetRecordResponse(record=self._records.get_record(context, request.record_id))
@@ -49,3 +50,12 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     ) -> pb.ListAccessEventsResponse:
         events = self._records.access_events(context, request)
         return pb.ListAccessEventsResponse(events=[to_proto(e) for e in events])
+
+
+def _puts(requests: Iterator[pb.IngestRecordsRequest]) -> Iterator[pb.PutRecordRequest]:
+    """The records of an ingest stream in the order sent: each message's `put`, then its
+    `puts`."""
+    for request in requests:
+        if request.HasField("put"):
+            yield request.put
+        yield from request.puts

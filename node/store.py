@@ -14,7 +14,6 @@ from sqlalchemy import (
     Select,
     Table,
     bindparam,
-    insert,
     select,
     tuple_,
     update,
@@ -47,11 +46,12 @@ from dmp.records import (
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
 from node import integrity
+from node.bulk import insert_rows
 from node.integrity import hash_row, hash_values
 from node.keys import PatientKey, Sealer, shredded_error
 from node.models import RecordContentRow, RecordRow
 from node.outbox import LocatorOutbox, Pending, announce
-from node.patient_traits import lock_patients, merge_traits
+from node.patient_traits import merge_all
 from node.records import fingerprint, to_proto
 from node.scoping import readable, readable_key, readable_params, readable_shape
 
@@ -63,8 +63,6 @@ RECORDS: Table = RecordRow.__table__  # type: ignore[assignment]
 CONTENTS: Table = RecordContentRow.__table__  # type: ignore[assignment]
 #: Built once: a statement's construction and cache key cost more than its execution.
 _STORED_IDS = select(RECORDS.c.id).where(RECORDS.c.id.in_(bindparam("ids", expanding=True)))
-_INSERT_RECORDS = insert(RECORDS)
-_INSERT_CONTENTS = insert(CONTENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,14 +145,23 @@ class RecordStore:
         patient: patient_pb2.PatientIdentity | None,
         *,
         prescription_id: str | None = None,
+        traits_memo: dict[bytes, Traits] | None = None,
     ) -> Draft:
         """Validate a record to write (nothing of who may write it: the use case asks).
         `prescription_id` links a record the node writes from e-prescription to its
-        prescription (Record.prescription_id is output only: a writer's is ignored)."""
+        prescription (Record.prescription_id is output only: a writer's is ignored).
+        `traits_memo` keeps the traits of identities already read (a stream sends a
+        patient's identity with each of their records), by the identity's bytes."""
         validate_draft(record)
         traits = None
         if patient is not None and patient.ins:
-            traits = traits_of(patient, "patient")
+            if traits_memo is None:
+                traits = traits_of(patient, "patient")
+            else:
+                wire = patient.SerializeToString()
+                traits = traits_memo.get(wire)
+                if traits is None:
+                    traits = traits_memo[wire] = traits_of(patient, "patient")
             if traits.ins != record.patient_ins:
                 raise InvalidArgument("patient.ins differs from record.patient_ins")
         if len(content) > self.max_content:
@@ -201,21 +208,29 @@ class RecordStore:
                 row.id: row
                 for row in session.scalars(select(RecordRow).where(RecordRow.id.in_(present)))
             }
-        #: The values of the records this write inserts (a row made only for a repeat).
-        fresh: dict[str, dict[str, Any]] = {}
-        patients = lock_patients(session, (d.traits.ins for d in drafts if d.traits is not None))
         pending: list[dict[str, Any]] = []
         contents: list[dict[str, Any]] = []
         written: list[Written] = []
-        merged: set[Traits] = set()
         now = self._clock()
         keys: dict[str, bytes] = {}
+        # The patients of the new records (an id's first draft), each row locked and merged
+        # once per batch, before their records.
+        seen = set(known)
+        given: list[Traits] = []
+        for draft in drafts:
+            if draft.record_id not in seen:
+                seen.add(draft.record_id)
+                if draft.traits is not None:
+                    given.append(draft.traits)
+        merge_all(session, given, self.sealer, keys, now)
+        #: Rows this write inserts, by id: a row object only for an id sent twice.
+        fresh: dict[str, dict[str, Any]] = {}
 
         def insert_pending() -> None:
             if pending:
-                session.flush()  # the patients' rows first (Core statements do not flush)
-                connection.execute(_INSERT_RECORDS, pending)
-                connection.execute(_INSERT_CONTENTS, contents)
+                session.flush()  # the patients' rows first (the driver does not flush)
+                insert_rows(session, RECORDS, pending)
+                insert_rows(session, CONTENTS, contents)
                 pending.clear()
                 contents.clear()
 
@@ -227,9 +242,6 @@ class RecordStore:
                 message = self.same_or_conflict(found, draft, session)
                 written.append(Written(found.id, found.patient_ins, found, message))
                 continue
-            if draft.traits is not None and draft.traits not in merged:
-                merge_traits(session, draft.traits, self.sealer, keys, now, patients)
-                merged.add(draft.traits)
             if draft.record.supersedes:
                 insert_pending()  # the version it supersedes may be in this batch
             values = self._new_row(session, draft, now)

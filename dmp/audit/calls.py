@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -124,6 +124,17 @@ class AuditedCall:
         if record_ids:
             self.record_ids = record_ids
         self.log.append(session, self.event(), self.nonce)
+        self.recorded = True
+
+    def append_each(self, session: Session, ids_by_patient: Mapping[str, Sequence[str]]) -> None:
+        """Append the allowed write's events, one per patient it touched naming that
+        patient's records, in the write's own transaction (one INSERT)."""
+        events = []
+        for ins, ids in ids_by_patient.items():
+            self.patient_ins, self.record_ids = ins, ids
+            events.append(self.event())
+        if events:
+            self.log.append_many(session, events, self.nonce)
         self.recorded = True
 
 

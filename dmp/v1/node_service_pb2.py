@@ -28,7 +28,7 @@ from dmp.v1 import record_pb2 as dmp_dot_v1_dot_record__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64mp/v1/node_service.proto\x12\x06\x64mp.v1\x1a\x12\x64mp/v1/audit.proto\x1a\x14\x64mp/v1/patient.proto\x1a\x13\x64mp/v1/record.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x10PutRecordRequest\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12(\n\x07patient\x18\x03 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\"3\n\x11PutRecordResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\"=\n\x14IngestRecordsRequest\x12%\n\x03put\x18\x01 \x01(\x0b\x32\x18.dmp.v1.PutRecordRequest\"-\n\x15IngestRecordsResponse\x12\x14\n\x0cstored_count\x18\x01 \x01(\x03\"%\n\x10GetRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\"3\n\x11GetRecordResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\",\n\x17GetRecordContentRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\"(\n\x13RevealRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\"6\n\x14RevealRecordResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\"I\n\x18GetRecordContentResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"\xb0\x02\n\x12ListRecordsRequest\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\x12!\n\x05kinds\x18\x02 \x03(\x0e\x32\x12.dmp.v1.RecordKind\x12\x12\n\ntype_codes\x18\x03 \x03(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x08statuses\x18\x06 \x03(\x0e\x32\x14.dmp.v1.RecordStatus\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\x12)\n\x0bstart_after\x18\t \x01(\x0b\x32\x14.dmp.v1.ListPosition\"U\n\x0cListPosition\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecord_id\x18\x02 \x01(\t\"O\n\x13ListRecordsResponse\x12\x1f\n\x07records\x18\x01 \x03(\x0b\x32\x0e.dmp.v1.Record\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x17ListAccessEventsRequest\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\x12\x13\n\x0b\x65xclude_own\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\">\n\x18ListAccessEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.dmp.v1.AuditEvent2\xa4\x04\n\x0bNodeService\x12@\n\tPutRecord\x12\x18.dmp.v1.PutRecordRequest\x1a\x19.dmp.v1.PutRecordResponse\x12N\n\rIngestRecords\x12\x1c.dmp.v1.IngestRecordsRequest\x1a\x1d.dmp.v1.IngestRecordsResponse(\x01\x12@\n\tGetRecord\x12\x18.dmp.v1.GetRecordRequest\x1a\x19.dmp.v1.GetRecordResponse\x12W\n\x10GetRecordContent\x12\x1f.dmp.v1.GetRecordContentRequest\x1a .dmp.v1.GetRecordContentResponse0\x01\x12I\n\x0cRevealRecord\x12\x1b.dmp.v1.RevealRecordRequest\x1a\x1c.dmp.v1.RevealRecordResponse\x12U\n\x10ListAccessEvents\x12\x1f.dmp.v1.ListAccessEventsRequest\x1a .dmp.v1.ListAccessEventsResponse\x12\x46\n\x0bListRecords\x12\x1a.dmp.v1.ListRecordsRequest\x1a\x1b.dmp.v1.ListRecordsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64mp/v1/node_service.proto\x12\x06\x64mp.v1\x1a\x12\x64mp/v1/audit.proto\x1a\x14\x64mp/v1/patient.proto\x1a\x13\x64mp/v1/record.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x10PutRecordRequest\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12(\n\x07patient\x18\x03 \x01(\x0b\x32\x17.dmp.v1.PatientIdentity\"3\n\x11PutRecordResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\"e\n\x14IngestRecordsRequest\x12%\n\x03put\x18\x01 \x01(\x0b\x32\x18.dmp.v1.PutRecordRequest\x12&\n\x04puts\x18\x02 \x03(\x0b\x32\x18.dmp.v1.PutRecordRequest\"-\n\x15IngestRecordsResponse\x12\x14\n\x0cstored_count\x18\x01 \x01(\x03\"%\n\x10GetRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\"3\n\x11GetRecordResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\",\n\x17GetRecordContentRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\"(\n\x13RevealRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\"6\n\x14RevealRecordResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\"I\n\x18GetRecordContentResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.dmp.v1.Record\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"\xb0\x02\n\x12ListRecordsRequest\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\x12!\n\x05kinds\x18\x02 \x03(\x0e\x32\x12.dmp.v1.RecordKind\x12\x12\n\ntype_codes\x18\x03 \x03(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x08statuses\x18\x06 \x03(\x0e\x32\x14.dmp.v1.RecordStatus\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\x12)\n\x0bstart_after\x18\t \x01(\x0b\x32\x14.dmp.v1.ListPosition\"U\n\x0cListPosition\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecord_id\x18\x02 \x01(\t\"O\n\x13ListRecordsResponse\x12\x1f\n\x07records\x18\x01 \x03(\x0b\x32\x0e.dmp.v1.Record\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x17ListAccessEventsRequest\x12\x13\n\x0bpatient_ins\x18\x01 \x01(\t\x12\x13\n\x0b\x65xclude_own\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\">\n\x18ListAccessEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.dmp.v1.AuditEvent2\xa4\x04\n\x0bNodeService\x12@\n\tPutRecord\x12\x18.dmp.v1.PutRecordRequest\x1a\x19.dmp.v1.PutRecordResponse\x12N\n\rIngestRecords\x12\x1c.dmp.v1.IngestRecordsRequest\x1a\x1d.dmp.v1.IngestRecordsResponse(\x01\x12@\n\tGetRecord\x12\x18.dmp.v1.GetRecordRequest\x1a\x19.dmp.v1.GetRecordResponse\x12W\n\x10GetRecordContent\x12\x1f.dmp.v1.GetRecordContentRequest\x1a .dmp.v1.GetRecordContentResponse0\x01\x12I\n\x0cRevealRecord\x12\x1b.dmp.v1.RevealRecordRequest\x1a\x1c.dmp.v1.RevealRecordResponse\x12U\n\x10ListAccessEvents\x12\x1f.dmp.v1.ListAccessEventsRequest\x1a .dmp.v1.ListAccessEventsResponse\x12\x46\n\x0bListRecords\x12\x1a.dmp.v1.ListRecordsRequest\x1a\x1b.dmp.v1.ListRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,31 +40,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTRECORDRESPONSE']._serialized_start=244
   _globals['_PUTRECORDRESPONSE']._serialized_end=295
   _globals['_INGESTRECORDSREQUEST']._serialized_start=297
-  _globals['_INGESTRECORDSREQUEST']._serialized_end=358
-  _globals['_INGESTRECORDSRESPONSE']._serialized_start=360
-  _globals['_INGESTRECORDSRESPONSE']._serialized_end=405
-  _globals['_GETRECORDREQUEST']._serialized_start=407
-  _globals['_GETRECORDREQUEST']._serialized_end=444
-  _globals['_GETRECORDRESPONSE']._serialized_start=446
-  _globals['_GETRECORDRESPONSE']._serialized_end=497
-  _globals['_GETRECORDCONTENTREQUEST']._serialized_start=499
-  _globals['_GETRECORDCONTENTREQUEST']._serialized_end=543
-  _globals['_REVEALRECORDREQUEST']._serialized_start=545
-  _globals['_REVEALRECORDREQUEST']._serialized_end=585
-  _globals['_REVEALRECORDRESPONSE']._serialized_start=587
-  _globals['_REVEALRECORDRESPONSE']._serialized_end=641
-  _globals['_GETRECORDCONTENTRESPONSE']._serialized_start=643
-  _globals['_GETRECORDCONTENTRESPONSE']._serialized_end=716
-  _globals['_LISTRECORDSREQUEST']._serialized_start=719
-  _globals['_LISTRECORDSREQUEST']._serialized_end=1023
-  _globals['_LISTPOSITION']._serialized_start=1025
-  _globals['_LISTPOSITION']._serialized_end=1110
-  _globals['_LISTRECORDSRESPONSE']._serialized_start=1112
-  _globals['_LISTRECORDSRESPONSE']._serialized_end=1191
-  _globals['_LISTACCESSEVENTSREQUEST']._serialized_start=1193
-  _globals['_LISTACCESSEVENTSREQUEST']._serialized_end=1279
-  _globals['_LISTACCESSEVENTSRESPONSE']._serialized_start=1281
-  _globals['_LISTACCESSEVENTSRESPONSE']._serialized_end=1343
-  _globals['_NODESERVICE']._serialized_start=1346
-  _globals['_NODESERVICE']._serialized_end=1894
+  _globals['_INGESTRECORDSREQUEST']._serialized_end=398
+  _globals['_INGESTRECORDSRESPONSE']._serialized_start=400
+  _globals['_INGESTRECORDSRESPONSE']._serialized_end=445
+  _globals['_GETRECORDREQUEST']._serialized_start=447
+  _globals['_GETRECORDREQUEST']._serialized_end=484
+  _globals['_GETRECORDRESPONSE']._serialized_start=486
+  _globals['_GETRECORDRESPONSE']._serialized_end=537
+  _globals['_GETRECORDCONTENTREQUEST']._serialized_start=539
+  _globals['_GETRECORDCONTENTREQUEST']._serialized_end=583
+  _globals['_REVEALRECORDREQUEST']._serialized_start=585
+  _globals['_REVEALRECORDREQUEST']._serialized_end=625
+  _globals['_REVEALRECORDRESPONSE']._serialized_start=627
+  _globals['_REVEALRECORDRESPONSE']._serialized_end=681
+  _globals['_GETRECORDCONTENTRESPONSE']._serialized_start=683
+  _globals['_GETRECORDCONTENTRESPONSE']._serialized_end=756
+  _globals['_LISTRECORDSREQUEST']._serialized_start=759
+  _globals['_LISTRECORDSREQUEST']._serialized_end=1063
+  _globals['_LISTPOSITION']._serialized_start=1065
+  _globals['_LISTPOSITION']._serialized_end=1150
+  _globals['_LISTRECORDSRESPONSE']._serialized_start=1152
+  _globals['_LISTRECORDSRESPONSE']._serialized_end=1231
+  _globals['_LISTACCESSEVENTSREQUEST']._serialized_start=1233
+  _globals['_LISTACCESSEVENTSREQUEST']._serialized_end=1319
+  _globals['_LISTACCESSEVENTSRESPONSE']._serialized_start=1321
+  _globals['_LISTACCESSEVENTSRESPONSE']._serialized_end=1383
+  _globals['_NODESERVICE']._serialized_start=1386
+  _globals['_NODESERVICE']._serialized_end=1934
 # @@protoc_insertion_point(module_scope)

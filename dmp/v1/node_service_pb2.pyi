@@ -87,23 +87,32 @@ Global___PutRecordResponse: _TypeAlias = PutRecordResponse  # noqa: Y015
 
 @_typing.final
 class IngestRecordsRequest(_message.Message):
-    """One record of an ingest stream."""
+    """Records of an ingest stream: `put`, then those of `puts`, in that order (a message may
+    carry one record or many; several a message spare the per-message cost of the stream).
+    A failure's index counts records across the whole stream, in the order sent.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PUT_FIELD_NUMBER: _builtins.int
+    PUTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def put(self) -> Global___PutRecordRequest:
-        """The record, as for PutRecord."""
+        """A record, as for PutRecord."""
+
+    @_builtins.property
+    def puts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PutRecordRequest]:
+        """More records, as for PutRecord, after `put` when it is set."""
 
     def __init__(
         self,
         *,
         put: Global___PutRecordRequest | None = ...,
+        puts: _abc.Iterable[Global___PutRecordRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["put", b"put"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["put", b"put"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["put", b"put", "puts", b"puts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
