@@ -36,6 +36,7 @@ from dmp.fields import check_time
 from dmp.identity import Principal
 from dmp.patients import Traits, traits_of
 from dmp.policy import ReadScope
+from dmp.prepared import Prepared, prepare
 from dmp.records import (
     CONFIDENTIALITY_NAMES,
     LOINC,
@@ -121,7 +122,7 @@ class RecordStore:
         self.max_content = max_content
         self._clock = clock
         self._on_commit: Callable[[], None] | None = None
-        self._list_statements: dict[tuple[Any, ...], Select[Any]] = {}
+        self._list_statements: dict[tuple[Any, ...], Prepared] = {}
         self.outbox = LocatorOutbox(engine, sealer)
 
     def on_commit(self, hook: Callable[[], None]) -> None:
@@ -428,7 +429,11 @@ class RecordStore:
         )
         stmt = self._list_statements.get(key)
         if stmt is None:
-            stmt = self._list_statement(scope, request, after is not None, size)
+            stmt = prepare(
+                self._list_statement(scope, request, after is not None, size),
+                self._engine.dialect,
+                "StoredRecord",
+            )
             if len(self._list_statements) >= 1000:
                 self._list_statements.clear()
             self._list_statements[key] = stmt
@@ -439,9 +444,13 @@ class RecordStore:
             params["until_us"] = to_us(check_time(request.until, "until"))
         if after is not None:
             params["after_us"], params["after_id"] = after
-        # Core rows on a plain connection: a list is read-only, no ORM object per record.
+        # The compiled list query on the driver's cursor: no ORM object, no execution
+        # context per call. Alone it is its own snapshot (no BEGIN); with the masked roots
+        # or the patients' data keys to read too, all of them read in one transaction.
         with self._engine.connect() as connection:
-            rows: list[Any] = list(connection.execute(stmt, params))
+            if scope.masked or self.sealer is not None:
+                connection.begin()
+            rows = stmt.fetch(connection, params)
             roots = self._masked_roots(connection, scope)
             integrity.check(rows, self.region)
             records = self._protos(connection, rows[:size], roots)
