@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -45,6 +46,19 @@ def _certificate(der: bytes) -> x509.Certificate:
         raise Unauthenticated("the signer's certificate is not a DER X.509 certificate") from None
 
 
+@dataclass(frozen=True, slots=True)
+class _Issued:
+    """What a certificate issued by the CA says, read once per certificate: its chain is
+    checked once, its validity dates, revocation and the signature on every statement."""
+
+    principal: Principal
+    cert: x509.Certificate
+    not_before: datetime
+    not_after: datetime
+    #: None when it is not an ECDSA key (refused when it signs).
+    key: ec.EllipticCurvePublicKey | None
+
+
 class SignatureVerifier:
     """Checks that a payload was signed by the holder of a valid federation certificate."""
 
@@ -59,7 +73,7 @@ class SignatureVerifier:
         self._clock = clock
         self._issued_by_ca = functools.lru_cache(maxsize=8192)(self._check_issuer)
 
-    def _check_issuer(self, der: bytes) -> Principal:
+    def _check_issuer(self, der: bytes) -> _Issued:
         cert = _certificate(der)
         try:
             cert.verify_directly_issued_by(self._ca)
@@ -67,7 +81,14 @@ class SignatureVerifier:
             raise Unauthenticated(
                 "the signer's certificate is not issued by the federation CA"
             ) from None
-        return principal_from_certificate(cert)
+        key = cert.public_key()
+        return _Issued(
+            principal=principal_from_certificate(cert),
+            cert=cert,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            key=key if isinstance(key, ec.EllipticCurvePublicKey) else None,
+        )
 
     def verify(
         self,
@@ -86,27 +107,26 @@ class SignatureVerifier:
         must not void what the patient decided while it was theirs. Statements taken in
         now (an access assertion, a new directive set) pass no `signed_at` and need a
         certificate valid and not revoked now."""
-        principal = self._issued_by_ca(certificate_der)
-        cert = _certificate(certificate_der)
+        issued = self._issued_by_ca(certificate_der)  # the chain: once per certificate
+        principal = issued.principal
         now = self._clock()
         when = signed_at or now
         if signed_at is not None and signed_at > now:
             raise Unauthenticated(f"the statement of {principal.uri} is dated in the future")
-        if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+        if not issued.not_before <= when <= issued.not_after:
             moment = "now" if signed_at is None else "when it signed"
             raise Unauthenticated(f"the certificate of {principal.uri} is not valid {moment}")
-        revoked_at = self._revocation.revoked_at(cert)
+        revoked_at = self._revocation.revoked_at(issued.cert)  # every time: the CRL changes
         # A CRL dates revocations to the second: one signed within that second came first.
         if revoked_at is not None and (signed_at is None or revoked_at + _SECOND <= signed_at):
             raise Unauthenticated(
                 f"the certificate of {principal.uri} has been revoked"
                 + ("" if signed_at is None else f" ({revoked_at.isoformat()}, before it signed)")
             )
-        key = cert.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey):
+        if issued.key is None:
             raise Unauthenticated("the signer's key is not an ECDSA key")
         try:
-            key.verify(signature, payload, _ECDSA)
+            issued.key.verify(signature, payload, _ECDSA)
         except InvalidSignature:
             raise Unauthenticated(f"the signature is not by the key of {principal.uri}") from None
         return principal

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from sqlalchemy import (
     Engine,
     Select,
@@ -35,6 +36,7 @@ from dmp.fields import check_time
 from dmp.identity import Principal
 from dmp.patients import Traits, traits_of
 from dmp.policy import ReadScope
+from dmp.prepared import Prepared, prepare
 from dmp.records import (
     CONFIDENTIALITY_NAMES,
     LOINC,
@@ -52,7 +54,7 @@ from node.keys import PatientKey, Sealer, shredded_error
 from node.models import RecordContentRow, RecordRow
 from node.outbox import LocatorOutbox, Pending, announce
 from node.patient_traits import merge_all
-from node.records import fingerprint, to_proto
+from node.records import fill, fingerprint, to_proto
 from node.scoping import readable, readable_key, readable_params, readable_shape
 
 DEFAULT_PAGE_SIZE = 50
@@ -123,7 +125,7 @@ class RecordStore:
         self.max_content = max_content
         self._clock = clock
         self._on_commit: Callable[[], None] | None = None
-        self._list_statements: dict[tuple[Any, ...], Select[Any]] = {}
+        self._list_statements: dict[tuple[Any, ...], Prepared] = {}
         self.outbox = LocatorOutbox(engine, sealer)
 
     def on_commit(self, hook: Callable[[], None]) -> None:
@@ -456,7 +458,11 @@ class RecordStore:
         )
         stmt = self._list_statements.get(key)
         if stmt is None:
-            stmt = self._list_statement(scope, request, after is not None, size)
+            stmt = prepare(
+                self._list_statement(scope, request, after is not None, size),
+                self._engine.dialect,
+                "StoredRecord",
+            )
             if len(self._list_statements) >= 1000:
                 self._list_statements.clear()
             self._list_statements[key] = stmt
@@ -467,13 +473,17 @@ class RecordStore:
             params["until_us"] = to_us(check_time(request.until, "until"))
         if after is not None:
             params["after_us"], params["after_id"] = after
-        # Core rows on a plain connection: a list is read-only, no ORM object per record.
+        # The compiled list query on the driver's cursor: no ORM object, no execution
+        # context per call. Alone it is its own snapshot (no BEGIN); with the masked roots
+        # or the patients' data keys to read too, all of them read in one transaction.
         with self._engine.connect() as connection:
-            rows: list[Any] = list(connection.execute(stmt, params))
+            if scope.masked or self.sealer is not None:
+                connection.begin()
+            rows = stmt.fetch(connection, params)
             roots = self._masked_roots(connection, scope)
             integrity.check(rows, self.region)
-            records = self._protos(connection, rows[:size], roots)
-        response = node_service_pb2.ListRecordsResponse(records=records)
+            response = node_service_pb2.ListRecordsResponse()
+            self._protos(connection, rows[:size], roots, into=response.records)
         if len(rows) > size:
             last = rows[size - 1]
             response.next_page_token = encode_cursor(last.effective_us, last.id, query_print)
@@ -527,10 +537,16 @@ class RecordStore:
         rows: Sequence[Any],
         roots: frozenset[str] = frozenset(),
         key: PatientKey | None = None,
+        *,
+        into: RepeatedCompositeFieldContainer[record_pb2.Record] | None = None,
     ) -> list[record_pb2.Record]:
         """The messages of stored rows (integrity checked), sealed metadata opened; a
-        shredded patient's records keep their clear metadata, their free text empty."""
-        records = [to_proto(row, self.region, roots) for row in rows]
+        shredded patient's records keep their clear metadata, their free text empty.
+        With `into`, they are built in place there (an answer's list), not copied in."""
+        if into is None:
+            records = [to_proto(row, self.region, roots) for row in rows]
+        else:
+            records = [fill(into.add(), row, self.region, roots) for row in rows]
         if not any(row.sealed is not None for row in rows):
             return records
         keys = self._keys(connection, rows) if key is None else {rows[0].patient_ins: key}
