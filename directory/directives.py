@@ -10,6 +10,7 @@ from directory.models import DirectivesRow
 from dmp.clock import now_us
 from dmp.directives import PatientDirectives, verify_directives
 from dmp.errors import FailedPrecondition
+from dmp.prepared import prepare
 from dmp.signing import SignatureVerifier
 from dmp.v1 import access_pb2
 
@@ -20,11 +21,14 @@ class DirectiveStore:
     def __init__(self, engine: Engine, signatures: SignatureVerifier) -> None:
         self._engine = engine
         self._signatures = signatures
+        self._signed = prepare(_SIGNED, engine.dialect)
 
     def current(self, ins: str) -> tuple[PatientDirectives, bytes | None]:
         """The patient's directives and their signed form (None when never set)."""
+        # Once a view: the compiled query on the driver's cursor, one statement, no BEGIN.
         with self._engine.connect() as connection:
-            signed = connection.execute(_SIGNED, {"ins": ins}).scalar()
+            rows = self._signed.fetch(connection, {"ins": ins})
+        signed = rows[0].signed if rows else None
         if signed is None:
             return PatientDirectives(ins), None
         message = access_pb2.SignedDirectives.FromString(signed)

@@ -15,6 +15,7 @@ from dmp.db import writer
 from dmp.errors import NotFound
 from dmp.ins import normalize_ins
 from dmp.patients import Traits
+from dmp.prepared import prepare
 
 _PATIENT = select(
     PatientRow.birth_family_name,
@@ -59,6 +60,7 @@ class PatientIndex:
         self._engine = engine
         self._writer = writer(engine)
         self._clock = clock
+        self._fragments = prepare(_FRAGMENTS, engine.dialect)
 
     def merge(
         self, session: Session, traits: Traits, reported_by: str
@@ -98,8 +100,9 @@ class PatientIndex:
         return (Traits(ins, *row) if row is not None else Traits(ins)), fragments
 
     def fragments(self, ins: str) -> list[Fragment]:
+        # Once a view: the compiled query on the driver's cursor, one statement, no BEGIN.
         with self._engine.connect() as connection:
-            return [Fragment(*f) for f in connection.execute(_FRAGMENTS, {"ins": ins})]
+            return [Fragment(*f) for f in self._fragments.fetch(connection, {"ins": ins})]
 
     def report(self, region: str, updates: Sequence[FragmentUpdate], reported_by: str) -> list[str]:
         """Record a node's fragment counts; return the INS whose traits conflict."""

@@ -53,9 +53,7 @@ def test_a_certificate_seen_before_is_refused_once_expired(pki: Pki, signer: Sig
         signatures.verify(payload, signer.sign(payload), signer.certificate_der)
 
 
-def test_every_signature_is_checked_for_a_certificate_seen_before(
-    pki: Pki, signer: Signer
-) -> None:
+def test_every_signature_is_checked_for_a_certificate_seen_before(pki: Pki, signer: Signer) -> None:
     signatures = verifier(pki)
     payload = b"signed"
     signature = signer.sign(payload)
