@@ -63,7 +63,7 @@ class Prepared:
         return rows
 
 
-def prepare(stmt: Select[Any], dialect: Dialect, name: str = "Row") -> Prepared:
+def prepare(stmt: Select[*tuple[Any, ...]], dialect: Dialect, name: str = "Row") -> Prepared:
     """Compile `stmt` for `dialect` once; its bind parameters without a value stay
     parameters, those with one (IN lists, LIMIT) are expanded and kept as defaults."""
     compiled = stmt.compile(dialect=dialect)
