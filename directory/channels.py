@@ -8,7 +8,9 @@ node announcing another node's address, or a stale route now answered by someone
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -64,6 +66,8 @@ class NodeChannels:
         self._watches: dict[_Key, Any] = {}
         self._lock = threading.Lock()
         self._channels: dict[_Key, _Entry] = {}
+        #: When each node last answered a call of its service (monotonic seconds).
+        self._answered: dict[_Key, float] = {}
 
     def _entry(self, region: str, address: str) -> _Entry:
         key = (region, address)
@@ -130,8 +134,19 @@ class NodeChannels:
             for key, (_, problem) in self.verify(candidates, VERIFY_TIMEOUT).items()
         }
 
+    def answered(self, region: str, address: str) -> None:
+        """The node at (region, address) answered a call of its service, with success: as
+        good as a health check answering SERVING (a node whose service is closed, frozen
+        or handed over, answers its calls with an error)."""
+        self._answered[region, address] = time.monotonic()
+
+    def answered_since(self, region: str, address: str, since: float) -> bool:
+        """Whether it answered a call with success at or after `since` (monotonic)."""
+        return self._answered.get((region, address), -math.inf) >= since
+
     def forget(self, region: str, address: str) -> None:
         """Close the channel of a (region, address) no route uses any more."""
+        self._answered.pop((region, address), None)
         with self._lock:
             entry = self._channels.pop((region, address), None)
             watch = self._watches.pop((region, address), None)

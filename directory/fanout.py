@@ -72,6 +72,7 @@ class FanOut:
         deadline = self.deadline(time_remaining)
         routes = self._discovery.routes()
         pending: dict[str, grpc.Future | dpb.RegionStatus] = {}
+        addresses: dict[str, str] = {}
         for region in regions:
             route = routes.get(region)
             if route is None or not route.healthy:
@@ -90,6 +91,8 @@ class FanOut:
                     else stub(self._channels.channel(region, route.address))
                 )
                 pending[region] = call(target, region, deadline)
+                if stub is None:  # its NodeService: the one its health check speaks for
+                    addresses[region] = route.address
         results: dict[str, tuple[Any, dpb.RegionStatus]] = {}
         for region, item in pending.items():
             if isinstance(item, dpb.RegionStatus):
@@ -97,6 +100,8 @@ class FanOut:
                 continue
             try:
                 results[region] = (item.result(), answered(region))
+                if region in addresses:  # it serves: no health check this round
+                    self._channels.answered(region, addresses[region])
             except grpc.RpcError as exc:
                 results[region] = (None, failed_status(region, exc, deadline))
         return results

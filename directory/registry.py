@@ -5,7 +5,11 @@ accepted only once a health check through the channel pinned to the node's regio
 answered (directory/channels.py): the server there holds that region's certificate, not
 merely some federation certificate. The directory asks every known node for its gRPC
 health over mutual TLS at a fixed interval, in parallel, and routes only to nodes whose
-last check answered SERVING.
+last check answered SERVING. A node that answered a call of its NodeService since the
+previous round is not asked that round: that answer came through the same pinned channel
+from a node whose service is open (a frozen or handed-over node answers with an error),
+so while views flow the checks cost nothing, and a node that stops answering is checked
+again at the next round (noticed within two intervals instead of one).
 """
 
 from __future__ import annotations
@@ -114,14 +118,19 @@ class EmbeddedRegistry:
                 log.info("node %s announced at %s", region, address)
 
     def check_all(self) -> None:
-        """Ask every known node for its health, in parallel; update the routes."""
+        """Ask every known node for its health, in parallel (but those that answered a
+        call of their service since the last round); update the routes."""
         current = self._routes
+        # A node that answered a call of its service within the last interval showed it
+        # serves, through the same pinned channel: while views flow, no health calls.
+        recent = time.monotonic() - self._interval
         request = health_pb2.HealthCheckRequest(service=NODE_HEALTH_SERVICE)
         calls = {
             region: self._channels.health(region, route.address).Check.future(
                 request, timeout=self._timeout
             )
             for region, route in current.items()
+            if not (route.healthy and self._channels.answered_since(region, route.address, recent))
         }
         results: dict[str, tuple[bool, str]] = {}
         for region, call in calls.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -495,3 +497,51 @@ def test_view_through_consul_discovery(pki_dir: Path, tmp_path: Path) -> None:
         finally:
             for cm, _ in reversed(nodes):
                 cm.__exit__(None, None, None)
+
+
+def test_regions_that_just_answered_a_view_are_not_health_checked_that_round(
+    pki_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node's answer to the view proves it serves: the next round of health checks
+    skips it and asks only the region the view did not call."""
+    # No background rounds: the test runs them.
+    with running_directory(
+        pki_dir, f"sqlite:///{tmp_path / 'd.db'}", health_interval=3600
+    ) as directory:
+        assert directory.registry is not None
+        with contextlib.ExitStack() as stack:
+            nodes = {
+                region: stack.enter_context(
+                    running_node(
+                        pki_dir,
+                        region,
+                        f"sqlite:///{tmp_path / f'n{region}.db'}",
+                        directory=f"127.0.0.1:{directory.port}",
+                    )
+                )
+                for region in REGIONS
+            }
+            wait_for(
+                lambda: len([r for r in directory.discovery.routes().values() if r.healthy]) == 3,
+                "3 nodes",
+            )
+            fed = Federation(pki_dir, directory, nodes, None)
+            for region in REGIONS[:2]:
+                fed.put(region, draft())
+            fed.wait_fragments(PATIENT, {region: 1 for region in REGIONS[:2]})
+            channel, doctor = directory_stub(pki_dir, f"practitioner-{DOCTOR}", directory.port)
+            view = doctor.GetConsolidatedView(
+                dpb.GetConsolidatedViewRequest(patient_ins=PATIENT), timeout=10
+            )
+            assert len(view.records) == 2
+            caplog.set_level(logging.INFO, logger="dmp.rpc")
+            caplog.clear()
+            directory.registry.check_all()
+            checks = [
+                r
+                for r in caplog.records
+                if r.name == "dmp.rpc" and "/grpc.health.v1.Health/Check" in r.getMessage()
+            ]
+            assert len(checks) == 1  # the third region's only; the two that answered: none
+            assert all(r.healthy for r in directory.discovery.routes().values())
+            channel.close()
