@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-from dmp.clock import from_us, to_us
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from dmp.clock import to_us
 from dmp.records import CONFIDENTIALITY_VALUES, KIND_VALUES, LOINC, STATUS_VALUES
 from dmp.v1 import record_pb2
 from node.models import RecordRow
@@ -34,32 +36,49 @@ def fingerprint(record: record_pb2.Record, content_sha256: str, author: str) -> 
 def to_proto(
     row: RecordRow, region: str, masked_roots: frozenset[str] = frozenset()
 ) -> record_pb2.Record:
-    record = record_pb2.Record(
-        id=row.id,
-        patient_ins=row.patient_ins,
-        kind=KIND_VALUES[row.kind],
-        type_code=record_pb2.Coding(
-            system=row.type_system, code=row.type_code, display=row.type_display
-        ),
-        title=row.title,
-        author=record_pb2.Author(
-            identity=row.author_identity, name=row.author_name, profession=row.author_profession
-        ),
-        organization=row.organization,
-        created_time=from_us(row.created_us),
-        effective_time=from_us(row.effective_us),
-        status=STATUS_VALUES[row.status],
-        version=row.version,
-        supersedes=row.supersedes or "",
-        confidentiality=CONFIDENTIALITY_VALUES[row.confidentiality],
-        masked=row.root_id in masked_roots,
-        hidden_from_patient=row.hidden_from_patient,
-        content_type=row.content_type,
-        size=row.size,
-        sha256=row.sha256,
-        region=region,
-        prescription_id=row.prescription_id or "",
-    )
+    return fill(record_pb2.Record(), row, region, masked_roots)
+
+
+def fill(
+    record: record_pb2.Record,
+    row: RecordRow,
+    region: str,
+    masked_roots: frozenset[str] = frozenset(),
+) -> record_pb2.Record:
+    """Set an empty message (e.g. one just added to an answer's list) from a stored row:
+    in place, so that a list's records are not built and then copied into the answer."""
+    record.id = row.id
+    record.patient_ins = row.patient_ins
+    record.kind = KIND_VALUES[row.kind]
+    coding = record.type_code
+    coding.system = row.type_system
+    coding.code = row.type_code
+    coding.display = row.type_display
+    record.title = row.title
+    author = record.author
+    author.identity = row.author_identity
+    author.name = row.author_name
+    author.profession = row.author_profession
+    record.organization = row.organization
+    _set_time(record.created_time, row.created_us)
+    _set_time(record.effective_time, row.effective_us)
+    record.status = STATUS_VALUES[row.status]
+    record.version = row.version
+    record.supersedes = row.supersedes or ""
+    record.confidentiality = CONFIDENTIALITY_VALUES[row.confidentiality]
+    record.masked = row.root_id in masked_roots
+    record.hidden_from_patient = row.hidden_from_patient
+    record.content_type = row.content_type
+    record.size = row.size
+    record.sha256 = row.sha256
+    record.region = region
+    record.prescription_id = row.prescription_id or ""
     if row.revealed_us is not None:
-        record.revealed_time.CopyFrom(from_us(row.revealed_us))
+        _set_time(record.revealed_time, row.revealed_us)
     return record
+
+
+def _set_time(ts: Timestamp, us: int) -> None:
+    seconds, micros = divmod(us, 1_000_000)
+    ts.seconds = seconds
+    ts.nanos = micros * 1000

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from sqlalchemy import (
     Engine,
     Select,
@@ -53,7 +54,7 @@ from node.keys import PatientKey, Sealer, shredded_error
 from node.models import RecordContentRow, RecordRow
 from node.outbox import LocatorOutbox, Pending, announce
 from node.patient_traits import merge_traits
-from node.records import fingerprint, to_proto
+from node.records import fill, fingerprint, to_proto
 from node.scoping import readable, readable_key, readable_params, readable_shape
 
 DEFAULT_PAGE_SIZE = 50
@@ -453,8 +454,8 @@ class RecordStore:
             rows = stmt.fetch(connection, params)
             roots = self._masked_roots(connection, scope)
             integrity.check(rows, self.region)
-            records = self._protos(connection, rows[:size], roots)
-        response = node_service_pb2.ListRecordsResponse(records=records)
+            response = node_service_pb2.ListRecordsResponse()
+            self._protos(connection, rows[:size], roots, into=response.records)
         if len(rows) > size:
             last = rows[size - 1]
             response.next_page_token = encode_cursor(last.effective_us, last.id, query_print)
@@ -508,10 +509,16 @@ class RecordStore:
         rows: Sequence[Any],
         roots: frozenset[str] = frozenset(),
         key: PatientKey | None = None,
+        *,
+        into: RepeatedCompositeFieldContainer[record_pb2.Record] | None = None,
     ) -> list[record_pb2.Record]:
         """The messages of stored rows (integrity checked), sealed metadata opened; a
-        shredded patient's records keep their clear metadata, their free text empty."""
-        records = [to_proto(row, self.region, roots) for row in rows]
+        shredded patient's records keep their clear metadata, their free text empty.
+        With `into`, they are built in place there (an answer's list), not copied in."""
+        if into is None:
+            records = [to_proto(row, self.region, roots) for row in rows]
+        else:
+            records = [fill(into.add(), row, self.region, roots) for row in rows]
         if not any(row.sealed is not None for row in rows):
             return records
         keys = self._keys(connection, rows) if key is None else {rows[0].patient_ins: key}
