@@ -28,6 +28,8 @@ __all__ = ["BLOCK", "LeafSubtrees", "consistency_proof", "verify_consistency"]
 
 #: Leaves read in one query; perfect subtrees of at least this many leaves are kept.
 BLOCK: Final = 256
+#: Proofs kept for the next witness that asks the same.
+_KEPT_PROOFS: Final = 64
 
 
 def _split(n: int) -> int:
@@ -47,6 +49,9 @@ class LeafSubtrees:
         self._engine = engine
         self._events = events_table
         self._perfect: dict[tuple[int, int], bytes] = {}
+        #: The latest proofs: a head goes to every witness, most of them asking for the same
+        #: proof (the events a proof covers are committed: it never changes).
+        self._proofs: dict[tuple[int, int], list[bytes]] = {}
         self._lock = threading.Lock()
 
     def _leaves(self, start: int, end: int) -> list[bytes]:
@@ -99,7 +104,13 @@ class LeafSubtrees:
     def consistency(self, old_size: int, new_size: int) -> list[bytes]:
         """The consistency proof from ``old_size`` to ``new_size`` (RFC 6962 §2.1.2)."""
         with self._lock:
-            return consistency_proof(old_size, new_size, self._range)
+            found = self._proofs.get((old_size, new_size))
+            if found is None:
+                found = consistency_proof(old_size, new_size, self._range)
+                if len(self._proofs) >= _KEPT_PROOFS:
+                    self._proofs.clear()
+                self._proofs[old_size, new_size] = found
+            return list(found)
 
 
 def consistency_proof(

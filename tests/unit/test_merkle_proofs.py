@@ -4,11 +4,15 @@ RFC 9162 algorithm, and refused when anything in them is changed."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
+from sqlalchemy import insert
 
 from dmp.audit.merkle import leaf_hash, merkle_root, node_hash
-from dmp.audit.merkle_proofs import consistency_proof, verify_consistency
+from dmp.audit.merkle_proofs import LeafSubtrees, consistency_proof, verify_consistency
+from dmp.audit.tables import audit_tables
+from dmp.db import make_engine, new_metadata
 
 LEAVES = [leaf_hash(f"entry {i}".encode()) for i in range(70)]
 
@@ -80,3 +84,39 @@ def test_equal_and_empty_trees() -> None:
     assert not verify_consistency(6, 5, root, root, [])
     with pytest.raises(ValueError):
         consistency_proof(6, 5, _range)
+
+
+def test_a_kept_proof_is_the_one_computed_and_cannot_be_changed_by_a_caller(
+    tmp_path: Path,
+) -> None:
+    """LeafSubtrees keeps its latest proofs for the next witness asking the same: each
+    gets the proof of the stored leaves, and changing one's copy changes no other's."""
+    metadata = new_metadata()
+    events, _ = audit_tables(metadata)
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            insert(events),
+            [
+                {
+                    "seq": i + 1,
+                    "event_json": "{}",
+                    "leaf_hash": leaf,
+                    "event_date_time": 0,
+                    "participant_object_patient_ins": "",
+                    "request_id": "",
+                }
+                for i, leaf in enumerate(LEAVES)
+            ],
+        )
+    subtrees = LeafSubtrees(engine, events)
+    try:
+        for m, n in ((3, 7), (20, 70), (64, 65)):
+            first = subtrees.consistency(m, n)
+            assert first == consistency_proof(m, n, _range)
+            first.append(b"tampered by a caller")
+            first[0] = b"x" * 32
+            assert subtrees.consistency(m, n) == consistency_proof(m, n, _range)
+    finally:
+        engine.dispose()
