@@ -86,12 +86,16 @@ class ViewAssembler:
             else:
                 to_ask.append(fragment.region)
         by_region = {part.region: part for part in regions}
+        # The request of every region without a cursor (all of them on a first page) is
+        # the same message: built once, serialized by each call.
+        first = self._node_request(request, patient, size, page_token_pb2.RegionCursor())
 
         def call(
             stub: node_service_pb2_grpc.NodeServiceStub, region: str, deadline: float
         ) -> grpc.Future:
+            cursor = by_region[region].cursor
             return stub.ListRecords.future(
-                self._node_request(request, patient, size, by_region[region].cursor),
+                self._node_request(request, patient, size, cursor) if cursor.record_id else first,
                 timeout=deadline,
                 metadata=metadata,
             )
