@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from sqlalchemy import BigInteger, Column, Engine, Index, LargeBinary, MetaData, Table, delete
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -101,12 +100,11 @@ class StoredNonces:
         self._clock = clock
         self._purge_every_us = int(purge_interval_s * 1_000_000)
         self._next_purge = 0
-        dialect = engine.dialect.name
-        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self._commits: GroupCommit[tuple[bytes, int], bool] = GroupCommit(
             "nonce-commit", self._insert_batch, _unavailable, max_batch=_BATCH
         )
         self._recent = MemoryNonces()
+        self._sql: dict[int, str] = {}
         self._purge_lock = threading.Lock()
 
     def first_time(self, nonce: bytes, keep_until_us: int, now: int) -> bool:
@@ -135,17 +133,28 @@ class StoredNonces:
             )
         if purge:
             conn.execute(delete(self._table).where(self._table.c.keep_until_us < now))
-        values = [{"nonce": n, "keep_until_us": k} for n, k in rows.items()]
+        pairs = list(rows.items())
         inserted: set[bytes] = set()
-        for start in range(0, len(values), _BATCH):
-            stmt = (
-                self._insert(self._table)
-                .values(values[start : start + _BATCH])
-                .on_conflict_do_nothing(index_elements=["nonce"])
-                .returning(self._table.c.nonce)
-            )
-            inserted.update(bytes(n) for n in conn.execute(stmt).scalars())
+        for start in range(0, len(pairs), _BATCH):
+            chunk = pairs[start : start + _BATCH]
+            params = [value for pair in chunk for value in pair]
+            found = conn.exec_driver_sql(self._insert_sql(conn, len(chunk)), tuple(params))
+            inserted.update(bytes(n) for n in found.scalars())
         return inserted
+
+    def _insert_sql(self, conn: Connection, count: int) -> str:
+        """`INSERT ... ON CONFLICT DO NOTHING RETURNING nonce` of `count` rows, in the
+        driver's own parameter style, made once a count: it runs on every read, and
+        SQLAlchemy's compilation of a many-row INSERT costs more than the insert."""
+        sql = self._sql.get(count)
+        if sql is None:
+            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+            rows = ", ".join([f"({mark}, {mark})"] * count)
+            sql = self._sql[count] = (
+                f"INSERT INTO {self._table.name} (nonce, keep_until_us) VALUES {rows}"
+                " ON CONFLICT (nonce) DO NOTHING RETURNING nonce"
+            )
+        return sql
 
     def _insert_batch(self, batch: Sequence[tuple[bytes, int]]) -> list[bool | BaseException]:
         with self._writer.begin() as conn:
