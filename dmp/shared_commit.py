@@ -113,7 +113,8 @@ class SharedCommit(Generic[T, R]):
         name: str = "write-commit",
         max_batch: int = MAX_BATCH,
     ) -> None:
-        self._engine = writer(engine)
+        # Tagged with its name: which transactions are shared ones (a commit listener can tell).
+        self._engine = writer(engine).execution_options(dmp_shared_commit=name)
         self._log = audit_log
         self._write_many = write_many
         self._on_commit = on_commit

@@ -52,3 +52,50 @@ def test_a_batch_that_raises_fails_every_caller_with_the_mapped_error() -> None:
     for _ in range(3):  # the committing thread survives a failed batch
         with pytest.raises(RuntimeError, match="unavailable: disk gone"):
             commits.submit("x")
+
+
+def test_a_lone_caller_writes_on_its_own_thread_and_handed_over_items_on_the_worker() -> None:
+    threads: list[str] = []
+
+    def write(items: Sequence[str]) -> list[str | BaseException]:
+        threads.append(threading.current_thread().name)
+        return [item.upper() for item in items]
+
+    commits: GroupCommit[str, str] = GroupCommit("test-commit", write, lambda e: e)
+    assert commits.submit("a") == "A"
+    assert threads == [threading.current_thread().name]  # no hand-over to another thread
+    pending = commits.start("b")  # nobody waits in submit(): the worker writes it
+    assert pending.result() == "B"
+    assert threads[-1] == "test-commit"
+    assert commits.submit("c") == "C"  # and the turn came back to callers
+    assert threads[-1] == threading.current_thread().name
+
+
+def test_the_turn_passes_on_when_a_writer_dies_and_followers_are_written_by_one_of_them() -> None:
+    held = threading.Event()
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def write(items: Sequence[int]) -> list[int | BaseException]:
+        if items[0] == 0:
+            held.set()
+            release.wait(5)
+            raise KeyboardInterrupt  # not an Exception: the leader's own call dies
+        batches.append(list(items))
+        return [i * 2 for i in items]
+
+    commits: GroupCommit[int, int] = GroupCommit("test-commit", write, lambda e: e)
+    with ThreadPoolExecutor(9) as pool:
+        first = pool.submit(commits.submit, 0)
+        assert held.wait(5)
+        others = [pool.submit(commits.submit, i) for i in range(1, 9)]
+        for _ in range(500):  # until the followers queue up behind the held batch
+            if commits.waiting() == 8:
+                break
+            threading.Event().wait(0.01)
+        release.set()
+        with pytest.raises(KeyboardInterrupt):
+            first.result(timeout=5)
+        assert [f.result(timeout=5) for f in others] == [i * 2 for i in range(1, 9)]
+    assert sorted(i for batch in batches for i in batch) == list(range(1, 9))
+    assert len(batches) < 8  # the followers shared commits
