@@ -55,13 +55,10 @@ def events(db_url: str) -> list[dict[str, object]]:
         engine.dispose()
 
 
-def stored_nonces(db_url: str) -> int:
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(text("SELECT count(*) FROM seen_nonces")).scalar() or 0)
-    finally:
-        engine.dispose()
+def _events_of(engine: Engine) -> list[dict[str, object]]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT event_json FROM audit_events ORDER BY seq")).scalars()
+        return [json.loads(row) for row in rows]
 
 
 def code_of(call: Callable[[], object]) -> str:
@@ -310,3 +307,45 @@ def test_a_view_assertion_raced_at_the_directory_and_the_node_answers_once(
     # first): what matters is that one caller, and one only, got the record.
     assert sum(1 for _, _, n in outcomes if n) == 1, outcomes
     assert all(code in {"OK", "UNAUTHENTICATED"} for _, code, _ in outcomes), outcomes
+
+
+def test_a_view_whose_directory_audit_commit_fails_answers_nothing(
+    fed: Fed,  # noqa: F811
+) -> None:
+    """The directory's view event commits while the regions work: if the directory's
+    database refuses it, the view fails though the regions answered, and the node's own
+    events (sharing the request id) name what it served the directory."""
+    record_id = _stored(fed)
+    engine = fed.directory.audit._engine
+    failing = [True]
+
+    def fail_commit(conn: Connection) -> None:
+        if failing[0] and threading.current_thread().name == "audit-commit":
+            raise OSError("the disk went away")
+
+    event.listen(engine, "commit", fail_commit)
+    doctor = fed.directory_client(DOC)
+    try:
+        md = doctor.md(op=VIEW)
+        code = code_of(lambda: _view(doctor, md))
+        failing[0] = False
+        assert code in {"UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED"}, code
+        view = _view(doctor, doctor.md(op=VIEW))  # the database is back
+        assert [r.id for r in view.records] == [record_id]  # type: ignore[attr-defined]
+    finally:
+        event.remove(engine, "commit", fail_commit)
+        doctor.close()
+    at_directory = [
+        e
+        for e in _events_of(engine)
+        if e.get("event_type") == "view" and str(e.get("status_code")) == "OK"
+    ]
+    at_node = [
+        e
+        for e in events(fed.node_db)
+        if e.get("event_type") == "view" and str(e.get("status_code")) == "OK"
+    ]
+    assert len(at_directory) == 1  # the answered view only
+    # Each view the node served is named there, records and all, under its request id.
+    assert at_directory[0]["request_id"] in {e["request_id"] for e in at_node}
+    assert all(e.get("participant_object_record_ids") == [record_id] for e in at_node)
