@@ -349,3 +349,29 @@ def test_a_view_whose_directory_audit_commit_fails_answers_nothing(
     # Each view the node served is named there, records and all, under its request id.
     assert at_directory[0]["request_id"] in {e["request_id"] for e in at_node}
     assert all(e.get("participant_object_record_ids") == [record_id] for e in at_node)
+
+
+def test_a_view_refused_for_its_request_leaves_no_ok_event(
+    fed: Fed,  # noqa: F811
+) -> None:
+    """The view's event commits while the regions work, but only for a request the
+    directory will serve: a bad page token or time bound is answered INVALID_ARGUMENT and
+    the trail must not say the caller viewed the record."""
+    _stored(fed)
+    engine = fed.directory.audit._engine
+    doctor = fed.directory_client(DOC)
+    try:
+        bad_token = dpb.GetConsolidatedViewRequest(patient_ins=PATIENT, page_token="not-a-token")
+        bad_time = dpb.GetConsolidatedViewRequest(patient_ins=PATIENT)
+        bad_time.since.seconds = -(10**12)
+        for request in (bad_token, bad_time):
+            code = code_of(
+                lambda request=request: doctor.directory.GetConsolidatedView(
+                    request, metadata=doctor.md(op=VIEW), timeout=20
+                )
+            )
+            assert code == "INVALID_ARGUMENT"
+    finally:
+        doctor.close()
+    views = [e for e in _events_of(engine) if e.get("event_type") == "view"]
+    assert [e for e in views if str(e.get("status_code")) == "OK"] == []
