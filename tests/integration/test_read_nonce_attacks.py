@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -29,6 +30,7 @@ from dmp.v1 import node_service_pb2 as npb
 from tests.federation import (
     ACCESS_HISTORY,
     DOCTOR,
+    LOOKUP,
     PATIENT,
     READ_CONTENT,
     READ_RECORD,
@@ -36,6 +38,8 @@ from tests.federation import (
     Client,
     client,
     draft,
+    identity_of,
+    running_directory,
     running_node,
 )
 from tests.integration.test_assertion_binding import Fed, _stored, fed  # noqa: F401
@@ -351,6 +355,10 @@ def test_a_view_whose_directory_audit_commit_fails_answers_nothing(
     assert all(e.get("participant_object_record_ids") == [record_id] for e in at_node)
 
 
+def _refused_view(doctor: Client, request: dpb.GetConsolidatedViewRequest) -> object:
+    return doctor.directory.GetConsolidatedView(request, metadata=doctor.md(op=VIEW), timeout=20)
+
+
 def test_a_view_refused_for_its_request_leaves_no_ok_event(
     fed: Fed,  # noqa: F811
 ) -> None:
@@ -365,13 +373,43 @@ def test_a_view_refused_for_its_request_leaves_no_ok_event(
         bad_time = dpb.GetConsolidatedViewRequest(patient_ins=PATIENT)
         bad_time.since.seconds = -(10**12)
         for request in (bad_token, bad_time):
-            code = code_of(
-                lambda request=request: doctor.directory.GetConsolidatedView(
-                    request, metadata=doctor.md(op=VIEW), timeout=20
-                )
-            )
+            code = code_of(partial(_refused_view, doctor, request))
             assert code == "INVALID_ARGUMENT"
     finally:
         doctor.close()
     views = [e for e in _events_of(engine) if e.get("event_type") == "view"]
     assert [e for e in views if str(e.get("status_code")) == "OK"] == []
+
+
+def test_one_lookup_assertion_raced_at_two_directory_replicas_answers_once(
+    pki_dir: Path, db_factory: Callable[[str], str]
+) -> None:
+    """Two directories on one database: neither's memory saw the other's reservation, so
+    the insert in the audit commit is what refuses the replay."""
+    database = db_factory("directory")
+    with (
+        running_directory(pki_dir, database) as first,
+        running_directory(pki_dir, database) as second,
+    ):
+        clients = [client(pki_dir, DOC, first.port), client(pki_dir, DOC, second.port)]
+        try:
+            clients[0].directory.RegisterPatient(
+                dpb.RegisterPatientRequest(patient=identity_of(PATIENT)), timeout=10
+            )
+            md = clients[0].md(op=LOOKUP)
+            barrier = threading.Barrier(RACERS)
+
+            def lookup(i: int) -> str:
+                barrier.wait()
+                return code_of(
+                    lambda: clients[i % 2].directory.GetPatient(
+                        dpb.GetPatientRequest(ins=PATIENT), metadata=md, timeout=30
+                    )
+                )
+
+            with ThreadPoolExecutor(RACERS) as pool:
+                codes = Counter(pool.map(lookup, range(RACERS)))
+        finally:
+            for c in clients:
+                c.close()
+    assert codes == Counter({"OK": 1, "UNAUTHENTICATED": RACERS - 1})
