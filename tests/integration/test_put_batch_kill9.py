@@ -21,6 +21,7 @@ from dmp.db import make_engine
 from dmp.v1 import node_service_pb2 as npb
 from tests.federation import (
     DOCTOR,
+    PATIENT,
     READ_RECORD,
     client,
     dmp_process,
@@ -65,7 +66,7 @@ def test_every_put_acknowledged_before_a_kill_9_is_there_after_it_audited_once(
         writers = [threading.Thread(target=write) for _ in range(WRITERS)]
         for thread in writers:
             thread.start()
-        enough.wait(timeout=120)
+        enough.wait(timeout=60)
         process.send_signal(signal.SIGKILL)
         process.wait()
         for thread in writers:
@@ -106,3 +107,67 @@ def test_every_put_acknowledged_before_a_kill_9_is_there_after_it_audited_once(
                 assert got.record.id == record_id
         finally:
             reader.close()
+
+
+def test_every_read_answered_before_a_kill_9_has_its_event_after_it(
+    pki_dir: Path, db_url: str
+) -> None:
+    """Racing reads, then kill -9: a read's nonce and event commit before it answers, so
+    the trail after the restart holds at least one OK event per answered read."""
+    with running_node(pki_dir, "11", db_url) as node:
+        writer = client(pki_dir, DOC, node.port)
+        try:
+            writer.node.PutRecord(put_request(draft()), timeout=10)
+        finally:
+            writer.close()
+    before = _ok_views(db_url)
+    args = ["node", "serve", "--pki", str(pki_dir), "--region", "11", "--db", db_url]
+    process = dmp_process(*args)
+    answered = [0]
+    lock = threading.Lock()
+    enough = threading.Event()
+    try:
+        port = int(wait_listening(process).rsplit(":", 1)[1])
+        doctor = client(pki_dir, DOC, port)
+
+        def read() -> None:
+            for _ in range(MAX_PUTS):
+                try:
+                    doctor.node.ListRecords(
+                        npb.ListRecordsRequest(patient_ins=PATIENT),
+                        metadata=doctor.md(),
+                        timeout=20,
+                    )
+                except grpc.RpcError:
+                    return  # the node is gone
+                with lock:
+                    answered[0] += 1
+                    if answered[0] >= ACKED_BEFORE_KILL:
+                        enough.set()
+
+        readers = [threading.Thread(target=read) for _ in range(WRITERS)]
+        for thread in readers:
+            thread.start()
+        enough.wait(timeout=60)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for thread in readers:
+            thread.join(timeout=60)
+        doctor.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+    with lock:
+        reads = answered[0]
+    assert reads >= ACKED_BEFORE_KILL
+    assert _ok_views(db_url) - before >= reads
+
+
+def _ok_views(db_url: str) -> int:
+    return sum(
+        1
+        for e in events(db_url)
+        if e.get("event_type") == "view" and str(e.get("status_code")) == "OK"
+    )
