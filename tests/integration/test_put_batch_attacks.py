@@ -24,12 +24,13 @@ from dmp.shared_commit import SharedCommit
 from dmp.v1 import node_service_pb2 as npb
 from dmp.v1 import record_pb2
 from node.app import RunningNode
-from tests.federation import DOCTOR, client, draft
+from tests.federation import DOCTOR, PATIENT, client, draft, identity_of
 from tests.integration.test_put_group_commit import (
     events,
     new_version,
     node,  # noqa: F401
     put_request,
+    race,
     until,
     write_lock_held,
 )
@@ -177,3 +178,43 @@ def test_an_ingest_stream_racing_a_put_batch_with_crossed_supersedes_never_half_
     # A new version's event names it and the version it retired: one OK event each.
     assert all(writes[i] == 1 for i in written), {i: writes[i] for i in written}
     assert codes  # what happened, for the report when it fails
+
+
+def test_a_batch_with_a_patient_identity_conflict_refuses_that_put_only(
+    pki_dir: Path,
+    db_url: str,
+    node: RunningNode,  # noqa: F811
+) -> None:
+    """One put of a batch gives traits that contradict the patient's stored ones: it is
+    refused on its own (FAILED_PRECONDITION), the others of its batch are stored, each
+    audited once, and the stored identity is unchanged."""
+    doctor = client(pki_dir, DOC, node.port)
+    try:
+        first = npb.PutRecordRequest(
+            record=draft(record_id=str(uuid.uuid4())), content=b"cr", patient=identity_of(PATIENT)
+        )
+        doctor.node.PutRecord(first, timeout=10)
+        good = [
+            npb.PutRecordRequest(
+                record=draft(record_id=str(uuid.uuid4())),
+                content=b"cr",
+                patient=identity_of(PATIENT),
+            )
+            for _ in range(3)
+        ]
+        liar = npb.PutRecordRequest(
+            record=draft(record_id=str(uuid.uuid4())),
+            content=b"cr",
+            patient=identity_of(PATIENT, family="AUTRE", given=("PIERRE",)),
+        )
+        calls = [(doctor, r) for r in good[:2]] + [(doctor, liar)] + [(doctor, good[2])]
+        answers = race(db_url, node, calls)
+    finally:
+        doctor.close()
+    assert answers[:2] + answers[3:] == [r.record.id for r in good]
+    assert answers[2] == "FAILED_PRECONDITION"
+    rows = stored_rows(db_url)
+    assert liar.record.id not in rows
+    writes = ok_writes(db_url)
+    assert all(writes[r.record.id] == 1 for r in good)
+    assert writes[liar.record.id] == 0
