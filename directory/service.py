@@ -203,14 +203,20 @@ class DirectoryService:
             # The view's event (and the assertion's nonce) commits while the regions work:
             # one flush in series, not two. It names the patient, the caller and the request
             # id, which every node's event of this view shares with the records it served.
+            # Checked first: an event says the caller viewed the record only for a request
+            # the directory serves (a bad page token is refused, audited as such).
+            query = self._assembler.query(request)
             audited.detail = "consolidated view"
             committing = audited.start_commit()
             try:
                 view = self._assembler.view(
-                    request, metadata=metadata, time_remaining=context.time_remaining()
+                    query, metadata=metadata, time_remaining=context.time_remaining()
                 )
-            finally:
-                committing.result()  # nothing is answered before the trace is durable
+            except BaseException:
+                committing.result()
+                audited.recorded = False  # the failure is audited too, under the request id
+                raise
+            committing.result()  # nothing is answered before the trace is durable
             return view
 
     def record_content(

@@ -43,19 +43,26 @@ def _sort_key(record: record_pb2.Record) -> tuple[int, str]:
     return to_us(record.effective_time), record.id
 
 
+@dataclass(frozen=True)
+class ViewQuery:
+    """A consolidated view's request, checked (ViewAssembler.query)."""
+
+    request: dpb.GetConsolidatedViewRequest
+    patient: str
+    size: int
+    query_print: bytes
+    previous: dict[str, page_token_pb2.RegionCursor]
+
+
 class ViewAssembler:
     def __init__(self, index: PatientIndex, fanout: FanOut) -> None:
         self._index = index
         self._fanout = fanout
 
-    def view(
-        self,
-        request: dpb.GetConsolidatedViewRequest,
-        *,
-        metadata: Sequence[tuple[str, str | bytes]],
-        time_remaining: float | None,
-    ) -> dpb.GetConsolidatedViewResponse:
-        """Assemble one page. The caller's right to see the patient is checked before."""
+    @staticmethod
+    def query(request: dpb.GetConsolidatedViewRequest) -> ViewQuery:
+        """The request checked (patient, page size, time bounds, page token): a view the
+        directory will serve, or InvalidArgument. Its audit event commits only after this."""
         patient = normalize_ins(request.patient_ins, "patient_ins")
         size = tokens.page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         for name in ("since", "until"):
@@ -72,6 +79,18 @@ class ViewAssembler:
             if request.page_token
             else {}
         )
+        return ViewQuery(request, patient, size, query_print, previous)
+
+    def view(
+        self,
+        query: ViewQuery,
+        *,
+        metadata: Sequence[tuple[str, str | bytes]],
+        time_remaining: float | None,
+    ) -> dpb.GetConsolidatedViewResponse:
+        """Assemble one page. The caller's right to see the patient is checked before."""
+        request, patient, size = query.request, query.patient, query.size
+        query_print, previous = query.query_print, query.previous
 
         regions: list[_Region] = []
         to_ask: list[str] = []

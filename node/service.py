@@ -172,7 +172,13 @@ class RecordService:
     def _flush(self, audited: AuditedCall, batch: Sequence[Draft]) -> int:
         if not batch:
             return 0
-        self._write(audited, batch)
+        try:
+            self._write(audited, batch)
+        except IntegrityError:
+            # A concurrent write (PostgreSQL) stored first a new patient's identity row or
+            # a record id of this batch, which rolled back whole: written again, once, it
+            # sees them (a record already stored is a retry or a conflict, as for a put).
+            self._write(audited, batch)
         return len(batch)
 
     def _write(self, audited: AuditedCall, drafts: Sequence[Draft]) -> list[Written]:

@@ -292,8 +292,14 @@ class RecordStore:
         if record.supersedes:
             # Locked (PostgreSQL; SQLite's writer holds the lock): a concurrent reveal or
             # `dmp node encrypt` of it cannot slip between this read and its re-hash.
+            # populate_existing: the row as the lock sees it, not the copy the supersede
+            # check loaded before a concurrent writer retired it (that copy would still say
+            # "current", and both writers would fork the record).
             previous = session.scalar(
-                select(RecordRow).where(RecordRow.id == record.supersedes).with_for_update()
+                select(RecordRow)
+                .where(RecordRow.id == record.supersedes)
+                .with_for_update()
+                .execution_options(populate_existing=True)
             )
             # One answer whether the record is missing, another patient's, or not the
             # writer's to replace: a refusal tells nothing of records one may not read.
