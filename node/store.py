@@ -7,7 +7,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Engine,
@@ -90,9 +90,9 @@ class Written:
         return to_proto(row, region)
 
 
-@dataclass(frozen=True, slots=True)
-class Draft:
-    """A validated record ready to insert."""
+class Draft(NamedTuple):
+    """A validated record ready to insert (a named tuple: immutable, and built several
+    times faster than a frozen dataclass, once a record of a stream)."""
 
     record: record_pb2.Record
     content: bytes
