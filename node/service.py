@@ -117,7 +117,7 @@ class RecordService:
                         stored = batches.wait() + self._flush(audited, batch)
                         exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
                         raise
-                    size += len(put.content)
+                    size += len(batch[-1].content)  # a message's bytes field is copied each read
                     if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
                         batches.submit(batch)
                         batch, size = [], 0
