@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -66,9 +65,9 @@ CONTENTS: Table = RecordContentRow.__table__  # type: ignore[assignment]
 _STORED_IDS = select(RECORDS.c.id).where(RECORDS.c.id.in_(bindparam("ids", expanding=True)))
 
 
-@dataclass(frozen=True, slots=True)
-class Written:
-    """A record a write stored (or found already stored, for a retry)."""
+class Written(NamedTuple):
+    """A record a write stored (or found already stored, for a retry); a named tuple, as
+    `Draft`, one per record of a stream."""
 
     id: str
     patient_ins: str
