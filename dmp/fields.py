@@ -43,6 +43,13 @@ def check_text(value: str, field: str, max_length: int) -> str:
     return value
 
 
+def is_clean(text: str) -> bool:
+    """Whether `text` holds no control or bidirectional control character (the test of
+    `check_text`, for a caller that checks several texts at once and names the field only
+    on a refusal)."""
+    return _FORBIDDEN.search(text) is None
+
+
 def check_time(ts: Timestamp, field: str) -> Timestamp:
     """Refuse a timestamp outside 1900-01-01..2200-01-01 or with invalid nanoseconds."""
     if not _EARLIEST_S <= ts.seconds < _LATEST_S or not 0 <= ts.nanos < 1_000_000_000:

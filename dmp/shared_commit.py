@@ -114,7 +114,7 @@ class SharedCommit(Generic[T, R]):
         max_batch: int = MAX_BATCH,
     ) -> None:
         # Tagged with its name: which transactions are shared ones (a commit listener can tell).
-        self._engine = writer(engine).execution_options(dmp_shared_commit=name)
+        self._engine = writer(engine).execution_options(dmp_commit=name)
         self._log = audit_log
         self._write_many = write_many
         self._on_commit = on_commit

@@ -64,6 +64,7 @@ HASHED_COLUMNS: tuple[str, ...] = (
 #: sealed row; its plaintext is authenticated by AES-GCM and the content's by `sha256`.
 OPTIONAL_COLUMNS: tuple[str, ...] = ("prescription_id", "sealed")
 _BOOLEAN = 1 + HASHED_COLUMNS.index("hidden_from_patient")  # its place after the tag
+_END = len(HASHED_COLUMNS) + len(OPTIONAL_COLUMNS)
 _WITH_HASH = (*HASHED_COLUMNS, *OPTIONAL_COLUMNS, "row_hash")
 _attributes = attrgetter(*_WITH_HASH)
 #: Core rows by their fields: item access by position is ~20 times faster than by name.
@@ -77,12 +78,9 @@ def _digest(values: Sequence[Any]) -> str:
     # the code points alone. The boolean is normalized (a driver may give 0/1).
     listed = [HASH_TAG, *values[: len(HASHED_COLUMNS)]]
     listed[_BOOLEAN] = bool(listed[_BOOLEAN])
-    end = len(HASHED_COLUMNS) + len(OPTIONAL_COLUMNS)
-    listed.extend(
-        value.hex() if isinstance(value, bytes) else value
-        for value in values[len(HASHED_COLUMNS) : end]
-        if value is not None
-    )
+    for value in values[len(HASHED_COLUMNS) : _END]:
+        if value is not None:
+            listed.append(value.hex() if isinstance(value, bytes) else value)
     return hashlib.sha256(_json(listed).encode("ascii")).hexdigest()
 
 
@@ -129,7 +127,7 @@ _hashed_values = itemgetter(*HASHED_COLUMNS)
 
 def hash_values(values: Mapping[str, Any]) -> str:
     """The row hash of a row given as column values (an INSERT's parameters)."""
-    return _digest([*_hashed_values(values), *(values.get(name) for name in OPTIONAL_COLUMNS)])
+    return _digest((*_hashed_values(values), *map(values.get, OPTIONAL_COLUMNS)))
 
 
 def hash_row(row: Any, **changed: Any) -> str:

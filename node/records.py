@@ -7,26 +7,39 @@ import hashlib
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dmp.clock import to_us
-from dmp.records import CONFIDENTIALITY_VALUES, KIND_VALUES, LOINC, STATUS_VALUES
+from dmp.records import (
+    CONFIDENTIALITY_VALUES,
+    KIND_VALUES,
+    LOINC,
+    STATUS_VALUES,
+    DraftFields,
+    fields_of,
+)
 from dmp.v1 import record_pb2
 from node.models import RecordRow
 
 
 def fingerprint(record: record_pb2.Record, content_sha256: str, author: str) -> str:
     """What the writer sent, hashed: a retry with the same fingerprint is the same put."""
+    return fingerprint_of(fields_of(record), content_sha256, author)
+
+
+def fingerprint_of(fields: DraftFields, content_sha256: str, author: str) -> str:
+    """`fingerprint` of a record's fields already read."""
+    effective = fields.effective_time
     parts = [
-        record.patient_ins,
-        str(record.kind),
-        record.type_code.system or LOINC,
-        record.type_code.code,
-        record.type_code.display,
-        record.title,
-        record.organization,
-        str(to_us(record.effective_time)) if record.HasField("effective_time") else "",
-        record.supersedes,
-        str(record.confidentiality or record_pb2.CONFIDENTIALITY_NORMAL),
-        str(record.hidden_from_patient),
-        record.content_type,
+        fields.patient_ins,
+        str(fields.kind),
+        fields.type_system or LOINC,
+        fields.type_code,
+        fields.type_display,
+        fields.title,
+        fields.organization,
+        "" if effective is None else str(to_us(effective)),
+        fields.supersedes,
+        str(fields.confidentiality or record_pb2.CONFIDENTIALITY_NORMAL),
+        str(fields.hidden_from_patient),
+        fields.content_type,
         content_sha256,
         author,
     ]

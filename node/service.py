@@ -117,7 +117,7 @@ class RecordService:
                         stored = batches.wait() + self._flush(audited, batch)
                         exc.message = f"record #{index} ({stored} stored before it): {exc.message}"
                         raise
-                    size += len(put.content)
+                    size += len(batch[-1].content)  # a message's bytes field is copied each read
                     if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
                         batches.submit(batch)
                         batch, size = [], 0
@@ -139,7 +139,7 @@ class RecordService:
         draft = self._records.prepare(
             context.principal, put.record, put.content, patient, traits_memo=identities
         )
-        pair = (put.record.kind, put.record.patient_ins)
+        pair = (draft.fields.kind, draft.fields.patient_ins)
         if pair not in allowed:
             self._access.writer(context, kind_name(pair[0]), pair[1])
             allowed.add(pair)
@@ -200,7 +200,7 @@ class RecordService:
         for missing ones). Each draft's writer is its author."""
         in_batch = {d.record_id: d for d in drafts}
         for draft in drafts:
-            replaced = draft.record.supersedes
+            replaced = draft.fields.supersedes
             if not replaced:
                 continue
             writer = draft.author

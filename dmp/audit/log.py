@@ -94,6 +94,8 @@ class AuditLog:
             raise ValueError("checkpoint_interval and checkpoint_every must be positive")
         self._engine = engine
         self._writer = writer(engine)
+        # The group commit's transactions, tagged (a commit listener can tell them).
+        self._batches = self._writer.execution_options(dmp_commit="audit-commit")
         self._events = events_table
         # Built once: a statement's construction and cache key cost more than running it.
         self._max_seq = select(func.max(events_table.c.seq))
@@ -275,7 +277,7 @@ class AuditLog:
         caller is refused."""
         outcomes: list[int | BaseException | None] = [None] * len(items)
         try:
-            with self._writer.begin() as conn:
+            with self._batches.begin() as conn:
                 nonces = [nonce for _, nonce in items if nonce is not None]
                 fresh = self._insert_nonces(conn, nonces) if nonces else set()
                 kept: list[AuditEvent] = []

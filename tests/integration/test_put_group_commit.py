@@ -255,7 +255,7 @@ def test_a_shared_commit_that_fails_fails_every_call_of_its_batch(
     failing = [True]
 
     def fail_commit(conn: Connection) -> None:
-        if failing[0] and conn.get_execution_options().get("dmp_shared_commit") == "put-commit":
+        if failing[0] and conn.get_execution_options().get("dmp_commit") == "put-commit":
             raise OSError("the disk went away")
 
     event.listen(Engine, "commit", fail_commit)

@@ -210,7 +210,7 @@ def test_a_read_whose_audit_commit_fails_answers_no_data(pki_dir: Path, db_url: 
     failing = [False]
 
     def fail_commit(conn: Connection) -> None:
-        if failing[0] and threading.current_thread().name == "audit-commit":
+        if failing[0] and conn.get_execution_options().get("dmp_commit") == "audit-commit":
             raise OSError("the disk went away")
 
     event.listen(Engine, "commit", fail_commit)
@@ -324,7 +324,7 @@ def test_a_view_whose_directory_audit_commit_fails_answers_nothing(
     failing = [True]
 
     def fail_commit(conn: Connection) -> None:
-        if failing[0] and threading.current_thread().name == "audit-commit":
+        if failing[0] and conn.get_execution_options().get("dmp_commit") == "audit-commit":
             raise OSError("the disk went away")
 
     event.listen(engine, "commit", fail_commit)
