@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 
 from dmp.clock import from_us, to_us
 from dmp.records import CONFIDENTIALITY_VALUES, KIND_VALUES, LOINC, STATUS_VALUES
@@ -32,8 +33,10 @@ def fingerprint(record: record_pb2.Record, content_sha256: str, author: str) -> 
 
 
 def to_proto(
-    row: RecordRow, region: str, masked_roots: frozenset[str] = frozenset()
+    row: RecordRow | SimpleNamespace, region: str, masked_roots: frozenset[str] = frozenset()
 ) -> record_pb2.Record:
+    """The message of a stored row (or of the values a write inserted, as attributes: no ORM
+    object is built for an answer)."""
     record = record_pb2.Record(
         id=row.id,
         patient_ins=row.patient_ins,
