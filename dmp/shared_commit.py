@@ -20,11 +20,19 @@ every other write transaction takes them in, so a batch never deadlocks against 
 Each write sees the rows the ones before it in the batch wrote (one transaction), and
 nothing of their ORM objects (the session's identity map is emptied between writes): it
 reads the database as its own unit of work would.
+
+The committing thread keeps its connection from one batch to the next while batches follow
+each other (within `HOLD_SECONDS`): a connection's check-out and check-in (the pool's
+reset) cost a batch of one about as much as its statements. One idle for longer goes back
+to the pool, and the next batch takes one checked as the pool checks it; `close` (the
+node's stop) returns the one held.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -53,6 +61,10 @@ CALL_ERRORS = (DmpError, IntegrityError)
 
 #: At most this many calls share one transaction.
 MAX_BATCH = 256
+
+#: A connection kept after a batch serves the next only if it comes within this many
+#: seconds; else it goes back to the pool and the batch takes a checked one.
+HOLD_SECONDS = 1.0
 
 
 class SharedCall(Generic[T]):
@@ -119,6 +131,11 @@ class SharedCommit(Generic[T, R]):
         self._write_many = write_many
         self._on_commit = on_commit
         self.stats = BatchStats()
+        #: The committing thread's connection between batches, and when it last committed.
+        self._held: Connection | None = None
+        self._held_at = 0.0
+        self._closed = False
+        self._holding = threading.Lock()
         self._commits: GroupCommit[SharedCall[T], R] = GroupCommit(
             name, self._write_batch, _as_failure, max_batch=max_batch
         )
@@ -133,26 +150,55 @@ class SharedCommit(Generic[T, R]):
         """How many calls wait for the next shared transaction."""
         return self._commits.waiting()
 
+    def close(self) -> None:
+        """Return the connection kept between batches (after the last call: the node's
+        stop); a batch after this takes one from the pool and gives it back."""
+        with self._holding:
+            self._closed = True
+            held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
     def _write_batch(self, calls: Sequence[SharedCall[T]]) -> list[R | BaseException]:
         self.stats.writing = len(calls)
         try:
-            return self._write(calls)
+            with self._holding:
+                connection = self._take()
+                outcomes, healthy = self._write(connection, calls)
+                if healthy and not self._closed:
+                    self._held, self._held_at = connection, time.monotonic()
+                else:
+                    connection.close()
+                return outcomes
         finally:
             self.stats.writing = 0
 
-    def _write(self, calls: Sequence[SharedCall[T]]) -> list[R | BaseException]:
-        session = Session(self._engine, expire_on_commit=False)
-        connection: Connection | None = None
+    def _take(self) -> Connection:
+        """The connection kept from the last batch if it is recent, else the pool's."""
+        held, self._held = self._held, None
+        if held is not None:
+            if time.monotonic() - self._held_at <= HOLD_SECONDS and not held.invalidated:
+                return held
+            held.close()
+        return self._engine.connect()
+
+    def _write(
+        self, connection: Connection, calls: Sequence[SharedCall[T]]
+    ) -> tuple[list[R | BaseException], bool]:
+        """The batch's outcomes, and whether the connection may serve the next one."""
+        # Bound to the connection: the session begins (BEGIN IMMEDIATE on SQLite), commits
+        # and ends its transaction on it, and leaves the connection open.
+        session = Session(bind=connection, expire_on_commit=False)
         try:
             session.begin()
-            connection = session.connection()
             outcomes = self._together(session, calls)
             if outcomes is None:
                 self.stats.one_by_one += len(calls) > 1
                 outcomes = [self._alone(session, call, len(calls) == 1) for call in calls]
             done = [c for c, o in zip(calls, outcomes, strict=True) if _ok(o)]
             if not done:
-                return outcomes  # rolled back on close
+                session.rollback()
+                return outcomes, True
             self._log.append_many(session, [e for c in done for e in c.events])
             session.commit()
             # Committed: every event of the batch is durable with its writes.
@@ -161,11 +207,11 @@ class SharedCommit(Generic[T, R]):
         except Exception as exc:
             for call in calls:
                 call.audited.recorded = False  # its failure is audited by the call (calls.py)
-            if connection is not None:
-                # Never back to the pool in whatever state a failed COMMIT left it (its
-                # transaction may still be open): closed, which rolls back what it holds.
-                connection.invalidate()
-            return [exc] * len(calls)
+            # Never back to the pool (nor to the next batch) in whatever state a failed
+            # COMMIT left it (its transaction may still be open): closed, which rolls back
+            # what it holds.
+            connection.invalidate()
+            return [exc] * len(calls), False
         finally:
             session.close()
         self.stats.batches += 1
@@ -176,7 +222,7 @@ class SharedCommit(Generic[T, R]):
                 self._on_commit()
             except Exception:  # the writes are durable: only the wake-up is lost
                 log.exception("after a shared commit")
-        return outcomes
+        return outcomes, True
 
     def _together(
         self, session: Session, calls: Sequence[SharedCall[T]]

@@ -221,6 +221,7 @@ def start_node(config: NodeConfig) -> RunningNode:
         publisher.start()
         running.on_stop.append(publisher.close)  # the last checkpoint, to the directory
         running.on_stop.append(directory_channel.close)
+    running.on_stop.append(records.shared.close)  # its connection, before the pool's
     running.on_stop.append(engine.dispose)
     backups = None
     if config.backup_every:

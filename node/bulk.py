@@ -1,5 +1,7 @@
 """Batch inserts straight to the driver, in the caller's transaction: an ingest batch's
-rows without SQLAlchemy's per-row parameter processing.
+rows without SQLAlchemy's per-row parameter processing. And the one lookup every write
+makes before its inserts (which of its keys are stored already), straight to the driver
+too: SQLAlchemy's execution path cost several times the statement.
 
 - SQLite: one `executemany` of the statement SQLAlchemy compiles for these columns;
 - PostgreSQL: `COPY ... FROM STDIN` (psycopg), the fastest way in; COPY fires the
@@ -19,7 +21,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Column, Table, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -46,16 +48,48 @@ def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) 
             else:
                 session.execute(insert(table), shaped)
         except driver_error as exc:
-            # As SQLAlchemy raises it (IntegrityError, OperationalError...), without the
-            # statement's parameters (patient data).
-            raise sa_exc.DBAPIError.instance(
-                f"bulk insert into {table.name}",
-                None,
-                exc,
-                driver_error,
-                hide_parameters=True,
-                dialect=connection.dialect,
-            ) from exc
+            raise _as_sqlalchemy(connection, f"bulk insert into {table.name}", exc) from exc
+
+
+def stored_keys(session: Session, column: Column[str], keys: Sequence[str]) -> list[str]:
+    """Which of `keys` (values of a table's string key `column`) are stored, in the
+    session's transaction."""
+    if not keys:
+        return []
+    connection = session.connection()
+    dialect = connection.dialect.name
+    table = column.table.name
+    try:
+        if dialect == "sqlite":
+            sql = f'SELECT "{column.name}" FROM "{table}" WHERE "{column.name}" IN'
+            marks = ", ".join("?" * len(keys))
+            cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                return [row[0] for row in cursor.execute(f"{sql} ({marks})", tuple(keys))]
+            finally:
+                cursor.close()
+        if dialect == "postgresql":
+            sql = f'SELECT "{column.name}" FROM "{table}" WHERE "{column.name}" = ANY(%s)'
+            driver = connection.connection.driver_connection
+            with driver.cursor() as cursor:  # type: ignore[union-attr]
+                cursor.execute(sql, (list(keys),))
+                return [row[0] for row in cursor.fetchall()]
+    except connection.dialect.loaded_dbapi.Error as exc:
+        raise _as_sqlalchemy(connection, f"lookup in {table}", exc) from exc
+    return list(session.scalars(select(column).where(column.in_(keys))))
+
+
+def _as_sqlalchemy(connection: Connection, what: str, exc: Exception) -> sa_exc.StatementError:
+    """A driver's error as SQLAlchemy raises it (IntegrityError, OperationalError...),
+    without the statement's parameters (patient data)."""
+    return sa_exc.DBAPIError.instance(
+        what,
+        None,
+        exc,
+        connection.dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        dialect=connection.dialect,
+    )
 
 
 def _values(columns: tuple[str, ...], rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:

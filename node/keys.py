@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -185,7 +185,17 @@ def seal_traits(key: bytes, traits: Traits) -> dict[str, Any]:
     return values
 
 
-def open_traits(key: bytes | None, row: PatientRow) -> Traits:
+class TraitsRow(Protocol):
+    """A patient's row: an ORM one, or its columns as read (node/patient_traits.py)."""
+
+    @property
+    def ins(self) -> str: ...
+    @property
+    def sealed(self) -> bytes | None: ...
+    def traits(self) -> Traits: ...
+
+
+def open_traits(key: bytes | None, row: TraitsRow) -> Traits:
     """A patient row's traits, opened if sealed; without the key (shredded) only those
     kept in clear."""
     if row.sealed is None:

@@ -14,17 +14,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sqlalchemy import Engine, Table, delete, func, insert, select
+from sqlalchemy import Engine, Table, delete, func, select
 from sqlalchemy.orm import Session
 
 from dmp.db import writer
 from dmp.patients import Traits
+from node.bulk import insert_rows
 from node.keys import PatientKey, Sealer, open_traits
 from node.models import OutboxRow, PatientRow, RecordRow
 
 #: The Core table (a batch insert needs no ORM object per row).
 OUTBOX: Table = OutboxRow.__table__  # type: ignore[assignment]
-_ANNOUNCE = insert(OUTBOX)
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def announce(session: Session, patients: Iterable[str], now_us: int) -> None:
     """Add one outbox row per patient, in the transaction of the write that stores them."""
     rows = [{"patient_ins": ins, "created_us": now_us} for ins in sorted(set(patients))]
     if rows:
-        session.connection().execute(_ANNOUNCE, rows)
+        insert_rows(session, OUTBOX, rows)  # straight to the driver: it is every write's
 
 
 class LocatorOutbox:

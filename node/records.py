@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -47,14 +48,14 @@ def fingerprint_of(fields: DraftFields, content_sha256: str, author: str) -> str
 
 
 def to_proto(
-    row: RecordRow, region: str, masked_roots: frozenset[str] = frozenset()
+    row: RecordRow | SimpleNamespace, region: str, masked_roots: frozenset[str] = frozenset()
 ) -> record_pb2.Record:
     return fill(record_pb2.Record(), row, region, masked_roots)
 
 
 def fill(
     record: record_pb2.Record,
-    row: RecordRow,
+    row: RecordRow | SimpleNamespace,
     region: str,
     masked_roots: frozenset[str] = frozenset(),
 ) -> record_pb2.Record:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -48,7 +49,7 @@ from dmp.records import (
 from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
 from node import integrity
-from node.bulk import insert_rows
+from node.bulk import insert_rows, stored_keys
 from node.integrity import hash_row, hash_values
 from node.keys import PatientKey, Sealer, shredded_error
 from node.models import RecordContentRow, RecordRow
@@ -63,8 +64,6 @@ CHUNK_SIZE = 1024 * 1024
 #: Core tables for batch inserts (no ORM object per record).
 RECORDS: Table = RecordRow.__table__  # type: ignore[assignment]
 CONTENTS: Table = RecordContentRow.__table__  # type: ignore[assignment]
-#: Built once: a statement's construction and cache key cost more than its execution.
-_STORED_IDS = select(RECORDS.c.id).where(RECORDS.c.id.in_(bindparam("ids", expanding=True)))
 
 
 class Written(NamedTuple):
@@ -87,8 +86,11 @@ class Written(NamedTuple):
     def record(self, region: str) -> record_pb2.Record:
         if self.message is not None:
             return self.message
-        row = self.row if isinstance(self.row, RecordRow) else RecordRow(**self.row)
-        return to_proto(row, region)
+        if isinstance(self.row, RecordRow):
+            return to_proto(self.row, region)
+        # The values inserted, read as a row's attributes: building an ORM object for them
+        # (its instance state, an instrumented set per column) cost more than the message.
+        return to_proto(SimpleNamespace(**self.row), region)
 
 
 class Draft(NamedTuple):
@@ -204,9 +206,8 @@ class RecordStore:
         """Insert the drafts in the session's transaction (one INSERT per table for a batch);
         same id and same content is a retry, same id and other content is refused."""
         ids = [d.record_id for d in drafts]
-        connection = session.connection()
         # Ids first (a new record's usually are not stored), the rows of the ones that are.
-        present = list(connection.execute(_STORED_IDS, {"ids": ids}).scalars())
+        present = stored_keys(session, RECORDS.c.id, ids)
         known: dict[str, RecordRow] = {}
         if present:
             known = {

@@ -13,7 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.pool import Pool
 
 from dmp.ins import make_ins
@@ -45,14 +46,16 @@ _listeners: list[Any] = []
 def _remove_listeners() -> Iterator[None]:
     yield
     while _listeners:
-        event.remove(Pool, "checkout", _listeners.pop())
+        event.remove(*_listeners.pop())
 
 
 @contextmanager
 def full_storage(db_url: str, table: str) -> Iterator[None]:
     """The database refuses to grow, as on a full disk: on SQLite the file may not gain a
-    page (max_page_count on every connection the service checks out), on PostgreSQL inserts
-    into `table` fail with SQLSTATE 53100 disk_full, as the server reports it."""
+    page (max_page_count on every connection the service checks out, and at every
+    transaction's start: a connection kept between transactions, as the shared commits
+    keep theirs, is not checked out again), on PostgreSQL inserts into `table` fail with
+    SQLSTATE 53100 disk_full, as the server reports it."""
     if db_url.startswith("sqlite"):
         path = db_url.removeprefix("sqlite:///")
         full = [True]
@@ -64,8 +67,13 @@ def full_storage(db_url: str, table: str) -> Iterator[None]:
                     pages = 1 if full[0] else 1_073_741_823
                     dbapi_connection.execute(f"PRAGMA max_page_count = {pages}")
 
+        def limit_kept(connection: Connection) -> None:
+            limit(connection.connection.driver_connection, None, None)
+
         event.listen(Pool, "checkout", limit)
-        _listeners.append(limit)  # until the test ends: it lifts the limit it set
+        event.listen(Engine, "begin", limit_kept)
+        # Until the test ends: it lifts the limit it set.
+        _listeners.extend([(Pool, "checkout", limit), (Engine, "begin", limit_kept)])
         try:
             yield
         finally:
