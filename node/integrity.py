@@ -87,7 +87,7 @@ def _digest(values: Sequence[Any]) -> str:
 def _json_encoder() -> Callable[[list[Any]], str]:
     """`json.dumps` of a flat list, with json's defaults (ASCII, ", " between items), its C
     encoder made once instead of once a call (half the cost of a row's hash); json.dumps
-    itself where the interpreter has no C encoder. tests/unit/test_integrity_hash.py checks
+    itself where the interpreter has no C encoder. tests/unit/test_row_hash_encoding.py checks
     they give the same text."""
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:

@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from node.integrity import HASH_TAG, HASHED_COLUMNS, OPTIONAL_COLUMNS, _digest, hash_values
+from node.integrity import (
+    HASH_TAG,
+    HASHED_COLUMNS,
+    OPTIONAL_COLUMNS,
+    _digest,
+    _json,
+    hash_values,
+)
 
 ODD_STRINGS = [
     "",
@@ -66,3 +73,9 @@ def test_a_changed_value_changes_the_hash() -> None:
     assert _digest([values[n] for n in HASHED_COLUMNS]) != _digest(
         [values[n] for n in HASHED_COLUMNS[:-1]] + ["y"]
     )
+
+
+def test_the_encoder_writes_json_dumps_on_every_kind_of_value() -> None:
+    tricky: list[Any] = [HASH_TAG, "", *ODD_STRINGS, None, True, False, 0, -1, 2**63 - 1, -(2**63)]
+    assert _json(tricky) == json.dumps(tricky)
+    assert _json([]) == json.dumps([])
