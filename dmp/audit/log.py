@@ -29,6 +29,7 @@ from dmp.db import writer
 from dmp.errors import DataLoss, DmpError, FailedPrecondition
 from dmp.failures import audit_failure
 from dmp.group_commit import GroupCommit, Pending
+from dmp.kept_connection import KeptConnection
 from dmp.nonces import StoredNonces
 from dmp.pki import Credentials
 
@@ -96,6 +97,9 @@ class AuditLog:
         self._writer = writer(engine)
         # The group commit's transactions, tagged (a commit listener can tell them).
         self._batches = self._writer.execution_options(dmp_commit="audit-commit")
+        # The group commit's connection, kept between batches that follow closely (a
+        # check-out and the pool's reset cost a batch of one about what its statements do).
+        self._kept = KeptConnection(self._batches)
         self._events = events_table
         # Built once: a statement's construction and cache key cost more than running it.
         self._max_seq = select(func.max(events_table.c.seq))
@@ -276,8 +280,9 @@ class AuditLog:
         nonces they carry; an event whose nonce was already stored is not written, and its
         caller is refused."""
         outcomes: list[int | BaseException | None] = [None] * len(items)
+        conn = self._kept.take()
         try:
-            with self._batches.begin() as conn:
+            with conn.begin():
                 nonces = [nonce for _, nonce in items if nonce is not None]
                 fresh = self._insert_nonces(conn, nonces) if nonces else set()
                 kept: list[AuditEvent] = []
@@ -290,9 +295,15 @@ class AuditLog:
                     kept.append(event)
                 seqs = self._insert(conn, kept)
         except SQLAlchemyError as exc:
+            self._kept.discard(conn)
             return [audit_failure(exc, f"audit record in {self.source_id}")] * len(items)
         except DmpError as exc:
+            self._kept.discard(conn)
             return [exc] * len(items)
+        except BaseException:
+            self._kept.discard(conn)
+            raise
+        self._kept.keep(conn)
         self._count(None, seqs)
         it = iter(seqs)
         return [next(it) if outcome is None else outcome for outcome in outcomes]
@@ -442,16 +453,20 @@ class AuditLog:
                 log.exception("audit checkpoint of %s failed", self.source_id)
 
     def close(self) -> Checkpoint | None:
-        """Stop the checkpoint thread and sign a last checkpoint (errors are logged)."""
+        """Stop the checkpoint thread, sign a last checkpoint (errors are logged) and return
+        the group commit's kept connection to the pool."""
         self._stop.set()
         self._due.set()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
-        if self._signer is None:
-            return None
         try:
-            return self.checkpoint()
-        except Exception:
-            log.exception("final audit checkpoint of %s failed", self.source_id)
-            return None
+            if self._signer is None:
+                return None
+            try:
+                return self.checkpoint()
+            except Exception:
+                log.exception("final audit checkpoint of %s failed", self.source_id)
+                return None
+        finally:
+            self._kept.close()  # the group commit's connection, before the pool closes
