@@ -128,3 +128,18 @@ def test_close_returns_the_kept_connection_to_the_pool(rig: tuple[Engine, AuditL
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     log.record(_read(), (os.urandom(16), KEEP_UNTIL))  # after close: not kept
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_batch_larger_than_one_insert_is_written_whole_and_in_order(
+    rig: tuple[Engine, AuditLog],
+) -> None:
+    engine, log = rig
+    events = [
+        AuditEvent(event_type=EventType.VIEW, participant_object_patient_ins=INS, request_id=str(i))
+        for i in range(1201)  # three INSERTs of the driver statement
+    ]
+    assert log.record_many(events) == list(range(1, 1202))
+    t = log.events_table
+    with engine.connect() as conn:
+        rows = conn.execute(select(t.c.seq, t.c.request_id).order_by(t.c.seq)).all()
+    assert [(seq, int(rid)) for seq, rid in rows] == [(i + 1, i) for i in range(1201)]
