@@ -22,17 +22,14 @@ nothing of their ORM objects (the session's identity map is emptied between writ
 reads the database as its own unit of work would.
 
 The committing thread keeps its connection from one batch to the next while batches follow
-each other (within `HOLD_SECONDS`): a connection's check-out and check-in (the pool's
-reset) cost a batch of one about as much as its statements. One idle for longer goes back
-to the pool, and the next batch takes one checked as the pool checks it; `close` (the
-node's stop) returns the one held.
+each other (dmp/kept_connection.py): a connection's check-out and check-in (the pool's
+reset) cost a batch of one about as much as its statements. `close` (the node's stop)
+returns the one held.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -49,6 +46,7 @@ from dmp.audit.log import AuditLog
 from dmp.db import writer
 from dmp.errors import DmpError
 from dmp.group_commit import GroupCommit
+from dmp.kept_connection import KeptConnection
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,10 +59,6 @@ CALL_ERRORS = (DmpError, IntegrityError)
 
 #: At most this many calls share one transaction.
 MAX_BATCH = 256
-
-#: A connection kept after a batch serves the next only if it comes within this many
-#: seconds; else it goes back to the pool and the batch takes a checked one.
-HOLD_SECONDS = 1.0
 
 
 class SharedCall(Generic[T]):
@@ -131,11 +125,8 @@ class SharedCommit(Generic[T, R]):
         self._write_many = write_many
         self._on_commit = on_commit
         self.stats = BatchStats()
-        #: The committing thread's connection between batches, and when it last committed.
-        self._held: Connection | None = None
-        self._held_at = 0.0
-        self._closed = False
-        self._holding = threading.Lock()
+        #: The committing thread's connection between batches.
+        self._kept = KeptConnection(self._engine)
         self._commits: GroupCommit[SharedCall[T], R] = GroupCommit(
             name, self._write_batch, _as_failure, max_batch=max_batch
         )
@@ -153,34 +144,20 @@ class SharedCommit(Generic[T, R]):
     def close(self) -> None:
         """Return the connection kept between batches (after the last call: the node's
         stop); a batch after this takes one from the pool and gives it back."""
-        with self._holding:
-            self._closed = True
-            held, self._held = self._held, None
-        if held is not None:
-            held.close()
+        self._kept.close()
 
     def _write_batch(self, calls: Sequence[SharedCall[T]]) -> list[R | BaseException]:
         self.stats.writing = len(calls)
         try:
-            with self._holding:
-                connection = self._take()
-                outcomes, healthy = self._write(connection, calls)
-                if healthy and not self._closed:
-                    self._held, self._held_at = connection, time.monotonic()
-                else:
-                    connection.close()
-                return outcomes
+            connection = self._kept.take()
+            outcomes, healthy = self._write(connection, calls)
+            if healthy:
+                self._kept.keep(connection)
+            else:
+                connection.close()  # invalidated by _write: never back to the pool
+            return outcomes
         finally:
             self.stats.writing = 0
-
-    def _take(self) -> Connection:
-        """The connection kept from the last batch if it is recent, else the pool's."""
-        held, self._held = self._held, None
-        if held is not None:
-            if time.monotonic() - self._held_at <= HOLD_SECONDS and not held.invalidated:
-                return held
-            held.close()
-        return self._engine.connect()
 
     def _write(
         self, connection: Connection, calls: Sequence[SharedCall[T]]

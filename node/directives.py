@@ -47,6 +47,9 @@ class DirectiveCache:
         # Signed sets already verified, by signature: each view relays the same set, and a
         # signature check per call would cost more than the rest of the access check.
         self._verified: dict[bytes, tuple[PatientDirectives, float]] = {}
+        # The same verdicts by the relayed bytes themselves: a view relays the same bytes to
+        # every node, and each call parsed them again before looking the signature up.
+        self._relayed: dict[bytes, tuple[PatientDirectives, float]] = {}
 
     def get(
         self,
@@ -58,12 +61,22 @@ class DirectiveCache:
         """The patient's directives, no older than the staleness bound. When the directory
         does not answer, reads fail (fail_closed); writes go on with what is known, so that
         care is not stopped and nothing is disclosed."""
-        carried = _carried(metadata)
+        raw = _carried_bytes(metadata)
+        carried = None if raw is None else self._known_bytes(raw, patient_ins)
         if carried is not None:
+            return self._keep(patient_ins, carried)
+        carried_set = None if raw is None else _parsed(raw)
+        if carried_set is not None and raw is not None:
             try:
-                return self._keep(patient_ins, self._verify(carried, patient_ins))
+                directives = self._verify(carried_set, patient_ins)
             except Exception as exc:  # a bad relayed set is ignored: fetch instead
                 log.warning("ignoring directives relayed for %s: %s", patient_ins, exc)
+            else:
+                with self._lock:
+                    if len(self._relayed) > 100_000:
+                        self._relayed.clear()
+                    self._relayed[raw] = (directives, time.monotonic())
+                return self._keep(patient_ins, directives)
         elif any(key == NO_DIRECTIVES_KEY for key, _ in metadata):
             # The directory says "none", as its GetDirectives would; a version this node
             # has seen is still never forgotten (_keep).
@@ -90,6 +103,16 @@ class DirectiveCache:
         if not answer.HasField("directives"):
             return self._keep(patient_ins, PatientDirectives(patient_ins))
         return self._keep(patient_ins, self._verify(answer.directives, patient_ins))
+
+    def _known_bytes(self, raw: bytes, patient_ins: str) -> PatientDirectives | None:
+        """The verdict on these very relayed bytes within the staleness bound, if any (a
+        set about another patient is never reused: it is verified, and refused, again)."""
+        known = self._relayed.get(raw)
+        if known is None or time.monotonic() - known[1] >= self._staleness:
+            return None
+        if known[0].patient_ins != patient_ins:
+            return None
+        return known[0]
 
     def _verify(self, signed: access_pb2.SignedDirectives, patient_ins: str) -> PatientDirectives:
         """Verify a signed set, or reuse the verdict on the same set within the staleness
@@ -120,11 +143,15 @@ class DirectiveCache:
         return directives
 
 
-def _carried(metadata: Sequence[tuple[str, str | bytes]]) -> access_pb2.SignedDirectives | None:
+def _carried_bytes(metadata: Sequence[tuple[str, str | bytes]]) -> bytes | None:
     for key, value in metadata:
         if key == DIRECTIVES_KEY and isinstance(value, bytes):
-            try:
-                return access_pb2.SignedDirectives.FromString(value)
-            except DecodeError:
-                return None
+            return value
     return None
+
+
+def _parsed(raw: bytes) -> access_pb2.SignedDirectives | None:
+    try:
+        return access_pb2.SignedDirectives.FromString(raw)
+    except DecodeError:
+        return None

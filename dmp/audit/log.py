@@ -14,7 +14,6 @@ from sqlalchemy import (
     func,
     insert,
     select,
-    text,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.event import listen
@@ -29,13 +28,24 @@ from dmp.db import writer
 from dmp.errors import DataLoss, DmpError, FailedPrecondition
 from dmp.failures import audit_failure
 from dmp.group_commit import GroupCommit, Pending
+from dmp.kept_connection import KeptConnection
 from dmp.nonces import StoredNonces
 from dmp.pki import Credentials
 
 log = logging.getLogger("dmp.audit")
 
 
-_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+#: The columns of an event's row, in the order `_insert` gives their values.
+_EVENT_COLUMNS = (
+    "seq",
+    "event_json",
+    "leaf_hash",
+    "event_date_time",
+    "participant_object_patient_ins",
+    "request_id",
+)
+#: At most this many events per INSERT (6 bound values each: far below SQLite's limit).
+_ROWS_PER_INSERT = 500
 
 
 @dataclass(frozen=True)
@@ -96,10 +106,14 @@ class AuditLog:
         self._writer = writer(engine)
         # The group commit's transactions, tagged (a commit listener can tell them).
         self._batches = self._writer.execution_options(dmp_commit="audit-commit")
+        # The group commit's connection, kept between batches that follow closely (a
+        # check-out and the pool's reset cost a batch of one about what its statements do).
+        self._kept = KeptConnection(self._batches)
         self._events = events_table
         # Built once: a statement's construction and cache key cost more than running it.
-        self._max_seq = select(func.max(events_table.c.seq))
-        self._append_rows = insert(events_table)
+        # Driver statements (an INSERT per count of rows): made once, run on every read.
+        self._max_seq_sql = f"SELECT max(seq) FROM {events_table.name}"
+        self._sql: dict[int, str] = {}
         self._checkpoints = checkpoints_table
         self.source_id = source_id
         self.region = region
@@ -195,30 +209,51 @@ class AuditLog:
         try:
             conn = target.connection() if isinstance(target, Session) else target
             first = self._next_seq(conn)
-            rows = []
+            rows: list[tuple[object, ...]] = []
             for offset, event in enumerate(owned):
                 seq = first + offset
                 data = event.canonical_bytes()
                 rows.append(
-                    {
-                        "seq": seq,
-                        "event_json": data.decode("utf-8"),
-                        "leaf_hash": event_leaf_hash(seq, data),
-                        "event_date_time": event.event_date_time,
-                        "participant_object_patient_ins": event.participant_object_patient_ins,
-                        "request_id": event.request_id,
-                    }
+                    (
+                        seq,
+                        data.decode("utf-8"),
+                        event_leaf_hash(seq, data),
+                        event.event_date_time,
+                        event.participant_object_patient_ins,
+                        event.request_id,
+                    )
                 )
-            conn.execute(self._append_rows, rows)
+            self._insert_rows(conn, rows)
         except SQLAlchemyError as exc:
             raise audit_failure(exc, f"audit append to {self.source_id}") from exc
         return list(range(first, first + len(owned)))
 
+    def _insert_rows(self, conn: Connection, rows: list[tuple[object, ...]]) -> None:
+        """The events' rows, one driver statement per `_ROWS_PER_INSERT`."""
+        for start in range(0, len(rows), _ROWS_PER_INSERT):
+            chunk = rows[start : start + _ROWS_PER_INSERT]
+            params = tuple(value for row in chunk for value in row)
+            conn.exec_driver_sql(self._insert_sql(conn, len(chunk)), params)
+
+    def _insert_sql(self, conn: Connection, count: int) -> str:
+        """`INSERT ... VALUES` of `count` events in the driver's own parameter style, made
+        once a count: it runs on every read, and SQLAlchemy's compilation of an INSERT (and
+        its executemany) costs about what the insert does."""
+        sql = self._sql.get(count)
+        if sql is None:
+            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+            row = "(" + ", ".join([mark] * len(_EVENT_COLUMNS)) + ")"
+            sql = self._sql[count] = (
+                f"INSERT INTO {self._events.name} ({', '.join(_EVENT_COLUMNS)})"
+                f" VALUES {', '.join([row] * count)}"
+            )
+        return sql
+
     def _next_seq(self, conn: Connection) -> int:
         if conn.dialect.name == "postgresql":
             # Held until the caller's transaction ends: the next appender reads our seq.
-            conn.execute(_ADVISORY_LOCK, {"key": self._lock_key})
-        last = conn.execute(self._max_seq).scalar()
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+        last = conn.exec_driver_sql(self._max_seq_sql).scalar()
         return int(last or 0) + 1
 
     def record(self, event: AuditEvent, nonce: Nonce | None = None) -> int:
@@ -276,8 +311,9 @@ class AuditLog:
         nonces they carry; an event whose nonce was already stored is not written, and its
         caller is refused."""
         outcomes: list[int | BaseException | None] = [None] * len(items)
+        conn = self._kept.take()
         try:
-            with self._batches.begin() as conn:
+            with conn.begin():
                 nonces = [nonce for _, nonce in items if nonce is not None]
                 fresh = self._insert_nonces(conn, nonces) if nonces else set()
                 kept: list[AuditEvent] = []
@@ -290,9 +326,15 @@ class AuditLog:
                     kept.append(event)
                 seqs = self._insert(conn, kept)
         except SQLAlchemyError as exc:
+            self._kept.discard(conn)
             return [audit_failure(exc, f"audit record in {self.source_id}")] * len(items)
         except DmpError as exc:
+            self._kept.discard(conn)
             return [exc] * len(items)
+        except BaseException:
+            self._kept.discard(conn)
+            raise
+        self._kept.keep(conn)
         self._count(None, seqs)
         it = iter(seqs)
         return [next(it) if outcome is None else outcome for outcome in outcomes]
@@ -442,16 +484,20 @@ class AuditLog:
                 log.exception("audit checkpoint of %s failed", self.source_id)
 
     def close(self) -> Checkpoint | None:
-        """Stop the checkpoint thread and sign a last checkpoint (errors are logged)."""
+        """Stop the checkpoint thread, sign a last checkpoint (errors are logged) and return
+        the group commit's kept connection to the pool."""
         self._stop.set()
         self._due.set()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
-        if self._signer is None:
-            return None
         try:
-            return self.checkpoint()
-        except Exception:
-            log.exception("final audit checkpoint of %s failed", self.source_id)
-            return None
+            if self._signer is None:
+                return None
+            try:
+                return self.checkpoint()
+            except Exception:
+                log.exception("final audit checkpoint of %s failed", self.source_id)
+                return None
+        finally:
+            self._kept.close()  # the group commit's connection, before the pool closes
