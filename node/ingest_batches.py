@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from dmp.audit.calls import AuditedCall
-from node.store import Draft
+from node.drafts import Draft
 
 #: Writes one batch in one unit of work, audited with the AuditedCall it is given.
 WriteBatch = Callable[[AuditedCall, Sequence[Draft]], int]

@@ -26,9 +26,10 @@ from dmp.shared_commit import SharedCall, SharedCommit
 from dmp.unit_of_work import UnitOfWork
 from dmp.v1 import access_pb2, node_service_pb2, record_pb2
 from node.access import NodeAccess
+from node.drafts import Draft, Written, cannot_supersede
 from node.ingest_batches import BatchWriter
 from node.models import RecordRow
-from node.store import Draft, RecordStore, Written, cannot_supersede
+from node.store import RecordStore
 
 MAX_EVENTS = 1000
 #: An ingest stream commits a batch at this many records or bytes, whichever comes first.

@@ -6,8 +6,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import Any
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from sqlalchemy import (
@@ -40,7 +39,6 @@ from dmp.prepared import Prepared, prepare
 from dmp.records import (
     CONFIDENTIALITY_NAMES,
     LOINC,
-    DraftFields,
     check_record_id,
     kind_name,
     status_name,
@@ -50,6 +48,7 @@ from dmp.tls import DEFAULT_MAX_CONTENT
 from dmp.v1 import node_service_pb2, page_token_pb2, patient_pb2, record_pb2
 from node import integrity
 from node.bulk import insert_rows, stored_keys
+from node.drafts import Draft, Written, cannot_supersede
 from node.integrity import hash_row, hash_values
 from node.keys import PatientKey, Sealer, shredded_error
 from node.models import RecordContentRow, RecordRow
@@ -64,50 +63,6 @@ CHUNK_SIZE = 1024 * 1024
 #: Core tables for batch inserts (no ORM object per record).
 RECORDS: Table = RecordRow.__table__  # type: ignore[assignment]
 CONTENTS: Table = RecordContentRow.__table__  # type: ignore[assignment]
-
-
-class Written(NamedTuple):
-    """A record a write stored (or found already stored, for a retry); a named tuple, as
-    `Draft`, one per record of a stream."""
-
-    id: str
-    patient_ins: str
-    #: The stored row, or for a new record the values inserted.
-    row: RecordRow | dict[str, Any]
-    #: The answer, for a stored row whose metadata is sealed.
-    message: record_pb2.Record | None = None
-
-    @property
-    def supersedes(self) -> str:
-        """The id of the version this write retired, if any."""
-        value = self.row.supersedes if isinstance(self.row, RecordRow) else self.row["supersedes"]
-        return value or ""
-
-    def record(self, region: str) -> record_pb2.Record:
-        if self.message is not None:
-            return self.message
-        if isinstance(self.row, RecordRow):
-            return to_proto(self.row, region)
-        # The values inserted, read as a row's attributes: building an ORM object for them
-        # (its instance state, an instrumented set per column) cost more than the message.
-        return to_proto(SimpleNamespace(**self.row), region)
-
-
-class Draft(NamedTuple):
-    """A validated record ready to insert (a named tuple: immutable, and built several
-    times faster than a frozen dataclass, once a record of a stream)."""
-
-    record: record_pb2.Record
-    content: bytes
-    traits: Traits | None
-    digest: str
-    fingerprint: str
-    record_id: str
-    author: Principal
-    #: The record's fields, read from the message once (validation, fingerprint and row).
-    fields: DraftFields
-    #: Set by the node for the records it writes from e-prescription, never by a writer.
-    prescription_id: str | None = None
 
 
 class RecordStore:
@@ -594,16 +549,6 @@ class RecordStore:
     def acknowledge(self, seqs: Sequence[int]) -> None:
         """Forget the outbox rows the directory acknowledged: exactly those delivered."""
         self.outbox.acknowledge(seqs)
-
-
-def cannot_supersede(record: record_pb2.Record) -> FailedPrecondition:
-    """One answer whether the record is missing, another patient's, or not the writer's to
-    replace: a refusal tells nothing of records one may not read."""
-    return FailedPrecondition(
-        f"record.supersedes {record.supersedes!r}: no such record of this patient that"
-        " you may supersede on this node; only the author of a record writes its"
-        " new version, on the node that holds it"
-    )
 
 
 def _not_yours(record_id: str) -> NotFound:
