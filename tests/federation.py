@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from sqlalchemy import Engine, text
 
 from directory.app import DirectoryConfig, RunningDirectory, start_directory
 from dmp.assertion import Metadata
 from dmp.client import Assertions, DirectoryClient, NodeClient
+from dmp.db import make_engine
 from dmp.ins import make_ins
 from dmp.pki import Pki, load_credentials
 from dmp.signing import Signer
@@ -226,3 +229,19 @@ def identity_of(
         sex=patient_pb2.SEX_MALE,
         birthplace_code="75112",
     )
+
+
+def logged_events_of(engine: Engine) -> list[dict[str, object]]:
+    """Every audit event of a service's database, as stored, oldest first."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT event_json FROM audit_events ORDER BY seq")).scalars()
+        return [json.loads(row) for row in rows]
+
+
+def logged_events(db_url: str) -> list[dict[str, object]]:
+    """logged_events_of a database by its URL (an engine opened and closed for it)."""
+    engine = make_engine(db_url)
+    try:
+        return logged_events_of(engine)
+    finally:
+        engine.dispose()

@@ -24,9 +24,8 @@ from dmp.shared_commit import SharedCommit
 from dmp.v1 import node_service_pb2 as npb
 from dmp.v1 import record_pb2
 from node.app import RunningNode
-from tests.federation import DOCTOR, PATIENT, client, draft, identity_of
+from tests.federation import DOCTOR, PATIENT, client, draft, identity_of, logged_events
 from tests.integration.test_put_group_commit import (
-    events,
     new_version,
     node,  # noqa: F401
     put_request,
@@ -56,7 +55,7 @@ def stored_rows(db_url: str) -> dict[str, tuple[str, str | None]]:
 def ok_writes(db_url: str) -> Counter[str]:
     """How many OK write events name each record id as the one written."""
     counted: Counter[str] = Counter()
-    for e in events(db_url):
+    for e in logged_events(db_url):
         if e.get("event_type") == "write" and str(e.get("status_code")) == "OK":
             ids = e.get("participant_object_record_ids") or []
             assert isinstance(ids, list)

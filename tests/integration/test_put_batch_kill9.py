@@ -26,10 +26,11 @@ from tests.federation import (
     client,
     dmp_process,
     draft,
+    logged_events,
     running_node,
     wait_listening,
 )
-from tests.integration.test_put_group_commit import events, put_request
+from tests.integration.test_put_group_commit import put_request
 
 DOC = f"practitioner-{DOCTOR}"
 WRITERS = 8
@@ -89,7 +90,7 @@ def test_every_put_acknowledged_before_a_kill_9_is_there_after_it_audited_once(
         engine.dispose()
     assert set(acknowledged) <= stored
     writes: Counter[str] = Counter()
-    for e in events(db_url):
+    for e in logged_events(db_url):
         if e.get("event_type") == "write" and str(e.get("status_code")) == "OK":
             ids = e.get("participant_object_record_ids") or []
             assert isinstance(ids, list)
@@ -168,6 +169,6 @@ def test_every_read_answered_before_a_kill_9_has_its_event_after_it(
 def _ok_views(db_url: str) -> int:
     return sum(
         1
-        for e in events(db_url)
+        for e in logged_events(db_url)
         if e.get("event_type") == "view" and str(e.get("status_code")) == "OK"
     )

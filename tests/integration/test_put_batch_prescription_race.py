@@ -18,9 +18,8 @@ from sqlalchemy import text
 
 from dmp.db import make_engine
 from dmp.v1 import node_service_pb2 as npb
-from tests.federation import DOCTOR, OTHER_DOCTOR, PATIENT, draft, identity_of
+from tests.federation import DOCTOR, OTHER_DOCTOR, PATIENT, draft, identity_of, logged_events
 from tests.integration.prescription_helpers import Actor, make_rx_pki, rx_id, rx_node
-from tests.integration.test_put_group_commit import events
 
 #: Few calls for each certificate (a practitioner's waiting calls are limited).
 PUTS = 8
@@ -114,7 +113,7 @@ def test_prescriptions_and_a_stream_racing_a_put_batch_on_one_patient_all_end_cl
     assert all((i in stored) == stream_ok for i in streamed)  # all or nothing
     assert set(made) <= prescriptions
     ok: Counter[str] = Counter()
-    for e in events(db_url):
+    for e in logged_events(db_url):
         if e.get("event_type") == "write" and str(e.get("status_code")) == "OK":
             ids = e.get("participant_object_record_ids") or []
             assert isinstance(ids, list)

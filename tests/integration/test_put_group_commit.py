@@ -13,7 +13,6 @@ most two commits.
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections import Counter
@@ -32,7 +31,16 @@ from dmp.shared_commit import SharedCommit
 from dmp.v1 import node_service_pb2 as npb
 from dmp.v1 import record_pb2
 from node.app import RunningNode
-from tests.federation import DOCTOR, OTHER_DOCTOR, READ_RECORD, Client, client, draft, running_node
+from tests.federation import (
+    DOCTOR,
+    OTHER_DOCTOR,
+    READ_RECORD,
+    Client,
+    client,
+    draft,
+    logged_events,
+    running_node,
+)
 
 PER_DOCTOR = 8
 CALLS = 2 * PER_DOCTOR
@@ -67,16 +75,6 @@ def until(condition: Callable[[], bool], what: str) -> None:
             return
         threading.Event().wait(0.01)
     raise AssertionError(f"never happened: {what}")
-
-
-def events(db_url: str) -> list[dict[str, object]]:
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(text("SELECT event_json FROM audit_events ORDER BY seq")).scalars()
-            return [json.loads(row) for row in rows]
-    finally:
-        engine.dispose()
 
 
 def put_request(
@@ -182,7 +180,7 @@ def test_racing_puts_share_commits_and_each_get_their_own_answer(
 
     written = Counter(
         str(e["participant_object_record_ids"][0])  # type: ignore[index]
-        for e in events(db_url)
+        for e in logged_events(db_url)
         if e.get("event_type") == "write" and e.get("status_code") == "OK"
     )
     wanted = Counter(r.id for r in acknowledged) + Counter([theirs.id, mine.id])
@@ -241,7 +239,7 @@ def test_two_new_versions_of_one_record_in_one_batch_never_fork_it(
         doctor.close()
     written = Counter(
         str(e["participant_object_record_ids"][0])  # type: ignore[index]
-        for e in events(db_url)
+        for e in logged_events(db_url)
         if e.get("event_type") == "write" and e.get("status_code") == "OK"
     )
     assert written == Counter([mine.id, winner.id, twice.id, twice.id, *(r.id for r in good)])
@@ -272,7 +270,7 @@ def test_a_shared_commit_that_fails_fails_every_call_of_its_batch(
         doctor.close()
     statuses = Counter(
         str(e.get("status_code"))
-        for e in events(db_url)
+        for e in logged_events(db_url)
         if e.get("event_type") == "write"
         and e.get("participant_object_record_ids") in [[r.id] for r in records]
     )

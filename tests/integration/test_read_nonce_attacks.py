@@ -9,7 +9,6 @@ database refuses. Each must end with the nonce durable or no data answered.
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections import Counter
@@ -20,11 +19,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection
 
 from dmp.assertion import Metadata
-from dmp.db import make_engine
 from dmp.v1 import directory_service_pb2 as dpb
 from dmp.v1 import node_service_pb2 as npb
 from tests.federation import (
@@ -39,6 +37,8 @@ from tests.federation import (
     client,
     draft,
     identity_of,
+    logged_events,
+    logged_events_of,
     running_directory,
     running_node,
 )
@@ -47,22 +47,6 @@ from tests.integration.test_assertion_binding import Fed, _stored, fed  # noqa: 
 DOC = f"practitioner-{DOCTOR}"
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 RACERS = 12
-
-
-def events(db_url: str) -> list[dict[str, object]]:
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(text("SELECT event_json FROM audit_events ORDER BY seq")).scalars()
-            return [json.loads(row) for row in rows]
-    finally:
-        engine.dispose()
-
-
-def _events_of(engine: Engine) -> list[dict[str, object]]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT event_json FROM audit_events ORDER BY seq")).scalars()
-        return [json.loads(row) for row in rows]
 
 
 def code_of(call: Callable[[], object]) -> str:
@@ -111,7 +95,7 @@ def test_one_assertion_raced_many_times_answers_data_once(pki_dir: Path, db_url:
         finally:
             doctor.close()
     assert codes == Counter({"OK": 1, "UNAUTHENTICATED": RACERS - 1})
-    reads = [e for e in events(db_url) if e.get("event_type") == "read-record"]
+    reads = [e for e in logged_events(db_url) if e.get("event_type") == "read-record"]
     assert Counter(str(e.get("status_code")) for e in reads)["OK"] == 1
 
 
@@ -160,7 +144,7 @@ def test_a_refused_or_failed_reads_assertion_stays_used_after_a_restart(
             doctor.close()
     ok_reads = [
         e
-        for e in events(db_url)
+        for e in logged_events(db_url)
         if e.get("event_type") == "read-record" and str(e.get("status_code")) == "OK"
     ]
     assert ok_reads == []
@@ -188,7 +172,7 @@ def test_a_content_stream_cancelled_by_its_client_leaves_its_read_audited_and_us
     # The first message was answered: its event and nonce were durable before it.
     reads = [
         e
-        for e in events(db_url)
+        for e in logged_events(db_url)
         if e.get("event_type") == "read-content" and str(e.get("status_code")) == "OK"
     ]
     assert len(reads) == 1
@@ -240,7 +224,7 @@ def test_a_read_whose_audit_commit_fails_answers_no_data(pki_dir: Path, db_url: 
         event.remove(Engine, "commit", fail_commit)
     ok_reads = [
         e
-        for e in events(db_url)
+        for e in logged_events(db_url)
         if e.get("event_type") == "read-record" and str(e.get("status_code")) == "OK"
     ]
     assert ok_reads == []
@@ -341,12 +325,12 @@ def test_a_view_whose_directory_audit_commit_fails_answers_nothing(
         doctor.close()
     at_directory = [
         e
-        for e in _events_of(engine)
+        for e in logged_events_of(engine)
         if e.get("event_type") == "view" and str(e.get("status_code")) == "OK"
     ]
     at_node = [
         e
-        for e in events(fed.node_db)
+        for e in logged_events(fed.node_db)
         if e.get("event_type") == "view" and str(e.get("status_code")) == "OK"
     ]
     assert len(at_directory) == 1  # the answered view only
@@ -377,7 +361,7 @@ def test_a_view_refused_for_its_request_leaves_no_ok_event(
             assert code == "INVALID_ARGUMENT"
     finally:
         doctor.close()
-    views = [e for e in _events_of(engine) if e.get("event_type") == "view"]
+    views = [e for e in logged_events_of(engine) if e.get("event_type") == "view"]
     assert [e for e in views if str(e.get("status_code")) == "OK"] == []
 
 
