@@ -7,6 +7,7 @@ write lock instead of failing when another writer committed first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,18 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.connection.driver_connection.execute(  # type: ignore[union-attr]
         "BEGIN IMMEDIATE" if immediate else "BEGIN"
     )
+
+
+def rows_insert_sql(
+    conn: Connection, table: str, columns: Sequence[str], rows: int, suffix: str = ""
+) -> str:
+    """`INSERT INTO table (columns) VALUES (...), ...` of `rows` rows in the driver's own
+    parameter style, `suffix` after (ON CONFLICT ..., RETURNING ...): for hot statements run
+    with exec_driver_sql, whose SQLAlchemy compilation would cost about what they do."""
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    row = "(" + ", ".join([mark] * len(columns)) + ")"
+    text = f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([row] * rows)}"
+    return f"{text} {suffix}" if suffix else text
 
 
 def make_engine(url: str, *, pool_size: int = 16) -> Engine:

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from dmp.clock import now_us
-from dmp.db import writer
+from dmp.db import rows_insert_sql, writer
 from dmp.errors import Unavailable
 from dmp.group_commit import GroupCommit
 
@@ -148,11 +148,12 @@ class StoredNonces:
         SQLAlchemy's compilation of a many-row INSERT costs more than the insert."""
         sql = self._sql.get(count)
         if sql is None:
-            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-            rows = ", ".join([f"({mark}, {mark})"] * count)
-            sql = self._sql[count] = (
-                f"INSERT INTO {self._table.name} (nonce, keep_until_us) VALUES {rows}"
-                " ON CONFLICT (nonce) DO NOTHING RETURNING nonce"
+            sql = self._sql[count] = rows_insert_sql(
+                conn,
+                self._table.name,
+                ("nonce", "keep_until_us"),
+                count,
+                "ON CONFLICT (nonce) DO NOTHING RETURNING nonce",
             )
         return sql
 

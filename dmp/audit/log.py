@@ -24,7 +24,7 @@ from dmp.assertion import replayed
 from dmp.audit.checkpoints import Checkpoint, sign_checkpoint
 from dmp.audit.events import AuditEvent
 from dmp.audit.merkle import MerkleFrontier, event_leaf_hash
-from dmp.db import writer
+from dmp.db import rows_insert_sql, writer
 from dmp.errors import DataLoss, DmpError, FailedPrecondition
 from dmp.failures import audit_failure
 from dmp.group_commit import GroupCommit, Pending
@@ -241,12 +241,7 @@ class AuditLog:
         its executemany) costs about what the insert does."""
         sql = self._sql.get(count)
         if sql is None:
-            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-            row = "(" + ", ".join([mark] * len(_EVENT_COLUMNS)) + ")"
-            sql = self._sql[count] = (
-                f"INSERT INTO {self._events.name} ({', '.join(_EVENT_COLUMNS)})"
-                f" VALUES {', '.join([row] * count)}"
-            )
+            sql = self._sql[count] = rows_insert_sql(conn, self._events.name, _EVENT_COLUMNS, count)
         return sql
 
     def _next_seq(self, conn: Connection) -> int:
